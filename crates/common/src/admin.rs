@@ -1,0 +1,340 @@
+//! The admin HTTP server every service runs: `/metrics` (Prometheus text), `/healthz`
+//! (the process is alive) and `/readyz` (every dependency answers and the service says
+//! it is ready).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::future::{BoxFuture, join_all};
+use prometheus::{Encoder, Registry, TextEncoder};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{KafkaConfig, RegistryConfig};
+
+/// How long one readiness probe may take before it counts as failed.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One dependency or condition `/readyz` asks about.
+pub trait ReadinessCheck: Send + Sync {
+    fn name(&self) -> &str;
+    fn check(&self) -> BoxFuture<'_, Result<(), String>>;
+}
+
+/// A condition the service sets itself, e.g. "model loaded" or "partitions assigned".
+#[derive(Debug, Clone)]
+pub struct ReadyFlag {
+    name: String,
+    ready: Arc<AtomicBool>,
+}
+
+impl ReadyFlag {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            ready: Arc::new(AtomicBool::new(false)),
+        }
+    }
+    pub fn set(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+    pub fn is_set(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+impl ReadinessCheck for ReadyFlag {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            if self.is_set() {
+                Ok(())
+            } else {
+                Err("not yet".into())
+            }
+        })
+    }
+}
+
+/// The brokers answer a metadata request.
+pub struct KafkaCheck {
+    consumer: Arc<BaseConsumer>,
+}
+
+impl KafkaCheck {
+    pub fn new(cfg: &KafkaConfig) -> rdkafka::error::KafkaResult<Self> {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", &cfg.bootstrap_servers)
+            .set("client.id", "lanes-readiness");
+        for (k, v) in &cfg.properties {
+            c.set(k, v);
+        }
+        Ok(Self {
+            consumer: Arc::new(c.create()?),
+        })
+    }
+}
+
+impl ReadinessCheck for KafkaCheck {
+    fn name(&self) -> &str {
+        "kafka"
+    }
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        let consumer = self.consumer.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                consumer
+                    .fetch_metadata(None, CHECK_TIMEOUT)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        })
+    }
+}
+
+/// The schema registry answers `GET /subjects`.
+pub struct RegistryCheck {
+    client: reqwest::Client,
+    url: String,
+    auth: Option<(String, Option<String>)>,
+}
+
+impl RegistryCheck {
+    pub fn new(cfg: &RegistryConfig) -> Self {
+        Self {
+            client: reqwest::Client::builder()
+                .timeout(CHECK_TIMEOUT)
+                .build()
+                .expect("a default HTTP client builds"),
+            url: format!("{}/subjects", cfg.url.trim_end_matches('/')),
+            auth: cfg.basic_auth_user.clone().map(|u| {
+                (
+                    u,
+                    cfg.basic_auth_password
+                        .as_ref()
+                        .map(|p| p.expose().to_string()),
+                )
+            }),
+        }
+    }
+}
+
+impl ReadinessCheck for RegistryCheck {
+    fn name(&self) -> &str {
+        "schema_registry"
+    }
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let mut req = self.client.get(&self.url);
+            if let Some((u, p)) = &self.auth {
+                req = req.basic_auth(u, p.as_ref());
+            }
+            let resp = req.send().await.map_err(|e| e.to_string())?;
+            if resp.status().is_success() {
+                Ok(())
+            } else {
+                Err(format!("HTTP {}", resp.status()))
+            }
+        })
+    }
+}
+
+/// Redis answers `PING`.
+pub struct RedisCheck {
+    client: redis::Client,
+}
+
+impl RedisCheck {
+    pub fn new(url: &str) -> redis::RedisResult<Self> {
+        Ok(Self {
+            client: redis::Client::open(url)?,
+        })
+    }
+}
+
+impl ReadinessCheck for RedisCheck {
+    fn name(&self) -> &str {
+        "redis"
+    }
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let mut conn = self
+                .client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| e.to_string())?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    registry: Registry,
+    checks: Arc<Vec<Box<dyn ReadinessCheck>>>,
+}
+
+/// The admin routes, for tests and for servers that add their own.
+pub fn router(registry: Registry, checks: Vec<Box<dyn ReadinessCheck>>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(AdminState {
+            registry,
+            checks: Arc::new(checks),
+        })
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let mut buf = Vec::new();
+    match TextEncoder::new().encode(&state.registry.gather(), &mut buf) {
+        Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], buf).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let results = join_all(state.checks.iter().map(|c| async move {
+        let outcome = match tokio::time::timeout(CHECK_TIMEOUT, c.check()).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
+        };
+        (c.name().to_string(), outcome)
+    }))
+    .await;
+    let ready = results.iter().all(|(_, r)| r.is_ok());
+    let checks: serde_json::Map<String, serde_json::Value> = results
+        .into_iter()
+        .map(|(name, r)| (name, r.err().unwrap_or_else(|| "ok".into()).into()))
+        .collect();
+    let body = serde_json::json!({ "ready": ready, "checks": checks });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+/// Binds `host:port`; port 0 picks a free one.
+pub async fn bind(host: &str, port: u16) -> std::io::Result<TcpListener> {
+    TcpListener::bind((host, port)).await
+}
+
+/// Serves `app` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(?addr, "admin server listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::IntCounter;
+
+    struct Failing;
+    impl ReadinessCheck for Failing {
+        fn name(&self) -> &str {
+            "dependency"
+        }
+        fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+            Box::pin(async { Err("connection refused".into()) })
+        }
+    }
+
+    async fn start(app: Router) -> (String, CancellationToken) {
+        let listener = bind("127.0.0.1", 0).await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let token = CancellationToken::new();
+        tokio::spawn(serve(listener, app, token.clone()));
+        (url, token)
+    }
+
+    #[tokio::test]
+    async fn metrics_health_and_readiness() {
+        let registry = Registry::new();
+        let counter = IntCounter::new("lanes_test_things_total", "Things.").unwrap();
+        registry.register(Box::new(counter.clone())).unwrap();
+        counter.inc_by(3);
+        let flag = ReadyFlag::new("model");
+        let (url, token) = start(router(registry, vec![Box::new(flag.clone())])).await;
+        let http = reqwest::Client::new();
+
+        let metrics = http.get(format!("{url}/metrics")).send().await.unwrap();
+        assert_eq!(metrics.status(), 200);
+        assert!(
+            metrics.headers()[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain")
+        );
+        assert!(
+            metrics
+                .text()
+                .await
+                .unwrap()
+                .contains("lanes_test_things_total 3")
+        );
+
+        assert_eq!(
+            http.get(format!("{url}/healthz"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+
+        let not_ready = http.get(format!("{url}/readyz")).send().await.unwrap();
+        assert_eq!(not_ready.status(), 503);
+        let body: serde_json::Value = not_ready.json().await.unwrap();
+        assert_eq!(body["checks"]["model"], "not yet");
+
+        flag.set(true);
+        let ready = http.get(format!("{url}/readyz")).send().await.unwrap();
+        assert_eq!(ready.status(), 200);
+        token.cancel();
+    }
+
+    #[tokio::test]
+    async fn one_failing_dependency_makes_the_service_unready() {
+        let flag = ReadyFlag::new("started");
+        flag.set(true);
+        let (url, token) = start(router(
+            Registry::new(),
+            vec![Box::new(flag), Box::new(Failing)],
+        ))
+        .await;
+        let resp = reqwest::get(format!("{url}/readyz")).await.unwrap();
+        assert_eq!(resp.status(), 503);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["ready"], false);
+        assert_eq!(body["checks"]["started"], "ok");
+        assert_eq!(body["checks"]["dependency"], "connection refused");
+        token.cancel();
+    }
+}

@@ -1,0 +1,510 @@
+//! Typed, layered configuration.
+//!
+//! Layers, later wins: `config/default.toml` compiled in -> an optional file
+//! (`--config FILE` or `LANES_CONFIG`) -> environment variables `LANES__SECTION__KEY`.
+//! Every struct rejects unknown keys, so a typo fails at start instead of being ignored.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Environment, File, FileFormat};
+use serde::{Deserialize, Serialize};
+
+/// The defaults every binary carries.
+pub const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
+
+/// Environment prefix and separator: `LANES__KAFKA__BOOTSTRAP_SERVERS`.
+pub const ENV_PREFIX: &str = "LANES";
+/// Names a config file when `--config` is not given.
+pub const CONFIG_FILE_ENV: &str = "LANES_CONFIG";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+/// Everything a Lanes process can be told. `Debug` prints the redacted form.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub kafka: KafkaConfig,
+    pub registry: RegistryConfig,
+    pub redis: RedisConfig,
+    pub topics: Topics,
+    pub log: LogConfig,
+    pub admin: AdminConfig,
+    pub shutdown: ShutdownConfig,
+    pub schema_registry: SchemaRegistryServerConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// Partitions of topics Lanes creates when missing.
+    pub partitions: i32,
+    /// Replication factor of topics Lanes creates when missing.
+    pub replication_factor: i32,
+    /// Consumer group session timeout.
+    pub session_timeout_ms: u64,
+    /// librdkafka properties for every client; may hold secrets (`sasl.password`).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties for producers only.
+    #[serde(default)]
+    pub producer_properties: BTreeMap<String, String>,
+    /// librdkafka properties for consumers only.
+    #[serde(default)]
+    pub consumer_properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    pub url: String,
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub basic_auth_user: Option<String>,
+    #[serde(default)]
+    pub basic_auth_password: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`; the password is redacted in logs.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topics {
+    pub raw: String,
+    pub events: String,
+    pub batches: String,
+    pub predictions: String,
+    pub requests: String,
+    pub responses: String,
+    pub dlq: String,
+}
+
+impl Topics {
+    /// Every topic Lanes owns, for the topic admin.
+    pub fn all(&self) -> [&str; 7] {
+        [
+            &self.raw,
+            &self.events,
+            &self.batches,
+            &self.predictions,
+            &self.requests,
+            &self.responses,
+            &self.dlq,
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub host: String,
+    pub ports: AdminPorts,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminPorts {
+    pub up: u16,
+    pub ingest: u16,
+    pub micro_batcher: u16,
+    pub scorer: u16,
+    pub cache_writer: u16,
+    pub fallback_responder: u16,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    pub drain_timeout_ms: u64,
+}
+
+impl ShutdownConfig {
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaRegistryServerConfig {
+    pub listen: String,
+    pub data_dir: PathBuf,
+}
+
+/// A string that never shows in logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+const REDACTED: &str = "***";
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.redacted())
+    }
+}
+
+impl Settings {
+    /// Defaults, then `file` (or the file named by `LANES_CONFIG`), then the process
+    /// environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let env_file = std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from);
+        let file = file.map(Path::to_path_buf).or(env_file);
+        Self::load_from(file.as_deref(), std::env::vars().collect())
+    }
+
+    /// Like [`Settings::load`] with an explicit environment, so tests need not touch
+    /// the process's.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder =
+            config::Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+            // Parse with `toml` first: config-rs would report a syntax error without the path.
+            toml::from_str::<toml::Value>(&text).map_err(|e| ConfigError::File {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+            builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
+        }
+        let env: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+            .collect();
+        builder = builder.add_source(
+            Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .source(Some(env)),
+        );
+        let raw = builder
+            .build()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut settings: Settings = raw
+            .try_deserialize()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        settings.normalize();
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Environment variables cannot carry dots, so librdkafka keys arrive as
+    /// `sasl_mechanism`; librdkafka property names never contain underscores.
+    fn normalize(&mut self) {
+        for map in [
+            &mut self.kafka.properties,
+            &mut self.kafka.producer_properties,
+            &mut self.kafka.consumer_properties,
+        ] {
+            *map = std::mem::take(map)
+                .into_iter()
+                .map(|(k, v)| (k.replace('_', "."), v))
+                .collect();
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            return invalid("kafka.bootstrap_servers must not be empty".into());
+        }
+        if self.kafka.partitions < 1 {
+            return invalid(format!(
+                "kafka.partitions must be >= 1, got {}",
+                self.kafka.partitions
+            ));
+        }
+        if self.kafka.replication_factor < 1 {
+            return invalid(format!(
+                "kafka.replication_factor must be >= 1, got {}",
+                self.kafka.replication_factor
+            ));
+        }
+        if !(self.registry.url.starts_with("http://") || self.registry.url.starts_with("https://"))
+        {
+            return invalid(format!(
+                "registry.url must be http(s)://..., got {:?}",
+                self.registry.url
+            ));
+        }
+        let topics = self.topics.all();
+        for (i, t) in topics.iter().enumerate() {
+            if t.is_empty() {
+                return invalid("topic names must not be empty".into());
+            }
+            if topics[..i].contains(t) {
+                return invalid(format!("topic {t:?} is configured for two purposes"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings as JSON with every secret replaced, fit for a log line.
+    pub fn redacted(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        redact(&mut value, None);
+        value
+    }
+}
+
+fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "token",
+        "credential",
+        "private",
+        "jaas",
+    ]
+    .iter()
+    .any(|s| key.contains(s))
+        || key.ends_with(".key.pem")
+}
+
+fn redact(value: &mut serde_json::Value, key: Option<&str>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                redact(v, Some(k));
+            }
+        }
+        serde_json::Value::String(s) => {
+            if key.is_some_and(is_secret_key) {
+                *s = REDACTED.to_string();
+            } else {
+                *s = redact_url_password(s);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| redact(v, key)),
+        _ => {}
+    }
+}
+
+/// `scheme://user:pass@host` -> `scheme://user:***@host`.
+pub fn redact_url_password(s: &str) -> String {
+    let Some(scheme_end) = s.find("://") else {
+        return s.to_string();
+    };
+    let rest = &s[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match (authority.rfind('@'), authority.find(':')) {
+        (Some(at), Some(colon)) if colon < at => format!(
+            "{}{}:{}{}",
+            &s[..scheme_end + 3],
+            &authority[..colon],
+            REDACTED,
+            &s[scheme_end + 3 + at..]
+        ),
+        _ => s.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_load() {
+        let s = Settings::load_from(None, HashMap::new()).unwrap();
+        assert_eq!(s.kafka.bootstrap_servers, "127.0.0.1:9092");
+        assert_eq!(s.registry.url, "http://127.0.0.1:8081");
+        assert_eq!(s.topics.dlq, "lanes.dlq");
+        assert_eq!(s.admin.ports.scorer, 9403);
+        assert_eq!(s.log.format, LogFormat::Human);
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_env_overrides_file() {
+        let f = file(
+            "[kafka]\nbootstrap_servers = \"file:9092\"\npartitions = 6\n[log]\nformat = \"json\"\n",
+        );
+        let s = Settings::load_from(Some(f.path()), HashMap::new()).unwrap();
+        assert_eq!(s.kafka.bootstrap_servers, "file:9092");
+        assert_eq!(s.kafka.partitions, 6);
+        assert_eq!(s.log.format, LogFormat::Json);
+        // Untouched keys keep their defaults.
+        assert_eq!(s.kafka.replication_factor, 1);
+
+        let s = Settings::load_from(
+            Some(f.path()),
+            env(&[
+                ("LANES__KAFKA__BOOTSTRAP_SERVERS", "env:9092"),
+                ("LANES__ADMIN__PORTS__SCORER", "19403"),
+                ("UNRELATED__KAFKA__X", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.kafka.bootstrap_servers, "env:9092");
+        assert_eq!(
+            s.kafka.partitions, 6,
+            "file value survives where env is silent"
+        );
+        assert_eq!(s.admin.ports.scorer, 19403);
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_rejected_by_name() {
+        let f = file("[kafka]\nbootstrap_server = \"typo:9092\"\n");
+        let err = Settings::load_from(Some(f.path()), HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bootstrap_server"), "{err}");
+    }
+
+    #[test]
+    fn unknown_section_and_env_key_are_rejected_by_name() {
+        let f = file("[kafak]\nx = 1\n");
+        let err = Settings::load_from(Some(f.path()), HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kafak"), "{err}");
+
+        let err = Settings::load_from(None, env(&[("LANES__REDIS__URI", "redis://x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("uri"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_and_bad_file_are_errors() {
+        let err = Settings::load_from(None, env(&[("LANES__KAFKA__PARTITIONS", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kafka.partitions"), "{err}");
+        let err = Settings::load_from(None, env(&[("LANES__KAFKA__PARTITIONS", "many")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("partitions"), "{err}");
+        let f = file("[kafka\n");
+        let err = Settings::load_from(Some(f.path()), HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&f.path().display().to_string()), "{err}");
+        let err = Settings::load_from(Some(Path::new("/nonexistent/lanes.toml")), HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/lanes.toml"), "{err}");
+    }
+
+    #[test]
+    fn librdkafka_passthrough_from_file_and_env() {
+        let f = file("[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n");
+        let s = Settings::load_from(
+            Some(f.path()),
+            env(&[
+                ("LANES__KAFKA__PROPERTIES__SASL_MECHANISM", "PLAIN"),
+                ("LANES__KAFKA__PROPERTIES__SASL_PASSWORD", "hunter2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.kafka.properties["security.protocol"], "SASL_SSL");
+        assert_eq!(s.kafka.properties["sasl.mechanism"], "PLAIN");
+        assert_eq!(s.kafka.properties["sasl.password"], "hunter2");
+        assert_eq!(s.kafka.producer_properties["linger.ms"], "5");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("LANES__KAFKA__PROPERTIES__SASL_PASSWORD", "hunter2"),
+                ("LANES__KAFKA__PROPERTIES__SASL_USERNAME", "alice"),
+                ("LANES__REGISTRY__BASIC_AUTH_PASSWORD", "swordfish"),
+                ("LANES__REDIS__URL", "redis://bob:opensesame@cache:6379/0"),
+            ]),
+        )
+        .unwrap();
+        let text = s.redacted().to_string();
+        for secret in ["hunter2", "swordfish", "opensesame"] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+        assert!(text.contains("alice"), "non-secrets stay readable: {text}");
+        assert!(text.contains("redis://bob:***@cache:6379/0"), "{text}");
+        let debug = format!("{s:?}");
+        assert!(
+            !debug.contains("swordfish") && !debug.contains("hunter2"),
+            "{debug}"
+        );
+        assert_eq!(
+            s.registry.basic_auth_password.unwrap().expose(),
+            "swordfish"
+        );
+    }
+
+    #[test]
+    fn url_redaction_leaves_plain_urls_alone() {
+        assert_eq!(
+            redact_url_password("http://127.0.0.1:8081"),
+            "http://127.0.0.1:8081"
+        );
+        assert_eq!(redact_url_password("redis://:pw@h:1"), "redis://:***@h:1");
+        assert_eq!(redact_url_password("not a url"), "not a url");
+    }
+}

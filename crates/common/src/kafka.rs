@@ -1,0 +1,321 @@
+//! Kafka clients as every Lanes service uses them: idempotent producers, consumers that
+//! never commit on their own, a topic admin, and the offset bookkeeping that lets a
+//! service commit an input only after everything it produced was acknowledged.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::producer::FutureProducer;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use crate::config::KafkaConfig;
+
+/// Properties shared by every client, then `kafka.properties` on top.
+fn base_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.bootstrap_servers)
+        .set("client.id", client_id);
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+fn apply(c: &mut ClientConfig, props: &BTreeMap<String, String>) {
+    for (k, v) in props {
+        c.set(k, v);
+    }
+}
+
+/// An idempotent producer (`acks=all`, no duplicates on internal retries). Users may
+/// tune it through `kafka.producer_properties`, but not turn idempotence off.
+pub fn producer(cfg: &KafkaConfig, client_id: &str) -> KafkaResult<FutureProducer> {
+    let mut c = base_config(cfg, client_id);
+    apply(&mut c, &cfg.producer_properties);
+    c.set("enable.idempotence", "true").set("acks", "all");
+    c.create()
+}
+
+/// Logs rebalances and failed commits; services that must act on a rebalance wrap or
+/// replace it.
+#[derive(Debug, Clone, Default)]
+pub struct LoggingContext {
+    pub service: String,
+}
+
+impl ClientContext for LoggingContext {}
+
+impl ConsumerContext for LoggingContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(service = %self.service, partitions = %describe(tpl), "partitions assigned")
+            }
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(service = %self.service, partitions = %describe(tpl), "partitions revoked")
+            }
+            Rebalance::Error(e) => {
+                tracing::warn!(service = %self.service, error = %e, "rebalance error")
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::warn!(service = %self.service, error = %e, offsets = %describe(offsets), "offset commit failed");
+        }
+    }
+}
+
+/// `topic[partition]@offset, ...` for logs.
+pub fn describe(tpl: &TopicPartitionList) -> String {
+    tpl.elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => format!("{}[{}]@{}", e.topic(), e.partition(), o),
+            _ => format!("{}[{}]", e.topic(), e.partition()),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A consumer in `group` that never commits or stores offsets by itself: services commit
+/// through [`OffsetTracker`] after their output is acknowledged.
+pub fn consumer<C: ConsumerContext + 'static>(
+    cfg: &KafkaConfig,
+    client_id: &str,
+    group: &str,
+    context: C,
+) -> KafkaResult<StreamConsumer<C>> {
+    let mut c = base_config(cfg, client_id);
+    c.set("group.id", group)
+        .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky");
+    apply(&mut c, &cfg.consumer_properties);
+    c.set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    c.create_with_context(context)
+}
+
+/// Creates each missing topic with the configured partitions and replication factor.
+/// Returns the topics it created; existing topics are left as they are.
+pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[&str]) -> KafkaResult<Vec<String>> {
+    let admin: AdminClient<DefaultClientContext> = base_config(cfg, "lanes-admin").create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| {
+            NewTopic::new(
+                t,
+                cfg.partitions,
+                TopicReplication::Fixed(cfg.replication_factor),
+            )
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let mut created = Vec::new();
+    for result in admin.create_topics(&new, &opts).await? {
+        match result {
+            Ok(topic) => {
+                tracing::info!(%topic, partitions = cfg.partitions, "created topic");
+                created.push(topic);
+            }
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
+                    tracing::error!(%topic, ?code, "could not create topic");
+                });
+            }
+        }
+    }
+    Ok(created)
+}
+
+/// Where a commit may go for each partition, given the offsets read and those whose
+/// output is acknowledged. Offsets of one partition are tracked in read order; the
+/// committable position is the lowest offset still in flight (everything below it is
+/// done), or one past the highest done when nothing is in flight.
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    partitions: HashMap<(String, i32), PartitionOffsets>,
+}
+
+#[derive(Debug, Default)]
+struct PartitionOffsets {
+    first_tracked: Option<i64>,
+    in_flight: BTreeSet<i64>,
+    highest_done: Option<i64>,
+    committed: Option<i64>,
+}
+
+impl PartitionOffsets {
+    fn position(&self) -> Option<i64> {
+        match self.in_flight.first() {
+            // Everything tracked below `lowest` is done; if nothing was, there is no news.
+            Some(&lowest) => self.first_tracked.filter(|&f| f < lowest).map(|_| lowest),
+            None => self.highest_done.map(|d| d + 1),
+        }
+    }
+}
+
+impl OffsetTracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An offset was read and its work started.
+    pub fn track(&mut self, topic: &str, partition: i32, offset: i64) {
+        let p = self
+            .partitions
+            .entry((topic.to_string(), partition))
+            .or_default();
+        p.first_tracked.get_or_insert(offset);
+        p.in_flight.insert(offset);
+    }
+
+    /// The work of an offset is acknowledged downstream (or dead-lettered).
+    pub fn ack(&mut self, topic: &str, partition: i32, offset: i64) {
+        if let Some(p) = self.partitions.get_mut(&(topic.to_string(), partition)) {
+            if p.in_flight.remove(&offset) {
+                p.highest_done = Some(p.highest_done.map_or(offset, |d| d.max(offset)));
+            }
+        }
+    }
+
+    /// Offsets still waiting for acknowledgement, across partitions.
+    pub fn in_flight(&self) -> usize {
+        self.partitions.values().map(|p| p.in_flight.len()).sum()
+    }
+
+    /// Positions that advanced since the last [`OffsetTracker::committed`], as a list
+    /// ready for `commit`; `None` when there is nothing new.
+    pub fn committable(&self) -> Option<TopicPartitionList> {
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), p) in &self.partitions {
+            if let Some(pos) = p.position() {
+                if p.committed.is_none_or(|c| pos > c) {
+                    tpl.add_partition_offset(topic, *partition, Offset::Offset(pos))
+                        .expect("a fresh list accepts any offset");
+                }
+            }
+        }
+        (tpl.count() > 0).then_some(tpl)
+    }
+
+    /// Records a successful commit of `tpl`.
+    pub fn committed(&mut self, tpl: &TopicPartitionList) {
+        for e in tpl.elements() {
+            if let (Offset::Offset(o), Some(p)) = (
+                e.offset(),
+                self.partitions
+                    .get_mut(&(e.topic().to_string(), e.partition())),
+            ) {
+                p.committed = Some(p.committed.map_or(o, |c| c.max(o)));
+            }
+        }
+    }
+
+    /// Forgets a partition this consumer no longer owns.
+    pub fn forget(&mut self, topic: &str, partition: i32) {
+        self.partitions.remove(&(topic.to_string(), partition));
+    }
+}
+
+/// Commits what `tracker` allows, synchronously, and records it.
+pub fn commit_acknowledged<C: ConsumerContext, K: Consumer<C>>(
+    consumer: &K,
+    tracker: &mut OffsetTracker,
+) -> KafkaResult<()> {
+    if let Some(tpl) = tracker.committable() {
+        consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync)?;
+        tracker.committed(&tpl);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn positions(t: &OffsetTracker) -> Vec<(String, i32, i64)> {
+        let mut v: Vec<_> = t
+            .committable()
+            .map(|tpl| {
+                tpl.elements()
+                    .iter()
+                    .map(|e| match e.offset() {
+                        Offset::Offset(o) => (e.topic().to_string(), e.partition(), o),
+                        other => panic!("unexpected {other:?}"),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn nothing_to_commit_until_acked() {
+        let mut t = OffsetTracker::new();
+        t.track("a", 0, 10);
+        t.track("a", 0, 11);
+        assert!(t.committable().is_none());
+        assert_eq!(t.in_flight(), 2);
+    }
+
+    #[test]
+    fn commit_stops_at_the_lowest_unacked_offset() {
+        let mut t = OffsetTracker::new();
+        for o in 10..15 {
+            t.track("a", 0, o);
+        }
+        // Acked out of order: 10, 12, 13 done; 11 and 14 still in flight.
+        t.ack("a", 0, 12);
+        assert!(
+            t.committable().is_none(),
+            "10 is not done, nothing may be committed"
+        );
+        t.ack("a", 0, 10);
+        t.ack("a", 0, 13);
+        assert_eq!(positions(&t), vec![("a".into(), 0, 11)]);
+        t.ack("a", 0, 11);
+        assert_eq!(positions(&t), vec![("a".into(), 0, 14)]);
+        t.ack("a", 0, 14);
+        assert_eq!(positions(&t), vec![("a".into(), 0, 15)]);
+    }
+
+    #[test]
+    fn partitions_are_independent_and_commits_are_not_repeated() {
+        let mut t = OffsetTracker::new();
+        t.track("a", 0, 5);
+        t.track("a", 1, 7);
+        t.track("b", 0, 1);
+        t.ack("a", 0, 5);
+        t.ack("b", 0, 1);
+        assert_eq!(positions(&t), vec![("a".into(), 0, 6), ("b".into(), 0, 2)]);
+        let tpl = t.committable().unwrap();
+        t.committed(&tpl);
+        assert!(
+            t.committable().is_none(),
+            "an unchanged position is not committed again"
+        );
+        t.ack("a", 1, 7);
+        assert_eq!(positions(&t), vec![("a".into(), 1, 8)]);
+    }
+
+    #[test]
+    fn acking_an_untracked_offset_changes_nothing() {
+        let mut t = OffsetTracker::new();
+        t.track("a", 0, 3);
+        t.ack("a", 0, 99);
+        t.ack("z", 4, 1);
+        assert!(t.committable().is_none());
+        t.forget("a", 0);
+        assert_eq!(t.in_flight(), 0);
+    }
+}
