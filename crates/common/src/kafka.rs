@@ -180,10 +180,10 @@ impl OffsetTracker {
 
     /// The work of an offset is acknowledged downstream (or dead-lettered).
     pub fn ack(&mut self, topic: &str, partition: i32, offset: i64) {
-        if let Some(p) = self.partitions.get_mut(&(topic.to_string(), partition)) {
-            if p.in_flight.remove(&offset) {
-                p.highest_done = Some(p.highest_done.map_or(offset, |d| d.max(offset)));
-            }
+        if let Some(p) = self.partitions.get_mut(&(topic.to_string(), partition))
+            && p.in_flight.remove(&offset)
+        {
+            p.highest_done = Some(p.highest_done.map_or(offset, |d| d.max(offset)));
         }
     }
 
@@ -197,11 +197,11 @@ impl OffsetTracker {
     pub fn committable(&self) -> Option<TopicPartitionList> {
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), p) in &self.partitions {
-            if let Some(pos) = p.position() {
-                if p.committed.is_none_or(|c| pos > c) {
-                    tpl.add_partition_offset(topic, *partition, Offset::Offset(pos))
-                        .expect("a fresh list accepts any offset");
-                }
+            if let Some(pos) = p.position()
+                && p.committed.is_none_or(|c| pos > c)
+            {
+                tpl.add_partition_offset(topic, *partition, Offset::Offset(pos))
+                    .expect("a fresh list accepts any offset");
             }
         }
         (tpl.count() > 0).then_some(tpl)

@@ -170,17 +170,15 @@ mod tests {
     use tokio::time::Instant;
 
     /// A task that waits for cancellation, then takes `cleanup` to finish.
-    fn polite(
+    async fn polite(
         token: CancellationToken,
         drained: Arc<AtomicUsize>,
         cleanup: Duration,
-    ) -> impl Future<Output = anyhow::Result<()>> {
-        async move {
-            token.cancelled().await;
-            tokio::time::sleep(cleanup).await;
-            drained.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
+    ) -> anyhow::Result<()> {
+        token.cancelled().await;
+        tokio::time::sleep(cleanup).await;
+        drained.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     #[tokio::test(start_paused = true)]

@@ -105,19 +105,19 @@ pub fn check(level: Level, new: &Schema, existing: &[(u32, &Schema)]) -> Vec<Str
     };
     let mut messages = Vec::new();
     for (version, old) in against {
-        if level.backward() {
-            if let Err(e) = can_read(old, new) {
-                messages.push(format!(
-                    "{level}: new schema cannot read data written by version {version}: {e}"
-                ));
-            }
+        if level.backward()
+            && let Err(e) = can_read(old, new)
+        {
+            messages.push(format!(
+                "{level}: new schema cannot read data written by version {version}: {e}"
+            ));
         }
-        if level.forward() {
-            if let Err(e) = can_read(new, old) {
-                messages.push(format!(
-                    "{level}: version {version} cannot read data written by the new schema: {e}"
-                ));
-            }
+        if level.forward()
+            && let Err(e) = can_read(new, old)
+        {
+            messages.push(format!(
+                "{level}: version {version} cannot read data written by the new schema: {e}"
+            ));
         }
     }
     messages

@@ -284,10 +284,10 @@ impl Store {
         let (text, parsed) = canonical(schema)?;
         let mut state = self.lock();
         let existing_id = state.by_canonical.get(&text).copied();
-        if let (Some(id), Some(s)) = (existing_id, state.subjects.get(subject)) {
-            if s.live().any(|v| v.id == id) {
-                return Ok(id);
-            }
+        if let (Some(id), Some(s)) = (existing_id, state.subjects.get(subject))
+            && s.live().any(|v| v.id == id)
+        {
+            return Ok(id);
         }
         let level = state
             .subjects

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite against the real local stack: setup, dev-up, format and lint
+# checks, every test of the workspace, dev-down. Exits non-zero on any failure.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+cd "$LANES_ROOT"
+
+scripts/setup.sh
+load_env
+scripts/dev-up.sh
+trap 'scripts/dev-down.sh' EXIT
+
+say "cargo fmt --check"
+cargo fmt --all --check
+say "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+say "cargo test"
+cargo test --workspace --no-fail-fast

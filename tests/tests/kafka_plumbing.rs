@@ -1,0 +1,117 @@
+//! The Kafka building blocks against the real broker: topic admin, commit after
+//! acknowledgement, and the dead-letter writer's headers.
+
+use std::time::Duration;
+
+use lanes_common::dlq::{self, DeadLetter, DlqWriter, ErrorClass};
+use lanes_common::kafka::{OffsetTracker, commit_acknowledged, ensure_topics};
+use lanes_tests::*;
+use rdkafka::consumer::Consumer;
+use rdkafka::message::Headers;
+use rdkafka::{Message, Offset};
+
+#[tokio::test]
+async fn ensure_topics_creates_missing_topics_with_the_configured_partitions() {
+    let mut s = settings();
+    s.kafka.partitions = 4;
+    let (a, b) = (unique("admin-a"), unique("admin-b"));
+    let created = ensure_topics(&s.kafka, &[&a, &b]).await.unwrap();
+    assert_eq!(created.len(), 2);
+    assert!(
+        ensure_topics(&s.kafka, &[&a]).await.unwrap().is_empty(),
+        "existing topics are left alone"
+    );
+
+    let probe = consumer(&s, &[&a]);
+    let md = probe
+        .fetch_metadata(Some(&a), Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(md.topics()[0].partitions().len(), 4);
+}
+
+#[tokio::test]
+async fn only_acknowledged_offsets_are_committed() {
+    let mut s = settings();
+    s.kafka.partitions = 1;
+    let topic = unique("commit");
+    create_topics(&s, &[&topic]).await;
+    let p = producer(&s);
+    for i in 0..4u8 {
+        produce(&p, &topic, b"k", &[i]).await;
+    }
+
+    let c = consumer(&s, &[&topic]);
+    let mut tracker = OffsetTracker::new();
+    let msgs = consume_n(&c, 4, Duration::from_secs(60)).await;
+    for m in &msgs {
+        tracker.track(m.topic(), m.partition(), m.offset());
+    }
+    // Offsets 0, 1 and 3 acknowledged; 2 is still in flight.
+    for m in msgs.iter().filter(|m| m.offset() != 2) {
+        tracker.ack(m.topic(), m.partition(), m.offset());
+    }
+    commit_acknowledged(&c, &mut tracker).unwrap();
+    let committed = c.committed(Duration::from_secs(10)).unwrap();
+    let position = committed.find_partition(&topic, 0).unwrap().offset();
+    assert_eq!(
+        position,
+        Offset::Offset(2),
+        "a crash now replays offset 2 and after"
+    );
+
+    tracker.ack(&topic, 0, 2);
+    commit_acknowledged(&c, &mut tracker).unwrap();
+    let committed = c.committed(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        committed.find_partition(&topic, 0).unwrap().offset(),
+        Offset::Offset(4)
+    );
+}
+
+#[tokio::test]
+async fn dead_letters_keep_the_original_bytes_and_carry_the_reason() {
+    let s = settings();
+    let topic = unique("dlq");
+    create_topics(&s, &[&topic]).await;
+    let counter =
+        prometheus::IntCounterVec::new(prometheus::Opts::new("dl", "dl"), &["class"]).unwrap();
+    let writer = DlqWriter::new(producer(&s), &topic, "ingest").with_counter(counter.clone());
+    let value: &[u8] = b"{\"entity_id\": \"card-1\", \"features\": {\"amount\": \"lots\"}}";
+    writer
+        .send(&DeadLetter {
+            class: ErrorClass::NonNumeric,
+            message: "feature amount is not a number".into(),
+            source_topic: "lanes.events.raw",
+            source_partition: 2,
+            source_offset: 41,
+            key: Some(b"card-1"),
+            value: Some(value),
+        })
+        .await
+        .unwrap();
+    assert_eq!(counter.with_label_values(&["NON_NUMERIC"]).get(), 1);
+
+    let c = consumer(&s, &[&topic]);
+    let m = consume_n(&c, 1, Duration::from_secs(60)).await.remove(0);
+    assert_eq!(m.key(), Some(&b"card-1"[..]));
+    assert_eq!(m.payload(), Some(value));
+    let h = m.headers().unwrap();
+    assert_eq!(dlq::header_str(h, dlq::HEADER_CLASS), Some("NON_NUMERIC"));
+    assert_eq!(
+        dlq::header_str(h, dlq::HEADER_MESSAGE),
+        Some("feature amount is not a number")
+    );
+    assert_eq!(dlq::header_str(h, dlq::HEADER_STAGE), Some("ingest"));
+    assert_eq!(
+        dlq::header_str(h, dlq::HEADER_SOURCE_TOPIC),
+        Some("lanes.events.raw")
+    );
+    assert_eq!(dlq::header_str(h, dlq::HEADER_SOURCE_PARTITION), Some("2"));
+    assert_eq!(dlq::header_str(h, dlq::HEADER_SOURCE_OFFSET), Some("41"));
+    let failed_at: i64 = dlq::header_str(h, dlq::HEADER_FAILED_AT)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((failed_at - lanes_common::records::now_millis()).abs() < 120_000);
+    assert_eq!(h.count(), 7);
+}
