@@ -10,7 +10,8 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::producer::FutureProducer;
+use rdkafka::message::ToBytes;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
@@ -39,6 +40,33 @@ pub fn producer(cfg: &KafkaConfig, client_id: &str) -> KafkaResult<FutureProduce
     apply(&mut c, &cfg.producer_properties);
     c.set("enable.idempotence", "true").set("acks", "all");
     c.create()
+}
+
+/// Hands `record` to the producer without waiting for its acknowledgement, waiting only
+/// while librdkafka's queue is full. Await the returned future for the broker's answer.
+pub async fn enqueue<K: ToBytes + ?Sized, P: ToBytes + ?Sized>(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, K, P>,
+) -> KafkaResult<DeliveryFuture> {
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// The broker's answer to an enqueued record: its partition and offset.
+pub async fn delivered(delivery: DeliveryFuture) -> KafkaResult<(i32, i64)> {
+    match delivery.await {
+        Ok(Ok(d)) => Ok((d.partition, d.offset)),
+        Ok(Err((e, _))) => Err(e),
+        Err(_) => Err(KafkaError::Canceled),
+    }
 }
 
 /// Logs rebalances and failed commits; services that must act on a rebalance wrap or

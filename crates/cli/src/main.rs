@@ -1,0 +1,160 @@
+//! `lanes`: the operator CLI. Subcommands talk to the configured broker and registry;
+//! `lanes up` runs every service in one process.
+
+mod publish;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use lanes_common::generator::{FEATURES, Generator};
+use lanes_common::shutdown::EXIT_CONFIG;
+use lanes_common::{Settings, telemetry};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lanes",
+    version,
+    about = "Operate Lanes: topics, sample traffic, and every service in one process"
+)]
+struct Cli {
+    /// Config file layered over the defaults (else $LANES_CONFIG).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write generated card transactions with their fraud label (training data).
+    Sample {
+        /// How many events.
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// How many distinct cards (entities).
+        #[arg(long, default_value_t = 1000)]
+        cards: usize,
+        /// `csv` (features then `fraud`) or `jsonl` (raw events as publishers write them).
+        #[arg(long, default_value = "csv")]
+        format: String,
+    },
+    /// Manage the Lanes topics.
+    Topics {
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// Publish raw JSON events to the raw topic: generated ones or a JSON-lines file.
+    Publish(publish::PublishArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicsAction {
+    /// Create every Lanes topic that is missing.
+    Create,
+    /// List topics with their partition counts.
+    List,
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("lanes: {e}");
+            std::process::exit(EXIT_CONFIG);
+        }
+    };
+    if let Err(e) = telemetry::init(&settings.log) {
+        eprintln!("lanes: {e}");
+        std::process::exit(EXIT_CONFIG);
+    }
+    if let Err(e) = run(cli.command, settings).await {
+        eprintln!("lanes: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::Sample {
+            count,
+            seed,
+            cards,
+            format,
+        } => sample(count, seed, cards, &format),
+        Command::Topics {
+            action: TopicsAction::Create,
+        } => {
+            let created =
+                lanes_common::kafka::ensure_topics(&settings.kafka, &settings.topics.all())
+                    .await
+                    .context("creating topics")?;
+            let mut out = std::io::stdout().lock();
+            for t in settings.topics.all() {
+                let state = if created.iter().any(|c| c == t) {
+                    "created"
+                } else {
+                    "exists"
+                };
+                writeln!(out, "{t}\t{state}")?;
+            }
+            Ok(())
+        }
+        Command::Topics {
+            action: TopicsAction::List,
+        } => {
+            let mut cfg = rdkafka::ClientConfig::new();
+            cfg.set("bootstrap.servers", &settings.kafka.bootstrap_servers);
+            for (k, v) in &settings.kafka.properties {
+                cfg.set(k, v);
+            }
+            let consumer: BaseConsumer = cfg.create()?;
+            let md = tokio::task::spawn_blocking(move || {
+                consumer.fetch_metadata(None, Duration::from_secs(10))
+            })
+            .await?
+            .context("fetching metadata")?;
+            let mut out = std::io::stdout().lock();
+            let mut topics: Vec<_> = md
+                .topics()
+                .iter()
+                .map(|t| (t.name().to_string(), t.partitions().len()))
+                .collect();
+            topics.sort();
+            for (name, partitions) in topics {
+                writeln!(out, "{name}\t{partitions}")?;
+            }
+            Ok(())
+        }
+        Command::Publish(args) => publish::run(args, &settings).await,
+    }
+}
+
+fn sample(count: usize, seed: u64, cards: usize, format: &str) -> anyhow::Result<()> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let generator = Generator::new(seed, cards).take(count);
+    match format {
+        "csv" => {
+            writeln!(out, "{},fraud", FEATURES.join(","))?;
+            for s in generator {
+                let row: Vec<String> = s.features.iter().map(|v| v.to_string()).collect();
+                writeln!(out, "{},{}", row.join(","), s.fraud as u8)?;
+            }
+        }
+        "jsonl" => {
+            for s in generator {
+                writeln!(out, "{}", s.raw_json())?;
+            }
+        }
+        other => anyhow::bail!("--format must be csv or jsonl, got {other:?}"),
+    }
+    out.flush()?;
+    Ok(())
+}
