@@ -47,5 +47,5 @@ redis_ping() {
 }
 
 registry_ok() {
-  curl -fsS -o /dev/null --max-time 2 http://127.0.0.1:8081/subjects
+  curl -fsS -o /dev/null --max-time 2 http://127.0.0.1:8081/subjects 2>/dev/null
 }

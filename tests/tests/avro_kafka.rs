@@ -7,7 +7,7 @@ use std::time::Duration;
 use lanes_common::avro::{AvroCodec, DecodeError};
 use lanes_common::config::RegistryConfig;
 use lanes_common::dlq::ErrorClass;
-use lanes_common::records::{Event, now_millis};
+use lanes_common::records::Event;
 use lanes_tests::*;
 use rdkafka::Message;
 
@@ -17,7 +17,7 @@ fn event(n: usize) -> Event {
         entity_id: format!("card-{}", n % 7),
         kind: "transaction".into(),
         event_time: 1_795_000_000_000 + n as i64,
-        ingested_at: now_millis(),
+        ingested_at: 1_795_000_000_500 + n as i64,
         features: [
             ("amount".to_string(), 12.5 * n as f64),
             ("hour".to_string(), 10.0),

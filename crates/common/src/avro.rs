@@ -16,6 +16,8 @@ use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
 };
 
+use tokio_util::sync::CancellationToken;
+
 use crate::config::RegistryConfig;
 use crate::dlq::ErrorClass;
 use crate::records::Record;
@@ -114,6 +116,27 @@ impl AvroCodec {
             })
     }
 
+    /// Like [`AvroCodec::encode`], retrying with backoff while the registry is
+    /// unreachable, until `stop` is cancelled. A refused schema is returned at once.
+    pub async fn encode_retrying<R: Record>(
+        &self,
+        topic: &str,
+        record: &R,
+        stop: &CancellationToken,
+    ) -> Result<Vec<u8>, EncodeError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.encode(topic, record).await {
+                Err(e) if e.retriable && !stop.is_cancelled() => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "schema registry unavailable");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Decodes Confluent-framed bytes into `R`.
     pub async fn decode<R: Record>(&self, bytes: &[u8]) -> Result<Decoded<R>, DecodeError> {
         let schema_id = check_framing(bytes)?;
@@ -135,6 +158,27 @@ impl AvroCodec {
             )
         })?;
         Ok(Decoded { record, schema_id })
+    }
+
+    /// Like [`AvroCodec::decode`], retrying with backoff while the registry is
+    /// unreachable. Returns poison at once, and a transient error only once `stop` is
+    /// cancelled, so the caller can stop without acknowledging the record.
+    pub async fn decode_retrying<R: Record>(
+        &self,
+        bytes: &[u8],
+        stop: &CancellationToken,
+    ) -> Result<Decoded<R>, DecodeError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.decode(bytes).await {
+                Err(DecodeError::Transient(e)) if !stop.is_cancelled() => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "schema registry unavailable");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
     }
 }
 

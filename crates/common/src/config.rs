@@ -40,6 +40,51 @@ pub struct Settings {
     pub admin: AdminConfig,
     pub shutdown: ShutdownConfig,
     pub schema_registry: SchemaRegistryServerConfig,
+    pub model: ModelConfig,
+    pub ingest: IngestConfig,
+    pub micro_batcher: MicroBatcherConfig,
+    pub scorer: ScorerConfig,
+    pub cache_writer: CacheWriterConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    pub group: String,
+    pub max_event_bytes: usize,
+    pub default_kind: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MicroBatcherConfig {
+    pub group: String,
+    pub max_events: usize,
+    pub max_bytes: usize,
+    pub max_delay_ms: u64,
+    #[serde(default)]
+    pub priority_kinds: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScorerConfig {
+    pub group: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheWriterConfig {
+    pub group: String,
+    pub key_prefix: String,
+    pub ttl_seconds: u64,
+    pub max_pipeline: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -182,6 +227,9 @@ impl fmt::Debug for Secret {
 
 const REDACTED: &str = "***";
 
+/// Room kept under `message.max.bytes` for the record's framing, key and headers.
+pub const BATCH_HEADROOM: usize = 4096;
+
 impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.redacted())
@@ -277,6 +325,16 @@ impl Settings {
                 self.registry.url
             ));
         }
+        if self.micro_batcher.max_events == 0 || self.micro_batcher.max_bytes == 0 {
+            return invalid("micro_batcher.max_events and max_bytes must be > 0".into());
+        }
+        let limit = self.producer_message_max_bytes();
+        if self.micro_batcher.max_bytes + BATCH_HEADROOM > limit {
+            return invalid(format!(
+                "micro_batcher.max_bytes ({}) plus {BATCH_HEADROOM} bytes of headroom exceeds the producer's message.max.bytes ({limit})",
+                self.micro_batcher.max_bytes
+            ));
+        }
         let topics = self.topics.all();
         for (i, t) in topics.iter().enumerate() {
             if t.is_empty() {
@@ -287,6 +345,16 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// The producer's `message.max.bytes` (librdkafka's default unless configured).
+    pub fn producer_message_max_bytes(&self) -> usize {
+        self.kafka
+            .producer_properties
+            .get("message.max.bytes")
+            .or_else(|| self.kafka.properties.get("message.max.bytes"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000)
     }
 
     /// The settings as JSON with every secret replaced, fit for a log line.

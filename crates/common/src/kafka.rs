@@ -120,6 +120,11 @@ pub fn consumer<C: ConsumerContext + 'static>(
     group: &str,
     context: C,
 ) -> KafkaResult<StreamConsumer<C>> {
+    consumer_config(cfg, client_id, group).create_with_context(context)
+}
+
+/// The configuration [`consumer`] uses, for callers that need another consumer type.
+pub fn consumer_config(cfg: &KafkaConfig, client_id: &str, group: &str) -> ClientConfig {
     let mut c = base_config(cfg, client_id);
     c.set("group.id", group)
         .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
@@ -128,7 +133,7 @@ pub fn consumer<C: ConsumerContext + 'static>(
     apply(&mut c, &cfg.consumer_properties);
     c.set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
-    c.create_with_context(context)
+    c
 }
 
 /// Creates each missing topic with the configured partitions and replication factor.

@@ -16,7 +16,9 @@ pub mod generator;
 pub mod kafka;
 pub mod model;
 pub mod records;
+pub mod service;
 pub mod shutdown;
+pub mod source;
 pub mod telemetry;
 
 pub use config::Settings;

@@ -2,7 +2,7 @@
 //! any task failing cancels it; the rest then have a drain deadline to flush, wait for
 //! acknowledgements and commit, after which they are aborted.
 //!
-//! Exit codes: 0 stopped by signal or every task finished, 1 a task failed,
+//! Exit codes: 0 stopped by signal or a task finished, 1 a task failed,
 //! 2 bad configuration or start-up failure (set by the binaries), 3 drain deadline passed.
 
 use std::collections::HashMap;
@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 /// Why the supervisor stopped.
 #[derive(Debug)]
 pub enum Exit {
-    /// Every task returned on its own.
+    /// A task returned on its own before any stop was asked; the rest were drained.
     Completed,
     /// The stop future (a signal) fired, and every task drained in time.
     Stopped,
@@ -84,29 +84,29 @@ impl Supervisor {
     /// Runs until `stop` resolves, the token is cancelled, or a task fails; then drains.
     pub async fn run(mut self, stop: impl Future<Output = ()>) -> Exit {
         let mut stop = std::pin::pin!(stop);
-        let outcome = loop {
-            tokio::select! {
-                _ = &mut stop => {
-                    tracing::info!("shutdown requested");
-                    break Exit::Stopped;
+        let outcome = tokio::select! {
+            _ = &mut stop => {
+                tracing::info!("shutdown requested");
+                Exit::Stopped
+            }
+            _ = self.token.cancelled() => Exit::Stopped,
+            next = self.tasks.join_next_with_id() => match next {
+                None => return Exit::Completed,
+                Some(Ok((id, Ok(())))) => {
+                    // Services run until told to stop; one that returns early ends the run.
+                    let task = self.name(id);
+                    tracing::info!(%task, "task finished, stopping the rest");
+                    Exit::Completed
                 }
-                _ = self.token.cancelled() => break Exit::Stopped,
-                next = self.tasks.join_next_with_id() => match next {
-                    None => return Exit::Completed,
-                    Some(Ok((id, Ok(())))) => {
-                        let task = self.name(id);
-                        tracing::debug!(%task, "task finished");
-                    }
-                    Some(Ok((id, Err(e)))) => {
-                        let task = self.name(id);
-                        tracing::error!(%task, error = format!("{e:#}"), "task failed, stopping the service");
-                        break Exit::TaskFailed { task, error: format!("{e:#}") };
-                    }
-                    Some(Err(join)) => {
-                        let task = self.name(join.id());
-                        tracing::error!(%task, error = %join, "task panicked, stopping the service");
-                        break Exit::TaskFailed { task, error: join.to_string() };
-                    }
+                Some(Ok((id, Err(e)))) => {
+                    let task = self.name(id);
+                    tracing::error!(%task, error = format!("{e:#}"), "task failed, stopping the service");
+                    Exit::TaskFailed { task, error: format!("{e:#}") }
+                }
+                Some(Err(join)) => {
+                    let task = self.name(join.id());
+                    tracing::error!(%task, error = %join, "task panicked, stopping the service");
+                    Exit::TaskFailed { task, error: join.to_string() }
                 }
             }
         };

@@ -1,0 +1,116 @@
+//! How a Lanes service runs: alone as its own binary ([`main`]) or beside the others in
+//! `lanes up`. Either way it gets a [`ServiceContext`] (config, metrics registry,
+//! shutdown token, readiness flag) and returns when the token is cancelled and its work
+//! is drained and committed.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use clap::Parser;
+use prometheus::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, KafkaCheck, ReadinessCheck, ReadyFlag, RedisCheck, RegistryCheck};
+use crate::shutdown::{self, EXIT_CONFIG, Supervisor};
+use crate::{Settings, telemetry};
+
+/// What a running service is handed.
+#[derive(Clone)]
+pub struct ServiceContext {
+    pub settings: Settings,
+    pub metrics: Registry,
+    pub shutdown: CancellationToken,
+    /// Set once the service is doing its job (model loaded, consumer started).
+    pub ready: ReadyFlag,
+}
+
+pub type ServiceFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+
+/// A service as `lanes up` and the binaries see it.
+#[derive(Clone, Copy)]
+pub struct ServiceDef {
+    pub name: &'static str,
+    pub admin_port: fn(&Settings) -> u16,
+    pub needs_redis: bool,
+    pub run: fn(ServiceContext) -> ServiceFuture,
+}
+
+/// Readiness checks for the service's dependencies.
+pub fn dependency_checks(
+    settings: &Settings,
+    needs_redis: bool,
+) -> anyhow::Result<Vec<Box<dyn ReadinessCheck>>> {
+    let mut checks: Vec<Box<dyn ReadinessCheck>> = vec![
+        Box::new(KafkaCheck::new(&settings.kafka)?),
+        Box::new(RegistryCheck::new(&settings.registry)),
+    ];
+    if needs_redis {
+        checks.push(Box::new(RedisCheck::new(&settings.redis.url)?));
+    }
+    Ok(checks)
+}
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Config file layered over the defaults (else $LANES_CONFIG).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+/// Loads config and logging for a binary; exits with code 2 on bad configuration.
+pub fn load_or_exit(binary: &str, config: Option<&std::path::Path>) -> Settings {
+    let settings = Settings::load(config).unwrap_or_else(|e| {
+        eprintln!("{binary}: {e}");
+        std::process::exit(EXIT_CONFIG);
+    });
+    if let Err(e) = telemetry::init(&settings.log) {
+        eprintln!("{binary}: {e}");
+        std::process::exit(EXIT_CONFIG);
+    }
+    tracing::info!(config = %settings.redacted(), "configuration loaded");
+    settings
+}
+
+/// The whole `main` of a service binary: config, logging, admin server, the service
+/// under a supervisor that stops on SIGINT/SIGTERM. Returns the exit code.
+pub async fn main(def: ServiceDef) -> i32 {
+    let args = Args::parse();
+    let binary = format!("lanes-{}", def.name);
+    let settings = load_or_exit(&binary, args.config.as_deref());
+    let registry = Registry::new();
+    let mut supervisor = Supervisor::new(settings.shutdown.drain_timeout());
+    let checks = match dependency_checks(&settings, def.needs_redis) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build readiness checks");
+            return EXIT_CONFIG;
+        }
+    };
+    let ready = ReadyFlag::new(def.name);
+    let mut all: Vec<Box<dyn ReadinessCheck>> = vec![Box::new(ready.clone())];
+    all.extend(checks);
+    let port = (def.admin_port)(&settings);
+    let listener = match admin::bind(&settings.admin.host, port).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(port, error = %e, "cannot bind the admin port");
+            return EXIT_CONFIG;
+        }
+    };
+    let token = supervisor.token();
+    let app = admin::router(registry.clone(), all);
+    supervisor.spawn("admin", async move {
+        Ok(admin::serve(listener, app, token).await?)
+    });
+    let ctx = ServiceContext {
+        settings,
+        metrics: registry,
+        shutdown: supervisor.token(),
+        ready,
+    };
+    supervisor.spawn(def.name, (def.run)(ctx));
+    let exit = supervisor.run(shutdown::signal()).await;
+    tracing::info!(?exit, "{binary} stopped");
+    exit.code()
+}

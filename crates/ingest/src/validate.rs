@@ -1,0 +1,347 @@
+//! Raw JSON event -> `Event`, or the dead-letter class saying why not. Pure.
+
+use std::collections::BTreeMap;
+
+use lanes_common::dlq::ErrorClass;
+use lanes_common::records::Event;
+use serde_json::{Map, Value};
+
+/// Where a raw record came from, for the derived event id and the fallback time.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    /// The Kafka timestamp, used when the event names no time.
+    pub timestamp: Option<i64>,
+}
+
+/// What the validator checks against.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub features: Vec<String>,
+    pub max_bytes: usize,
+    pub default_kind: String,
+}
+
+pub type Rejection = (ErrorClass, String);
+
+/// Stand-in for the non-finite literals (`NaN`, `Infinity`) some JSON writers emit.
+const NON_FINITE: &str = "lanes:non-finite:7f3a";
+
+fn reject<T>(class: ErrorClass, message: impl Into<String>) -> Result<T, Rejection> {
+    Err((class, message.into()))
+}
+
+/// Parses JSON, accepting `NaN`/`Infinity` as values so they are reported as
+/// NON_FINITE rather than INVALID_JSON (Python's `json.dumps` writes them by default).
+fn parse(raw: &[u8]) -> Result<Value, Rejection> {
+    match serde_json::from_slice::<Value>(raw) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let text = std::str::from_utf8(raw)
+                .map_err(|_| (ErrorClass::InvalidJson, "not UTF-8".to_string()))?;
+            let replaced = replace_non_finite(text);
+            if replaced != text
+                && let Ok(v) = serde_json::from_str(&replaced)
+            {
+                return Ok(v);
+            }
+            reject(ErrorClass::InvalidJson, format!("invalid JSON: {e}"))
+        }
+    }
+}
+
+/// Replaces bare `NaN`, `Infinity` and `-Infinity` tokens outside strings.
+fn replace_non_finite(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            out.push(c);
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        }
+        if let Some(token) = ["-Infinity", "Infinity", "NaN"]
+            .iter()
+            .find(|t| rest.starts_with(**t))
+        {
+            out.push_str(&format!("\"{NON_FINITE}\""));
+            rest = &rest[token.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    obj.get(name).filter(|v| !v.is_null())
+}
+
+/// Event time in epoch milliseconds: RFC 3339 text or an integer.
+fn event_time(v: Option<&Value>, origin: &Origin<'_>, now: i64) -> Result<i64, Rejection> {
+    match v {
+        None => Ok(origin.timestamp.unwrap_or(now)),
+        Some(Value::String(s)) => chrono::DateTime::parse_from_rfc3339(s)
+            .map(|t| t.timestamp_millis())
+            .or_else(|e| {
+                reject(
+                    ErrorClass::InvalidEventTime,
+                    format!("event_time {s:?} is not RFC 3339: {e}"),
+                )
+            }),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(ms) if ms >= 0 => Ok(ms),
+            _ => reject(
+                ErrorClass::InvalidEventTime,
+                format!("event_time {n} is not epoch milliseconds"),
+            ),
+        },
+        Some(other) => reject(
+            ErrorClass::InvalidEventTime,
+            format!("event_time must be text or a number, got {other}"),
+        ),
+    }
+}
+
+fn features(v: Option<&Value>, rules: &Rules) -> Result<BTreeMap<String, f64>, Rejection> {
+    let Some(Value::Object(given)) = v else {
+        return reject(
+            ErrorClass::MissingField,
+            "features must be an object of numbers",
+        );
+    };
+    if let Some(unknown) = given.keys().find(|k| !rules.features.contains(k)) {
+        return reject(
+            ErrorClass::UnknownFeature,
+            format!(
+                "unknown feature {unknown:?}; the model takes {:?}",
+                rules.features
+            ),
+        );
+    }
+    let mut out = BTreeMap::new();
+    for name in &rules.features {
+        let value = match given.get(name) {
+            None | Some(Value::Null) => {
+                return reject(
+                    ErrorClass::MissingField,
+                    format!("feature {name:?} is missing"),
+                );
+            }
+            Some(Value::String(s)) if s == NON_FINITE => {
+                return reject(
+                    ErrorClass::NonFinite,
+                    format!("feature {name:?} is not finite"),
+                );
+            }
+            Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
+            Some(other) => {
+                return reject(
+                    ErrorClass::NonNumeric,
+                    format!("feature {name:?} is not a number: {other}"),
+                );
+            }
+        };
+        if !value.is_finite() {
+            return reject(
+                ErrorClass::NonFinite,
+                format!("feature {name:?} is not finite"),
+            );
+        }
+        out.insert(name.clone(), value);
+    }
+    Ok(out)
+}
+
+fn text(obj: &Map<String, Value>, name: &str) -> Result<Option<String>, Rejection> {
+    match field(obj, name) {
+        None => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+        Some(other) => reject(
+            ErrorClass::MissingField,
+            format!("{name} must be non-empty text, got {other}"),
+        ),
+    }
+}
+
+/// The id an event gets when it names none: stable under replay.
+pub fn derived_event_id(origin: &Origin<'_>) -> String {
+    format!("{}-{}-{}", origin.topic, origin.partition, origin.offset)
+}
+
+/// Validates one raw record. `now` is the ingestion time in epoch milliseconds.
+pub fn validate(
+    raw: &[u8],
+    rules: &Rules,
+    origin: &Origin<'_>,
+    now: i64,
+) -> Result<Event, Rejection> {
+    if raw.len() > rules.max_bytes {
+        return reject(
+            ErrorClass::TooLarge,
+            format!(
+                "{} bytes exceed ingest.max_event_bytes ({})",
+                raw.len(),
+                rules.max_bytes
+            ),
+        );
+    }
+    let Value::Object(obj) = parse(raw)? else {
+        return reject(ErrorClass::InvalidJson, "the event must be a JSON object");
+    };
+    let entity_id = text(&obj, "entity_id")?
+        .ok_or((ErrorClass::MissingField, "entity_id is missing".to_string()))?;
+    let event_id = text(&obj, "event_id")?.unwrap_or_else(|| derived_event_id(origin));
+    let kind = text(&obj, "kind")?.unwrap_or_else(|| rules.default_kind.clone());
+    let event_time = event_time(field(&obj, "event_time"), origin, now)?;
+    let features = features(obj.get("features"), rules)?;
+    Ok(Event {
+        event_id,
+        entity_id,
+        kind,
+        event_time,
+        ingested_at: now,
+        features,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> Rules {
+        Rules {
+            features: vec!["amount".into(), "hour".into()],
+            max_bytes: 300,
+            default_kind: "event".into(),
+        }
+    }
+
+    const ORIGIN: Origin<'static> = Origin {
+        topic: "raw",
+        partition: 2,
+        offset: 17,
+        timestamp: Some(5_000),
+    };
+
+    fn check(raw: &str) -> Result<Event, Rejection> {
+        validate(raw.as_bytes(), &rules(), &ORIGIN, 9_000)
+    }
+
+    fn class(raw: &str) -> ErrorClass {
+        check(raw).expect_err(raw).0
+    }
+
+    #[test]
+    fn a_full_event_is_accepted() {
+        let e = check(r#"{"event_id":"e-1","entity_id":"card-42","kind":"transaction","event_time":"2026-11-29T10:00:00Z","features":{"amount":12.5,"hour":10}}"#).unwrap();
+        assert_eq!(e.event_id, "e-1");
+        assert_eq!(e.entity_id, "card-42");
+        assert_eq!(e.kind, "transaction");
+        assert_eq!(e.event_time, 1_795_946_400_000);
+        assert_eq!(e.ingested_at, 9_000);
+        assert_eq!(
+            e.features,
+            BTreeMap::from([("amount".into(), 12.5), ("hour".into(), 10.0)])
+        );
+    }
+
+    #[test]
+    fn optional_fields_get_deterministic_defaults() {
+        let e = check(r#"{"entity_id":"c","features":{"amount":1,"hour":2}}"#).unwrap();
+        assert_eq!(
+            e.event_id, "raw-2-17",
+            "derived from topic/partition/offset"
+        );
+        assert_eq!(e.event_time, 5_000, "the Kafka timestamp");
+        assert_eq!(e.kind, "event");
+        let e = check(
+            r#"{"entity_id":"c","event_time":1795946400123,"features":{"amount":1,"hour":2}}"#,
+        )
+        .unwrap();
+        assert_eq!(e.event_time, 1_795_946_400_123);
+    }
+
+    #[test]
+    fn each_failure_has_its_class() {
+        assert_eq!(class("not json"), ErrorClass::InvalidJson);
+        assert_eq!(class("[1,2]"), ErrorClass::InvalidJson);
+        assert_eq!(
+            class(r#"{"features":{"amount":1,"hour":2}}"#),
+            ErrorClass::MissingField
+        );
+        assert_eq!(
+            class(r#"{"entity_id":"","features":{"amount":1,"hour":2}}"#),
+            ErrorClass::MissingField
+        );
+        assert_eq!(class(r#"{"entity_id":"c"}"#), ErrorClass::MissingField);
+        assert_eq!(
+            class(r#"{"entity_id":"c","features":{"amount":1}}"#),
+            ErrorClass::MissingField
+        );
+        assert_eq!(
+            class(r#"{"entity_id":"c","features":{"amount":1,"hour":2,"zip":3}}"#),
+            ErrorClass::UnknownFeature
+        );
+        assert_eq!(
+            class(r#"{"entity_id":"c","features":{"amount":"12.5","hour":2}}"#),
+            ErrorClass::NonNumeric
+        );
+        assert_eq!(
+            class(r#"{"entity_id":"c","features":{"amount":true,"hour":2}}"#),
+            ErrorClass::NonNumeric
+        );
+        assert_eq!(
+            class(r#"{"entity_id":"c","features":{"amount":NaN,"hour":2}}"#),
+            ErrorClass::NonFinite
+        );
+        assert_eq!(
+            class(r#"{"entity_id":"c","features":{"amount":-Infinity,"hour":2}}"#),
+            ErrorClass::NonFinite
+        );
+        assert_eq!(
+            class(r#"{"entity_id":"c","event_time":"yesterday","features":{"amount":1,"hour":2}}"#),
+            ErrorClass::InvalidEventTime
+        );
+        assert_eq!(
+            class(r#"{"entity_id":"c","event_time":-5,"features":{"amount":1,"hour":2}}"#),
+            ErrorClass::InvalidEventTime
+        );
+        let big = format!(
+            r#"{{"entity_id":"{}","features":{{"amount":1,"hour":2}}}}"#,
+            "x".repeat(400)
+        );
+        assert_eq!(class(&big), ErrorClass::TooLarge);
+    }
+
+    #[test]
+    fn unknown_top_level_fields_are_ignored() {
+        assert!(
+            check(r#"{"entity_id":"c","source":"pos-7","features":{"amount":1,"hour":2}}"#).is_ok()
+        );
+    }
+
+    #[test]
+    fn non_finite_words_inside_strings_are_left_alone() {
+        let e = check(r#"{"entity_id":"NaN-Infinity","features":{"amount":1,"hour":2}}"#).unwrap();
+        assert_eq!(e.entity_id, "NaN-Infinity");
+        assert_eq!(
+            class(r#"{"entity_id":"say \"NaN\"","features":{"amount":NaN,"hour":2}}"#),
+            ErrorClass::NonFinite
+        );
+    }
+}

@@ -1,0 +1,284 @@
+//! `lanes-scorer`: each `MicroBatch` from `lanes.batches` is scored by ONNX Runtime as
+//! one `[rows, features]` tensor on a blocking thread, and becomes one `Prediction` per
+//! event (lane STREAM) on `lanes.predictions`, keyed by entity id.
+//!
+//! The batch's offset is committed only after every prediction is acknowledged. A batch
+//! the model rejects goes to the dead-letter topic as MODEL_ERROR and the scorer goes
+//! on. A model whose `model.toml` does not match its graph is refused at start: the
+//! scorer logs why, stays not ready, and consumes nothing.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use lanes_common::avro::{AvroCodec, DecodeError};
+use lanes_common::dlq::{DlqWriter, ErrorClass};
+use lanes_common::kafka::{self, delivered, enqueue};
+use lanes_common::model::Model;
+use lanes_common::records::{Lane, MicroBatch, Prediction, now_millis};
+use lanes_common::service::{ServiceContext, ServiceDef};
+use lanes_common::source::{Acks, Source, SourceEvent};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
+use rdkafka::Message;
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+pub const SERVICE: &str = "scorer";
+
+pub fn def() -> ServiceDef {
+    ServiceDef {
+        name: SERVICE,
+        admin_port: |s| s.admin.ports.scorer,
+        needs_redis: false,
+        run: |ctx| Box::pin(run(ctx)),
+    }
+}
+
+struct Metrics {
+    inference: HistogramVec,
+    rows: IntCounter,
+    batches: IntCounterVec,
+    model: IntGaugeVec,
+    dead_letters: IntCounterVec,
+}
+
+impl Metrics {
+    fn new(r: &Registry) -> anyhow::Result<Self> {
+        let m = Self {
+            inference: HistogramVec::new(
+                HistogramOpts::new(
+                    "lanes_scorer_inference_seconds",
+                    "ONNX Runtime time per batch, by batch size (rows, rounded up to a power of two).",
+                )
+                .buckets(prometheus::exponential_buckets(0.000_01, 2.0, 18)?),
+                &["batch_size"],
+            )?,
+            rows: IntCounter::new("lanes_scorer_rows_scored_total", "Rows scored.")?,
+            batches: IntCounterVec::new(
+                Opts::new("lanes_scorer_batches_total", "Batches read, by outcome (scored, dead_letter)."),
+                &["outcome"],
+            )?,
+            model: IntGaugeVec::new(
+                Opts::new("lanes_scorer_model_info", "The model being served (1) by name and version."),
+                &["name", "version"],
+            )?,
+            dead_letters: IntCounterVec::new(
+                Opts::new("lanes_scorer_dead_letters_total", "Batches dead-lettered, by error class."),
+                &["class"],
+            )?,
+        };
+        r.register(Box::new(m.inference.clone()))?;
+        r.register(Box::new(m.rows.clone()))?;
+        r.register(Box::new(m.batches.clone()))?;
+        r.register(Box::new(m.model.clone()))?;
+        r.register(Box::new(m.dead_letters.clone()))?;
+        Ok(m)
+    }
+}
+
+/// The batch-size label: rows rounded up to a power of two.
+pub fn size_bucket(rows: usize) -> String {
+    rows.max(1).next_power_of_two().to_string()
+}
+
+struct Scorer {
+    model: Arc<Mutex<Model>>,
+    name: String,
+    version: String,
+    features: Vec<String>,
+    codec: AvroCodec,
+    producer: FutureProducer,
+    dlq: DlqWriter,
+    predictions_topic: String,
+    metrics: Metrics,
+}
+
+pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
+    let s = &ctx.settings;
+    let metrics = Metrics::new(&ctx.metrics)?;
+    let dir = s.model.dir.clone();
+    let model = match tokio::task::spawn_blocking(move || Model::load(&dir)).await? {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(error = %e, dir = %s.model.dir.display(), "model refused; the scorer stays not ready");
+            ctx.shutdown.cancelled().await;
+            return Ok(());
+        }
+    };
+    metrics
+        .model
+        .with_label_values(&[&model.spec.name, &model.spec.version])
+        .set(1);
+    kafka::ensure_topics(
+        &s.kafka,
+        &[&s.topics.batches, &s.topics.predictions, &s.topics.dlq],
+    )
+    .await
+    .context("creating topics")?;
+    let producer = kafka::producer(&s.kafka, "lanes-scorer")?;
+    let scorer = Scorer {
+        name: model.spec.name.clone(),
+        version: model.spec.version.clone(),
+        features: model.spec.features.clone(),
+        model: Arc::new(Mutex::new(model)),
+        codec: AvroCodec::new(&s.registry)?,
+        dlq: DlqWriter::new(producer.clone(), &s.topics.dlq, SERVICE)
+            .with_counter(metrics.dead_letters.clone()),
+        producer,
+        predictions_topic: s.topics.predictions.clone(),
+        metrics,
+    };
+    let mut source = Source::start(
+        &s.kafka,
+        SERVICE,
+        &s.scorer.group,
+        &[&s.topics.batches],
+        s.shutdown.drain_timeout(),
+    )?;
+    let mut acks = Acks::new();
+    let mut commit_tick = tokio::time::interval(Duration::from_millis(200));
+    ctx.ready.set(true);
+    tracing::info!(model = %scorer.name, version = %scorer.version, "scorer running");
+    loop {
+        tokio::select! {
+            biased;
+            _ = ctx.shutdown.cancelled() => break,
+            Some(result) = acks.next() => result.map_err(anyhow::Error::msg).context("predictions not acknowledged")?,
+            event = source.events.recv() => match event {
+                None => break,
+                Some(SourceEvent::Message(m)) => {
+                    acks.track(&m);
+                    scorer.handle(m, &mut acks, &ctx).await?;
+                }
+                Some(SourceEvent::Assigned(_)) => {}
+                Some(SourceEvent::Revoked { partitions, done }) => {
+                    acks.drain().await.map_err(anyhow::Error::msg)?;
+                    acks.commit(&source.consumer).await?;
+                    acks.forget(&partitions);
+                    let _ = done.send(());
+                }
+            },
+            _ = commit_tick.tick() => acks.commit(&source.consumer).await?,
+        }
+    }
+    ctx.ready.set(false);
+    acks.drain().await.map_err(anyhow::Error::msg)?;
+    acks.commit(&source.consumer).await?;
+    source.close().await;
+    tracing::info!("scorer stopped");
+    Ok(())
+}
+
+impl Scorer {
+    fn dead_letter(&self, m: OwnedMessage, class: ErrorClass, message: String, acks: &mut Acks) {
+        self.metrics
+            .batches
+            .with_label_values(&["dead_letter"])
+            .inc();
+        acks.dead_letter(&self.dlq, m, class, message);
+    }
+
+    async fn handle(
+        &self,
+        m: OwnedMessage,
+        acks: &mut Acks,
+        ctx: &ServiceContext,
+    ) -> anyhow::Result<()> {
+        let bytes = m.payload().unwrap_or_default();
+        let batch = match self
+            .codec
+            .decode_retrying::<MicroBatch>(bytes, &ctx.shutdown)
+            .await
+        {
+            Ok(d) => d.record,
+            Err(DecodeError::Poison { class, message }) => {
+                self.dead_letter(m, class, message, acks);
+                return Ok(());
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("stopping with an undecoded batch")),
+        };
+        let rows = batch.event_ids.len();
+        if batch.feature_names != self.features {
+            let message = format!(
+                "batch columns {:?} are not the model's {:?}",
+                batch.feature_names, self.features
+            );
+            self.dead_letter(m, ErrorClass::ModelError, message, acks);
+            return Ok(());
+        }
+        let started = Instant::now();
+        let model = self.model.clone();
+        let features = batch.features.clone();
+        // ONNX Runtime blocks; keep it off the async workers.
+        let scored = tokio::task::spawn_blocking(move || {
+            let mut model = model.lock().expect("model lock");
+            let scores = model.score(&features, rows)?;
+            let labels: Vec<String> = scores.iter().map(|s| model.label(*s).to_string()).collect();
+            Ok::<_, lanes_common::model::ModelError>((scores, labels))
+        })
+        .await?;
+        let (scores, labels) = match scored {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(batch = %batch.batch_id, error = %e, "model rejected a batch");
+                self.dead_letter(m, ErrorClass::ModelError, e.to_string(), acks);
+                return Ok(());
+            }
+        };
+        self.metrics
+            .inference
+            .with_label_values(&[&size_bucket(rows)])
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.rows.inc_by(rows as u64);
+        self.metrics.batches.with_label_values(&["scored"]).inc();
+        let scored_at = now_millis();
+        let mut deliveries = Vec::with_capacity(rows);
+        for i in 0..rows {
+            let p = Prediction {
+                event_id: batch.event_ids[i].clone(),
+                entity_id: batch.entity_ids[i].clone(),
+                score: scores[i],
+                label: Some(labels[i].clone()),
+                model_name: self.name.clone(),
+                model_version: self.version.clone(),
+                lane: Lane::Stream,
+                event_time: batch.event_times[i],
+                ingested_at: batch.ingested_ats.get(i).copied(),
+                scored_at,
+                batch_id: Some(batch.batch_id.clone()),
+            };
+            let bytes = self
+                .codec
+                .encode_retrying(&self.predictions_topic, &p, &ctx.shutdown)
+                .await?;
+            let record = FutureRecord::to(&self.predictions_topic)
+                .key(p.entity_id.as_str())
+                .payload(&bytes);
+            deliveries.push(enqueue(&self.producer, record).await?);
+        }
+        let offsets = vec![(m.topic().to_string(), m.partition(), m.offset())];
+        acks.wait_for(offsets, async move {
+            for d in deliveries {
+                delivered(d).await.map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_sizes_are_labelled_by_power_of_two() {
+        assert_eq!(size_bucket(0), "1");
+        assert_eq!(size_bucket(1), "1");
+        assert_eq!(size_bucket(3), "4");
+        assert_eq!(size_bucket(64), "64");
+        assert_eq!(size_bucket(65), "128");
+    }
+}
