@@ -144,3 +144,232 @@ pub fn dead_address() -> String {
     drop(listener);
     addr.to_string()
 }
+
+/// One isolated Lanes deployment on the shared local stack: its own topics, groups,
+/// cache prefix and admin ports, so tests run side by side.
+#[derive(Clone)]
+pub struct Lane {
+    pub settings: Settings,
+    pub id: String,
+}
+
+impl Lane {
+    pub fn new(what: &str) -> Self {
+        let id = unique(what);
+        let mut s = settings();
+        s.topics.raw = format!("{id}.raw");
+        s.topics.events = format!("{id}.events");
+        s.topics.batches = format!("{id}.batches");
+        s.topics.predictions = format!("{id}.predictions");
+        s.topics.requests = format!("{id}.requests");
+        s.topics.responses = format!("{id}.responses");
+        s.topics.dlq = format!("{id}.dlq");
+        s.ingest.group = format!("{id}-ingest");
+        s.micro_batcher.group = format!("{id}-micro-batcher");
+        s.scorer.group = format!("{id}-scorer");
+        s.cache_writer.group = format!("{id}-cache-writer");
+        s.cache_writer.key_prefix = format!("{id}:");
+        s.model.dir = root().join("models/fraud/1");
+        s.admin.ports.up = free_port();
+        s.admin.ports.ingest = free_port();
+        s.admin.ports.micro_batcher = free_port();
+        s.admin.ports.scorer = free_port();
+        s.admin.ports.cache_writer = free_port();
+        s.admin.ports.fallback_responder = free_port();
+        Self { settings: s, id }
+    }
+
+    /// The settings as `LANES__...` variables, for service processes.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let s = &self.settings;
+        let t = &s.topics;
+        let p = &s.admin.ports;
+        [
+            ("TOPICS__RAW", t.raw.clone()),
+            ("TOPICS__EVENTS", t.events.clone()),
+            ("TOPICS__BATCHES", t.batches.clone()),
+            ("TOPICS__PREDICTIONS", t.predictions.clone()),
+            ("TOPICS__REQUESTS", t.requests.clone()),
+            ("TOPICS__RESPONSES", t.responses.clone()),
+            ("TOPICS__DLQ", t.dlq.clone()),
+            ("INGEST__GROUP", s.ingest.group.clone()),
+            ("MICRO_BATCHER__GROUP", s.micro_batcher.group.clone()),
+            ("SCORER__GROUP", s.scorer.group.clone()),
+            ("CACHE_WRITER__GROUP", s.cache_writer.group.clone()),
+            (
+                "CACHE_WRITER__KEY_PREFIX",
+                s.cache_writer.key_prefix.clone(),
+            ),
+            ("MODEL__DIR", s.model.dir.display().to_string()),
+            (
+                "SHUTDOWN__DRAIN_TIMEOUT_MS",
+                s.shutdown.drain_timeout_ms.to_string(),
+            ),
+            ("ADMIN__PORTS__UP", p.up.to_string()),
+            ("ADMIN__PORTS__INGEST", p.ingest.to_string()),
+            ("ADMIN__PORTS__MICRO_BATCHER", p.micro_batcher.to_string()),
+            ("ADMIN__PORTS__SCORER", p.scorer.to_string()),
+            ("ADMIN__PORTS__CACHE_WRITER", p.cache_writer.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("LANES__{k}"), v))
+        .collect()
+    }
+
+    /// Creates every topic of this lane.
+    pub async fn create_topics(&self) {
+        create_topics(&self.settings, &self.settings.topics.all()).await;
+    }
+
+    /// Starts services in this process; they stop when the returned handle is stopped.
+    pub fn start(&self, defs: &[lanes_common::service::ServiceDef]) -> Running {
+        let token = tokio_util::sync::CancellationToken::new();
+        let metrics = prometheus::Registry::new();
+        let tasks = defs
+            .iter()
+            .map(|def| {
+                let ctx = lanes_common::service::ServiceContext {
+                    settings: self.settings.clone(),
+                    metrics: metrics.clone(),
+                    shutdown: token.clone(),
+                    ready: lanes_common::admin::ReadyFlag::new(def.name),
+                };
+                (def.name, ctx.ready.clone(), tokio::spawn((def.run)(ctx)))
+            })
+            .collect();
+        Running {
+            token,
+            tasks,
+            metrics,
+        }
+    }
+
+    /// Starts a service binary (`lanes-scorer`, `lanes`, ...) with this lane's settings.
+    pub fn spawn(&self, binary: &str, args: &[&str]) -> std::process::Child {
+        std::process::Command::new(bin(binary))
+            .args(args)
+            .envs(self.env())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{binary} starts: {e}"))
+    }
+
+    /// Publishes raw lines to the raw topic, keyed by entity when they name one.
+    pub async fn publish_raw(&self, producer: &FutureProducer, lines: &[String]) {
+        for line in lines {
+            let key = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| {
+                    v.get("entity_id")
+                        .and_then(|e| e.as_str())
+                        .map(str::to_string)
+                })
+                .unwrap_or_default();
+            produce(
+                producer,
+                &self.settings.topics.raw,
+                key.as_bytes(),
+                line.as_bytes(),
+            )
+            .await;
+        }
+    }
+}
+
+/// Services running in this process.
+pub struct Running {
+    pub token: tokio_util::sync::CancellationToken,
+    pub tasks: Vec<(
+        &'static str,
+        lanes_common::admin::ReadyFlag,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    )>,
+    pub metrics: prometheus::Registry,
+}
+
+impl Running {
+    /// Waits until every service says it is ready.
+    pub async fn ready(&self) {
+        wait_for("services ready", Duration::from_secs(60), || async {
+            self.tasks.iter().all(|(_, r, _)| r.is_set()).then_some(())
+        })
+        .await;
+    }
+
+    /// Stops the services gracefully and checks each returned `Ok`.
+    pub async fn stop(self) {
+        self.token.cancel();
+        for (name, _, task) in self.tasks {
+            match tokio::time::timeout(Duration::from_secs(30), task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => panic!("{name} failed: {e:#}"),
+                Ok(Err(e)) => panic!("{name} panicked: {e}"),
+                Err(_) => panic!("{name} did not stop within 30s"),
+            }
+        }
+    }
+
+    /// The value of a counter or gauge sample, summed over labels matching `labels`.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.metrics, name, labels)
+    }
+}
+
+/// Sums the samples of `name` whose labels include `labels` (histograms: their counts).
+pub fn metric_value(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
+    use prometheus::proto::MetricType;
+    let mut total = 0.0;
+    for family in registry.gather().iter().filter(|f| f.name() == name) {
+        for m in family.get_metric() {
+            let matches = labels.iter().all(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            });
+            if matches {
+                total += match family.get_field_type() {
+                    MetricType::COUNTER => m.get_counter().get_value(),
+                    MetricType::GAUGE => m.get_gauge().get_value(),
+                    MetricType::HISTOGRAM => m.get_histogram().get_sample_count() as f64,
+                    _ => 0.0,
+                };
+            }
+        }
+    }
+    total
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A workspace binary, built beside the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --workspace --bins`",
+        path.display()
+    );
+    path
+}
+
+/// Sends SIGKILL (crash) or SIGTERM (graceful stop) to a child process.
+pub fn signal(child: &std::process::Child, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{sig} failed");
+}

@@ -2,6 +2,7 @@
 //! `lanes up` runs every service in one process.
 
 mod publish;
+mod up;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -51,6 +52,9 @@ enum Command {
     },
     /// Publish raw JSON events to the raw topic: generated ones or a JSON-lines file.
     Publish(publish::PublishArgs),
+    /// Run every service (ingest, micro-batcher, scorer, cache-writer) in this process,
+    /// with one admin server for all of them on admin.ports.up.
+    Up,
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,6 +138,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Publish(args) => publish::run(args, &settings).await,
+        Command::Up => {
+            let code = up::run(settings).await;
+            std::process::exit(code);
+        }
     }
 }
 
