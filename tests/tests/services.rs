@@ -1,0 +1,418 @@
+//! Each streaming service's own promises on the real stack: the scorer's model checks
+//! and MODEL_ERROR dead letters, the cache-writer's monotonic cache and Redis outages,
+//! the micro-batcher's poison handling.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use lanes_common::avro::AvroCodec;
+use lanes_common::dlq::{self, ErrorClass};
+use lanes_common::model::{Model, ModelError};
+use lanes_common::records::{CloseReason, Lane as LaneKind, MicroBatch, Prediction};
+use lanes_tests::*;
+use rdkafka::Message;
+use rdkafka::consumer::Consumer;
+use redis::AsyncCommands;
+
+fn model_dir() -> std::path::PathBuf {
+    root().join("models/fraud/1")
+}
+
+fn features() -> Vec<String> {
+    lanes_common::model::ModelSpec::read(&model_dir())
+        .unwrap()
+        .features
+}
+
+fn batch(id: &str, rows: usize, width: usize, names: Vec<String>) -> MicroBatch {
+    MicroBatch {
+        batch_id: id.into(),
+        source_partition: 0,
+        first_offset: 0,
+        last_offset: rows as i64 - 1,
+        opened_at: 1,
+        closed_at: 2,
+        close_reason: CloseReason::Count,
+        feature_names: names,
+        features: (0..rows * width).map(|i| (i % 7) as f32).collect(),
+        event_ids: (0..rows).map(|i| format!("{id}-e{i}")).collect(),
+        entity_ids: (0..rows).map(|i| format!("card-{i}")).collect(),
+        kinds: vec!["transaction".into(); rows],
+        event_times: vec![1_795_000_000_000; rows],
+        ingested_ats: vec![1_795_000_000_001; rows],
+    }
+}
+
+async fn dead_letters(lane: &Lane, n: usize) -> Vec<(ErrorClass, String)> {
+    let c = consumer(&lane.settings, &[&lane.settings.topics.dlq]);
+    consume_n(&c, n, Duration::from_secs(60))
+        .await
+        .iter()
+        .map(|m| {
+            let h = m.headers().unwrap();
+            (
+                dlq::header_str(h, dlq::HEADER_CLASS)
+                    .unwrap()
+                    .parse()
+                    .unwrap(),
+                dlq::header_str(h, dlq::HEADER_STAGE).unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rejected_batches_are_dead_lettered_and_the_scorer_goes_on() {
+    let lane = Lane::new("model-error");
+    lane.create_topics().await;
+    let running = lane.start(&[lanes_scorer::def()]);
+    running.ready().await;
+    let codec = AvroCodec::new(&lane.settings.registry).unwrap();
+    let p = producer(&lane.settings);
+    let topic = &lane.settings.topics.batches;
+    let width = features().len();
+    for b in [
+        batch("short", 4, width - 1, features()),
+        batch(
+            "renamed",
+            2,
+            width,
+            (0..width).map(|i| format!("f{i}")).collect(),
+        ),
+        batch("good", 3, width, features()),
+    ] {
+        produce(&p, topic, b"0", &codec.encode(topic, &b).await.unwrap()).await;
+    }
+    let dead = dead_letters(&lane, 2).await;
+    assert_eq!(dead, vec![(ErrorClass::ModelError, "scorer".into()); 2]);
+
+    let c = consumer(&lane.settings, &[&lane.settings.topics.predictions]);
+    let got = consume_n(&c, 3, Duration::from_secs(60)).await;
+    for m in &got {
+        let pr = codec
+            .decode::<Prediction>(m.payload().unwrap())
+            .await
+            .unwrap()
+            .record;
+        assert!(pr.event_id.starts_with("good-"), "{}", pr.event_id);
+        assert_eq!(pr.batch_id.as_deref(), Some("good"));
+    }
+    assert_eq!(
+        running.metric(
+            "lanes_scorer_dead_letters_total",
+            &[("class", "MODEL_ERROR")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        running.metric(
+            "lanes_scorer_model_info",
+            &[("name", "fraud"), ("version", "1")]
+        ),
+        1.0
+    );
+    assert!(running.metric("lanes_scorer_inference_seconds", &[("batch_size", "4")]) >= 1.0);
+    running.stop().await;
+}
+
+/// A copy of the default model with `model.toml` edited by `edit`.
+fn broken_model(edit: impl Fn(String) -> String) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        model_dir().join("model.onnx"),
+        dir.path().join("model.onnx"),
+    )
+    .unwrap();
+    let toml = std::fs::read_to_string(model_dir().join("model.toml")).unwrap();
+    std::fs::write(dir.path().join("model.toml"), edit(toml)).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn a_model_that_does_not_match_its_toml_is_refused_with_the_reason() {
+    let fewer = broken_model(|t| t.replace(r#", "is_online"]"#, "]"));
+    let err = Model::load(fewer.path()).unwrap_err();
+    assert!(matches!(err, ModelError::Mismatch { .. }), "{err}");
+    assert!(err.to_string().contains("9 features"), "{err}");
+
+    let input = broken_model(|t| t.replace(r#"input = "input""#, r#"input = "x""#));
+    let err = Model::load(input.path()).unwrap_err().to_string();
+    assert!(err.contains("no input named \"x\""), "{err}");
+
+    let output = broken_model(|t| t.replace(r#"output = "probabilities""#, r#"output = "proba""#));
+    let err = Model::load(output.path()).unwrap_err().to_string();
+    assert!(err.contains("no output named \"proba\""), "{err}");
+
+    let corrupt = broken_model(|t| t);
+    std::fs::write(corrupt.path().join("model.onnx"), b"not a model").unwrap();
+    assert!(matches!(
+        Model::load(corrupt.path()).unwrap_err(),
+        ModelError::Spec { .. }
+    ));
+
+    // The real model loads, and scores agree with the declared output.
+    let mut model = Model::load(&model_dir()).unwrap();
+    let scores = model.score(&vec![0.5; 2 * features().len()], 2).unwrap();
+    assert_eq!(scores.len(), 2);
+    assert_eq!(scores[0], scores[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scorer_with_a_mismatched_model_stays_not_ready() {
+    let fewer = broken_model(|t| t.replace(r#", "is_online"]"#, "]"));
+    let mut lane = Lane::new("not-ready");
+    lane.settings.model.dir = fewer.path().to_path_buf();
+    let running = lane.start(&[lanes_scorer::def()]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !running.tasks[0].1.is_set(),
+        "not ready with a refused model"
+    );
+    assert!(
+        !running.tasks[0].2.is_finished(),
+        "waits for an operator instead of crash-looping"
+    );
+    assert_eq!(running.metric("lanes_scorer_model_info", &[]), 0.0);
+    running.stop().await;
+}
+
+fn prediction(entity: &str, event_time: i64, scored_at: i64, score: f64) -> Prediction {
+    Prediction {
+        event_id: format!("{entity}-{event_time}-{scored_at}"),
+        entity_id: entity.into(),
+        score,
+        label: Some("legit".into()),
+        model_name: "fraud".into(),
+        model_version: "1".into(),
+        lane: LaneKind::Batch,
+        event_time,
+        ingested_at: None,
+        scored_at,
+        batch_id: None,
+    }
+}
+
+async fn cached(lane: &Lane, entity: &str) -> HashMap<String, String> {
+    let mut r = redis(&lane.settings)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    r.hgetall(format!("{}{entity}", lane.settings.cache_writer.key_prefix))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cache_never_rolls_back() {
+    let mut lane = Lane::new("monotonic");
+    lane.settings.cache_writer.ttl_seconds = 600;
+    lane.create_topics().await;
+    let running = lane.start(&[lanes_cache_writer::def()]);
+    running.ready().await;
+    let codec = AvroCodec::new(&lane.settings.registry).unwrap();
+    let p = producer(&lane.settings);
+    let topic = lane.settings.topics.predictions.clone();
+    let send = |pr: Prediction| {
+        let (codec, p, topic) = (codec.clone(), p.clone(), topic.clone());
+        async move {
+            let bytes = codec.encode(&topic, &pr).await.unwrap();
+            produce(&p, &topic, pr.entity_id.as_bytes(), &bytes).await;
+        }
+    };
+    let writes = |result| running.metric("lanes_cache_writer_writes_total", &[("result", result)]);
+    let settle = |n: f64| async move {
+        wait_for("writes applied", Duration::from_secs(30), || async {
+            (writes("written") + writes("stale") >= n).then_some(())
+        })
+        .await
+    };
+
+    send(prediction("a", 100, 1, 0.1)).await;
+    settle(1.0).await;
+    assert_eq!(cached(&lane, "a").await["score"], "0.1");
+    // An older event, even scored later, does not replace a newer one.
+    send(prediction("a", 50, 9, 0.9)).await;
+    settle(2.0).await;
+    assert_eq!(cached(&lane, "a").await["score"], "0.1");
+    // Same event time: the later scoring wins; a replay of it changes nothing.
+    send(prediction("a", 100, 5, 0.5)).await;
+    send(prediction("a", 100, 5, 0.7)).await;
+    settle(4.0).await;
+    let entry = cached(&lane, "a").await;
+    assert_eq!(
+        (entry["score"].as_str(), entry["scored_at"].as_str()),
+        ("0.5", "5")
+    );
+    assert_eq!(entry["lane"], "BATCH");
+    assert_eq!((writes("written"), writes("stale")), (2.0, 2.0));
+
+    let mut r = redis(&lane.settings)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let ttl: i64 = r
+        .ttl(format!("{}a", lane.settings.cache_writer.key_prefix))
+        .await
+        .unwrap();
+    assert!((1..=600).contains(&ttl), "ttl {ttl}");
+    running.stop().await;
+}
+
+/// A Redis of the test's own, so it can be taken away and brought back.
+fn redis_server(port: u16) -> std::process::Child {
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server runs (scripts/setup.sh installs it)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_outage_is_retried_without_commit_or_dead_letter() {
+    let port = free_port();
+    let mut redis_proc = redis_server(port);
+    let mut lane = Lane::new("redis-down");
+    lane.settings.redis.url = format!("redis://127.0.0.1:{port}");
+    lane.create_topics().await;
+    let running = lane.start(&[lanes_cache_writer::def()]);
+    running.ready().await;
+    let codec = AvroCodec::new(&lane.settings.registry).unwrap();
+    let p = producer(&lane.settings);
+    let topic = lane.settings.topics.predictions.clone();
+    let publish = |pr: Prediction| {
+        let (codec, p, topic) = (codec.clone(), p.clone(), topic.clone());
+        async move {
+            produce(
+                &p,
+                &topic,
+                pr.entity_id.as_bytes(),
+                &codec.encode(&topic, &pr).await.unwrap(),
+            )
+            .await
+        }
+    };
+    publish(prediction("before", 1, 1, 0.2)).await;
+    wait_for("first write", Duration::from_secs(30), || async {
+        (cached(&lane, "before")
+            .await
+            .get("score")
+            .map(String::as_str)
+            == Some("0.2"))
+        .then_some(())
+    })
+    .await;
+
+    signal(&redis_proc, "KILL");
+    redis_proc.wait().unwrap();
+    for i in 0..5 {
+        publish(prediction(&format!("during-{i}"), 2, 2, 0.3)).await;
+    }
+    wait_for("failed writes", Duration::from_secs(30), || async {
+        (running.metric("lanes_cache_writer_redis_errors_total", &[]) >= 2.0).then_some(())
+    })
+    .await;
+    // Nothing after the outage is committed for the cache-writer's group.
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for part in 0..lane.settings.kafka.partitions {
+        tpl.add_partition(&topic, part);
+    }
+    let committed_before: i64 = committed_sum(&lane, &tpl);
+    assert!(
+        committed_before <= 1,
+        "only the first prediction may be committed, got {committed_before}"
+    );
+
+    let _redis_back = RedisGuard(redis_server(port));
+    for i in 0..5 {
+        let entity = format!("during-{i}");
+        wait_for(
+            "writes after the outage",
+            Duration::from_secs(60),
+            || async {
+                (cached(&lane, &entity)
+                    .await
+                    .get("score")
+                    .map(String::as_str)
+                    == Some("0.3"))
+                .then_some(())
+            },
+        )
+        .await;
+    }
+    assert_eq!(
+        running.metric("lanes_cache_writer_dead_letters_total", &[]),
+        0.0
+    );
+    running.stop().await;
+    assert_eq!(
+        committed_sum(&lane, &tpl),
+        6,
+        "all six committed once written"
+    );
+}
+
+/// The cache-writer group's committed offsets, summed over partitions.
+fn committed_sum(lane: &Lane, tpl: &rdkafka::TopicPartitionList) -> i64 {
+    let mut cfg = rdkafka::ClientConfig::new();
+    cfg.set("bootstrap.servers", &lane.settings.kafka.bootstrap_servers)
+        .set("group.id", &lane.settings.cache_writer.group);
+    let c: rdkafka::consumer::BaseConsumer = cfg.create().unwrap();
+    c.committed_offsets(tpl.clone(), Duration::from_secs(10))
+        .unwrap()
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum()
+}
+
+struct RedisGuard(std::process::Child);
+
+impl Drop for RedisGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn undecodable_events_are_dead_lettered_by_the_micro_batcher() {
+    let lane = Lane::new("mb-poison");
+    lane.create_topics().await;
+    let running = lane.start(&[lanes_micro_batcher::def()]);
+    running.ready().await;
+    let p = producer(&lane.settings);
+    let topic = &lane.settings.topics.events;
+    produce(&p, topic, b"k", b"{\"json\": \"on an Avro topic\"}").await;
+    produce(&p, topic, b"k", &[0, 0x7f, 0xff, 0xff, 0x00, 1, 2, 3]).await;
+    let mut dead = dead_letters(&lane, 2).await;
+    dead.sort();
+    assert_eq!(
+        dead,
+        vec![
+            (ErrorClass::InvalidMagicByte, "micro-batcher".to_string()),
+            (ErrorClass::UnknownSchemaId, "micro-batcher".to_string())
+        ]
+    );
+    running.stop().await;
+}
