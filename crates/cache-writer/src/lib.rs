@@ -25,6 +25,7 @@ pub const SERVICE: &str = "cache-writer";
 
 /// KEYS[1]: the entity's hash. ARGV: event_time, scored_at, ttl_seconds, then field/value
 /// pairs. Returns 1 when written, 0 when the cached prediction is as new or newer.
+/// `written_at` is Redis's own clock, so readers can measure event-to-cache latency.
 const WRITE_IF_NEWER: &str = r"
 local cached = redis.call('HMGET', KEYS[1], 'event_time', 'scored_at')
 if cached[1] then
@@ -32,7 +33,8 @@ if cached[1] then
   if t < ct then return 0 end
   if t == ct and tonumber(ARGV[2]) <= tonumber(cached[2] or '0') then return 0 end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'written_at', now[1] * 1000 + math.floor(now[2] / 1000), unpack(ARGV, 4))
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 return 1
@@ -121,6 +123,7 @@ pub fn fields(p: &Prediction) -> Vec<(&'static str, String)> {
         ("event_time", p.event_time.to_string()),
         ("scored_at", p.scored_at.to_string()),
         ("lane", lane.to_string()),
+        ("ingested_at", p.ingested_at.map(|t| t.to_string()).unwrap_or_default()),
     ]
 }
 

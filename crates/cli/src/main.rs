@@ -1,6 +1,7 @@
 //! `lanes`: the operator CLI. Subcommands talk to the configured broker and registry;
 //! `lanes up` runs every service in one process.
 
+mod demo;
 mod publish;
 mod up;
 
@@ -52,6 +53,9 @@ enum Command {
     },
     /// Publish raw JSON events to the raw topic: generated ones or a JSON-lines file.
     Publish(publish::PublishArgs),
+    /// Publish sample traffic (some invalid) to a running lane, wait until every event
+    /// is accounted for, and print a summary.
+    Demo(demo::DemoArgs),
     /// Run every service (ingest, micro-batcher, scorer, cache-writer) in this process,
     /// with one admin server for all of them on admin.ports.up.
     Up,
@@ -138,6 +142,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Publish(args) => publish::run(args, &settings).await,
+        Command::Demo(args) => demo::run(args, &settings).await,
         Command::Up => {
             let code = up::run(settings).await;
             std::process::exit(code);
