@@ -27,6 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def lanes_bin():
+    if os.environ.get("LANES_BIN"):
+        return os.environ["LANES_BIN"]
     target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
     path = os.path.join(target, "debug", "lanes")
     if not os.path.exists(path):

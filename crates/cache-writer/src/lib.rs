@@ -123,7 +123,10 @@ pub fn fields(p: &Prediction) -> Vec<(&'static str, String)> {
         ("event_time", p.event_time.to_string()),
         ("scored_at", p.scored_at.to_string()),
         ("lane", lane.to_string()),
-        ("ingested_at", p.ingested_at.map(|t| t.to_string()).unwrap_or_default()),
+        (
+            "ingested_at",
+            p.ingested_at.map(|t| t.to_string()).unwrap_or_default(),
+        ),
     ]
 }
 

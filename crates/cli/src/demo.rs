@@ -35,12 +35,32 @@ pub struct DemoArgs {
 fn invalid_events(run: &str, n: usize) -> Vec<String> {
     let ok = r#""amount":12.5,"hour":3,"merchant_risk":0.2,"distance_km":4,"txn_count_1h":1,"avg_amount_30d":30,"amount_ratio":0.4,"card_age_days":90,"is_foreign":0"#;
     let shapes: Vec<Box<dyn Fn(usize) -> String>> = vec![
-        Box::new(|i| format!(r#"{{"event_id":"{run}-bad-{i}","entity_id":"card-1","features":{{{ok}}}"#)),
-        Box::new(|i| format!(r#"{{"event_id":"{run}-bad-{i}","features":{{{ok},"is_online":1}}}}"#)),
-        Box::new(|i| format!(r#"{{"event_id":"{run}-bad-{i}","entity_id":"card-1","features":{{{ok},"is_online":1,"ip":4}}}}"#)),
-        Box::new(|i| format!(r#"{{"event_id":"{run}-bad-{i}","entity_id":"card-1","features":{{{ok},"is_online":"1"}}}}"#)),
-        Box::new(|i| format!(r#"{{"event_id":"{run}-bad-{i}","entity_id":"card-1","features":{{{ok},"is_online":NaN}}}}"#)),
-        Box::new(|i| format!(r#"{{"event_id":"{run}-bad-{i}","entity_id":"card-1","event_time":"last tuesday","features":{{{ok},"is_online":1}}}}"#)),
+        Box::new(|i| {
+            format!(r#"{{"event_id":"{run}-bad-{i}","entity_id":"card-1","features":{{{ok}}}"#)
+        }),
+        Box::new(|i| {
+            format!(r#"{{"event_id":"{run}-bad-{i}","features":{{{ok},"is_online":1}}}}"#)
+        }),
+        Box::new(|i| {
+            format!(
+                r#"{{"event_id":"{run}-bad-{i}","entity_id":"card-1","features":{{{ok},"is_online":1,"ip":4}}}}"#
+            )
+        }),
+        Box::new(|i| {
+            format!(
+                r#"{{"event_id":"{run}-bad-{i}","entity_id":"card-1","features":{{{ok},"is_online":"1"}}}}"#
+            )
+        }),
+        Box::new(|i| {
+            format!(
+                r#"{{"event_id":"{run}-bad-{i}","entity_id":"card-1","features":{{{ok},"is_online":NaN}}}}"#
+            )
+        }),
+        Box::new(|i| {
+            format!(
+                r#"{{"event_id":"{run}-bad-{i}","entity_id":"card-1","event_time":"last tuesday","features":{{{ok},"is_online":1}}}}"#
+            )
+        }),
     ];
     (0..n).map(|i| shapes[i % shapes.len()](i)).collect()
 }
@@ -100,7 +120,10 @@ pub async fn run(args: DemoArgs, settings: &Settings) -> anyhow::Result<()> {
     let producer = lanes_common::kafka::producer(&s.kafka, "lanes-demo")?;
     let started = Instant::now();
     crate::publish::publish_lines(&producer, &s.topics.raw, &lines).await?;
-    eprintln!("published {} valid and {} invalid events to {}", args.events, args.invalid, s.topics.raw);
+    eprintln!(
+        "published {} valid and {} invalid events to {}",
+        args.events, args.invalid, s.topics.raw
+    );
 
     let codec = AvroCodec::new(&s.registry)?;
     let mut predicted: HashMap<String, Prediction> = HashMap::new();
@@ -137,14 +160,20 @@ pub async fn run(args: DemoArgs, settings: &Settings) -> anyhow::Result<()> {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
         if last_report.elapsed() > Duration::from_secs(2) {
-            eprintln!("  ... {} predictions, {} dead letters", predicted.len(), dead_count);
+            eprintln!(
+                "  ... {} predictions, {} dead letters",
+                predicted.len(),
+                dead_count
+            );
             last_report = Instant::now();
         }
     }
     let elapsed = started.elapsed();
 
     // Event-to-cache latency from the cache itself: written_at (Redis clock) - ingested_at.
-    let mut redis = redis::Client::open(s.redis.url.as_str())?.get_multiplexed_async_connection().await?;
+    let mut redis = redis::Client::open(s.redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
     let mut newest: BTreeMap<&str, &Prediction> = BTreeMap::new();
     for p in predicted.values() {
         let e = newest.entry(&p.entity_id).or_insert(p);
@@ -156,7 +185,10 @@ pub async fn run(args: DemoArgs, settings: &Settings) -> anyhow::Result<()> {
     let mut shown = Vec::new();
     for (entity, p) in &newest {
         let key = format!("{}{entity}", s.cache_writer.key_prefix);
-        let h: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query_async(&mut redis).await?;
+        let h: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await?;
         if h.get("event_id") != Some(&p.event_id) {
             continue;
         }
@@ -172,7 +204,11 @@ pub async fn run(args: DemoArgs, settings: &Settings) -> anyhow::Result<()> {
     latencies.sort_unstable();
 
     println!();
-    println!("Lanes demo: {} events in {:.1?}", args.events + args.invalid, elapsed);
+    println!(
+        "Lanes demo: {} events in {:.1?}",
+        args.events + args.invalid,
+        elapsed
+    );
     println!("  events in            {}", args.events + args.invalid);
     println!("  predictions out      {}", predicted.len());
     println!("  dead letters         {dead_count}");
@@ -180,18 +216,26 @@ pub async fn run(args: DemoArgs, settings: &Settings) -> anyhow::Result<()> {
         println!("    {class:<20} {n}");
     }
     let balanced = predicted.len() + dead_count == args.events + args.invalid;
-    println!("  in = out + dead      {}", if balanced { "yes" } else { "NO" });
+    println!(
+        "  in = out + dead      {}",
+        if balanced { "yes" } else { "NO" }
+    );
     println!(
         "  event-to-cache       p50 {} ms, p99 {} ms (over {} cached entities)",
         percentile(&latencies, 0.50),
         percentile(&latencies, 0.99),
         latencies.len()
     );
-    println!("  cached predictions (Redis, {}*):", s.cache_writer.key_prefix);
+    println!(
+        "  cached predictions (Redis, {}*):",
+        s.cache_writer.key_prefix
+    );
     for (key, h) in shown {
         println!(
             "    {key}: score {:.4} label {} model {} v{} lane {} event_time {}",
-            h.get("score").and_then(|v| v.parse::<f64>().ok()).unwrap_or_default(),
+            h.get("score")
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_default(),
             h.get("label").map(String::as_str).unwrap_or(""),
             h.get("model_name").map(String::as_str).unwrap_or(""),
             h.get("model_version").map(String::as_str).unwrap_or(""),

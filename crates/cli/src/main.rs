@@ -1,6 +1,7 @@
 //! `lanes`: the operator CLI. Subcommands talk to the configured broker and registry;
 //! `lanes up` runs every service in one process.
 
+mod bench;
 mod demo;
 mod publish;
 mod up;
@@ -53,6 +54,9 @@ enum Command {
     },
     /// Publish raw JSON events to the raw topic: generated ones or a JSON-lines file.
     Publish(publish::PublishArgs),
+    /// Measure the streaming lane's throughput and latency under several window
+    /// settings, beside the raw broker rates (build with --release).
+    Bench(bench::BenchArgs),
     /// Publish sample traffic (some invalid) to a running lane, wait until every event
     /// is accounted for, and print a summary.
     Demo(demo::DemoArgs),
@@ -143,6 +147,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Publish(args) => publish::run(args, &settings).await,
         Command::Demo(args) => demo::run(args, &settings).await,
+        Command::Bench(args) => bench::run(args, &settings).await,
         Command::Up => {
             let code = up::run(settings).await;
             std::process::exit(code);
