@@ -21,7 +21,7 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 
 def to_json(value):
     if isinstance(value, datetime.datetime):
-        return int(value.timestamp() * 1000)
+        return round(value.timestamp() * 1000)
     raise TypeError(f"cannot encode {type(value)}")
 
 

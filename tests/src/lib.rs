@@ -169,6 +169,7 @@ impl Lane {
         s.scorer.group = format!("{id}-scorer");
         s.cache_writer.group = format!("{id}-cache-writer");
         s.cache_writer.key_prefix = format!("{id}:");
+        s.fallback_responder.group = format!("{id}-fallback-responder");
         s.model.dir = root().join("models/fraud/1");
         s.admin.ports.up = free_port();
         s.admin.ports.ingest = free_port();
@@ -372,4 +373,41 @@ pub fn signal(child: &std::process::Child, sig: &str) {
         .status()
         .expect("kill runs");
     assert!(status.success(), "kill -{sig} failed");
+}
+
+/// A Redis of the test's own on `port`, so it can be taken away and brought back;
+/// stopped when dropped.
+pub fn redis_server(port: u16) -> RedisGuard {
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server runs (scripts/setup.sh installs it)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    RedisGuard(child)
+}
+
+pub struct RedisGuard(pub std::process::Child);
+
+impl Drop for RedisGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

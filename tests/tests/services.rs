@@ -258,33 +258,6 @@ async fn the_cache_never_rolls_back() {
     running.stop().await;
 }
 
-/// A Redis of the test's own, so it can be taken away and brought back.
-fn redis_server(port: u16) -> std::process::Child {
-    let child = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("redis-server runs (scripts/setup.sh installs it)");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "redis-server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_outage_is_retried_without_commit_or_dead_letter() {
     let port = free_port();
@@ -320,8 +293,8 @@ async fn a_redis_outage_is_retried_without_commit_or_dead_letter() {
     })
     .await;
 
-    signal(&redis_proc, "KILL");
-    redis_proc.wait().unwrap();
+    signal(&redis_proc.0, "KILL");
+    redis_proc.0.wait().unwrap();
     for i in 0..5 {
         publish(prediction(&format!("during-{i}"), 2, 2, 0.3)).await;
     }
@@ -340,7 +313,7 @@ async fn a_redis_outage_is_retried_without_commit_or_dead_letter() {
         "only the first prediction may be committed, got {committed_before}"
     );
 
-    let _redis_back = RedisGuard(redis_server(port));
+    let _redis_back = redis_server(port);
     for i in 0..5 {
         let entity = format!("during-{i}");
         wait_for(
@@ -384,15 +357,6 @@ fn committed_sum(lane: &Lane, tpl: &rdkafka::TopicPartitionList) -> i64 {
             _ => 0,
         })
         .sum()
-}
-
-struct RedisGuard(std::process::Child);
-
-impl Drop for RedisGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

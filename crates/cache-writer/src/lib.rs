@@ -1,5 +1,8 @@
 //! `lanes-cache-writer`: `Prediction`s from `lanes.predictions` become one Redis hash per
-//! entity (`<key_prefix><entity_id>`), written in pipelines.
+//! entity (`<key_prefix><entity_id>`), written in pipelines. Beside the prediction, the
+//! same hash keeps the entity's latest features from `lanes.events` (`features`,
+//! `features_event_time`; its own consumer group), so the real-time path reads both in
+//! one round trip and never joins a slower store.
 //!
 //! The cache is monotonic: a Lua script, atomic in Redis, writes a prediction only if
 //! its event time is newer than the cached one (ties: a later `scored_at`), so replays
@@ -13,7 +16,7 @@ use anyhow::Context;
 use lanes_common::avro::{AvroCodec, DecodeError};
 use lanes_common::dlq::DlqWriter;
 use lanes_common::kafka;
-use lanes_common::records::{Lane, Prediction, now_millis};
+use lanes_common::records::{Event, Lane, Prediction, now_millis};
 use lanes_common::service::{ServiceContext, ServiceDef};
 use lanes_common::source::{Acks, Source, SourceEvent};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
@@ -22,6 +25,17 @@ use rdkafka::message::OwnedMessage;
 use redis::aio::ConnectionManager;
 
 pub const SERVICE: &str = "cache-writer";
+
+/// KEYS[1]: the entity's hash. ARGV: event_time, ttl_seconds, features JSON. Newest
+/// event time wins; equal times keep what is there.
+const FEATURES_IF_NEWER: &str = r"
+local cached = redis.call('HGET', KEYS[1], 'features_event_time')
+if cached and tonumber(ARGV[1]) <= tonumber(cached) then return 0 end
+redis.call('HSET', KEYS[1], 'features_event_time', ARGV[1], 'features', ARGV[3])
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+return 1
+";
 
 /// KEYS[1]: the entity's hash. ARGV: event_time, scored_at, ttl_seconds, then field/value
 /// pairs. Returns 1 when written, 0 when the cached prediction is as new or newer.
@@ -49,8 +63,10 @@ pub fn def() -> ServiceDef {
     }
 }
 
+#[derive(Clone)]
 struct Metrics {
     writes: IntCounterVec,
+    feature_writes: IntCounterVec,
     redis_errors: IntCounter,
     pipeline_seconds: Histogram,
     ingest_to_cache: Histogram,
@@ -64,6 +80,13 @@ impl Metrics {
                 Opts::new(
                     "lanes_cache_writer_writes_total",
                     "Predictions applied to Redis, by result (written, stale: the cache held a newer one).",
+                ),
+                &["result"],
+            )?,
+            feature_writes: IntCounterVec::new(
+                Opts::new(
+                    "lanes_cache_writer_feature_writes_total",
+                    "Online features applied to Redis, by result (written, stale).",
                 ),
                 &["result"],
             )?,
@@ -94,6 +117,7 @@ impl Metrics {
             )?,
         };
         r.register(Box::new(m.writes.clone()))?;
+        r.register(Box::new(m.feature_writes.clone()))?;
         r.register(Box::new(m.redis_errors.clone()))?;
         r.register(Box::new(m.pipeline_seconds.clone()))?;
         r.register(Box::new(m.ingest_to_cache.clone()))?;
@@ -130,7 +154,20 @@ pub fn fields(p: &Prediction) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// What one consumer loop writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Predictions,
+    Features,
+}
+
+enum Item {
+    Prediction(Prediction),
+    Event(Event),
+}
+
 struct Writer {
+    mode: Mode,
     codec: AvroCodec,
     redis: ConnectionManager,
     script: redis::Script,
@@ -143,16 +180,45 @@ struct Writer {
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let s = &ctx.settings;
     let metrics = Metrics::new(&ctx.metrics)?;
-    kafka::ensure_topics(&s.kafka, &[&s.topics.predictions, &s.topics.dlq])
-        .await
-        .context("creating topics")?;
+    kafka::ensure_topics(
+        &s.kafka,
+        &[&s.topics.predictions, &s.topics.events, &s.topics.dlq],
+    )
+    .await
+    .context("creating topics")?;
+    let predictions = consume(ctx.clone(), Mode::Predictions, metrics.clone());
+    if s.cache_writer.online_features {
+        tokio::try_join!(predictions, consume(ctx.clone(), Mode::Features, metrics))?;
+    } else {
+        predictions.await?;
+    }
+    tracing::info!("cache-writer stopped");
+    Ok(())
+}
+
+/// One consumer loop: predictions, or online features.
+async fn consume(ctx: ServiceContext, mode: Mode, metrics: Metrics) -> anyhow::Result<()> {
+    let s = &ctx.settings;
     let client = redis::Client::open(s.redis.url.as_str()).context("redis.url")?;
     let redis = connect(&client, &ctx).await?;
     let producer = kafka::producer(&s.kafka, "lanes-cache-writer")?;
+    let (topic, group, script) = match mode {
+        Mode::Predictions => (
+            &s.topics.predictions,
+            s.cache_writer.group.clone(),
+            WRITE_IF_NEWER,
+        ),
+        Mode::Features => (
+            &s.topics.events,
+            format!("{}-features", s.cache_writer.group),
+            FEATURES_IF_NEWER,
+        ),
+    };
     let mut w = Writer {
+        mode,
         codec: AvroCodec::new(&s.registry)?,
         redis,
-        script: redis::Script::new(WRITE_IF_NEWER),
+        script: redis::Script::new(script),
         dlq: DlqWriter::new(producer, &s.topics.dlq, SERVICE)
             .with_counter(metrics.dead_letters.clone()),
         prefix: s.cache_writer.key_prefix.clone(),
@@ -163,14 +229,16 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let mut source = Source::start(
         &s.kafka,
         SERVICE,
-        &s.cache_writer.group,
-        &[&s.topics.predictions],
+        &group,
+        &[topic],
         s.shutdown.drain_timeout(),
     )?;
     let mut acks = Acks::new();
     let mut commit_tick = tokio::time::interval(Duration::from_millis(200));
-    ctx.ready.set(true);
-    tracing::info!(prefix = %w.prefix, ttl = w.ttl, "cache-writer running");
+    if mode == Mode::Predictions {
+        ctx.ready.set(true);
+    }
+    tracing::info!(prefix = %w.prefix, ttl = w.ttl, ?mode, %topic, "cache-writer running");
     let mut chunk: Vec<OwnedMessage> = Vec::with_capacity(max);
     loop {
         tokio::select! {
@@ -215,7 +283,6 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     acks.drain().await.map_err(anyhow::Error::msg)?;
     acks.commit(&source.consumer).await?;
     source.close().await;
-    tracing::info!("cache-writer stopped");
     Ok(())
 }
 
@@ -247,22 +314,28 @@ impl Writer {
         acks: &mut Acks,
         ctx: &ServiceContext,
     ) -> anyhow::Result<()> {
-        let mut good: Vec<(OwnedMessage, Prediction)> = Vec::with_capacity(chunk.len());
+        let mut good: Vec<(OwnedMessage, Item)> = Vec::with_capacity(chunk.len());
         for m in chunk {
             let bytes = m.payload().unwrap_or_default();
-            match self
-                .codec
-                .decode_retrying::<Prediction>(bytes, &ctx.shutdown)
-                .await
-            {
-                Ok(d) => good.push((m, d.record)),
+            let decoded = match self.mode {
+                Mode::Predictions => self
+                    .codec
+                    .decode_retrying::<Prediction>(bytes, &ctx.shutdown)
+                    .await
+                    .map(|d| Item::Prediction(d.record)),
+                Mode::Features => self
+                    .codec
+                    .decode_retrying::<Event>(bytes, &ctx.shutdown)
+                    .await
+                    .map(|d| Item::Event(d.record)),
+            };
+            match decoded {
+                Ok(item) => good.push((m, item)),
                 Err(DecodeError::Poison { class, message }) => {
                     acks.dead_letter(&self.dlq, m, class, message)
                 }
                 Err(e) => {
-                    return Err(
-                        anyhow::Error::new(e).context("stopping with an undecoded prediction")
-                    );
+                    return Err(anyhow::Error::new(e).context("stopping with an undecoded record"));
                 }
             }
         }
@@ -273,13 +346,21 @@ impl Writer {
         pipe.load_script(&self.script).ignore();
         let invocations: Vec<redis::ScriptInvocation<'_>> = good
             .iter()
-            .map(|(_, p)| {
-                let mut inv = self.script.key(cache_key(&self.prefix, &p.entity_id));
-                inv.arg(p.event_time).arg(p.scored_at).arg(self.ttl);
-                for (k, v) in fields(p) {
-                    inv.arg(k).arg(v);
+            .map(|(_, item)| match item {
+                Item::Prediction(p) => {
+                    let mut inv = self.script.key(cache_key(&self.prefix, &p.entity_id));
+                    inv.arg(p.event_time).arg(p.scored_at).arg(self.ttl);
+                    for (k, v) in fields(p) {
+                        inv.arg(k).arg(v);
+                    }
+                    inv
                 }
-                inv
+                Item::Event(e) => {
+                    let mut inv = self.script.key(cache_key(&self.prefix, &e.entity_id));
+                    let features = serde_json::to_string(&e.features).unwrap_or_default();
+                    inv.arg(e.event_time).arg(self.ttl).arg(features);
+                    inv
+                }
             })
             .collect();
         for inv in &invocations {
@@ -307,13 +388,22 @@ impl Writer {
             }
         };
         let now = now_millis();
-        for ((m, p), written) in good.iter().zip(results) {
+        for ((m, item), written) in good.iter().zip(results) {
             let result = if written == 1 { "written" } else { "stale" };
-            self.metrics.writes.with_label_values(&[result]).inc();
-            if let Some(ingested) = p.ingested_at {
-                self.metrics
-                    .ingest_to_cache
-                    .observe((now - ingested).max(0) as f64 / 1000.0);
+            match item {
+                Item::Prediction(p) => {
+                    self.metrics.writes.with_label_values(&[result]).inc();
+                    if let Some(ingested) = p.ingested_at {
+                        self.metrics
+                            .ingest_to_cache
+                            .observe((now - ingested).max(0) as f64 / 1000.0);
+                    }
+                }
+                Item::Event(_) => self
+                    .metrics
+                    .feature_writes
+                    .with_label_values(&[result])
+                    .inc(),
             }
             acks.done(m.topic(), m.partition(), m.offset());
         }

@@ -114,6 +114,41 @@ async fn raw_rates(s: &Settings, n: usize) -> anyhow::Result<(f64, f64)> {
     Ok((produce, consume))
 }
 
+/// One-hop produce -> consume latency (ms, sorted) of `n` messages paced at 200/s.
+async fn one_hop(s: &Settings, n: usize) -> anyhow::Result<Vec<f64>> {
+    let s = unique(s, "hop");
+    let topic = s.topics.raw.clone();
+    lanes_common::kafka::ensure_topics(&s.kafka, &[&topic]).await?;
+    let consumer = reader(&s, &topic)?;
+    let producer = lanes_common::kafka::producer(&s.kafka, "lanes-bench")?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let origin = Instant::now();
+    let sender = tokio::spawn(async move {
+        for i in 0..n {
+            tokio::time::sleep_until((origin + Duration::from_millis(5 * i as u64)).into()).await;
+            let sent = origin.elapsed().as_micros().to_string();
+            let d = enqueue(
+                &producer,
+                FutureRecord::<str, str>::to(&topic).payload(&sent),
+            )
+            .await?;
+            drop(d);
+        }
+        anyhow::Ok(producer)
+    });
+    let mut lat = Vec::with_capacity(n);
+    while lat.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .context("one-hop message lost")??;
+        let sent: u128 = std::str::from_utf8(m.payload().unwrap_or_default())?.parse()?;
+        lat.push((origin.elapsed().as_micros() - sent) as f64 / 1000.0);
+    }
+    drop(sender.await??);
+    lat.sort_by(f64::total_cmp);
+    Ok(lat)
+}
+
 struct Lane {
     settings: Settings,
     token: CancellationToken,
@@ -174,6 +209,8 @@ async fn drive(
     // Join the group before publishing, so the first predictions are not missed.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let total = lines.len();
+    let expected: std::collections::HashSet<String> =
+        lines.iter().map(|(id, _)| id.clone()).collect();
     let started = Instant::now();
     let topic = s.topics.raw.clone();
     let sender = tokio::spawn(async move {
@@ -213,7 +250,9 @@ async fn drive(
             .decode::<Prediction>(m.payload().unwrap_or_default())
             .await?
             .record;
-        arrived.entry(p.event_id).or_insert_with(Instant::now);
+        if expected.contains(&p.event_id) {
+            arrived.entry(p.event_id).or_insert_with(Instant::now);
+        }
     }
     let elapsed = started.elapsed().as_secs_f64();
     let sent = sender.await??;
@@ -241,6 +280,8 @@ pub async fn run(args: BenchArgs, settings: &Settings) -> anyhow::Result<()> {
         args.raw_messages
     );
     let (produce, consume) = raw_rates(settings, args.raw_messages).await?;
+    let hop = one_hop(settings, 1000).await?;
+    let (hop50, hop99) = (percentile(&hop, 0.5), percentile(&hop, 0.99));
     let mut rows = Vec::new();
     let mut seed = now_millis() as u64;
     for &delay in &args.delays {
@@ -267,7 +308,13 @@ pub async fn run(args: BenchArgs, settings: &Settings) -> anyhow::Result<()> {
         }
     }
     let report = json!({
-        "raw_broker": {"produce_msgs_per_s": produce.round(), "consume_msgs_per_s": consume.round(), "message_bytes": 200},
+        "raw_broker": {
+            "produce_msgs_per_s": produce.round(),
+            "consume_msgs_per_s": consume.round(),
+            "message_bytes": 200,
+            "one_hop_p50_ms": (hop50 * 10.0).round() / 10.0,
+            "one_hop_p99_ms": (hop99 * 10.0).round() / 10.0,
+        },
         "lane": rows,
         "events_per_throughput_run": args.events,
         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },

@@ -192,10 +192,10 @@ pub async fn run(args: DemoArgs, settings: &Settings) -> anyhow::Result<()> {
         if h.get("event_id") != Some(&p.event_id) {
             continue;
         }
-        if let (Some(w), Some(i)) = (h.get("written_at"), h.get("ingested_at")) {
-            if let (Ok(w), Ok(i)) = (w.parse::<f64>(), i.parse::<i64>()) {
-                latencies.push(w as i64 - i);
-            }
+        let written = h.get("written_at").and_then(|w| w.parse::<f64>().ok());
+        let ingested = h.get("ingested_at").and_then(|i| i.parse::<i64>().ok());
+        if let (Some(w), Some(i)) = (written, ingested) {
+            latencies.push(w as i64 - i);
         }
         if shown.len() < 5 {
             shown.push((key, h));

@@ -1,6 +1,9 @@
 //! `lanes`: the operator CLI. Subcommands talk to the configured broker and registry;
 //! `lanes up` runs every service in one process.
 
+// Printing results to stdout is what a CLI is for.
+#![allow(clippy::print_stdout)]
+
 mod bench;
 mod demo;
 mod publish;

@@ -45,6 +45,32 @@ pub struct Settings {
     pub micro_batcher: MicroBatcherConfig,
     pub scorer: ScorerConfig,
     pub cache_writer: CacheWriterConfig,
+    pub fallback_responder: FallbackResponderConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDeadline {
+    Stale,
+    Error,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackResponderConfig {
+    pub group: String,
+    pub freshness_ms: i64,
+    pub refresh_after_ms: i64,
+    pub realtime_deadline_ms: u64,
+    pub on_deadline: OnDeadline,
+    pub max_in_flight: usize,
+    pub redis_timeout_ms: u64,
+    pub breaker_failures: u32,
+    pub breaker_open_ms: u64,
+    pub sweep_interval_ms: u64,
+    pub sweep_max_per_second: u64,
+    pub sample_interval_ms: u64,
+    pub sample_keys: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -85,6 +111,7 @@ pub struct CacheWriterConfig {
     pub key_prefix: String,
     pub ttl_seconds: u64,
     pub max_pipeline: usize,
+    pub online_features: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

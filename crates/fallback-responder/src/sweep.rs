@@ -1,0 +1,157 @@
+//! Background work over the whole cache: a staleness sampler reporting the share of
+//! entries past the freshness bound, and a rate-limited sweep re-scoring entries older
+//! than `refresh_after_ms` (or scored by another model version) from their online
+//! features.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lanes_common::records::now_millis;
+use tokio_util::sync::CancellationToken;
+
+use crate::Core;
+use crate::decide::Cached;
+
+/// Starts the sampler and the sweep; the handle ends when `stop` is cancelled.
+pub fn spawn(core: Arc<Core>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let sample_every = Duration::from_millis(core.cfg.sample_interval_ms.max(100));
+        let sweep_every = Duration::from_millis(core.cfg.sweep_interval_ms);
+        let mut sample_tick = tokio::time::interval(sample_every);
+        let mut sweep_tick = tokio::time::interval(sweep_every.max(Duration::from_millis(100)));
+        let mut cursor = 0u64;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = sample_tick.tick() => {
+                    if let Err(e) = sample(&core).await {
+                        tracing::warn!(error = %e, "staleness sample failed");
+                    }
+                }
+                _ = sweep_tick.tick(), if !sweep_every.is_zero() => {
+                    match sweep(&core, cursor, &stop).await {
+                        Ok(next) => cursor = next,
+                        Err(e) => tracing::warn!(error = %e, "refresh sweep failed"),
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// One SCAN step: keys of the cache and the next cursor.
+async fn scan(core: &Core, cursor: u64, count: usize) -> redis::RedisResult<(u64, Vec<String>)> {
+    let mut conn = core
+        .connection()
+        .await
+        .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "redis", e)))?;
+    redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(format!("{}*", core.prefix))
+        .arg("COUNT")
+        .arg(count)
+        .query_async(&mut conn)
+        .await
+}
+
+async fn entries(core: &Core, keys: &[String]) -> redis::RedisResult<Vec<Cached>> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut conn = core
+        .connection()
+        .await
+        .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "redis", e)))?;
+    let mut pipe = redis::pipe();
+    for k in keys {
+        pipe.cmd("HGETALL").arg(k);
+    }
+    let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+    Ok(hashes.iter().filter_map(Cached::from_hash).collect())
+}
+
+fn is_stale(core: &Core, c: &Cached, bound_ms: i64, now: i64) -> Option<bool> {
+    let scored_at = c.scored_at?;
+    let other_model =
+        matches!((&core.model_version, &c.model_version), (Some(a), Some(b)) if a != b);
+    Some(other_model || now - scored_at > bound_ms)
+}
+
+/// Samples up to `sample_keys` entries and sets the stale-share gauge.
+pub async fn sample(core: &Core) -> redis::RedisResult<f64> {
+    let (mut cursor, mut seen, mut stale) = (0u64, 0usize, 0usize);
+    let now = now_millis();
+    loop {
+        let (next, keys) = scan(core, cursor, 1000).await?;
+        for c in entries(core, &keys).await? {
+            if seen >= core.cfg.sample_keys {
+                break;
+            }
+            if let Some(s) = is_stale(core, &c, core.cfg.freshness_ms, now) {
+                seen += 1;
+                stale += s as usize;
+            }
+        }
+        cursor = next;
+        if cursor == 0 || seen >= core.cfg.sample_keys {
+            break;
+        }
+    }
+    let share = if seen == 0 {
+        0.0
+    } else {
+        stale as f64 / seen as f64
+    };
+    core.metrics.stale_share.set(share);
+    core.metrics.sampled.set(seen as i64);
+    Ok(share)
+}
+
+/// One pass of the sweep from `cursor`, re-scoring at most `sweep_max_per_second` per
+/// second; returns where the next pass starts.
+pub async fn sweep(
+    core: &Arc<Core>,
+    mut cursor: u64,
+    stop: &CancellationToken,
+) -> redis::RedisResult<u64> {
+    let per_second = core.cfg.sweep_max_per_second.max(1);
+    let pause = Duration::from_secs_f64(1.0 / per_second as f64);
+    let budget = (per_second * core.cfg.sweep_interval_ms / 1000).max(1);
+    let mut done = 0u64;
+    loop {
+        let (next, keys) = scan(core, cursor, 1000).await?;
+        let now = now_millis();
+        for (key, c) in keys.iter().zip(entries(core, &keys).await?) {
+            if done >= budget || stop.is_cancelled() {
+                return Ok(cursor);
+            }
+            let (Some(true), Some(features)) = (
+                is_stale(core, &c, core.cfg.refresh_after_ms, now),
+                &c.features,
+            ) else {
+                continue;
+            };
+            let entity = &key[core.prefix.len()..];
+            let event_time = c.features_event_time.unwrap_or(now);
+            let flight = core.score(
+                core,
+                entity,
+                features,
+                event_time,
+                format!("refresh-{entity}-{event_time}"),
+            );
+            if let Err(e) = flight.await {
+                tracing::debug!(entity, error = %e, "refresh failed");
+            }
+            core.metrics.refreshes.with_label_values(&["sweep"]).inc();
+            done += 1;
+            tokio::time::sleep(pause).await;
+        }
+        cursor = next;
+        if cursor == 0 {
+            return Ok(0);
+        }
+    }
+}

@@ -1,0 +1,584 @@
+//! The request/response lane over Kafka against the real stack: every path of the
+//! fallback-responder, degradation, coalescing, interop of its responses, and priority
+//! events reaching the cache without waiting for their window.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use lanes_common::avro::AvroCodec;
+use lanes_common::generator::{FEATURES, Generator};
+use lanes_common::kafka::{delivered, enqueue};
+use lanes_common::model::Model;
+use lanes_common::records::{
+    Lane as LaneKind, Prediction, PredictionRequest, PredictionResponse, ResponseSource,
+    ResponseStatus, now_millis,
+};
+use lanes_tests::*;
+use rdkafka::Message;
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use redis::AsyncCommands;
+
+fn features(seed: u64) -> BTreeMap<String, f64> {
+    Generator::new(seed, 10).next_sample().feature_map()
+}
+
+/// What the model says for `f`, computed here with the same model files.
+fn expected_score(f: &BTreeMap<String, f64>) -> f64 {
+    let mut model = Model::load(&root().join("models/fraud/1")).unwrap();
+    let row: Vec<f32> = FEATURES.iter().map(|n| f[*n] as f32).collect();
+    model.score(&row, 1).unwrap()[0]
+}
+
+struct Client {
+    lane: Lane,
+    codec: AvroCodec,
+    producer: rdkafka::producer::FutureProducer,
+    responses: TestConsumer,
+}
+
+impl Client {
+    async fn new(lane: &Lane) -> Self {
+        let responses = consumer(&lane.settings, &[&lane.settings.topics.responses]);
+        Self {
+            lane: lane.clone(),
+            codec: AvroCodec::new(&lane.settings.registry).unwrap(),
+            producer: producer(&lane.settings),
+            responses,
+        }
+    }
+
+    fn request(
+        entity: &str,
+        features: Option<BTreeMap<String, f64>>,
+        max_age_ms: Option<i64>,
+    ) -> PredictionRequest {
+        PredictionRequest {
+            request_id: unique("req"),
+            entity_id: entity.into(),
+            features,
+            max_age_ms,
+            reply_topic: None,
+            requested_at: now_millis(),
+        }
+    }
+
+    /// Sends every request in one burst, with a correlation header each.
+    async fn send(&self, reqs: &[PredictionRequest]) {
+        let topic = &self.lane.settings.topics.requests;
+        let mut pending = Vec::new();
+        for r in reqs {
+            let bytes = self.codec.encode(topic, r).await.unwrap();
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "correlation-id",
+                value: Some(r.request_id.as_bytes()),
+            });
+            let record = FutureRecord::to(topic)
+                .key(r.entity_id.as_str())
+                .payload(&bytes)
+                .headers(headers);
+            pending.push(enqueue(&self.producer, record).await.unwrap());
+        }
+        for d in pending {
+            delivered(d).await.unwrap();
+        }
+    }
+
+    /// Responses for `reqs`, checking key and copied headers.
+    async fn ask(&self, reqs: &[PredictionRequest]) -> HashMap<String, PredictionResponse> {
+        self.send(reqs).await;
+        let wanted: HashSet<&str> = reqs.iter().map(|r| r.request_id.as_str()).collect();
+        let mut got = HashMap::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while got.len() < wanted.len() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let m = tokio::time::timeout(left, self.responses.recv())
+                .await
+                .expect("responses in time")
+                .unwrap();
+            let r = self
+                .codec
+                .decode::<PredictionResponse>(m.payload().unwrap())
+                .await
+                .unwrap()
+                .record;
+            if !wanted.contains(r.request_id.as_str()) {
+                continue;
+            }
+            assert_eq!(
+                m.key(),
+                Some(r.request_id.as_bytes()),
+                "keyed by request id"
+            );
+            let h = m.headers().expect("headers copied");
+            let correlation = h
+                .iter()
+                .find(|h| h.key == "correlation-id")
+                .and_then(|h| h.value);
+            assert_eq!(correlation, Some(r.request_id.as_bytes()));
+            got.insert(r.request_id.clone(), r);
+        }
+        got
+    }
+
+    async fn one(&self, req: PredictionRequest) -> PredictionResponse {
+        let id = req.request_id.clone();
+        self.ask(&[req]).await.remove(&id).unwrap()
+    }
+
+    /// Writes an entity's hash as the cache-writer would.
+    async fn seed(&self, entity: &str, fields: &[(&str, String)]) {
+        let mut r = redis(&self.lane.settings)
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let key = format!("{}{entity}", self.lane.settings.cache_writer.key_prefix);
+        let _: () = r.hset_multiple(&key, fields).await.unwrap();
+    }
+}
+
+fn prediction_fields(score: f64, version: &str, age_ms: i64) -> Vec<(&'static str, String)> {
+    let now = now_millis();
+    vec![
+        ("score", score.to_string()),
+        ("model_name", "fraud".into()),
+        ("model_version", version.into()),
+        ("event_time", (now - age_ms - 10).to_string()),
+        ("scored_at", (now - age_ms).to_string()),
+        ("lane", "STREAM".into()),
+    ]
+}
+
+fn feature_fields(f: &BTreeMap<String, f64>, event_time: i64) -> Vec<(&'static str, String)> {
+    vec![
+        ("features", serde_json::to_string(f).unwrap()),
+        ("features_event_time", event_time.to_string()),
+    ]
+}
+
+fn responder_lane(what: &str) -> Lane {
+    let mut lane = Lane::new(what);
+    lane.settings.fallback_responder.freshness_ms = 60_000;
+    lane.settings.fallback_responder.refresh_after_ms = 30_000;
+    lane.settings.fallback_responder.realtime_deadline_ms = 5_000;
+    lane
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_path_answers_as_documented() {
+    let lane = responder_lane("responder");
+    lane.create_topics().await;
+    let running = lane.start(&[lanes_fallback_responder::def()]);
+    running.ready().await;
+    let c = Client::new(&lane).await;
+    let predictions = consumer(&lane.settings, &[&lane.settings.topics.predictions]);
+
+    // Fresh hit: served from the cache with its age, one Redis round trip, no scoring.
+    c.seed("fresh", &prediction_fields(0.125, "1", 2_000)).await;
+    let r = c.one(Client::request("fresh", None, None)).await;
+    assert_eq!(
+        (r.status, r.source, r.score),
+        (ResponseStatus::Ok, ResponseSource::Cache, Some(0.125))
+    );
+    assert_eq!(r.model_version.as_deref(), Some("1"));
+    let age = r.cache_age_ms.unwrap();
+    assert!((2_000..10_000).contains(&age), "age {age}");
+    assert_eq!(
+        running.metric("lanes_fallback_responder_scorings_total", &[]),
+        0.0
+    );
+
+    // Stale (older than freshness) with online features: scored now, published REALTIME.
+    let f1 = features(1);
+    c.seed("stale", &prediction_fields(0.5, "1", 120_000)).await;
+    c.seed("stale", &feature_fields(&f1, 777)).await;
+    let r = c.one(Client::request("stale", None, None)).await;
+    assert_eq!(
+        (r.status, r.source),
+        (ResponseStatus::Ok, ResponseSource::Realtime)
+    );
+    assert!((r.score.unwrap() - expected_score(&f1)).abs() < 1e-9);
+    let m = consume_n(&predictions, 1, Duration::from_secs(30))
+        .await
+        .remove(0);
+    let p = c
+        .codec
+        .decode::<Prediction>(m.payload().unwrap())
+        .await
+        .unwrap()
+        .record;
+    assert_eq!(
+        (p.entity_id.as_str(), p.lane, p.event_time),
+        ("stale", LaneKind::Realtime, 777)
+    );
+    assert_eq!(p.score, r.score.unwrap());
+
+    // The request may ask for fresher than the default.
+    let r = c.one(Client::request("fresh", None, Some(100))).await;
+    assert_eq!(
+        r.source,
+        ResponseSource::StaleCache,
+        "stale, no features to score: the stale entry"
+    );
+    assert!(r.cache_age_ms.unwrap() > 100);
+
+    // An entry from another model version is stale.
+    c.seed("old-model", &prediction_fields(0.9, "0", 10)).await;
+    c.seed("old-model", &feature_fields(&f1, 5)).await;
+    let r = c.one(Client::request("old-model", None, None)).await;
+    assert_eq!(
+        (r.source, r.model_version.as_deref()),
+        (ResponseSource::Realtime, Some("1"))
+    );
+
+    // Miss with features in the request.
+    let f2 = features(2);
+    let r = c
+        .one(Client::request("nobody", Some(f2.clone()), None))
+        .await;
+    assert_eq!(
+        (r.status, r.source),
+        (ResponseStatus::Ok, ResponseSource::Realtime)
+    );
+    assert!((r.score.unwrap() - expected_score(&f2)).abs() < 1e-9);
+
+    // Miss with only online features.
+    let f3 = features(3);
+    c.seed("features-only", &feature_fields(&f3, 42)).await;
+    let r = c.one(Client::request("features-only", None, None)).await;
+    assert_eq!(r.source, ResponseSource::Realtime);
+    assert!((r.score.unwrap() - expected_score(&f3)).abs() < 1e-9);
+
+    // Nothing known: NOT_FOUND.
+    let r = c.one(Client::request("unknown-entity", None, None)).await;
+    assert_eq!(
+        (r.status, r.source, r.score),
+        (ResponseStatus::NotFound, ResponseSource::None, None)
+    );
+
+    // Bad features in the request: an ERROR with the reason, not silence.
+    let mut bad = f2.clone();
+    bad.remove("amount");
+    let r = c.one(Client::request("nobody", Some(bad), None)).await;
+    assert_eq!(r.status, ResponseStatus::Error);
+    assert!(r.error.unwrap().contains("amount"));
+
+    let outcome = |o| running.metric("lanes_fallback_responder_outcomes_total", &[("outcome", o)]);
+    assert_eq!(outcome("fresh_hit"), 1.0);
+    assert_eq!(outcome("stale_hit"), 3.0);
+    assert_eq!(outcome("miss"), 4.0);
+    assert_eq!(outcome("realtime"), 5.0);
+    assert_eq!(outcome("not_found"), 1.0);
+    assert_eq!(outcome("stale_served"), 1.0);
+    assert_eq!(
+        running.metric("lanes_fallback_responder_cache_age_seconds", &[]),
+        4.0
+    );
+    assert_eq!(
+        running.metric(
+            "lanes_fallback_responder_responses_total",
+            &[("source", "CACHE")]
+        ),
+        1.0
+    );
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_down_is_answered_by_real_time_scoring() {
+    let port = free_port();
+    let mut lane = responder_lane("redis-gone");
+    lane.settings.redis.url = format!("redis://127.0.0.1:{port}");
+    lane.settings.fallback_responder.breaker_open_ms = 300;
+    lane.create_topics().await;
+    let running = lane.start(&[lanes_fallback_responder::def()]);
+    running.ready().await;
+    let c = Client::new(&lane).await;
+    let f = features(4);
+    let reqs: Vec<PredictionRequest> = (0..4)
+        .map(|_| Client::request("card-9", Some(f.clone()), None))
+        .collect();
+    for r in c.ask(&reqs).await.values() {
+        assert_eq!(
+            (r.status, r.source),
+            (ResponseStatus::Ok, ResponseSource::Realtime)
+        );
+        assert!((r.score.unwrap() - expected_score(&f)).abs() < 1e-9);
+    }
+    let r = c.one(Client::request("card-9", None, None)).await;
+    assert_eq!(r.status, ResponseStatus::Error);
+    assert!(r.error.unwrap().contains("cache unavailable"));
+    assert!(running.metric("lanes_fallback_responder_redis_errors_total", &[]) >= 3.0);
+    assert_eq!(
+        running.metric("lanes_fallback_responder_cache_breaker_state", &[]),
+        1.0,
+        "circuit open"
+    );
+
+    // Redis comes back: after the open period the breaker's trial reconnects.
+    let _redis = redis_server(port);
+    c.seed("card-9", &prediction_fields(0.375, "1", 1_000))
+        .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = c.one(Client::request("card-9", None, None)).await;
+    assert_eq!((r.source, r.score), (ResponseSource::Cache, Some(0.375)));
+    assert_eq!(
+        running.metric("lanes_fallback_responder_cache_breaker_state", &[]),
+        0.0,
+        "closed again"
+    );
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_missed_deadline_serves_stale_or_errors_per_policy() {
+    let mut lane = responder_lane("deadline");
+    lane.settings.fallback_responder.realtime_deadline_ms = 0;
+    lane.create_topics().await;
+    let running = lane.start(&[lanes_fallback_responder::def()]);
+    running.ready().await;
+    let c = Client::new(&lane).await;
+    let f = features(5);
+    c.seed("has-stale", &prediction_fields(0.75, "1", 600_000))
+        .await;
+    c.seed("has-stale", &feature_fields(&f, 1)).await;
+    c.seed("no-stale", &feature_fields(&f, 1)).await;
+    let r = c.one(Client::request("has-stale", None, None)).await;
+    assert_eq!(
+        (r.status, r.source, r.score),
+        (ResponseStatus::Ok, ResponseSource::StaleCache, Some(0.75))
+    );
+    assert!(r.cache_age_ms.unwrap() >= 600_000);
+    let r = c.one(Client::request("no-stale", None, None)).await;
+    assert_eq!(
+        (r.status, r.source),
+        (ResponseStatus::Error, ResponseSource::None)
+    );
+    assert!(r.error.unwrap().contains("deadline"));
+    assert_eq!(
+        running.metric("lanes_fallback_responder_deadline_misses_total", &[]),
+        2.0
+    );
+    running.stop().await;
+
+    lane.settings.fallback_responder.on_deadline = lanes_common::config::OnDeadline::Error;
+    let running = lane.start(&[lanes_fallback_responder::def()]);
+    running.ready().await;
+    let r = c.one(Client::request("has-stale", None, None)).await;
+    assert_eq!(
+        r.status,
+        ResponseStatus::Error,
+        "policy error: no stale answers"
+    );
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_model_misses_are_errors_with_the_reason() {
+    let mut lane = responder_lane("no-model");
+    lane.settings.model.dir = root().join("models/does-not-exist");
+    lane.create_topics().await;
+    let running = lane.start(&[lanes_fallback_responder::def()]);
+    running.ready().await;
+    let c = Client::new(&lane).await;
+    c.seed("cached", &prediction_fields(0.2, "1", 1_000)).await;
+    let r = c.one(Client::request("cached", None, None)).await;
+    assert_eq!(r.source, ResponseSource::Cache, "fresh hits need no model");
+    let r = c
+        .one(Client::request("other", Some(features(6)), None))
+        .await;
+    assert_eq!(r.status, ResponseStatus::Error);
+    assert!(r.error.unwrap().contains("model unavailable"));
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_misses_for_one_entity_share_one_scoring() {
+    let lane = responder_lane("coalesce");
+    lane.create_topics().await;
+    let running = lane.start(&[lanes_fallback_responder::def()]);
+    running.ready().await;
+    let c = Client::new(&lane).await;
+    let f = features(7);
+    c.seed("hot", &feature_fields(&f, 99)).await;
+    // Warm the codec and the consumer group first.
+    c.one(Client::request("warm-up", None, None)).await;
+    let reqs: Vec<PredictionRequest> = (0..50)
+        .map(|_| Client::request("hot", None, None))
+        .collect();
+    let got = c.ask(&reqs).await;
+    let scores: HashSet<u64> = got.values().map(|r| r.score.unwrap().to_bits()).collect();
+    assert_eq!(scores.len(), 1);
+    assert!(got.values().all(|r| r.source == ResponseSource::Realtime));
+    assert_eq!(
+        running.metric("lanes_fallback_responder_scorings_total", &[]),
+        1.0,
+        "50 misses, one scoring"
+    );
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn confluent_python_decodes_responses() {
+    let lane = responder_lane("resp-interop");
+    lane.create_topics().await;
+    let running = lane.start(&[lanes_fallback_responder::def()]);
+    running.ready().await;
+    let c = Client::new(&lane).await;
+    c.seed("py", &prediction_fields(0.625, "1", 1_000)).await;
+    let req = Client::request("py", None, None);
+    let ours = c.one(req).await;
+    let (bootstrap, registry, topic) = (
+        lane.settings.kafka.bootstrap_servers.clone(),
+        lane.settings.registry.url.clone(),
+        lane.settings.topics.responses.clone(),
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python())
+            .arg(root().join("tests/interop/confluent_avro.py"))
+            .args(["consume", &bootstrap, &registry, &topic])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(theirs, serde_json::to_value(&ours).unwrap());
+    assert_eq!(theirs["source"], "CACHE");
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn significant_events_reach_the_cache_without_waiting_for_their_window() {
+    let mut lane = Lane::new("priority");
+    lane.settings.micro_batcher.max_delay_ms = 120_000;
+    lane.settings.micro_batcher.max_events = 100_000;
+    lane.create_topics().await;
+    let running = lane.start(&[
+        lanes_ingest::def(),
+        lanes_micro_batcher::def(),
+        lanes_scorer::def(),
+        lanes_cache_writer::def(),
+    ]);
+    running.ready().await;
+    let mut samples: Vec<_> = Generator::new(8, 1).take(3).collect();
+    samples[2].kind = "chargeback".into();
+    let lines: Vec<String> = samples.iter().map(|s| s.raw_json()).collect();
+    lane.publish_raw(&producer(&lane.settings), &lines).await;
+    let key = format!(
+        "{}{}",
+        lane.settings.cache_writer.key_prefix, samples[2].entity_id
+    );
+    let conn = redis(&lane.settings)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let cached: HashMap<String, String> = wait_for(
+        "the chargeback's prediction",
+        Duration::from_secs(20),
+        || {
+            let (mut conn, key, id) = (conn.clone(), key.clone(), samples[2].event_id.clone());
+            async move {
+                let h: HashMap<String, String> = conn.hgetall(&key).await.ok()?;
+                (h.get("event_id") == Some(&id)).then_some(h)
+            }
+        },
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "well before the 120 s window"
+    );
+    assert_eq!(cached["lane"], "STREAM");
+    // The online features arrived beside it.
+    assert!(cached.contains_key("features"), "{cached:?}");
+    assert_eq!(
+        running.metric(
+            "lanes_micro_batcher_windows_closed_total",
+            &[("reason", "PRIORITY")]
+        ),
+        1.0
+    );
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn staleness_is_sampled_and_old_entries_are_refreshed() {
+    let mut lane = responder_lane("refresh");
+    let cfg = &mut lane.settings.fallback_responder;
+    cfg.freshness_ms = 60_000;
+    cfg.refresh_after_ms = 30_000;
+    cfg.sample_interval_ms = 200;
+    cfg.sweep_interval_ms = 300;
+    cfg.sweep_max_per_second = 50;
+    lane.create_topics().await;
+    let c = Client::new(&lane).await;
+    let f = features(9);
+    // Three fresh entries, one past the freshness bound, one from another model version;
+    // "aging" is fresh but past refresh_after, and has features to re-score from.
+    for e in ["f1", "f2", "f3"] {
+        c.seed(e, &prediction_fields(0.1, "1", 1_000)).await;
+    }
+    c.seed("too-old", &prediction_fields(0.1, "1", 90_000))
+        .await;
+    c.seed("other-model", &prediction_fields(0.1, "0", 1_000))
+        .await;
+    c.seed("aging", &prediction_fields(0.1, "1", 45_000)).await;
+    c.seed("aging", &feature_fields(&f, 1234)).await;
+
+    let predictions = consumer(&lane.settings, &[&lane.settings.topics.predictions]);
+    let running = lane.start(&[lanes_fallback_responder::def()]);
+    running.ready().await;
+    // 2 of 6 sampled entries are stale.
+    wait_for("the staleness sample", Duration::from_secs(20), || async {
+        let share = running.metric("lanes_fallback_responder_stale_share", &[]);
+        ((share - 2.0 / 6.0).abs() < 1e-9).then_some(())
+    })
+    .await;
+    assert_eq!(
+        running.metric("lanes_fallback_responder_stale_sampled_entries", &[]),
+        6.0
+    );
+
+    // The sweep re-scores "aging" from its online features (the only one it can).
+    wait_for("a sweep refresh", Duration::from_secs(20), || async {
+        (running.metric(
+            "lanes_fallback_responder_refreshes_total",
+            &[("trigger", "sweep")],
+        ) >= 1.0)
+            .then_some(())
+    })
+    .await;
+    let m = consume_n(&predictions, 1, Duration::from_secs(30))
+        .await
+        .remove(0);
+    let p = c
+        .codec
+        .decode::<Prediction>(m.payload().unwrap())
+        .await
+        .unwrap()
+        .record;
+    assert_eq!(
+        (p.entity_id.as_str(), p.event_time, p.lane),
+        ("aging", 1234, LaneKind::Realtime)
+    );
+    assert!((p.score - expected_score(&f)).abs() < 1e-9);
+
+    // Reading an aging entry serves it and refreshes it in the background.
+    let r = c.one(Client::request("aging", None, None)).await;
+    assert_eq!((r.source, r.score), (ResponseSource::Cache, Some(0.1)));
+    assert_eq!(
+        running.metric(
+            "lanes_fallback_responder_refreshes_total",
+            &[("trigger", "read")]
+        ),
+        1.0
+    );
+    running.stop().await;
+}
