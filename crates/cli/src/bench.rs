@@ -47,7 +47,7 @@ pub struct BenchArgs {
     out: PathBuf,
 }
 
-fn unique(settings: &Settings, tag: &str) -> Settings {
+pub(crate) fn unique(settings: &Settings, tag: &str) -> Settings {
     let mut s = settings.clone();
     let id = format!("bench-{tag}-{}", now_millis());
     s.topics.raw = format!("{id}.raw");
@@ -65,7 +65,7 @@ fn unique(settings: &Settings, tag: &str) -> Settings {
     s
 }
 
-fn reader(s: &Settings, topic: &str) -> anyhow::Result<StreamConsumer> {
+pub(crate) fn reader(s: &Settings, topic: &str) -> anyhow::Result<StreamConsumer> {
     let mut cfg =
         lanes_common::kafka::consumer_config(&s.kafka, "lanes-bench", &format!("{topic}-reader"));
     cfg.set("enable.auto.commit", "false");
@@ -74,7 +74,7 @@ fn reader(s: &Settings, topic: &str) -> anyhow::Result<StreamConsumer> {
     Ok(c)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -149,20 +149,24 @@ async fn one_hop(s: &Settings, n: usize) -> anyhow::Result<Vec<f64>> {
     Ok(lat)
 }
 
-struct Lane {
-    settings: Settings,
+pub(crate) struct Lane {
+    pub(crate) settings: Settings,
+    pub(crate) metrics: prometheus::Registry,
     token: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Lane {
-    async fn start(s: Settings) -> anyhow::Result<Self> {
+    pub(crate) async fn start(
+        s: Settings,
+        services: &[lanes_common::service::ServiceDef],
+    ) -> anyhow::Result<Self> {
         lanes_common::kafka::ensure_topics(&s.kafka, &s.topics.all()).await?;
         let token = CancellationToken::new();
         let registry = prometheus::Registry::new();
         let mut flags = Vec::new();
         let mut tasks = Vec::new();
-        for def in crate::up::services() {
+        for def in services {
             let ready = ReadyFlag::new(def.name);
             flags.push(ready.clone());
             let ctx = ServiceContext {
@@ -180,12 +184,13 @@ impl Lane {
         }
         Ok(Self {
             settings: s,
+            metrics: registry,
             token,
             tasks,
         })
     }
 
-    async fn stop(self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(self) -> anyhow::Result<()> {
         self.token.cancel();
         for t in self.tasks {
             t.await??;
@@ -290,7 +295,7 @@ pub async fn run(args: BenchArgs, settings: &Settings) -> anyhow::Result<()> {
             s.micro_batcher.max_delay_ms = delay;
             s.micro_batcher.max_events = size;
             eprintln!("window max_delay {delay} ms, max_events {size} ...");
-            let lane = Lane::start(s).await?;
+            let lane = Lane::start(s, &crate::up::services()).await?;
             seed += 1;
             let (secs, _) = drive(&lane, events(seed, args.events), None).await?;
             seed += 1;

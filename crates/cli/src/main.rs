@@ -5,6 +5,7 @@
 #![allow(clippy::print_stdout)]
 
 mod bench;
+mod bench_serving;
 mod demo;
 mod publish;
 mod up;
@@ -60,6 +61,9 @@ enum Command {
     /// Measure the streaming lane's throughput and latency under several window
     /// settings, beside the raw broker rates (build with --release).
     Bench(bench::BenchArgs),
+    /// Measure request -> response latency through the fallback-responder (fresh hits,
+    /// misses with features) beside the broker's raw round trip.
+    BenchServing(bench_serving::ServingArgs),
     /// Publish sample traffic (some invalid) to a running lane, wait until every event
     /// is accounted for, and print a summary.
     Demo(demo::DemoArgs),
@@ -151,6 +155,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Publish(args) => publish::run(args, &settings).await,
         Command::Demo(args) => demo::run(args, &settings).await,
         Command::Bench(args) => bench::run(args, &settings).await,
+        Command::BenchServing(args) => bench_serving::run(args, &settings).await,
         Command::Up => {
             let code = up::run(settings).await;
             std::process::exit(code);

@@ -183,9 +183,12 @@ impl Core {
         let (core, entity, features) = (core.clone(), entity.to_string(), features.clone());
         let (flight, started) = self.flights.join(&key, move || async move {
             let scored = core.score_now(&features).await;
-            if let Ok((score, label)) = &scored {
-                core.publish(&entity, *score, label, event_time, event_id)
-                    .await;
+            if let Ok((score, label)) = scored.clone() {
+                // Warming the cache must not delay the answer.
+                tokio::spawn(async move {
+                    core.publish(&entity, score, &label, event_time, event_id)
+                        .await
+                });
             }
             scored
         });
