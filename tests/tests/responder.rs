@@ -332,6 +332,7 @@ async fn redis_down_is_answered_by_real_time_scoring() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_missed_deadline_serves_stale_or_errors_per_policy() {
+    // A zero deadline is one no scoring can meet (cache-only).
     let mut lane = responder_lane("deadline");
     lane.settings.fallback_responder.realtime_deadline_ms = 0;
     lane.create_topics().await;

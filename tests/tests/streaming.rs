@@ -311,9 +311,31 @@ async fn survives_a_crash_of(binary: &str, in_process: Vec<ServiceDef>) {
     child.wait().unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut child = lane.spawn(binary, &[]);
+    let port = if binary == "lanes-scorer" {
+        lane.settings.admin.ports.scorer
+    } else {
+        lane.settings.admin.ports.micro_batcher
+    };
+    wait_for(
+        "the restarted service to be ready",
+        Duration::from_secs(60),
+        || async move {
+            let url = format!("http://127.0.0.1:{port}/readyz");
+            http()
+                .get(url)
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ())
+        },
+    )
+    .await;
     publisher.await.unwrap();
 
-    let predictions = read_predictions(&lane, Duration::from_secs(120), has_all(&ids)).await;
+    // The crashed member may hold its partitions until the group gives up on it
+    // (max.poll.interval.ms, 30 s): allow for that.
+    let predictions = read_predictions(&lane, Duration::from_secs(180), has_all(&ids)).await;
     assert!(ids.iter().all(|id| predictions.contains_key(id)));
     assert_eq!(predictions.len(), ids.len());
     signal(&child, "TERM");

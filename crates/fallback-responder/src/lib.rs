@@ -497,19 +497,25 @@ pub async fn answer(core: &Arc<Core>, req: &PredictionRequest) -> PredictionResp
             } else {
                 refresh_event_id(&req.entity_id, event_time)
             };
-            let flight = core.score(core, &req.entity_id, &features, event_time, event_id);
             let deadline = Duration::from_millis(core.cfg.realtime_deadline_ms);
-            match tokio::time::timeout(deadline, flight).await {
-                Ok(Ok((score, _))) => PredictionResponse {
+            // A zero deadline is cache-only: nothing is scored, every miss falls back.
+            let scored = if deadline.is_zero() {
+                None
+            } else {
+                let flight = core.score(core, &req.entity_id, &features, event_time, event_id);
+                tokio::time::timeout(deadline, flight).await.ok()
+            };
+            match scored {
+                Some(Ok((score, _))) => PredictionResponse {
                     score: Some(score),
                     model_version: core.model_version.clone(),
                     ..response(req, ResponseStatus::Ok, ResponseSource::Realtime)
                 },
-                Ok(Err(e)) => {
+                Some(Err(e)) => {
                     m.outcome("error");
                     error_response(req, format!("real-time scoring failed: {e}"))
                 }
-                Err(_) => {
+                None => {
                     m.deadline_misses.inc();
                     match (core.cfg.on_deadline, stale) {
                         (OnDeadline::Stale, Some(s)) => {
