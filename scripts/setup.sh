@@ -3,7 +3,8 @@
 # Idempotent: each step checks first and does nothing when its tool is already there.
 #   - tansu (Kafka-protocol broker) via `cargo install`, when missing
 #   - Redis via apt, when nothing answers on 127.0.0.1:6379 and redis-server is absent
-#   - Debian packages the build and the scripts use (gcc, make, curl, python3-venv, ...)
+#   - Debian packages the build and the scripts use (gcc, make, curl, python3-venv, ...),
+#     and promtool and docker-compose for checking deploy/
 #   - a project-local Python venv (.venv) with onnxruntime and Confluent's client
 #   - ORT_DYLIB_PATH and LANES_PYTHON, written to .lanes/env for the other scripts
 #   - the workspace binaries (debug)
@@ -27,6 +28,9 @@ apt_install() {
 
 # Build tools for rdkafka's bundled librdkafka (C, with TLS), and script tools.
 apt_install ca-certificates curl gcc g++ make pkg-config perl libssl-dev zlib1g-dev
+# promtool (Prometheus config and rule checks) and docker-compose (Compose schema
+# validation, no engine needed) for the deploy/ tests.
+apt_install prometheus docker-compose
 
 command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain first (rustup)"
 

@@ -211,6 +211,22 @@ impl Lane {
             ("ADMIN__PORTS__MICRO_BATCHER", p.micro_batcher.to_string()),
             ("ADMIN__PORTS__SCORER", p.scorer.to_string()),
             ("ADMIN__PORTS__CACHE_WRITER", p.cache_writer.to_string()),
+            (
+                "ADMIN__PORTS__FALLBACK_RESPONDER",
+                p.fallback_responder.to_string(),
+            ),
+            (
+                "FALLBACK_RESPONDER__GROUP",
+                s.fallback_responder.group.clone(),
+            ),
+            (
+                "INGEST__MAX_EVENT_BYTES",
+                s.ingest.max_event_bytes.to_string(),
+            ),
+            (
+                "MICRO_BATCHER__MAX_DELAY_MS",
+                s.micro_batcher.max_delay_ms.to_string(),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (format!("LANES__{k}"), v))
@@ -226,10 +242,12 @@ impl Lane {
     pub fn start(&self, defs: &[lanes_common::service::ServiceDef]) -> Running {
         let token = tokio_util::sync::CancellationToken::new();
         let metrics = prometheus::Registry::new();
+        let lag = lanes_common::service::lag_gauge(&metrics).expect("lag gauge");
         let tasks = defs
             .iter()
             .map(|def| {
                 let ctx = lanes_common::service::ServiceContext {
+                    lag: lag.clone(),
                     settings: self.settings.clone(),
                     metrics: metrics.clone(),
                     shutdown: token.clone(),
@@ -245,16 +263,19 @@ impl Lane {
         }
     }
 
-    /// Starts a service binary (`lanes-scorer`, `lanes`, ...) with this lane's settings.
-    pub fn spawn(&self, binary: &str, args: &[&str]) -> std::process::Child {
-        std::process::Command::new(bin(binary))
-            .args(args)
-            .envs(self.env())
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{binary} starts: {e}"))
+    /// Starts a service binary (`lanes-scorer`, `lanes`, ...) with this lane's settings;
+    /// killed when the handle drops, so a failed test leaves nothing running.
+    pub fn spawn(&self, binary: &str, args: &[&str]) -> Proc {
+        Proc(
+            std::process::Command::new(bin(binary))
+                .args(args)
+                .envs(self.env())
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::inherit())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{binary} starts: {e}")),
+        )
     }
 
     /// Publishes raw lines to the raw topic, keyed by entity when they name one.
@@ -352,18 +373,22 @@ pub fn free_port() -> u16 {
 
 /// A workspace binary, built beside the test executable.
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>");
-    let path = dir.join(name);
+    let path = bin_path(name);
     assert!(
         path.exists(),
         "{} not built: run `cargo build --workspace --bins`",
         path.display()
     );
     path
+}
+
+/// Where a workspace binary is built, whether or not it exists.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    exe.parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>")
+        .join(name)
 }
 
 /// Sends SIGKILL (crash) or SIGTERM (graceful stop) to a child process.
@@ -409,5 +434,30 @@ impl Drop for RedisGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// A child process that is killed if still running when dropped.
+pub struct Proc(pub std::process::Child);
+
+impl std::ops::Deref for Proc {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }

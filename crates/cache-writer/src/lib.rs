@@ -116,6 +116,8 @@ impl Metrics {
                 &["class"],
             )?,
         };
+        lanes_common::metrics::zeroed(&m.writes, &["written", "stale"]);
+        lanes_common::metrics::zeroed(&m.feature_writes, &["written", "stale"]);
         r.register(Box::new(m.writes.clone()))?;
         r.register(Box::new(m.feature_writes.clone()))?;
         r.register(Box::new(m.redis_errors.clone()))?;
@@ -232,6 +234,7 @@ async fn consume(ctx: ServiceContext, mode: Mode, metrics: Metrics) -> anyhow::R
         &group,
         &[topic],
         s.shutdown.drain_timeout(),
+        Some(ctx.lag.clone()),
     )?;
     let mut acks = Acks::new();
     let mut commit_tick = tokio::time::interval(Duration::from_millis(200));

@@ -166,10 +166,12 @@ impl Lane {
         let registry = prometheus::Registry::new();
         let mut flags = Vec::new();
         let mut tasks = Vec::new();
+        let lag = lanes_common::service::lag_gauge(&registry)?;
         for def in services {
             let ready = ReadyFlag::new(def.name);
             flags.push(ready.clone());
             let ctx = ServiceContext {
+                lag: lag.clone(),
                 settings: s.clone(),
                 metrics: registry.clone(),
                 shutdown: token.clone(),

@@ -7,6 +7,7 @@
 mod bench;
 mod bench_serving;
 mod demo;
+mod ops;
 mod publish;
 mod up;
 
@@ -51,6 +52,20 @@ enum Command {
         #[arg(long, default_value = "csv")]
         format: String,
     },
+    /// Print records of a topic as JSON lines (Avro decoded through the registry).
+    Tail(ops::TailArgs),
+    /// Inspect the prediction cache.
+    Cache {
+        #[command(subcommand)]
+        action: ops::CacheAction,
+    },
+    /// List dead letters, or replay them to their source topic after a fix.
+    Dlq {
+        #[command(subcommand)]
+        action: ops::DlqAction,
+    },
+    /// Health, lag and staleness of every service (exit code 3 if any is down or not ready).
+    Status,
     /// Manage the Lanes topics.
     Topics {
         #[command(subcommand)]
@@ -154,6 +169,13 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Publish(args) => publish::run(args, &settings).await,
         Command::Demo(args) => demo::run(args, &settings).await,
+        Command::Tail(args) => ops::tail(args, &settings).await,
+        Command::Cache { action } => ops::cache(action, &settings).await,
+        Command::Dlq { action } => ops::dlq_cmd(action, &settings).await,
+        Command::Status => {
+            let code = ops::status(&settings).await?;
+            std::process::exit(code);
+        }
         Command::Bench(args) => bench::run(args, &settings).await,
         Command::BenchServing(args) => bench_serving::run(args, &settings).await,
         Command::Up => {

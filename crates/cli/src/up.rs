@@ -9,12 +9,13 @@ use lanes_common::shutdown::{self, EXIT_CONFIG, Supervisor};
 use prometheus::Registry;
 
 /// The services `lanes up` runs, upstream first.
-pub fn services() -> [ServiceDef; 4] {
+pub fn services() -> [ServiceDef; 5] {
     [
         lanes_ingest::def(),
         lanes_micro_batcher::def(),
         lanes_scorer::def(),
         lanes_cache_writer::def(),
+        lanes_fallback_responder::def(),
     ]
 }
 
@@ -36,10 +37,18 @@ pub async fn run(settings: Settings) -> i32 {
             return EXIT_CONFIG;
         }
     };
+    let lag = match lanes_common::service::lag_gauge(&registry) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register metrics");
+            return EXIT_CONFIG;
+        }
+    };
     for def in services() {
         let ready = ReadyFlag::new(def.name);
         checks.push(Box::new(ready.clone()));
         let ctx = ServiceContext {
+            lag: lag.clone(),
             settings: settings.clone(),
             metrics: registry.clone(),
             shutdown: supervisor.token(),

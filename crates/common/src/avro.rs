@@ -160,6 +160,19 @@ impl AvroCodec {
         Ok(Decoded { record, schema_id })
     }
 
+    /// Decodes Confluent-framed bytes of any registered schema into JSON (for tools).
+    pub async fn decode_json(&self, bytes: &[u8]) -> Result<(serde_json::Value, u32), DecodeError> {
+        let schema_id = check_framing(bytes)?;
+        let decoded = self
+            .decoder
+            .decode(Some(bytes))
+            .await
+            .map_err(|e| classify(&e))?;
+        let json = serde_json::Value::try_from(decoded.value)
+            .map_err(|e| DecodeError::poison(ErrorClass::DecodeError, e.to_string()))?;
+        Ok((json, schema_id))
+    }
+
     /// Like [`AvroCodec::decode`], retrying with backoff while the registry is
     /// unreachable. Returns poison at once, and a transient error only once `stop` is
     /// cancelled, so the caller can stop without acknowledging the record.

@@ -122,6 +122,8 @@ impl DlqWriter {
 
     /// Counts each dead letter in `counter`, labelled by error class.
     pub fn with_counter(mut self, counter: IntCounterVec) -> Self {
+        let classes: Vec<&str> = ErrorClass::ALL.iter().map(|c| c.as_str()).collect();
+        crate::metrics::zeroed(&counter, &classes);
         self.counter = Some(counter);
         self
     }

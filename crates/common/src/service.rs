@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 
 use clap::Parser;
-use prometheus::Registry;
+use prometheus::{IntGaugeVec, Opts, Registry};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, KafkaCheck, ReadinessCheck, ReadyFlag, RedisCheck, RegistryCheck};
@@ -23,6 +23,22 @@ pub struct ServiceContext {
     pub shutdown: CancellationToken,
     /// Set once the service is doing its job (model loaded, consumer started).
     pub ready: ReadyFlag,
+    /// `lanes_consumer_lag_messages{service,topic,partition}`, shared by the services of
+    /// one process.
+    pub lag: IntGaugeVec,
+}
+
+/// Registers the consumer-lag gauge; once per registry.
+pub fn lag_gauge(registry: &Registry) -> prometheus::Result<IntGaugeVec> {
+    let lag = IntGaugeVec::new(
+        Opts::new(
+            "lanes_consumer_lag_messages",
+            "Messages behind the partition's end, per consuming service (librdkafka statistics).",
+        ),
+        &["service", "topic", "partition"],
+    )?;
+    registry.register(Box::new(lag.clone()))?;
+    Ok(lag)
 }
 
 pub type ServiceFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
@@ -103,8 +119,16 @@ pub async fn main(def: ServiceDef) -> i32 {
     supervisor.spawn("admin", async move {
         Ok(admin::serve(listener, app, token).await?)
     });
+    let lag = match lag_gauge(&registry) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register metrics");
+            return EXIT_CONFIG;
+        }
+    };
     let ctx = ServiceContext {
         settings,
+        lag,
         metrics: registry,
         shutdown: supervisor.token(),
         ready,

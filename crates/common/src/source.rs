@@ -15,9 +15,11 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
+use prometheus::IntGaugeVec;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::OwnedMessage;
+use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Message, TopicPartitionList};
 use tokio::sync::mpsc;
 
@@ -39,6 +41,7 @@ pub enum SourceEvent {
 
 pub struct SourceContext {
     service: String,
+    lag: Option<IntGaugeVec>,
     events: Mutex<Option<mpsc::Sender<SourceEvent>>>,
     revoke_timeout: Duration,
 }
@@ -57,7 +60,21 @@ impl SourceContext {
     }
 }
 
-impl ClientContext for SourceContext {}
+impl ClientContext for SourceContext {
+    /// librdkafka's statistics carry each assigned partition's lag.
+    fn stats(&self, statistics: Statistics) {
+        let Some(lag) = &self.lag else { return };
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // -1 is librdkafka's internal partition; a negative lag is unknown.
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    lag.with_label_values(&[&self.service, topic, &partition.to_string()])
+                        .set(p.consumer_lag);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -113,12 +130,14 @@ impl Source {
         group: &str,
         topics: &[&str],
         revoke_timeout: Duration,
+        lag: Option<IntGaugeVec>,
     ) -> KafkaResult<Self> {
         let (tx, rx) = mpsc::channel(4096);
         let context = SourceContext {
             service: service.to_string(),
             events: Mutex::new(Some(tx.clone())),
             revoke_timeout,
+            lag,
         };
         let consumer: SourceConsumer =
             crate::kafka::consumer_config(cfg, service, group).create_with_context(context)?;

@@ -342,6 +342,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         &cfg.group,
         &[&s.topics.requests],
         s.shutdown.drain_timeout(),
+        Some(ctx.lag.clone()),
     )?;
     let mut acks = Acks::new();
     let mut commit_tick = tokio::time::interval(Duration::from_millis(200));

@@ -102,6 +102,26 @@ impl Metrics {
                 &["class"],
             )?,
         };
+        let outcomes = [
+            "fresh_hit",
+            "stale_hit",
+            "miss",
+            "realtime",
+            "not_found",
+            "stale_served",
+            "error",
+        ];
+        lanes_common::metrics::zeroed(&m.outcomes, &outcomes);
+        lanes_common::metrics::zeroed(&m.refreshes, &["read", "sweep"]);
+        for (source, status) in [
+            ("CACHE", "OK"),
+            ("REALTIME", "OK"),
+            ("STALE_CACHE", "OK"),
+            ("NONE", "NOT_FOUND"),
+            ("NONE", "ERROR"),
+        ] {
+            m.responses.with_label_values(&[source, status]);
+        }
         r.register(Box::new(m.outcomes.clone()))?;
         r.register(Box::new(m.responses.clone()))?;
         r.register(Box::new(m.cache_age.clone()))?;

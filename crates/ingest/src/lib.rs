@@ -56,6 +56,7 @@ impl Metrics {
             ),
             &["class"],
         )?;
+        lanes_common::metrics::zeroed(&events, &["valid", "dead_letter"]);
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(dead_letters.clone()))?;
         Ok(Self {
@@ -102,6 +103,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         &s.ingest.group,
         &[&s.topics.raw],
         s.shutdown.drain_timeout(),
+        Some(ctx.lag.clone()),
     )?;
     let mut acks = Acks::new();
     let mut commit_tick = tokio::time::interval(Duration::from_millis(200));

@@ -94,6 +94,8 @@ impl Metrics {
                 &["class"],
             )?,
         };
+        lanes_common::metrics::zeroed(&m.events, &["batched", "dead_letter"]);
+        lanes_common::metrics::zeroed(&m.closed, &["COUNT", "BYTES", "DELAY", "FLUSH", "PRIORITY"]);
         r.register(Box::new(m.events.clone()))?;
         r.register(Box::new(m.batch_size.clone()))?;
         r.register(Box::new(m.batch_bytes.clone()))?;
@@ -150,6 +152,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         &cfg.group,
         &[&s.topics.events],
         s.shutdown.drain_timeout(),
+        Some(ctx.lag.clone()),
     )?;
     let mut acks = Acks::new();
     let mut commit_tick = tokio::time::interval(Duration::from_millis(200));

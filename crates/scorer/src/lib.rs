@@ -69,6 +69,7 @@ impl Metrics {
                 &["class"],
             )?,
         };
+        lanes_common::metrics::zeroed(&m.batches, &["scored", "dead_letter"]);
         r.register(Box::new(m.inference.clone()))?;
         r.register(Box::new(m.rows.clone()))?;
         r.register(Box::new(m.batches.clone()))?;
@@ -136,6 +137,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         &s.scorer.group,
         &[&s.topics.batches],
         s.shutdown.drain_timeout(),
+        Some(ctx.lag.clone()),
     )?;
     let mut acks = Acks::new();
     let mut commit_tick = tokio::time::interval(Duration::from_millis(200));

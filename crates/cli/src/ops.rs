@@ -1,0 +1,559 @@
+//! Day-to-day operator commands: `tail`, `cache get`, `dlq list|replay`, `status`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use lanes_common::Settings;
+use lanes_common::avro::AvroCodec;
+use lanes_common::dlq::{self, ErrorClass};
+use lanes_common::kafka::{delivered, enqueue};
+use lanes_common::model::ModelSpec;
+use lanes_common::records::now_millis;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::FutureRecord;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde_json::{Value, json};
+
+/// Exit code of `lanes status` when a service is down or not ready.
+pub const EXIT_UNHEALTHY: i32 = 3;
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// Topic to read; Avro values are decoded through the registry.
+    topic: String,
+    /// Start at the beginning of the topic instead of its end.
+    #[arg(long)]
+    from_beginning: bool,
+    /// Stop after this many records.
+    #[arg(long)]
+    max: Option<usize>,
+    /// Stop when nothing arrives for this many seconds (default: never).
+    #[arg(long)]
+    idle_timeout: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheAction {
+    /// Show an entity's cached prediction, its age and whether it is fresh.
+    Get { entity: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// List dead letters with their class, reason and source.
+    List {
+        /// Only this error class (e.g. TOO_LARGE).
+        #[arg(long)]
+        class: Option<ErrorClass>,
+        /// Stop after this many.
+        #[arg(long)]
+        max: Option<usize>,
+    },
+    /// Send dead letters back to the topic they came from (after fixing the cause).
+    /// Each filter has its own consumer group, so a replay continues where the last
+    /// one with the same filter stopped.
+    Replay {
+        /// Only this error class.
+        #[arg(long)]
+        class: Option<ErrorClass>,
+        /// Replay everything present, ignoring earlier replays.
+        #[arg(long)]
+        from_beginning: bool,
+        /// Show what would be replayed without producing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn client_config(s: &Settings) -> rdkafka::ClientConfig {
+    let mut cfg = rdkafka::ClientConfig::new();
+    cfg.set("bootstrap.servers", &s.kafka.bootstrap_servers);
+    for (k, v) in &s.kafka.properties {
+        cfg.set(k, v);
+    }
+    cfg
+}
+
+/// Partitions of `topic` with their low and high watermarks.
+fn watermarks(c: &impl Consumer, topic: &str) -> anyhow::Result<Vec<(i32, i64, i64)>> {
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let t = md.topics().first().context("no metadata")?;
+    if let Some(e) = t.error() {
+        anyhow::bail!(
+            "topic {topic}: {:?}",
+            rdkafka::types::RDKafkaRespErr::from(e)
+        );
+    }
+    t.partitions()
+        .iter()
+        .map(|p| {
+            let (lo, hi) = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            Ok((p.id(), lo, hi))
+        })
+        .collect()
+}
+
+fn headers_json(m: &OwnedMessage) -> Value {
+    let mut map = serde_json::Map::new();
+    if let Some(h) = m.headers() {
+        for hd in h.iter() {
+            let v = hd.value.map(|v| String::from_utf8_lossy(v).into_owned());
+            map.insert(hd.key.to_string(), v.map_or(Value::Null, Value::String));
+        }
+    }
+    Value::Object(map)
+}
+
+/// A record as one JSON object: Avro decoded, JSON parsed, other bytes as text.
+async fn record_json(codec: &AvroCodec, m: &OwnedMessage) -> Value {
+    let value = match m.payload() {
+        None => Value::Null,
+        Some(p) if p.first() == Some(&0) => match codec.decode_json(p).await {
+            Ok((v, id)) => json!({"schema_id": id, "record": v}),
+            Err(e) => json!({"undecodable": e.to_string()}),
+        },
+        Some(p) => serde_json::from_slice(p)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(p).into_owned())),
+    };
+    json!({
+        "topic": m.topic(),
+        "partition": m.partition(),
+        "offset": m.offset(),
+        "timestamp": m.timestamp().to_millis(),
+        "key": m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        "headers": headers_json(m),
+        "value": value,
+    })
+}
+
+fn assigned_reader(
+    s: &Settings,
+    topic: &str,
+    group: &str,
+    from_beginning: bool,
+) -> anyhow::Result<StreamConsumer> {
+    let mut cfg = client_config(s);
+    cfg.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "50");
+    let c: StreamConsumer = cfg.create()?;
+    let mut tpl = TopicPartitionList::new();
+    for (p, _, _) in watermarks(&c, topic)? {
+        tpl.add_partition_offset(
+            topic,
+            p,
+            if from_beginning {
+                Offset::Beginning
+            } else {
+                Offset::End
+            },
+        )?;
+    }
+    c.assign(&tpl)?;
+    Ok(c)
+}
+
+pub async fn tail(args: TailArgs, s: &Settings) -> anyhow::Result<()> {
+    let codec = AvroCodec::new(&s.registry)?;
+    let c = assigned_reader(s, &args.topic, "lanes-tail", args.from_beginning)?;
+    let mut out = std::io::stdout().lock();
+    let mut n = 0usize;
+    while args.max.is_none_or(|max| n < max) {
+        let next = match args.idle_timeout {
+            Some(secs) => match tokio::time::timeout(Duration::from_secs(secs), c.recv()).await {
+                Ok(m) => m,
+                Err(_) => break,
+            },
+            None => c.recv().await,
+        };
+        let m = next?.detach();
+        writeln!(out, "{}", record_json(&codec, &m).await)?;
+        out.flush()?;
+        n += 1;
+    }
+    Ok(())
+}
+
+pub async fn cache(action: CacheAction, s: &Settings) -> anyhow::Result<()> {
+    let CacheAction::Get { entity } = action;
+    let mut redis = redis::Client::open(s.redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await
+        .context("connecting to redis")?;
+    let key = format!("{}{entity}", s.cache_writer.key_prefix);
+    let h: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await?;
+    anyhow::ensure!(!h.is_empty(), "no cache entry for {entity:?} ({key})");
+    let serving = ModelSpec::read(&s.model.dir).ok().map(|m| m.version);
+    let scored_at = h.get("scored_at").and_then(|v| v.parse::<i64>().ok());
+    let age_ms = scored_at.map(|t| now_millis() - t);
+    let version = h.get("model_version").cloned();
+    let verdict = match (age_ms, &version, &serving) {
+        (None, _, _) => "no prediction (online features only)".to_string(),
+        (Some(_), Some(v), Some(now)) if v != now => {
+            format!("stale: scored by model version {v}, {now} is serving")
+        }
+        (Some(a), _, _) if a > s.fallback_responder.freshness_ms => {
+            format!(
+                "stale: {a} ms old, freshness is {} ms",
+                s.fallback_responder.freshness_ms
+            )
+        }
+        (Some(a), _, _) => format!(
+            "fresh: {a} ms old, freshness is {} ms",
+            s.fallback_responder.freshness_ms
+        ),
+    };
+    let fields: BTreeMap<String, Value> = h
+        .into_iter()
+        .map(|(k, v)| {
+            let parsed = if k == "features" {
+                serde_json::from_str(&v).unwrap_or(Value::String(v))
+            } else {
+                Value::String(v)
+            };
+            (k, parsed)
+        })
+        .collect();
+    let report = json!({"entity_id": entity, "key": key, "age_ms": age_ms, "verdict": verdict, "fields": fields});
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// Reads the DLQ from `from` up to its end at the time of the call.
+async fn read_dead_letters(
+    s: &Settings,
+    group: &str,
+    from_beginning: bool,
+    mut each: impl FnMut(&OwnedMessage) -> bool,
+) -> anyhow::Result<StreamConsumer> {
+    let topic = &s.topics.dlq;
+    let mut cfg = client_config(s);
+    cfg.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "50");
+    let c: StreamConsumer = cfg.create()?;
+    let ends: HashMap<i32, i64> = watermarks(&c, topic)?
+        .into_iter()
+        .map(|(p, _, hi)| (p, hi))
+        .collect();
+    let committed = c.committed_offsets(
+        {
+            let mut tpl = TopicPartitionList::new();
+            for p in ends.keys() {
+                tpl.add_partition(topic, *p);
+            }
+            tpl
+        },
+        Duration::from_secs(10),
+    )?;
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = 0i64;
+    for (p, end) in &ends {
+        let start = match committed.find_partition(topic, *p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) if !from_beginning => o,
+            _ => 0,
+        };
+        tpl.add_partition_offset(topic, *p, Offset::Offset(start))?;
+        remaining += (end - start).max(0);
+    }
+    c.assign(&tpl)?;
+    let mut positions: HashMap<i32, i64> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Read to the end offsets taken at the start, then until the topic is quiet for a
+    // moment: some brokers report an end offset that trails the last record.
+    loop {
+        let caught_up = remaining == 0
+            || ends
+                .iter()
+                .all(|(p, end)| positions.get(p).copied().unwrap_or(-1) + 1 >= *end);
+        let wait = if caught_up {
+            Duration::from_millis(1500)
+        } else {
+            Duration::from_secs(5)
+        };
+        let m = match tokio::time::timeout(wait, c.recv()).await {
+            Ok(m) => m?.detach(),
+            Err(_) if caught_up => break,
+            Err(_) => {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the dead-letter topic did not deliver its records within 60 s"
+                );
+                continue;
+            }
+        };
+        positions.insert(m.partition(), m.offset());
+        if !each(&m) {
+            break;
+        }
+    }
+    Ok(c)
+}
+
+fn class_of(m: &OwnedMessage) -> Option<ErrorClass> {
+    m.headers()
+        .and_then(|h| dlq::header_str(h, dlq::HEADER_CLASS))
+        .and_then(|c| c.parse().ok())
+}
+
+pub async fn dlq_cmd(action: DlqAction, s: &Settings) -> anyhow::Result<()> {
+    match action {
+        DlqAction::List { class, max } => {
+            let mut out = std::io::stdout().lock();
+            let mut n = 0usize;
+            let mut write_err = None;
+            let _reader = read_dead_letters(s, "lanes-dlq-list", true, |m| {
+                if class.is_none_or(|c| class_of(m) == Some(c)) {
+                    let h = m.headers();
+                    let get = |k| h.and_then(|h| dlq::header_str(h, k)).unwrap_or("");
+                    let line = json!({
+                        "dlq_offset": format!("{}/{}", m.partition(), m.offset()),
+                        "class": get(dlq::HEADER_CLASS),
+                        "message": get(dlq::HEADER_MESSAGE),
+                        "stage": get(dlq::HEADER_STAGE),
+                        "source": format!("{}[{}]@{}", get(dlq::HEADER_SOURCE_TOPIC), get(dlq::HEADER_SOURCE_PARTITION), get(dlq::HEADER_SOURCE_OFFSET)),
+                        "failed_at": get(dlq::HEADER_FAILED_AT).parse::<i64>().ok(),
+                        "key": m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                        "value": m.payload().map(|v| String::from_utf8_lossy(v).into_owned()),
+                    });
+                    if let Err(e) = writeln!(out, "{line}") {
+                        write_err = Some(e);
+                        return false;
+                    }
+                    n += 1;
+                }
+                max.is_none_or(|max| n < max)
+            })
+            .await?;
+            if let Some(e) = write_err {
+                return Err(e.into());
+            }
+            eprintln!("{n} dead letters");
+            Ok(())
+        }
+        DlqAction::Replay {
+            class,
+            from_beginning,
+            dry_run,
+        } => {
+            let group = format!(
+                "lanes-dlq-replay-{}",
+                class.map_or("all".to_string(), |c| c.as_str().to_lowercase())
+            );
+            let mut picked: Vec<OwnedMessage> = Vec::new();
+            let mut last: HashMap<i32, i64> = HashMap::new();
+            let consumer = read_dead_letters(s, &group, from_beginning, |m| {
+                last.insert(m.partition(), m.offset());
+                if class.is_none_or(|c| class_of(m) == Some(c)) {
+                    picked.push(m.clone());
+                }
+                true
+            })
+            .await?;
+            let producer = lanes_common::kafka::producer(&s.kafka, "lanes-dlq-replay")?;
+            let mut per_topic: BTreeMap<String, usize> = BTreeMap::new();
+            let mut pending = Vec::new();
+            for m in &picked {
+                let source = m
+                    .headers()
+                    .and_then(|h| dlq::header_str(h, dlq::HEADER_SOURCE_TOPIC))
+                    .context("a dead letter without its source topic")?
+                    .to_string();
+                *per_topic.entry(source.clone()).or_default() += 1;
+                if dry_run {
+                    continue;
+                }
+                let from = format!("{}/{}/{}", s.topics.dlq, m.partition(), m.offset());
+                let headers = OwnedHeaders::new().insert(Header {
+                    key: "lanes.replayed_from",
+                    value: Some(from.as_bytes()),
+                });
+                let mut record = FutureRecord::<[u8], [u8]>::to(&source).headers(headers);
+                if let Some(k) = m.key() {
+                    record = record.key(k);
+                }
+                if let Some(v) = m.payload() {
+                    record = record.payload(v);
+                }
+                pending.push(enqueue(&producer, record).await?);
+            }
+            for d in pending {
+                delivered(d)
+                    .await
+                    .context("a replayed record was not acknowledged")?;
+            }
+            if !dry_run && !last.is_empty() {
+                let mut tpl = TopicPartitionList::new();
+                for (p, o) in &last {
+                    tpl.add_partition_offset(&s.topics.dlq, *p, Offset::Offset(o + 1))?;
+                }
+                consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync)?;
+            }
+            let verb = if dry_run { "would replay" } else { "replayed" };
+            for (topic, n) in &per_topic {
+                println!("{verb} {n} to {topic}");
+            }
+            println!(
+                "{verb} {} dead letters{}",
+                picked.len(),
+                class.map(|c| format!(" of class {c}")).unwrap_or_default()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// A service's group and input topics, for lag.
+fn inputs(s: &Settings) -> Vec<(&'static str, u16, String, String)> {
+    let p = &s.admin.ports;
+    let t = &s.topics;
+    vec![
+        ("ingest", p.ingest, s.ingest.group.clone(), t.raw.clone()),
+        (
+            "micro-batcher",
+            p.micro_batcher,
+            s.micro_batcher.group.clone(),
+            t.events.clone(),
+        ),
+        (
+            "scorer",
+            p.scorer,
+            s.scorer.group.clone(),
+            t.batches.clone(),
+        ),
+        (
+            "cache-writer",
+            p.cache_writer,
+            s.cache_writer.group.clone(),
+            t.predictions.clone(),
+        ),
+        (
+            "cache-writer",
+            p.cache_writer,
+            format!("{}-features", s.cache_writer.group),
+            t.events.clone(),
+        ),
+        (
+            "fallback-responder",
+            p.fallback_responder,
+            s.fallback_responder.group.clone(),
+            t.requests.clone(),
+        ),
+    ]
+}
+
+/// Committed lag of `group` on `topic`: end offsets minus committed positions.
+fn group_lag(s: &Settings, group: &str, topic: &str) -> anyhow::Result<i64> {
+    let mut cfg = client_config(s);
+    cfg.set("group.id", group);
+    let c: BaseConsumer = cfg.create()?;
+    let marks = watermarks(&c, topic)?;
+    let mut tpl = TopicPartitionList::new();
+    for (p, _, _) in &marks {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = c.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok(marks
+        .iter()
+        .map(
+            |(p, lo, hi)| match committed.find_partition(topic, *p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => hi - o,
+                _ => hi - lo,
+            },
+        )
+        .sum())
+}
+
+async fn readiness(http: &reqwest::Client, host: &str, port: u16) -> Option<Value> {
+    let resp = http
+        .get(format!("http://{host}:{port}/readyz"))
+        .send()
+        .await
+        .ok()?;
+    resp.json().await.ok()
+}
+
+async fn metric(http: &reqwest::Client, host: &str, port: u16, name: &str) -> Option<f64> {
+    let text = http
+        .get(format!("http://{host}:{port}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// Prints each service's health, lag and staleness; returns the exit code.
+pub async fn status(s: &Settings) -> anyhow::Result<i32> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()?;
+    let host = &s.admin.host;
+    let up = readiness(&http, host, s.admin.ports.up).await;
+    let mut healthy = true;
+    println!(
+        "{:<20} {:<10} {:<8} {:>10}  {}",
+        "service", "state", "admin", "lag", "input"
+    );
+    let sc = s.clone();
+    let lags = tokio::task::spawn_blocking(move || {
+        inputs(&sc)
+            .into_iter()
+            .map(|(_, _, g, t)| group_lag(&sc, &g, &t).map_err(|e| e.to_string()))
+            .collect::<Vec<_>>()
+    })
+    .await?;
+    for ((name, port, group, topic), lag) in inputs(s).into_iter().zip(lags) {
+        let (state, admin) = match readiness(&http, host, port).await {
+            Some(r) if r["ready"] == true => ("ready", port.to_string()),
+            Some(_) => ("NOT READY", port.to_string()),
+            None => match &up {
+                Some(r) if r["checks"][name] == "ok" => {
+                    ("ready", format!("up:{}", s.admin.ports.up))
+                }
+                Some(_) => ("NOT READY", format!("up:{}", s.admin.ports.up)),
+                None => ("DOWN", "-".to_string()),
+            },
+        };
+        healthy &= state == "ready";
+        let lag = lag
+            .map(|l| l.to_string())
+            .unwrap_or_else(|e| format!("? ({e})"));
+        println!("{name:<20} {state:<10} {admin:<8} {lag:>10}  {topic} (group {group})");
+    }
+    let responder_port = if up.is_some() {
+        s.admin.ports.up
+    } else {
+        s.admin.ports.fallback_responder
+    };
+    if let Some(share) = metric(
+        &http,
+        host,
+        responder_port,
+        "lanes_fallback_responder_stale_share",
+    )
+    .await
+    {
+        println!(
+            "cache: {:.1}% of sampled entries are stale (older than {} ms or another model version)",
+            share * 100.0,
+            s.fallback_responder.freshness_ms
+        );
+    }
+    Ok(if healthy { 0 } else { EXIT_UNHEALTHY })
+}

@@ -1,0 +1,282 @@
+//! The `lanes` CLI against the real stack, as an operator runs it: topics, publish,
+//! tail, cache get, dlq list and replay after a fix, status, help and errors.
+
+use std::collections::HashSet;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use lanes_common::generator::{Generator, Sample};
+use lanes_tests::*;
+
+fn lanes(lane: &Lane, args: &[&str]) -> Output {
+    Command::new(bin("lanes"))
+        .args(args)
+        .envs(lane.env())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+async fn run(lane: &Lane, args: &[&str]) -> Output {
+    let (lane, args): (Lane, Vec<String>) =
+        (lane.clone(), args.iter().map(|s| s.to_string()).collect());
+    tokio::task::spawn_blocking(move || {
+        lanes(&lane, &args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn topics_publish_tail_and_cache_get() {
+    let lane = Lane::new("cli");
+    let created = ok(&run(&lane, &["topics", "create"]).await);
+    assert_eq!(
+        created.lines().filter(|l| l.ends_with("\tcreated")).count(),
+        7,
+        "{created}"
+    );
+    let again = ok(&run(&lane, &["topics", "create"]).await);
+    assert_eq!(
+        again.lines().filter(|l| l.ends_with("\texists")).count(),
+        7,
+        "{again}"
+    );
+    let listed = ok(&run(&lane, &["topics", "list"]).await);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l == format!("{}\t3", lane.settings.topics.predictions)),
+        "{listed}"
+    );
+
+    let running = lane.start(&[
+        lanes_ingest::def(),
+        lanes_micro_batcher::def(),
+        lanes_scorer::def(),
+        lanes_cache_writer::def(),
+    ]);
+    running.ready().await;
+    ok(&run(
+        &lane,
+        &["publish", "--sample", "30", "--seed", "77", "--cards", "5"],
+    )
+    .await);
+    let samples: Vec<Sample> = Generator::new(77, 5).take(30).collect();
+
+    // tail decodes the Avro events through the registry.
+    let events = ok(&run(
+        &lane,
+        &[
+            "tail",
+            &lane.settings.topics.events,
+            "--from-beginning",
+            "--max",
+            "30",
+            "--idle-timeout",
+            "60",
+        ],
+    )
+    .await);
+    let ids: HashSet<String> = events
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["value"]["record"]["event_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids, samples.iter().map(|s| s.event_id.clone()).collect());
+
+    // cache get shows the entity's newest prediction, its age and a verdict.
+    let entity = &samples[29].entity_id;
+    let newest = samples
+        .iter()
+        .filter(|s| &s.entity_id == entity)
+        .map(|s| s.event_time)
+        .max()
+        .unwrap();
+    let report: serde_json::Value =
+        wait_for("the cache entry", Duration::from_secs(60), || async {
+            let out = run(&lane, &["cache", "get", entity]).await;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (v["fields"]["event_time"].as_str() == Some(newest.to_string().as_str())).then_some(v)
+        })
+        .await;
+    assert!(
+        report["verdict"].as_str().unwrap().starts_with("fresh"),
+        "{report}"
+    );
+    assert!(report["age_ms"].as_i64().unwrap() >= 0);
+    assert!(
+        report["fields"]["features"]["amount"].is_number(),
+        "online features beside it"
+    );
+    let missing = run(&lane, &["cache", "get", "no-such-card"]).await;
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no cache entry"));
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letters_are_listed_and_replayed_after_a_fix() {
+    let mut lane = Lane::new("replay");
+    lane.create_topics().await;
+    let downstream = lane.start(&[
+        lanes_micro_batcher::def(),
+        lanes_scorer::def(),
+        lanes_cache_writer::def(),
+    ]);
+    downstream.ready().await;
+
+    // An ingest limit too small for real events: every one is dead-lettered TOO_LARGE.
+    lane.settings.ingest.max_event_bytes = 100;
+    let ingest = lane.start(&[lanes_ingest::def()]);
+    ingest.ready().await;
+    let samples: Vec<Sample> = Generator::new(88, 10).take(12).collect();
+    let mut lines: Vec<String> = samples.iter().map(Sample::raw_json).collect();
+    lines.push("{broken".into());
+    lane.publish_raw(&producer(&lane.settings), &lines).await;
+    wait_for("dead letters", Duration::from_secs(60), || async {
+        (ingest.metric("lanes_ingest_dead_letters_total", &[]) >= 13.0).then_some(())
+    })
+    .await;
+    ingest.stop().await;
+
+    let listed = ok(&run(&lane, &["dlq", "list", "--class", "TOO_LARGE"]).await);
+    let letters: Vec<serde_json::Value> = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 12);
+    assert!(
+        letters
+            .iter()
+            .all(|l| l["class"] == "TOO_LARGE" && l["stage"] == "ingest")
+    );
+    assert!(
+        letters[0]["source"]
+            .as_str()
+            .unwrap()
+            .starts_with(&lane.settings.topics.raw)
+    );
+    let all = ok(&run(&lane, &["dlq", "list"]).await);
+    assert_eq!(all.lines().count(), 13);
+
+    // The fix: a sane limit. Then replay only the TOO_LARGE ones.
+    lane.settings.ingest.max_event_bytes = 65_536;
+    let ingest = lane.start(&[lanes_ingest::def()]);
+    ingest.ready().await;
+    let dry = ok(&run(
+        &lane,
+        &["dlq", "replay", "--class", "TOO_LARGE", "--dry-run"],
+    )
+    .await);
+    assert!(dry.contains("would replay 12 dead letters"), "{dry}");
+    let replayed = ok(&run(&lane, &["dlq", "replay", "--class", "TOO_LARGE"]).await);
+    assert!(
+        replayed.contains(&format!("replayed 12 to {}", lane.settings.topics.raw)),
+        "{replayed}"
+    );
+
+    let consumer = consumer(&lane.settings, &[&lane.settings.topics.predictions]);
+    let codec = lanes_common::avro::AvroCodec::new(&lane.settings.registry).unwrap();
+    let mut predicted = HashSet::new();
+    for m in consume_n(&consumer, 12, Duration::from_secs(60)).await {
+        let p = codec
+            .decode::<lanes_common::records::Prediction>(payload(&m))
+            .await
+            .unwrap()
+            .record;
+        predicted.insert(p.event_id);
+    }
+    assert_eq!(
+        predicted,
+        samples.iter().map(|s| s.event_id.clone()).collect()
+    );
+
+    // A second replay with the same filter continues where the first stopped.
+    let again = ok(&run(&lane, &["dlq", "replay", "--class", "TOO_LARGE"]).await);
+    assert!(again.contains("replayed 0 dead letters"), "{again}");
+    ingest.stop().await;
+    downstream.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_reports_health_and_lag() {
+    let lane = Lane::new("status");
+    lane.create_topics().await;
+    let mut up = lane.spawn("lanes", &["up"]);
+    let port = lane.settings.admin.ports.up;
+    wait_for("lanes up ready", Duration::from_secs(60), || async move {
+        http()
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status().is_success())
+    })
+    .await;
+    let out = run(&lane, &["status"]).await;
+    let text = ok(&out);
+    for service in [
+        "ingest",
+        "micro-batcher",
+        "scorer",
+        "cache-writer",
+        "fallback-responder",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(service) && l.contains("ready")),
+            "{service}: {text}"
+        );
+    }
+    assert!(text.contains(&lane.settings.topics.raw));
+    signal(&up, "TERM");
+    assert!(up.wait().unwrap().success());
+    let down = run(&lane, &["status"]).await;
+    assert_eq!(
+        down.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&down.stdout)
+    );
+    assert!(String::from_utf8_lossy(&down.stdout).contains("DOWN"));
+}
+
+#[test]
+fn help_and_usage_errors() {
+    let lane = Lane::new("help");
+    let help = ok(&lanes(&lane, &["--help"]));
+    for command in [
+        "up", "topics", "publish", "tail", "cache", "dlq", "status", "demo", "bench",
+    ] {
+        assert!(help.contains(command), "{command} missing from --help");
+    }
+    assert!(ok(&lanes(&lane, &["dlq", "replay", "--help"])).contains("--class"));
+    let wrong = lanes(&lane, &["fly"]);
+    assert_eq!(wrong.status.code(), Some(2));
+    let bad_class = lanes(&lane, &["dlq", "list", "--class", "SHRUG"]);
+    assert_eq!(bad_class.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad_class.stderr).contains("unknown error class"));
+    let bad_config = Command::new(bin("lanes"))
+        .args(["topics", "list"])
+        .env("LANES__KAFKA__BOOTSTRAP", "x")
+        .output()
+        .unwrap();
+    assert_eq!(bad_config.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad_config.stderr).contains("bootstrap"));
+}

@@ -1,0 +1,384 @@
+//! `docker-compose.yml` and `deploy/` checked against the code: Prometheus config and
+//! rules pass promtool, the Compose file passes docker-compose's schema check, every
+//! Lanes service in it runs a real command with real `LANES__` settings on the ports its
+//! config binds, and the dashboard and alerts use only metrics the services export.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use lanes_common::Settings;
+use lanes_common::generator::Generator;
+use lanes_tests::*;
+use serde_yaml::Value;
+
+fn tool(name: &str) -> Command {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .unwrap();
+    assert!(
+        found.status.success(),
+        "{name} not found: scripts/setup.sh installs it"
+    );
+    Command::new(name)
+}
+
+#[test]
+fn promtool_accepts_the_prometheus_config_and_rules() {
+    for args in [
+        vec!["check", "config", "deploy/prometheus/prometheus.yml"],
+        vec!["check", "rules", "deploy/prometheus/alerts.yml"],
+    ] {
+        let out = tool("promtool")
+            .args(&args)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The Compose file as docker-compose resolves it (anchors and merges applied).
+fn resolved(compose: &Path) -> Result<Value, String> {
+    let out = tool("docker-compose")
+        .arg("-f")
+        .arg(compose)
+        .arg("config")
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_yaml::from_slice(&out.stdout).map_err(|e| e.to_string())
+}
+
+fn admin_port(settings: &Settings, binary: &str) -> Option<u16> {
+    let p = &settings.admin.ports;
+    Some(match binary {
+        "lanes-ingest" => p.ingest,
+        "lanes-micro-batcher" => p.micro_batcher,
+        "lanes-scorer" => p.scorer,
+        "lanes-cache-writer" => p.cache_writer,
+        "lanes-fallback-responder" => p.fallback_responder,
+        _ => return None,
+    })
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    match v {
+        Value::Sequence(items) => items
+            .iter()
+            .filter_map(|i| i.as_str().map(str::to_string))
+            .collect(),
+        Value::String(s) => s.split_whitespace().map(str::to_string).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Everything wrong with a Compose file, as messages; empty when it is right.
+fn compose_problems(compose: &Path) -> Vec<String> {
+    let doc = match resolved(compose) {
+        Ok(d) => d,
+        Err(e) => return vec![format!("docker-compose config: {e}")],
+    };
+    let mut problems = Vec::new();
+    let services = doc["services"].as_mapping().cloned().unwrap_or_default();
+    let mut ports_of: HashMap<String, u16> = HashMap::new();
+    for (name, svc) in &services {
+        let name = name.as_str().unwrap_or_default().to_string();
+        let command = strings(&svc["command"]);
+        let Some(binary) = command.first().filter(|c| c.starts_with("lanes")) else {
+            continue;
+        };
+        if !bin_path(binary).exists() {
+            problems.push(format!("{name}: no binary {binary}"));
+            continue;
+        }
+        let env: HashMap<String, String> = svc["environment"]
+            .as_mapping()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| {
+                        let v = match v {
+                            Value::String(s) => s.clone(),
+                            Value::Number(n) => n.to_string(),
+                            Value::Bool(b) => b.to_string(),
+                            _ => String::new(),
+                        };
+                        Some((k.as_str()?.to_string(), v))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let settings = match Settings::load_from(None, env.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                problems.push(format!("{name}: its LANES__ settings are refused: {e}"));
+                continue;
+            }
+        };
+        if binary == "lanes" {
+            let help = Command::new(bin("lanes"))
+                .args(&command[1..])
+                .arg("--help")
+                .envs(&env)
+                .output()
+                .unwrap();
+            if !help.status.success() {
+                problems.push(format!(
+                    "{name}: `{}` is not a lanes command",
+                    command.join(" ")
+                ));
+            }
+            continue;
+        }
+        let Some(port) = admin_port(&settings, binary) else {
+            problems.push(format!("{name}: {binary} is not a service"));
+            continue;
+        };
+        if settings.admin.host != "0.0.0.0" {
+            problems.push(format!(
+                "{name}: admin.host {} is unreachable from other containers",
+                settings.admin.host
+            ));
+        }
+        let published: Vec<u16> = svc["ports"]
+            .as_sequence()
+            .map(|ps| {
+                ps.iter()
+                    .filter_map(|p| p["target"].as_u64().map(|t| t as u16))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !published.contains(&port) {
+            problems.push(format!(
+                "{name}: binds admin port {port} but publishes {published:?}"
+            ));
+        }
+        let check = strings(&svc["healthcheck"]["test"]).join(" ");
+        if !check.contains(&format!("localhost:{port}/")) {
+            problems.push(format!(
+                "{name}: healthcheck `{check}` does not ask port {port}"
+            ));
+        }
+        ports_of.insert(name, port);
+    }
+    for expected in [
+        "kafka",
+        "schema-registry",
+        "redis",
+        "prometheus",
+        "grafana",
+        "topic-init",
+    ] {
+        if !services.contains_key(expected) {
+            problems.push(format!("no {expected} service"));
+        }
+    }
+    // Prometheus scrapes each Lanes service on its admin port.
+    let prom: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root().join("deploy/prometheus/prometheus.yml")).unwrap(),
+    )
+    .unwrap();
+    let targets: Vec<String> = prom["scrape_configs"][0]["static_configs"][0]["targets"]
+        .as_sequence()
+        .map(|t| {
+            t.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    for (name, port) in &ports_of {
+        if !targets.contains(&format!("{name}:{port}")) {
+            problems.push(format!("prometheus does not scrape {name}:{port}"));
+        }
+    }
+    problems
+}
+
+#[test]
+fn the_compose_file_matches_the_code() {
+    let problems = compose_problems(&root().join("docker-compose.yml"));
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// The check fails when the file is wrong: a mutation of the real file.
+fn mutated(from: &str, to: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(root().join("docker-compose.yml")).unwrap();
+    assert!(text.contains(from), "{from:?} not in docker-compose.yml");
+    let dir = tempfile::tempdir_in(root()).unwrap();
+    let path = dir.path().join("docker-compose.yml");
+    std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
+    // Relative build contexts resolve against the file's folder.
+    std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\n").unwrap();
+    std::fs::create_dir_all(dir.path().join("deploy")).unwrap();
+    compose_problems(&path)
+}
+
+#[test]
+fn the_compose_check_catches_a_wrong_variable_port_or_command() {
+    let p = mutated(
+        "LANES__MICRO_BATCHER__MAX_DELAY_MS",
+        "LANES__MICRO_BATCHER__MAX_DELAY",
+    );
+    assert!(p.iter().any(|m| m.contains("max_delay")), "{p:?}");
+    let p = mutated("\"9403:9403\"", "\"9403:9503\"");
+    assert!(
+        p.iter().any(|m| m.contains("scorer") && m.contains("9403")),
+        "{p:?}"
+    );
+    let p = mutated("localhost:9401/readyz", "localhost:9400/readyz");
+    assert!(
+        p.iter()
+            .any(|m| m.contains("ingest") && m.contains("healthcheck")),
+        "{p:?}"
+    );
+    let p = mutated("[\"lanes-cache-writer\"]", "[\"lanes-cache-writr\"]");
+    assert!(p.iter().any(|m| m.contains("lanes-cache-writr")), "{p:?}");
+    let p = mutated(
+        "[\"lanes\", \"topics\", \"create\"]",
+        "[\"lanes\", \"topic\", \"create\"]",
+    );
+    assert!(p.iter().any(|m| m.contains("not a lanes command")), "{p:?}");
+    let p = mutated(
+        "LANES__ADMIN__HOST: 0.0.0.0",
+        "LANES__ADMIN__HOST: 127.0.0.1",
+    );
+    assert!(p.iter().any(|m| m.contains("unreachable")), "{p:?}");
+    let p = mutated("condition: service_healthy", "condition: service_sunny");
+    assert!(
+        p.iter().any(|m| m.contains("docker-compose config")),
+        "{p:?}"
+    );
+}
+
+/// `lanes_...` names in PromQL, histogram suffixes kept.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("lanes_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let before = rest[..i].chars().last();
+        if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+            names.insert(tail[..end].to_string());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// Referenced names that no exported family accounts for.
+fn unknown(
+    referenced: &BTreeSet<String>,
+    exported: &BTreeMap<String, prometheus::proto::MetricType>,
+) -> Vec<String> {
+    referenced
+        .iter()
+        .filter(|name| {
+            if exported.contains_key(*name) {
+                return false;
+            }
+            !["_bucket", "_sum", "_count"].iter().any(|suffix| {
+                name.strip_suffix(suffix)
+                    .and_then(|base| exported.get(base))
+                    .is_some_and(|t| *t == prometheus::proto::MetricType::HISTOGRAM)
+            })
+        })
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dashboard_and_alerts_use_only_exported_metrics() {
+    // Run every service with a little traffic, so label-dependent series exist too.
+    let lane = Lane::new("metrics");
+    lane.create_topics().await;
+    let running = lane.start(&[
+        lanes_ingest::def(),
+        lanes_micro_batcher::def(),
+        lanes_scorer::def(),
+        lanes_cache_writer::def(),
+        lanes_fallback_responder::def(),
+    ]);
+    running.ready().await;
+    let mut lines: Vec<String> = Generator::new(5, 20)
+        .take(50)
+        .map(|s| s.raw_json())
+        .collect();
+    lines.push("not json".into());
+    lane.publish_raw(&producer(&lane.settings), &lines).await;
+    wait_for("the lane's metrics", Duration::from_secs(60), || async {
+        (running.metric("lanes_cache_writer_writes_total", &[]) >= 50.0
+            && running.metric("lanes_consumer_lag_messages", &[]) >= 0.0
+            && running
+                .metrics
+                .gather()
+                .iter()
+                .any(|f| f.name() == "lanes_consumer_lag_messages" && !f.get_metric().is_empty()))
+        .then_some(())
+    })
+    .await;
+    let exported: BTreeMap<String, prometheus::proto::MetricType> = running
+        .metrics
+        .gather()
+        .iter()
+        .map(|f| (f.name().to_string(), f.get_field_type()))
+        .collect();
+
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("deploy/grafana/dashboards/lanes.json")).unwrap(),
+    )
+    .unwrap();
+    let mut in_dashboard = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            in_dashboard.extend(metric_names(target["expr"].as_str().unwrap()));
+        }
+    }
+    assert!(in_dashboard.len() >= 10, "{in_dashboard:?}");
+    let rules: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root().join("deploy/prometheus/alerts.yml")).unwrap(),
+    )
+    .unwrap();
+    let mut in_alerts = BTreeSet::new();
+    for rule in rules["groups"][0]["rules"].as_sequence().unwrap() {
+        in_alerts.extend(metric_names(rule["expr"].as_str().unwrap()));
+    }
+    assert_eq!(
+        unknown(&in_dashboard, &exported),
+        Vec::<String>::new(),
+        "dashboard"
+    );
+    assert_eq!(
+        unknown(&in_alerts, &exported),
+        Vec::<String>::new(),
+        "alerts"
+    );
+    // The comparison can fail: a name no service exports is caught.
+    let made_up: BTreeSet<String> = [
+        "lanes_scorer_rows_scored_total",
+        "lanes_made_up_total",
+        "lanes_scorer_rows_scored_total_bucket",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    assert_eq!(
+        unknown(&made_up, &exported),
+        vec![
+            "lanes_made_up_total",
+            "lanes_scorer_rows_scored_total_bucket"
+        ]
+    );
+    running.stop().await;
+}
