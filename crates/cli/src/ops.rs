@@ -85,7 +85,7 @@ fn watermarks(c: &impl Consumer, topic: &str) -> anyhow::Result<Vec<(i32, i64, i
     if let Some(e) = t.error() {
         anyhow::bail!(
             "topic {topic}: {:?}",
-            rdkafka::types::RDKafkaRespErr::from(e)
+            rdkafka::types::RDKafkaErrorCode::from(e)
         );
     }
     t.partitions()
@@ -507,8 +507,8 @@ pub async fn status(s: &Settings) -> anyhow::Result<i32> {
     let up = readiness(&http, host, s.admin.ports.up).await;
     let mut healthy = true;
     println!(
-        "{:<20} {:<10} {:<8} {:>10}  {}",
-        "service", "state", "admin", "lag", "input"
+        "{:<20} {:<10} {:<8} {:>10}  input",
+        "service", "state", "admin", "lag"
     );
     let sc = s.clone();
     let lags = tokio::task::spawn_blocking(move || {
