@@ -261,10 +261,7 @@ async fn consume(ctx: ServiceContext, mode: Mode, metrics: Metrics) -> anyhow::R
                         Some(SourceEvent::Assigned(_)) => {}
                         Some(SourceEvent::Revoked { partitions, done }) => {
                             w.write(std::mem::take(&mut chunk), &mut acks, &ctx).await?;
-                            acks.drain().await.map_err(anyhow::Error::msg)?;
-                            acks.commit(&source.consumer).await?;
-                            acks.forget(&partitions);
-                            let _ = done.send(());
+                            acks.release(&source.consumer, &partitions, done).await?;
                         }
                     }
                     if chunk.len() >= max {
@@ -283,9 +280,7 @@ async fn consume(ctx: ServiceContext, mode: Mode, metrics: Metrics) -> anyhow::R
         }
     }
     ctx.ready.set(false);
-    acks.drain().await.map_err(anyhow::Error::msg)?;
-    acks.commit(&source.consumer).await?;
-    source.close().await;
+    acks.finish(source).await?;
     Ok(())
 }
 

@@ -297,6 +297,29 @@ impl Acks {
         Ok(())
     }
 
+    /// Lets revoked partitions go: waits for their acknowledgements, commits, forgets
+    /// them, then lets the rebalance proceed. Flush open work for them first.
+    pub async fn release(
+        &mut self,
+        consumer: &Arc<SourceConsumer>,
+        partitions: &[(String, i32)],
+        done: std_mpsc::SyncSender<()>,
+    ) -> anyhow::Result<()> {
+        self.drain().await.map_err(anyhow::Error::msg)?;
+        self.commit(consumer).await?;
+        self.forget(partitions);
+        let _ = done.send(());
+        Ok(())
+    }
+
+    /// At shutdown: waits for every acknowledgement, commits, and leaves the group.
+    pub async fn finish(mut self, source: Source) -> anyhow::Result<()> {
+        self.drain().await.map_err(anyhow::Error::msg)?;
+        self.commit(&source.consumer).await?;
+        source.close().await;
+        Ok(())
+    }
+
     /// Forgets partitions this member no longer owns.
     pub fn forget(&mut self, partitions: &[(String, i32)]) {
         for (t, p) in partitions {

@@ -375,10 +375,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                         }
                         SourceEvent::Assigned(_) => {}
                         SourceEvent::Revoked { partitions, done } => {
-                            acks.drain().await.map_err(anyhow::Error::msg)?;
-                            acks.commit(&source.consumer).await?;
-                            acks.forget(&partitions);
-                            let _ = done.send(());
+                            acks.release(&source.consumer, &partitions, done).await?;
                         }
                     }
                     if acks.in_flight() < cfg.max_in_flight.max(1) {
@@ -393,9 +390,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         }
     }
     ctx.ready.set(false);
-    acks.drain().await.map_err(anyhow::Error::msg)?;
-    acks.commit(&source.consumer).await?;
-    source.close().await;
+    acks.finish(source).await?;
     background.await.ok();
     tracing::info!("fallback-responder stopped");
     Ok(())

@@ -191,10 +191,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                     for closed in windows.flush(Some(&ids), Instant::now(), now_millis()) {
                         b.emit(closed, &mut acks, &ctx).await?;
                     }
-                    acks.drain().await.map_err(anyhow::Error::msg)?;
-                    acks.commit(&source.consumer).await?;
-                    acks.forget(&partitions);
-                    let _ = done.send(());
+                    acks.release(&source.consumer, &partitions, done).await?;
                 }
             },
             _ = commit_tick.tick() => acks.commit(&source.consumer).await?,
@@ -204,9 +201,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     for closed in windows.flush(None, Instant::now(), now_millis()) {
         b.emit(closed, &mut acks, &ctx).await?;
     }
-    acks.drain().await.map_err(anyhow::Error::msg)?;
-    acks.commit(&source.consumer).await?;
-    source.close().await;
+    acks.finish(source).await?;
     tracing::info!("micro-batcher stopped");
     Ok(())
 }

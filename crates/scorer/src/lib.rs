@@ -156,19 +156,14 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                 }
                 Some(SourceEvent::Assigned(_)) => {}
                 Some(SourceEvent::Revoked { partitions, done }) => {
-                    acks.drain().await.map_err(anyhow::Error::msg)?;
-                    acks.commit(&source.consumer).await?;
-                    acks.forget(&partitions);
-                    let _ = done.send(());
+                    acks.release(&source.consumer, &partitions, done).await?;
                 }
             },
             _ = commit_tick.tick() => acks.commit(&source.consumer).await?,
         }
     }
     ctx.ready.set(false);
-    acks.drain().await.map_err(anyhow::Error::msg)?;
-    acks.commit(&source.consumer).await?;
-    source.close().await;
+    acks.finish(source).await?;
     tracing::info!("scorer stopped");
     Ok(())
 }
