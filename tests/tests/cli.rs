@@ -73,7 +73,14 @@ async fn topics_publish_tail_and_cache_get() {
         &["publish", "--sample", "30", "--seed", "77", "--cards", "5"],
     )
     .await);
-    let samples: Vec<Sample> = Generator::new(77, 5).take(30).collect();
+    let samples: Vec<Sample> = Generator::new(77, 5).take(33).collect();
+    // The last three come from a JSON-lines file instead.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let lines: Vec<String> = samples[30..].iter().map(Sample::raw_json).collect();
+    std::fs::write(file.path(), lines.join("\n") + "\n\n").unwrap();
+    let published = run(&lane, &["publish", "--file", file.path().to_str().unwrap()]).await;
+    ok(&published);
+    assert!(String::from_utf8_lossy(&published.stderr).contains("published 3 events"));
 
     // tail decodes the Avro events through the registry.
     let events = ok(&run(
@@ -83,7 +90,7 @@ async fn topics_publish_tail_and_cache_get() {
             &lane.settings.topics.events,
             "--from-beginning",
             "--max",
-            "30",
+            "33",
             "--idle-timeout",
             "60",
         ],
@@ -101,7 +108,7 @@ async fn topics_publish_tail_and_cache_get() {
     assert_eq!(ids, samples.iter().map(|s| s.event_id.clone()).collect());
 
     // cache get shows the entity's newest prediction, its age and a verdict.
-    let entity = &samples[29].entity_id;
+    let entity = &samples[32].entity_id;
     let newest = samples
         .iter()
         .filter(|s| &s.entity_id == entity)
