@@ -157,19 +157,7 @@ impl Lane {
     pub fn new(what: &str) -> Self {
         let id = unique(what);
         let mut s = settings();
-        s.topics.raw = format!("{id}.raw");
-        s.topics.events = format!("{id}.events");
-        s.topics.batches = format!("{id}.batches");
-        s.topics.predictions = format!("{id}.predictions");
-        s.topics.requests = format!("{id}.requests");
-        s.topics.responses = format!("{id}.responses");
-        s.topics.dlq = format!("{id}.dlq");
-        s.ingest.group = format!("{id}-ingest");
-        s.micro_batcher.group = format!("{id}-micro-batcher");
-        s.scorer.group = format!("{id}-scorer");
-        s.cache_writer.group = format!("{id}-cache-writer");
-        s.cache_writer.key_prefix = format!("{id}:");
-        s.fallback_responder.group = format!("{id}-fallback-responder");
+        s.namespace(&id);
         s.model.dir = root().join("models/fraud/1");
         s.admin.ports.up = free_port();
         s.admin.ports.ingest = free_port();

@@ -49,19 +49,7 @@ pub struct BenchArgs {
 
 pub(crate) fn unique(settings: &Settings, tag: &str) -> Settings {
     let mut s = settings.clone();
-    let id = format!("bench-{tag}-{}", now_millis());
-    s.topics.raw = format!("{id}.raw");
-    s.topics.events = format!("{id}.events");
-    s.topics.batches = format!("{id}.batches");
-    s.topics.predictions = format!("{id}.predictions");
-    s.topics.requests = format!("{id}.requests");
-    s.topics.responses = format!("{id}.responses");
-    s.topics.dlq = format!("{id}.dlq");
-    s.ingest.group = format!("{id}-ingest");
-    s.micro_batcher.group = format!("{id}-micro-batcher");
-    s.scorer.group = format!("{id}-scorer");
-    s.cache_writer.group = format!("{id}-cache-writer");
-    s.cache_writer.key_prefix = format!("{id}:");
+    s.namespace(&format!("bench-{tag}-{}", now_millis()));
     s
 }
 

@@ -374,6 +374,29 @@ impl Settings {
         Ok(())
     }
 
+    /// Gives this deployment its own topics, consumer groups and cache prefix, all named
+    /// after `id`, so it can share a broker and a Redis with others (tests, benchmarks).
+    pub fn namespace(&mut self, id: &str) {
+        let t = &mut self.topics;
+        for (topic, suffix) in [
+            (&mut t.raw, "raw"),
+            (&mut t.events, "events"),
+            (&mut t.batches, "batches"),
+            (&mut t.predictions, "predictions"),
+            (&mut t.requests, "requests"),
+            (&mut t.responses, "responses"),
+            (&mut t.dlq, "dlq"),
+        ] {
+            *topic = format!("{id}.{suffix}");
+        }
+        self.ingest.group = format!("{id}-ingest");
+        self.micro_batcher.group = format!("{id}-micro-batcher");
+        self.scorer.group = format!("{id}-scorer");
+        self.cache_writer.group = format!("{id}-cache-writer");
+        self.fallback_responder.group = format!("{id}-fallback-responder");
+        self.cache_writer.key_prefix = format!("{id}:");
+    }
+
     /// The producer's `message.max.bytes` (librdkafka's default unless configured).
     pub fn producer_message_max_bytes(&self) -> usize {
         self.kafka
@@ -591,6 +614,25 @@ mod tests {
             s.registry.basic_auth_password.unwrap().expose(),
             "swordfish"
         );
+    }
+
+    #[test]
+    fn a_namespace_renames_every_topic_group_and_prefix() {
+        let mut s = Settings::load_from(None, HashMap::new()).unwrap();
+        s.namespace("t1");
+        assert!(s.topics.all().iter().all(|t| t.starts_with("t1.")));
+        assert_eq!(s.topics.dlq, "t1.dlq");
+        for g in [
+            &s.ingest.group,
+            &s.micro_batcher.group,
+            &s.scorer.group,
+            &s.cache_writer.group,
+            &s.fallback_responder.group,
+        ] {
+            assert!(g.starts_with("t1-"), "{g}");
+        }
+        assert_eq!(s.cache_writer.key_prefix, "t1:");
+        assert!(s.validate().is_ok(), "topics stay distinct");
     }
 
     #[test]
