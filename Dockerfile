@@ -25,7 +25,7 @@ COPY --from=build /src/target/release/lanes /src/target/release/lanes-ingest \
      /src/target/release/lanes-schema-registry /usr/local/bin/
 COPY models /opt/lanes/models
 ENV ORT_DYLIB_PATH=/usr/local/lib/libonnxruntime.so \
-    LANES__MODEL__DIR=/opt/lanes/models/fraud/1 \
+    LANES__MODEL__DIR=/opt/lanes/models/fraud \
     LANES__ADMIN__HOST=0.0.0.0 \
     LANES__LOG__FORMAT=json
 WORKDIR /opt/lanes

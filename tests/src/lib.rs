@@ -165,6 +165,7 @@ impl Lane {
         s.admin.ports.scorer = free_port();
         s.admin.ports.cache_writer = free_port();
         s.admin.ports.fallback_responder = free_port();
+        s.admin.ports.batch = free_port();
         Self { settings: s, id }
     }
 
@@ -181,6 +182,7 @@ impl Lane {
             ("TOPICS__REQUESTS", t.requests.clone()),
             ("TOPICS__RESPONSES", t.responses.clone()),
             ("TOPICS__DLQ", t.dlq.clone()),
+            ("TOPICS__SHADOW_PREDICTIONS", t.shadow_predictions.clone()),
             ("INGEST__GROUP", s.ingest.group.clone()),
             ("MICRO_BATCHER__GROUP", s.micro_batcher.group.clone()),
             ("SCORER__GROUP", s.scorer.group.clone()),
@@ -190,6 +192,12 @@ impl Lane {
                 s.cache_writer.key_prefix.clone(),
             ),
             ("MODEL__DIR", s.model.dir.display().to_string()),
+            ("MODEL__VERSION", s.model.version.clone()),
+            (
+                "MODEL__WATCH_INTERVAL_MS",
+                s.model.watch_interval_ms.to_string(),
+            ),
+            ("MODEL__SHADOW_VERSION", s.model.shadow_version.clone()),
             (
                 "SHUTDOWN__DRAIN_TIMEOUT_MS",
                 s.shutdown.drain_timeout_ms.to_string(),
@@ -198,6 +206,7 @@ impl Lane {
             ("ADMIN__PORTS__INGEST", p.ingest.to_string()),
             ("ADMIN__PORTS__MICRO_BATCHER", p.micro_batcher.to_string()),
             ("ADMIN__PORTS__SCORER", p.scorer.to_string()),
+            ("ADMIN__PORTS__BATCH", p.batch.to_string()),
             ("ADMIN__PORTS__CACHE_WRITER", p.cache_writer.to_string()),
             (
                 "ADMIN__PORTS__FALLBACK_RESPONDER",
@@ -264,6 +273,16 @@ impl Lane {
                 .spawn()
                 .unwrap_or_else(|e| panic!("{binary} starts: {e}")),
         )
+    }
+
+    /// Runs the `lanes` CLI with this lane's settings to completion.
+    pub fn lanes(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(bin("lanes"))
+            .args(args)
+            .envs(self.env())
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("lanes runs")
     }
 
     /// Publishes raw lines to the raw topic, keyed by entity when they name one.

@@ -9,12 +9,7 @@ use lanes_common::generator::{Generator, Sample};
 use lanes_tests::*;
 
 fn lanes(lane: &Lane, args: &[&str]) -> Output {
-    Command::new(bin("lanes"))
-        .args(args)
-        .envs(lane.env())
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
+    lane.lanes(args)
 }
 
 fn ok(out: &Output) -> String {

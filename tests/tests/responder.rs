@@ -25,7 +25,7 @@ fn features(seed: u64) -> BTreeMap<String, f64> {
 
 /// What the model says for `f`, computed here with the same model files.
 fn expected_score(f: &BTreeMap<String, f64>) -> f64 {
-    let mut model = Model::load(&root().join("models/fraud/1")).unwrap();
+    let model = Model::load(&root().join("models/fraud/1")).unwrap();
     let row: Vec<f32> = FEATURES.iter().map(|n| f[*n] as f32).collect();
     model.score(&row, 1).unwrap()[0]
 }

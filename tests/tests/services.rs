@@ -151,7 +151,7 @@ async fn a_model_that_does_not_match_its_toml_is_refused_with_the_reason() {
     ));
 
     // The real model loads, and scores agree with the declared output.
-    let mut model = Model::load(&model_dir()).unwrap();
+    let model = Model::load(&model_dir()).unwrap();
     let scores = model.score(&vec![0.5; 2 * features().len()], 2).unwrap();
     assert_eq!(scores.len(), 2);
     assert_eq!(scores[0], scores[1]);
@@ -222,7 +222,7 @@ async fn the_cache_never_rolls_back() {
     let writes = |result| running.metric("lanes_cache_writer_writes_total", &[("result", result)]);
     let settle = |n: f64| async move {
         wait_for("writes applied", Duration::from_secs(30), || async {
-            (writes("written") + writes("stale") >= n).then_some(())
+            (writes("written") + writes("stale") + writes("duplicate") >= n).then_some(())
         })
         .await
     };
@@ -234,17 +234,35 @@ async fn the_cache_never_rolls_back() {
     send(prediction("a", 50, 9, 0.9)).await;
     settle(2.0).await;
     assert_eq!(cached(&lane, "a").await["score"], "0.1");
-    // Same event time: the later scoring wins; a replay of it changes nothing.
+    // Same event time: the later scoring wins; a replay of it (same id and version)
+    // is a duplicate and changes nothing, not even written_at.
     send(prediction("a", 100, 5, 0.5)).await;
+    settle(3.0).await;
+    let before = cached(&lane, "a").await;
     send(prediction("a", 100, 5, 0.7)).await;
     settle(4.0).await;
     let entry = cached(&lane, "a").await;
+    assert_eq!(entry, before);
     assert_eq!(
         (entry["score"].as_str(), entry["scored_at"].as_str()),
         ("0.5", "5")
     );
     assert_eq!(entry["lane"], "BATCH");
-    assert_eq!((writes("written"), writes("stale")), (2.0, 2.0));
+    assert_eq!(
+        (writes("written"), writes("stale"), writes("duplicate")),
+        (2.0, 1.0, 1.0)
+    );
+    // The same event scored by a new model version is not a duplicate.
+    let mut upgraded = prediction("a", 100, 6, 0.6);
+    upgraded.event_id = entry["event_id"].clone();
+    upgraded.model_version = "2".into();
+    send(upgraded).await;
+    settle(5.0).await;
+    let entry = cached(&lane, "a").await;
+    assert_eq!(
+        (entry["score"].as_str(), entry["model_version"].as_str()),
+        ("0.6", "2")
+    );
 
     let mut r = redis(&lane.settings)
         .get_multiplexed_async_connection()

@@ -6,7 +6,9 @@
 //!
 //! The cache is monotonic: a Lua script, atomic in Redis, writes a prediction only if
 //! its event time is newer than the cached one (ties: a later `scored_at`), so replays
-//! and late results never roll the cache back. Offsets are committed only after Redis
+//! and late results never roll the cache back. A prediction the cache already holds
+//! (same event id, same model version) is a duplicate and changes nothing, so a replay
+//! or a re-run batch job leaves the cache as it was. Offsets are committed only after Redis
 //! replied; on a Redis error the same predictions are retried with backoff, never
 //! committed and never dead-lettered.
 
@@ -37,18 +39,20 @@ if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 return 1
 ";
 
-/// KEYS[1]: the entity's hash. ARGV: event_time, scored_at, ttl_seconds, then field/value
-/// pairs. Returns 1 when written, 0 when the cached prediction is as new or newer.
+/// KEYS[1]: the entity's hash. ARGV: event_time, scored_at, ttl_seconds, event_id,
+/// model_version, then field/value pairs. Returns 1 when written, 0 when the cached
+/// prediction is as new or newer, 2 when it is this very prediction (a duplicate).
 /// `written_at` is Redis's own clock, so readers can measure event-to-cache latency.
 const WRITE_IF_NEWER: &str = r"
-local cached = redis.call('HMGET', KEYS[1], 'event_time', 'scored_at')
+local cached = redis.call('HMGET', KEYS[1], 'event_time', 'scored_at', 'event_id', 'model_version')
 if cached[1] then
+  if cached[3] == ARGV[4] and cached[4] == ARGV[5] then return 2 end
   local t, ct = tonumber(ARGV[1]), tonumber(cached[1])
   if t < ct then return 0 end
   if t == ct and tonumber(ARGV[2]) <= tonumber(cached[2] or '0') then return 0 end
 end
 local now = redis.call('TIME')
-redis.call('HSET', KEYS[1], 'written_at', now[1] * 1000 + math.floor(now[2] / 1000), unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'written_at', now[1] * 1000 + math.floor(now[2] / 1000), unpack(ARGV, 6))
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 return 1
@@ -79,7 +83,7 @@ impl Metrics {
             writes: IntCounterVec::new(
                 Opts::new(
                     "lanes_cache_writer_writes_total",
-                    "Predictions applied to Redis, by result (written, stale: the cache held a newer one).",
+                    "Predictions applied to Redis, by result (written, stale: the cache held a newer one, duplicate: it held this one).",
                 ),
                 &["result"],
             )?,
@@ -116,7 +120,7 @@ impl Metrics {
                 &["class"],
             )?,
         };
-        lanes_common::metrics::zeroed(&m.writes, &["written", "stale"]);
+        lanes_common::metrics::zeroed(&m.writes, &["written", "stale", "duplicate"]);
         lanes_common::metrics::zeroed(&m.feature_writes, &["written", "stale"]);
         r.register(Box::new(m.writes.clone()))?;
         r.register(Box::new(m.feature_writes.clone()))?;
@@ -347,7 +351,11 @@ impl Writer {
             .map(|(_, item)| match item {
                 Item::Prediction(p) => {
                     let mut inv = self.script.key(cache_key(&self.prefix, &p.entity_id));
-                    inv.arg(p.event_time).arg(p.scored_at).arg(self.ttl);
+                    inv.arg(p.event_time)
+                        .arg(p.scored_at)
+                        .arg(self.ttl)
+                        .arg(&p.event_id)
+                        .arg(&p.model_version);
                     for (k, v) in fields(p) {
                         inv.arg(k).arg(v);
                     }
@@ -387,7 +395,11 @@ impl Writer {
         };
         let now = now_millis();
         for ((m, item), written) in good.iter().zip(results) {
-            let result = if written == 1 { "written" } else { "stale" };
+            let result = match written {
+                1 => "written",
+                2 => "duplicate",
+                _ => "stale",
+            };
             match item {
                 Item::Prediction(p) => {
                     self.metrics.writes.with_label_values(&[result]).inc();

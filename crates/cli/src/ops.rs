@@ -190,7 +190,12 @@ pub async fn cache(action: CacheAction, s: &Settings) -> anyhow::Result<()> {
         .query_async(&mut redis)
         .await?;
     anyhow::ensure!(!h.is_empty(), "no cache entry for {entity:?} ({key})");
-    let serving = ModelSpec::read(&s.model.dir).ok().map(|m| m.version);
+    let serving = s
+        .model
+        .resolve()
+        .and_then(|d| ModelSpec::read(&d))
+        .ok()
+        .map(|m| m.version);
     let scored_at = h.get("scored_at").and_then(|v| v.parse::<i64>().ok());
     let age_ms = scored_at.map(|t| now_millis() - t);
     let version = h.get("model_version").cloned();

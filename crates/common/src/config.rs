@@ -46,6 +46,14 @@ pub struct Settings {
     pub scorer: ScorerConfig,
     pub cache_writer: CacheWriterConfig,
     pub fallback_responder: FallbackResponderConfig,
+    pub batch: BatchConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Rows scored as one tensor by `lanes batch`.
+    pub batch_size: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -76,7 +84,15 @@ pub struct FallbackResponderConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
+    /// A model folder (one subfolder per version) or one version's folder.
     pub dir: PathBuf,
+    /// `latest` or a version folder's name.
+    pub version: String,
+    /// How often `dir` is checked for a new version; 0 only at start.
+    pub watch_interval_ms: u64,
+    /// A candidate version the scorer also scores with, to the shadow topic; "" none.
+    #[serde(default)]
+    pub shadow_version: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -164,11 +180,13 @@ pub struct Topics {
     pub requests: String,
     pub responses: String,
     pub dlq: String,
+    /// Shadow-model predictions; never cached.
+    pub shadow_predictions: String,
 }
 
 impl Topics {
     /// Every topic Lanes owns, for the topic admin.
-    pub fn all(&self) -> [&str; 7] {
+    pub fn all(&self) -> [&str; 8] {
         [
             &self.raw,
             &self.events,
@@ -177,6 +195,7 @@ impl Topics {
             &self.requests,
             &self.responses,
             &self.dlq,
+            &self.shadow_predictions,
         ]
     }
 }
@@ -211,6 +230,8 @@ pub struct AdminPorts {
     pub scorer: u16,
     pub cache_writer: u16,
     pub fallback_responder: u16,
+    /// `lanes batch --every`, while it waits between runs.
+    pub batch: u16,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -352,6 +373,9 @@ impl Settings {
                 self.registry.url
             ));
         }
+        if self.batch.batch_size == 0 {
+            return invalid("batch.batch_size must be > 0".into());
+        }
         if self.micro_batcher.max_events == 0 || self.micro_batcher.max_bytes == 0 {
             return invalid("micro_batcher.max_events and max_bytes must be > 0".into());
         }
@@ -386,6 +410,7 @@ impl Settings {
             (&mut t.requests, "requests"),
             (&mut t.responses, "responses"),
             (&mut t.dlq, "dlq"),
+            (&mut t.shadow_predictions, "predictions.shadow"),
         ] {
             *topic = format!("{id}.{suffix}");
         }

@@ -221,6 +221,18 @@ impl Generator {
     }
 }
 
+impl Generator {
+    /// Feature rows for the first `n` cards (`card-0` ..), one each: an entity snapshot
+    /// as a feature store would export it for batch scoring. Same seed, same rows.
+    pub fn snapshot(seed: u64, n: usize) -> impl Iterator<Item = (String, [f64; FEATURES.len()])> {
+        let mut g = Generator::new(seed, n);
+        (0..n).map(move |i| {
+            let card = g.cards[i].clone();
+            (format!("card-{i}"), g.features(&card))
+        })
+    }
+}
+
 impl Iterator for Generator {
     type Item = Sample;
     fn next(&mut self) -> Option<Sample> {
@@ -257,6 +269,17 @@ mod tests {
             |v: &[&Sample]| v.iter().map(|s| s.features[2]).sum::<f64>() / v.len() as f64;
         let legit: Vec<&Sample> = samples.iter().filter(|s| !s.fraud).collect();
         assert!(mean_risk(&fraud) > 1.5 * mean_risk(&legit));
+    }
+
+    #[test]
+    fn snapshots_have_one_row_per_entity_and_repeat() {
+        let a: Vec<_> = Generator::snapshot(5, 300).collect();
+        assert_eq!(a.len(), 300);
+        assert_eq!(a[0].0, "card-0");
+        assert_eq!(a[299].0, "card-299");
+        let b: Vec<_> = Generator::snapshot(5, 300).collect();
+        assert_eq!(a, b);
+        assert_ne!(a, Generator::snapshot(6, 300).collect::<Vec<_>>());
     }
 
     #[test]

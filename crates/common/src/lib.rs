@@ -14,6 +14,7 @@ pub mod config;
 pub mod dlq;
 pub mod generator;
 pub mod kafka;
+pub mod lifecycle;
 pub mod metrics;
 pub mod model;
 pub mod records;

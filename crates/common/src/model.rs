@@ -8,7 +8,7 @@
 //! wrong scores later.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use ort::environment::Environment;
 use ort::session::Session;
@@ -93,11 +93,12 @@ pub fn init_runtime() -> Result<&'static Environment, ModelError> {
         .map_err(|e| ModelError::Runtime(e.clone()))
 }
 
-/// A loaded, checked model. Scoring needs `&mut`, so a scorer owns one per thread.
+/// A loaded, checked model. ONNX Runtime runs need the session exclusively, so runs on
+/// one model take turns; share it as `Arc<Model>`.
 pub struct Model {
     pub spec: ModelSpec,
     pub dir: PathBuf,
-    session: Session,
+    session: Mutex<Session>,
 }
 
 impl std::fmt::Debug for Model {
@@ -151,7 +152,7 @@ impl Model {
         let model = Self {
             spec,
             dir: dir.to_path_buf(),
-            session,
+            session: Mutex::new(session),
         };
         model.check()?;
         tracing::info!(name = %model.spec.name, version = %model.spec.version, dir = %dir.display(), "model loaded");
@@ -168,8 +169,8 @@ impl Model {
 
     fn check(&self) -> Result<(), ModelError> {
         let n = self.spec.features.len() as i64;
-        let input = self
-            .session
+        let session = self.session.lock().expect("session lock");
+        let input = session
             .inputs()
             .iter()
             .find(|i| i.name() == self.spec.input)
@@ -177,7 +178,7 @@ impl Model {
                 self.mismatch(format!(
                     "no input named {:?}; the graph has {:?}",
                     self.spec.input,
-                    names(self.session.inputs())
+                    names(session.inputs())
                 ))
             })?;
         match input.dtype() {
@@ -203,8 +204,7 @@ impl Model {
                 )));
             }
         }
-        if !self
-            .session
+        if !session
             .outputs()
             .iter()
             .any(|o| o.name() == self.spec.output)
@@ -212,14 +212,14 @@ impl Model {
             return Err(self.mismatch(format!(
                 "no output named {:?}; the graph has {:?}",
                 self.spec.output,
-                names(self.session.outputs())
+                names(session.outputs())
             )));
         }
         Ok(())
     }
 
     /// Scores `rows` rows of row-major features (in `spec.features` order) as one tensor.
-    pub fn score(&mut self, features: &[f32], rows: usize) -> Result<Vec<f64>, ModelError> {
+    pub fn score(&self, features: &[f32], rows: usize) -> Result<Vec<f64>, ModelError> {
         let width = self.spec.features.len();
         if features.len() != rows * width {
             return Err(ModelError::Inference(format!(
@@ -232,8 +232,8 @@ impl Model {
         }
         let tensor = TensorRef::from_array_view(([rows, width], features))
             .map_err(|e| ModelError::Inference(e.to_string()))?;
-        let outputs = self
-            .session
+        let mut session = self.session.lock().expect("session lock");
+        let outputs = session
             .run(ort::inputs![self.spec.input.as_str() => tensor])
             .map_err(|e| ModelError::Inference(e.to_string()))?;
         let (shape, values) = outputs[self.spec.output.as_str()]

@@ -28,6 +28,7 @@ use lanes_common::avro::{AvroCodec, DecodeError};
 use lanes_common::config::{FallbackResponderConfig, OnDeadline};
 use lanes_common::dlq::DlqWriter;
 use lanes_common::kafka::{self, delivered, enqueue};
+use lanes_common::lifecycle::{self, ModelMetrics, ModelWatch};
 use lanes_common::model::Model;
 use lanes_common::records::{
     Lane, Prediction, PredictionRequest, PredictionResponse, ResponseSource, ResponseStatus,
@@ -56,18 +57,24 @@ pub fn def() -> ServiceDef {
     }
 }
 
+/// One real-time scoring: score, label and the model version that gave them.
+#[derive(Clone)]
+pub struct Scoring {
+    pub score: f64,
+    pub label: String,
+    pub model: Arc<Model>,
+}
+
 /// The outcome of one real-time scoring, shared by every request that joined it.
-pub type Scored = Result<(f64, String), String>;
+pub type Scored = Result<Scoring, String>;
 
 /// Model, cache and producer, shared by request handlers, the sweep and the sampler.
 pub struct Core {
     pub cfg: FallbackResponderConfig,
-    model: Option<Arc<Mutex<Model>>>,
+    /// The served model, swapped when a new version is loaded.
+    model: Option<ModelWatch>,
     /// Why there is no model, for ERROR responses.
     model_error: Option<String>,
-    pub model_name: String,
-    pub model_version: Option<String>,
-    pub features: Vec<String>,
     redis_client: redis::Client,
     /// Connected on first use and kept; the manager reconnects by itself after that.
     redis: tokio::sync::Mutex<Option<ConnectionManager>>,
@@ -88,8 +95,15 @@ impl Core {
         Policy {
             freshness_ms: self.cfg.freshness_ms,
             refresh_after_ms: self.cfg.refresh_after_ms,
-            model_version: self.model_version.clone(),
+            model_version: self.model_version(),
         }
+    }
+
+    /// The version being served now, if a model is loaded.
+    pub fn model_version(&self) -> Option<String> {
+        self.model
+            .as_ref()
+            .map(|m| m.current().spec.version.clone())
     }
 
     /// The entity's hash in one round trip, through the circuit breaker. `Err` when the
@@ -183,12 +197,11 @@ impl Core {
         let (core, entity, features) = (core.clone(), entity.to_string(), features.clone());
         let (flight, started) = self.flights.join(&key, move || async move {
             let scored = core.score_now(&features).await;
-            if let Ok((score, label)) = scored.clone() {
+            if let Ok(scoring) = scored.clone() {
                 // Warming the cache must not delay the answer.
-                tokio::spawn(async move {
-                    core.publish(&entity, score, &label, event_time, event_id)
-                        .await
-                });
+                tokio::spawn(
+                    async move { core.publish(&entity, &scoring, event_time, event_id).await },
+                );
             }
             scored
         });
@@ -199,28 +212,33 @@ impl Core {
     }
 
     async fn score_now(&self, features: &BTreeMap<String, f64>) -> Scored {
-        let Some(model) = self.model.clone() else {
+        let Some(model) = self.model.as_ref().map(ModelWatch::current) else {
             return Err(format!(
                 "model unavailable: {}",
                 self.model_error.as_deref().unwrap_or("not loaded")
             ));
         };
-        let mut row = Vec::with_capacity(self.features.len());
-        for name in &self.features {
+        let wanted = &model.spec.features;
+        let mut row = Vec::with_capacity(wanted.len());
+        for name in wanted {
             match features.get(name) {
                 Some(v) if v.is_finite() => row.push(*v as f32),
                 Some(_) => return Err(format!("feature {name:?} is not finite")),
                 None => return Err(format!("feature {name:?} is missing")),
             }
         }
-        if let Some(extra) = features.keys().find(|k| !self.features.contains(k)) {
+        if let Some(extra) = features.keys().find(|k| !wanted.contains(k)) {
             return Err(format!("unknown feature {extra:?}"));
         }
         let started = Instant::now();
         let result = tokio::task::spawn_blocking(move || {
-            let mut model = model.lock().expect("model lock");
             let score = model.score(&row, 1)?[0];
-            Ok::<_, lanes_common::model::ModelError>((score, model.label(score).to_string()))
+            let label = model.label(score).to_string();
+            Ok::<_, lanes_common::model::ModelError>(Scoring {
+                score,
+                label,
+                model,
+            })
         })
         .await
         .map_err(|e| format!("scoring task: {e}"))?
@@ -231,21 +249,14 @@ impl Core {
         result
     }
 
-    async fn publish(
-        &self,
-        entity: &str,
-        score: f64,
-        label: &str,
-        event_time: i64,
-        event_id: String,
-    ) {
+    async fn publish(&self, entity: &str, scoring: &Scoring, event_time: i64, event_id: String) {
         let p = Prediction {
             event_id,
             entity_id: entity.to_string(),
-            score,
-            label: Some(label.to_string()),
-            model_name: self.model_name.clone(),
-            model_version: self.model_version.clone().unwrap_or_default(),
+            score: scoring.score,
+            label: Some(scoring.label.clone()),
+            model_name: scoring.model.spec.name.clone(),
+            model_version: scoring.model.spec.version.clone(),
             lane: Lane::Realtime,
             event_time,
             ingested_at: None,
@@ -289,25 +300,16 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     )
     .await
     .context("creating topics")?;
-    let dir = s.model.dir.clone();
-    let (model, model_error) = match tokio::task::spawn_blocking(move || Model::load(&dir)).await? {
+    let model_metrics = ModelMetrics::new(&ctx.metrics, "lanes_fallback_responder")?;
+    let (model, model_error) = match lifecycle::serve(&s.model, model_metrics, ctx.shutdown.clone())
+        .await
+    {
         Ok(m) => (Some(m), None),
         Err(e) => {
             tracing::error!(error = %e, "model unavailable; misses will be answered with ERROR");
             (None, Some(e.to_string()))
         }
     };
-    let (model_name, model_version, features) = match &model {
-        Some(m) => (
-            m.spec.name.clone(),
-            Some(m.spec.version.clone()),
-            m.spec.features.clone(),
-        ),
-        None => (String::new(), None, Vec::new()),
-    };
-    if let Some(v) = &model_version {
-        metrics.model.with_label_values(&[&model_name, v]).set(1);
-    }
     let redis_client = redis::Client::open(s.redis.url.as_str()).context("redis.url")?;
     let producer = kafka::producer(&s.kafka, "lanes-fallback-responder")?;
     let core = Arc::new(Core {
@@ -316,11 +318,8 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             Duration::from_millis(cfg.breaker_open_ms),
         )),
         cfg: cfg.clone(),
-        model: model.map(|m| Arc::new(Mutex::new(m))),
+        model,
         model_error,
-        model_name,
-        model_version,
-        features,
         redis_client,
         redis: tokio::sync::Mutex::new(None),
         redis_url: lanes_common::config::redact_url_password(&s.redis.url),
@@ -502,9 +501,9 @@ pub async fn answer(core: &Arc<Core>, req: &PredictionRequest) -> PredictionResp
                 tokio::time::timeout(deadline, flight).await.ok()
             };
             match scored {
-                Some(Ok((score, _))) => PredictionResponse {
-                    score: Some(score),
-                    model_version: core.model_version.clone(),
+                Some(Ok(scoring)) => PredictionResponse {
+                    score: Some(scoring.score),
+                    model_version: Some(scoring.model.spec.version.clone()),
                     ..response(req, ResponseStatus::Ok, ResponseSource::Realtime)
                 },
                 Some(Err(e)) => {
@@ -552,9 +551,11 @@ pub async fn answer(core: &Arc<Core>, req: &PredictionRequest) -> PredictionResp
     }
 }
 
-/// A re-score from online features is identified by entity and features' event time.
+/// A re-score from online features is identified by entity, the features' event time
+/// and when it was asked for: the cache drops a prediction it already holds (same id,
+/// same version), and a later refresh of the same features must still land.
 fn refresh_event_id(entity: &str, event_time: i64) -> String {
-    format!("refresh-{entity}-{event_time}")
+    format!("refresh-{entity}-{event_time}-{}", now_millis())
 }
 
 /// Answers one request and waits for the response's acknowledgement.

@@ -1,8 +1,7 @@
 //! The responder's metrics, `lanes_fallback_responder_*`.
 
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 
 #[derive(Clone)]
@@ -20,7 +19,6 @@ pub struct Metrics {
     pub stale_share: Gauge,
     pub sampled: IntGauge,
     pub response_seconds: Histogram,
-    pub model: IntGaugeVec,
     pub dead_letters: IntCounterVec,
 }
 
@@ -90,10 +88,6 @@ impl Metrics {
                 )
                 .buckets(prometheus::exponential_buckets(0.000_05, 2.0, 16)?),
             )?,
-            model: IntGaugeVec::new(
-                Opts::new(name("model_info"), "The model scoring misses (1)."),
-                &["name", "version"],
-            )?,
             dead_letters: IntCounterVec::new(
                 Opts::new(
                     name("dead_letters_total"),
@@ -134,7 +128,6 @@ impl Metrics {
         r.register(Box::new(m.stale_share.clone()))?;
         r.register(Box::new(m.sampled.clone()))?;
         r.register(Box::new(m.response_seconds.clone()))?;
-        r.register(Box::new(m.model.clone()))?;
         r.register(Box::new(m.dead_letters.clone()))?;
         Ok(m)
     }

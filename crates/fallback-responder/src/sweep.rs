@@ -75,7 +75,7 @@ async fn entries(core: &Core, keys: &[String]) -> redis::RedisResult<Vec<Cached>
 fn is_stale(core: &Core, c: &Cached, bound_ms: i64, now: i64) -> Option<bool> {
     let scored_at = c.scored_at?;
     let other_model =
-        matches!((&core.model_version, &c.model_version), (Some(a), Some(b)) if a != b);
+        matches!((&core.model_version(), &c.model_version), (Some(a), Some(b)) if a != b);
     Some(other_model || now - scored_at > bound_ms)
 }
 

@@ -78,7 +78,7 @@ struct Ingest {
 /// Runs until `ctx.shutdown` is cancelled, then drains and commits.
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let s = &ctx.settings;
-    let spec = ModelSpec::read(&s.model.dir)?;
+    let spec = ModelSpec::read(&s.model.resolve()?)?;
     let metrics = Metrics::new(&ctx.metrics)?;
     kafka::ensure_topics(&s.kafka, &[&s.topics.raw, &s.topics.events, &s.topics.dlq])
         .await

@@ -117,7 +117,7 @@ struct Batcher {
 
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let s = &ctx.settings;
-    let spec = ModelSpec::read(&s.model.dir)?;
+    let spec = ModelSpec::read(&s.model.resolve()?)?;
     let metrics = Metrics::new(&ctx.metrics)?;
     kafka::ensure_topics(
         &s.kafka,

@@ -1,0 +1,307 @@
+//! Model rollout against the real stack: a new version is picked up mid-stream by the
+//! scorer and the fallback-responder without a restart, every batch is scored by one
+//! version, nothing is lost, a corrupt version is refused while the old one serves, and
+//! a shadow version scores every batch without reaching the cache.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lanes_common::avro::AvroCodec;
+use lanes_common::generator::{Generator, Sample};
+use lanes_common::kafka::{delivered, enqueue};
+use lanes_common::records::{Prediction, PredictionRequest, PredictionResponse, now_millis};
+use lanes_tests::*;
+use rdkafka::Message;
+use rdkafka::producer::FutureRecord;
+use redis::AsyncCommands;
+
+/// A models folder holding `fraud/1`, copied from the repository's model.
+fn models() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("fraud");
+    std::fs::create_dir(&root).unwrap();
+    add_version(&root, "1", None);
+    (dir, root)
+}
+
+/// Deploys `version` as an operator should: written to a hidden folder, then renamed.
+/// `onnx` replaces the model file (a corrupt one); the graph is version 1's otherwise.
+fn add_version(root: &Path, version: &str, onnx: Option<&[u8]>) {
+    let source = root_dir().join("models/fraud/1");
+    let staging = root.join(format!(".{version}"));
+    std::fs::create_dir(&staging).unwrap();
+    match onnx {
+        Some(bytes) => std::fs::write(staging.join("model.onnx"), bytes).unwrap(),
+        None => {
+            std::fs::copy(source.join("model.onnx"), staging.join("model.onnx")).unwrap();
+        }
+    }
+    let toml = std::fs::read_to_string(source.join("model.toml"))
+        .unwrap()
+        .replace("version = \"1\"", &format!("version = \"{version}\""));
+    std::fs::write(staging.join("model.toml"), toml).unwrap();
+    std::fs::rename(&staging, root.join(version)).unwrap();
+}
+
+fn root_dir() -> PathBuf {
+    root()
+}
+
+async fn publish(lane: &Lane, producer: &rdkafka::producer::FutureProducer, samples: &[Sample]) {
+    let lines: Vec<String> = samples.iter().map(Sample::raw_json).collect();
+    lane.publish_raw(producer, &lines).await;
+}
+
+/// Every prediction on `topic` until each of `ids` has one, with its partition and offset.
+async fn read_until(
+    lane: &Lane,
+    topic: &str,
+    ids: &HashSet<String>,
+) -> Vec<(i32, i64, Prediction)> {
+    let reader = consumer(&lane.settings, &[topic]);
+    let codec = AvroCodec::new(&lane.settings.registry).unwrap();
+    let mut seen = HashSet::new();
+    let mut all = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    while !ids.iter().all(|id| seen.contains(id)) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let m = tokio::time::timeout(left, reader.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} of {} predictions on {topic} in time",
+                    seen.len(),
+                    ids.len()
+                )
+            })
+            .unwrap();
+        let p = codec
+            .decode::<Prediction>(m.payload().unwrap_or_default())
+            .await
+            .unwrap()
+            .record;
+        seen.insert(p.event_id.clone());
+        all.push((m.partition(), m.offset(), p));
+    }
+    all
+}
+
+/// The fallback-responder's answer to a miss carrying features.
+async fn ask(lane: &Lane, features: BTreeMap<String, f64>) -> PredictionResponse {
+    let s = &lane.settings;
+    let responses = consumer(s, &[&s.topics.responses]);
+    let codec = AvroCodec::new(&s.registry).unwrap();
+    let req = PredictionRequest {
+        request_id: unique("req"),
+        entity_id: unique("new-card"),
+        features: Some(features),
+        max_age_ms: None,
+        reply_topic: None,
+        requested_at: now_millis(),
+    };
+    let bytes = codec.encode(&s.topics.requests, &req).await.unwrap();
+    let record = FutureRecord::to(&s.topics.requests)
+        .key(req.entity_id.as_str())
+        .payload(&bytes);
+    delivered(enqueue(&producer(s), record).await.unwrap())
+        .await
+        .unwrap();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(60), responses.recv())
+            .await
+            .expect("a response in time")
+            .unwrap();
+        let r = codec
+            .decode::<PredictionResponse>(m.payload().unwrap_or_default())
+            .await
+            .unwrap()
+            .record;
+        if r.request_id == req.request_id {
+            return r;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_version_is_picked_up_mid_stream_and_a_corrupt_one_is_refused() {
+    let (_models, root) = models();
+    let mut lane = Lane::new("reload");
+    lane.settings.model.dir = root.clone();
+    lane.settings.model.version = "latest".into();
+    lane.settings.model.watch_interval_ms = 100;
+    lane.create_topics().await;
+    let running = lane.start(&[
+        lanes_ingest::def(),
+        lanes_micro_batcher::def(),
+        lanes_scorer::def(),
+        lanes_cache_writer::def(),
+        lanes_fallback_responder::def(),
+    ]);
+    running.ready().await;
+    let reloads = |service: &str, outcome: &str| {
+        running.metric(
+            &format!("lanes_{service}_model_reloads_total"),
+            &[("outcome", outcome)],
+        )
+    };
+    let producer = producer(&lane.settings);
+    let samples: Vec<Sample> = Generator::new(21, 300).take(3000).collect();
+    let ids: HashSet<String> = samples.iter().map(|s| s.event_id.clone()).collect();
+
+    // Traffic keeps flowing while version 2 is deployed.
+    for slice in samples[..1000].chunks(100) {
+        publish(&lane, &producer, slice).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    add_version(&root, "2", None);
+    for slice in samples[1000..2000].chunks(100) {
+        publish(&lane, &producer, slice).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    for service in ["scorer", "fallback_responder"] {
+        wait_for("version 2 loaded", Duration::from_secs(30), || async {
+            (reloads(service, "loaded") >= 1.0).then_some(())
+        })
+        .await;
+    }
+    // A corrupt version 3 is refused; version 2 keeps serving.
+    add_version(&root, "3", Some(b"not an onnx graph"));
+    for service in ["scorer", "fallback_responder"] {
+        wait_for("version 3 refused", Duration::from_secs(30), || async {
+            (reloads(service, "refused") >= 1.0).then_some(())
+        })
+        .await;
+    }
+    publish(&lane, &producer, &samples[2000..]).await;
+
+    let all = read_until(&lane, &lane.settings.topics.predictions, &ids).await;
+    let versions: HashSet<&str> = all
+        .iter()
+        .map(|(_, _, p)| p.model_version.as_str())
+        .collect();
+    assert_eq!(
+        versions,
+        HashSet::from(["1", "2"]),
+        "every prediction names one of the two"
+    );
+    // Each batch is scored by exactly one version.
+    let mut by_batch: HashMap<&str, HashSet<&str>> = HashMap::new();
+    for (_, _, p) in &all {
+        by_batch
+            .entry(p.batch_id.as_deref().unwrap())
+            .or_default()
+            .insert(&p.model_version);
+    }
+    assert!(
+        by_batch.values().all(|v| v.len() == 1),
+        "a batch mixed versions"
+    );
+    // One scorer switches once: in each partition, version 1 then version 2, never back.
+    let mut ordered = all.clone();
+    ordered.sort_by_key(|(partition, offset, _)| (*partition, *offset));
+    for pair in ordered.windows(2) {
+        let ((pa, _, a), (pb, _, b)) = (&pair[0], &pair[1]);
+        assert!(
+            pa != pb || !(a.model_version == "2" && b.model_version == "1"),
+            "partition {pa} went back from version 2 to 1"
+        );
+    }
+    // Events published after the refusal were scored by version 2.
+    let late: HashSet<&str> = samples[2000..]
+        .iter()
+        .map(|s| s.event_id.as_str())
+        .collect();
+    assert!(
+        all.iter()
+            .filter(|(_, _, p)| late.contains(p.event_id.as_str()))
+            .all(|(_, _, p)| p.model_version == "2")
+    );
+    for service in ["scorer", "fallback_responder"] {
+        assert_eq!(reloads(service, "loaded"), 1.0, "{service} switched once");
+        assert_eq!(
+            reloads(service, "refused"),
+            1.0,
+            "{service} refused version 3 once"
+        );
+        let info = |v| running.metric(&format!("lanes_{service}_model_info"), &[("version", v)]);
+        assert_eq!((info("1"), info("2"), info("3")), (0.0, 1.0, 0.0));
+    }
+    // The fallback-responder scores a miss with version 2 too.
+    let answer = ask(&lane, samples[0].feature_map()).await;
+    assert_eq!(answer.model_version.as_deref(), Some("2"));
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shadow_version_scores_every_batch_and_never_reaches_the_cache() {
+    let (_models, root) = models();
+    add_version(&root, "2", None);
+    let mut lane = Lane::new("shadow");
+    lane.settings.model.dir = root.clone();
+    lane.settings.model.version = "1".into();
+    lane.settings.model.shadow_version = "2".into();
+    lane.create_topics().await;
+    let running = lane.start(&[
+        lanes_ingest::def(),
+        lanes_micro_batcher::def(),
+        lanes_scorer::def(),
+        lanes_cache_writer::def(),
+    ]);
+    running.ready().await;
+    let samples: Vec<Sample> = Generator::new(22, 50).take(400).collect();
+    let ids: HashSet<String> = samples.iter().map(|s| s.event_id.clone()).collect();
+    publish(&lane, &producer(&lane.settings), &samples).await;
+
+    let served = read_until(&lane, &lane.settings.topics.predictions, &ids).await;
+    let shadow = read_until(&lane, &lane.settings.topics.shadow_predictions, &ids).await;
+    assert!(served.iter().all(|(_, _, p)| p.model_version == "1"));
+    assert!(shadow.iter().all(|(_, _, p)| p.model_version == "2"));
+    // The same graph: the shadow agrees with the served model row for row.
+    let served_scores: HashMap<&str, f64> = served
+        .iter()
+        .map(|(_, _, p)| (p.event_id.as_str(), p.score))
+        .collect();
+    for (_, _, p) in &shadow {
+        assert_eq!(p.score, served_scores[p.event_id.as_str()]);
+    }
+    assert!(running.metric("lanes_scorer_shadow_rows_total", &[("outcome", "scored")]) >= 400.0);
+    assert_eq!(
+        running.metric("lanes_scorer_shadow_model_info", &[("version", "2")]),
+        1.0
+    );
+
+    // The cache holds only the served version.
+    let entities: HashSet<&str> = samples.iter().map(|s| s.entity_id.as_str()).collect();
+    let mut redis = redis(&lane.settings)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    wait_for("cache filled", Duration::from_secs(60), || {
+        let mut redis = redis.clone();
+        let entities = entities.clone();
+        let prefix = lane.settings.cache_writer.key_prefix.clone();
+        async move {
+            for e in &entities {
+                let v: Option<String> = redis
+                    .hget(format!("{prefix}{e}"), "model_version")
+                    .await
+                    .unwrap();
+                v?;
+            }
+            Some(())
+        }
+    })
+    .await;
+    for e in &entities {
+        let v: String = redis
+            .hget(
+                format!("{}{e}", lane.settings.cache_writer.key_prefix),
+                "model_version",
+            )
+            .await
+            .unwrap();
+        assert_eq!(v, "1", "{e}");
+    }
+    running.stop().await;
+}
