@@ -4,7 +4,9 @@
 // Printing results to stdout is what a CLI is for.
 #![allow(clippy::print_stdout)]
 
+mod batch;
 mod bench;
+mod bench_batch;
 mod bench_serving;
 mod demo;
 mod ops;
@@ -52,6 +54,15 @@ enum Command {
         #[arg(long, default_value = "csv")]
         format: String,
     },
+    /// Write an entity feature snapshot (CSV or Parquet) from the generator: one row
+    /// per entity, for `lanes batch`.
+    Generate(batch::GenerateArgs),
+    /// Score an entity snapshot with the served model and publish BATCH predictions,
+    /// which the cache-writer puts in the cache; once or on a schedule.
+    Batch(batch::BatchArgs),
+    /// Measure the batch job's rows/s against raw ONNX Runtime at the same batch size
+    /// (build with --release).
+    BenchBatch(bench_batch::BenchBatchArgs),
     /// Print records of a topic as JSON lines (Avro decoded through the registry).
     Tail(ops::TailArgs),
     /// Inspect the prediction cache.
@@ -168,6 +179,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Publish(args) => publish::run(args, &settings).await,
+        Command::Generate(args) => batch::generate(args),
+        Command::Batch(args) => batch::run(args, &settings).await,
+        Command::BenchBatch(args) => bench_batch::run(args, &settings).await,
         Command::Demo(args) => demo::run(args, &settings).await,
         Command::Tail(args) => ops::tail(args, &settings).await,
         Command::Cache { action } => ops::cache(action, &settings).await,
