@@ -446,8 +446,25 @@ async fn lanes_up_stops_gracefully_under_load_and_loses_nothing() {
 
     // What was in flight at the signal was either finished or left uncommitted.
     let mut up = lane.spawn("lanes", &["up"]);
+    // tansu 0.6 has reported a partition's end one short of its last record until
+    // another record arrived, hiding that record from consumers. A slow trickle of other
+    // events keeps every partition moving, so only a real loss leaves an id unseen.
+    let padding = {
+        let lane = lane.clone();
+        tokio::spawn(async move {
+            let producer = producer(&lane.settings);
+            for s in samples(42, 2000, 400) {
+                lane.publish_raw(&producer, &[s.raw_json()]).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
     let predictions = read_predictions(&lane, Duration::from_secs(120), has_all(&ids)).await;
-    assert_eq!(predictions.len(), ids.len());
+    padding.abort();
+    assert_eq!(
+        predictions.keys().filter(|id| ids.contains(*id)).count(),
+        ids.len()
+    );
     signal(&up, "TERM");
     assert!(up.wait().unwrap().success());
 }
