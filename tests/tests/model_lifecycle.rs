@@ -10,7 +10,9 @@ use std::time::Duration;
 use lanes_common::avro::AvroCodec;
 use lanes_common::generator::{Generator, Sample};
 use lanes_common::kafka::{delivered, enqueue};
-use lanes_common::records::{Prediction, PredictionRequest, PredictionResponse, now_millis};
+use lanes_common::records::{
+    Lane as LaneKind, Prediction, PredictionRequest, PredictionResponse, now_millis,
+};
 use lanes_tests::*;
 use rdkafka::Message;
 use rdkafka::producer::FutureRecord;
@@ -175,7 +177,13 @@ async fn a_new_version_is_picked_up_mid_stream_and_a_corrupt_one_is_refused() {
     }
     publish(&lane, &producer, &samples[2000..]).await;
 
-    let all = read_until(&lane, &lane.settings.topics.predictions, &ids).await;
+    // The scorer's predictions; the responder also re-scores old-version cache entries
+    // (REALTIME) on its own schedule.
+    let all: Vec<_> = read_until(&lane, &lane.settings.topics.predictions, &ids)
+        .await
+        .into_iter()
+        .filter(|(_, _, p)| p.lane == LaneKind::Stream)
+        .collect();
     let versions: HashSet<&str> = all
         .iter()
         .map(|(_, _, p)| p.model_version.as_str())
@@ -231,6 +239,20 @@ async fn a_new_version_is_picked_up_mid_stream_and_a_corrupt_one_is_refused() {
     let answer = ask(&lane, samples[0].feature_map()).await;
     assert_eq!(answer.model_version.as_deref(), Some("2"));
     running.stop().await;
+
+    // A restart with the corrupt version still the highest serves version 2, not nothing.
+    let restarted = lane.start(&[lanes_scorer::def()]);
+    restarted.ready().await;
+    let info = |v| restarted.metric("lanes_scorer_model_info", &[("version", v)]);
+    assert_eq!((info("2"), info("3")), (1.0, 0.0));
+    assert_eq!(
+        restarted.metric(
+            "lanes_scorer_model_reloads_total",
+            &[("outcome", "refused")]
+        ),
+        1.0
+    );
+    restarted.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

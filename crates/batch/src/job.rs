@@ -80,10 +80,13 @@ pub async fn run(
     stop: &CancellationToken,
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
-    let dir = settings.model.resolve()?;
-    let model = tokio::task::spawn_blocking(move || Model::load(&dir))
+    let cfg = settings.model.clone();
+    let (model, refused) = tokio::task::spawn_blocking(move || cfg.load())
         .await?
         .context("loading the model")?;
+    for (dir, e) in refused {
+        tracing::error!(dir = %dir.display(), error = %e, "model version refused; scoring with an older one");
+    }
     let model = Arc::new(model);
     // The file is checked against the model before anything is published.
     let snapshot = tokio::task::spawn_blocking({

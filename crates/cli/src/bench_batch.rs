@@ -10,7 +10,6 @@ use clap::Args;
 use lanes_batch::Job;
 use lanes_batch::snapshot::{Chunk, Format, Snapshot};
 use lanes_common::Settings;
-use lanes_common::model::Model;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -37,7 +36,7 @@ pub async fn run(args: BenchBatchArgs, settings: &Settings) -> anyhow::Result<()
         42,
         lanes_common::records::now_millis(),
     )?;
-    let model = Model::load(&settings.model.resolve()?)?;
+    let (model, _) = settings.model.load()?;
     let stop = CancellationToken::new();
     let mut results = Vec::new();
     println!("| batch size | raw ORT rows/s | dry run rows/s | job rows/s | job / raw |");

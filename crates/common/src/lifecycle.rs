@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ModelConfig;
-use crate::model::{Model, ModelError};
+use crate::model::{Model, ModelError, ModelSpec};
 
 /// `"latest"` in `model.version`.
 pub const LATEST: &str = "latest";
@@ -67,20 +67,51 @@ impl ModelConfig {
         self.pinned_folder().is_none()
     }
 
-    /// The version folder to serve now.
-    pub fn resolve(&self) -> Result<PathBuf, ModelError> {
+    /// The version folders to try, best first: the pinned one, or every version
+    /// highest first.
+    pub fn candidates(&self) -> Result<Vec<PathBuf>, ModelError> {
         if let Some(dir) = self.pinned_folder() {
-            return Ok(dir);
+            return Ok(vec![dir]);
         }
         let spec_err = |message: String| ModelError::Spec {
             path: self.dir.clone(),
             message,
         };
         let all = versions(&self.dir).map_err(|e| spec_err(e.to_string()))?;
-        let latest = all
-            .last()
-            .ok_or_else(|| spec_err("holds no model version folder".into()))?;
-        Ok(self.dir.join(latest))
+        if all.is_empty() {
+            return Err(spec_err("holds no model version folder".into()));
+        }
+        Ok(all.iter().rev().map(|v| self.dir.join(v)).collect())
+    }
+
+    /// The folder whose `model.toml` is served: the highest version with a readable
+    /// one (what services that only need the feature list read).
+    pub fn resolve(&self) -> Result<PathBuf, ModelError> {
+        let all = self.candidates()?;
+        let mut first_err = None;
+        for dir in all {
+            match ModelSpec::read(&dir) {
+                Ok(_) => return Ok(dir),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_err.expect("candidates are never empty"))
+    }
+
+    /// Loads the best version that loads: the highest, or the next one down when it is
+    /// refused (a corrupt latest version must not keep a restarted service down).
+    /// Returns the model and the versions refused on the way.
+    pub fn load(&self) -> Result<(Model, Vec<(PathBuf, ModelError)>), ModelError> {
+        let mut refused = Vec::new();
+        for dir in self.candidates()? {
+            match Model::load(&dir) {
+                Ok(m) => return Ok((m, refused)),
+                Err(e) => refused.push((dir, e)),
+            }
+        }
+        Err(refused.swap_remove(0).1)
     }
 
     /// The shadow version's folder, when one is configured.
@@ -193,12 +224,15 @@ pub async fn serve(
     metrics: ModelMetrics,
     stop: CancellationToken,
 ) -> Result<ModelWatch, ModelError> {
-    let dir = cfg.resolve()?;
-    let model = Arc::new(
-        tokio::task::spawn_blocking(move || Model::load(&dir))
-            .await
-            .map_err(|e| ModelError::Runtime(format!("model loading task: {e}")))??,
-    );
+    let loading = cfg.clone();
+    let (model, refused) = tokio::task::spawn_blocking(move || loading.load())
+        .await
+        .map_err(|e| ModelError::Runtime(format!("model loading task: {e}")))??;
+    for (dir, e) in &refused {
+        tracing::error!(dir = %dir.display(), error = %e, "model version refused; serving an older one");
+        metrics.reloads.with_label_values(&["refused"]).inc();
+    }
+    let model = Arc::new(model);
     metrics.serving(&model);
     let (tx, rx) = watch::channel(model);
     if cfg.follows_latest() && cfg.watch_interval_ms > 0 {
@@ -207,7 +241,8 @@ pub async fn serve(
             interval: Duration::from_millis(cfg.watch_interval_ms),
             tx,
             metrics,
-            refused: None,
+            // The highest version, refused above, is tried again only once it changes.
+            refused: refused.first().map(|(dir, _)| signature(dir)),
         };
         tokio::spawn(watcher.run(stop));
     }
@@ -325,9 +360,19 @@ mod tests {
     #[test]
     fn latest_resolves_to_the_highest_version_and_a_version_folder_pins() {
         let root = tempfile::tempdir().unwrap();
-        for v in ["1", "2"] {
+        for v in ["1", "2", "3"] {
+            let toml = format!(
+                "name = \"m\"\nversion = \"{v}\"\nfeatures = [\"a\"]\ninput = \"x\"\noutput = \"y\"\n\
+                 output_kind = \"score\"\npositive_label = \"p\"\nnegative_label = \"n\"\n"
+            );
             std::fs::create_dir(root.path().join(v)).unwrap();
-            std::fs::write(root.path().join(v).join("model.toml"), "").unwrap();
+            // Version 3's model.toml is unreadable, so the feature list comes from 2.
+            let toml = if v == "3" {
+                "version = ".to_string()
+            } else {
+                toml
+            };
+            std::fs::write(root.path().join(v).join("model.toml"), toml).unwrap();
         }
         let mut cfg = ModelConfig {
             dir: root.path().to_path_buf(),
@@ -336,6 +381,10 @@ mod tests {
             shadow_version: "1".into(),
         };
         assert!(cfg.follows_latest());
+        assert_eq!(
+            cfg.candidates().unwrap(),
+            ["3", "2", "1"].map(|v| root.path().join(v))
+        );
         assert_eq!(cfg.resolve().unwrap(), root.path().join("2"));
         assert_eq!(cfg.shadow_folder().unwrap(), root.path().join("1"));
         cfg.version = "1".into();
