@@ -108,6 +108,51 @@ pub fn redis(settings: &Settings) -> redis::Client {
 }
 
 /// HTTP client for the schema registry.
+/// Every cache key of these settings' prefix, by SCAN: KEYS would block a shared Redis
+/// for as long as its whole keyspace takes to walk.
+pub async fn cache_keys(settings: &Settings) -> std::collections::HashSet<String> {
+    let mut redis = redis(settings)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let pattern = format!("{}*", settings.cache_writer.key_prefix);
+    // SCAN may return a key twice; the set keeps it once.
+    let mut seen = std::collections::HashSet::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        seen.extend(keys);
+        if next == 0 {
+            return seen;
+        }
+        cursor = next;
+    }
+}
+
+/// Deletes every cache key of these settings' prefix.
+pub async fn delete_cache(settings: &Settings) {
+    let keys: Vec<String> = cache_keys(settings).await.into_iter().collect();
+    let mut redis = redis(settings)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for chunk in keys.chunks(500) {
+        let _: () = redis::cmd("UNLINK")
+            .arg(chunk)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+}
+
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(10))

@@ -51,38 +51,13 @@ async fn dump(lane: &Lane, entities: usize) -> HashMap<String, HashMap<String, S
     all
 }
 
-async fn keys(lane: &Lane) -> usize {
-    let mut redis = redis(&lane.settings)
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let pattern = format!("{}*", lane.settings.cache_writer.key_prefix);
-    // SCAN may return a key twice; count distinct ones.
-    let mut seen = std::collections::HashSet::new();
-    let mut cursor = 0u64;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(5000)
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-        seen.extend(keys);
-        if next == 0 {
-            return seen.len();
-        }
-        cursor = next;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_run_fills_the_cache_once_and_a_rerun_changes_nothing() {
     const N: usize = 100_000;
     let mut lane = Lane::new("batch");
     lane.settings.cache_writer.online_features = false;
+    // 100k entries must not outlive the test in a shared Redis.
+    lane.settings.cache_writer.ttl_seconds = 900;
     lane.create_topics().await;
     let running = lane.start(&[lanes_cache_writer::def()]);
     running.ready().await;
@@ -115,7 +90,11 @@ async fn a_batch_run_fills_the_cache_once_and_a_rerun_changes_nothing() {
     assert_eq!(writes("stale") + writes("duplicate"), 0.0);
     let before = dump(&lane, N).await;
     assert_eq!(before.len(), N, "one entry per entity");
-    assert_eq!(keys(&lane).await, N, "and nothing else");
+    assert_eq!(
+        cache_keys(&lane.settings).await.len(),
+        N,
+        "and nothing else"
+    );
     let freshness = lane.settings.fallback_responder.freshness_ms;
     let now = now_millis();
     for (entity, h) in &before {
@@ -175,6 +154,7 @@ async fn a_batch_run_fills_the_cache_once_and_a_rerun_changes_nothing() {
     assert_eq!(writes("written"), N as f64);
     assert_eq!(dump(&lane, N).await, before, "the re-run changed the cache");
     running.stop().await;
+    delete_cache(&lane.settings).await;
 }
 
 #[tokio::test]

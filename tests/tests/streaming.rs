@@ -191,7 +191,7 @@ async fn every_event_is_accounted_for_and_the_cache_holds_the_newest() {
             *e = s;
         }
     }
-    let mut redis = redis(&lane.settings)
+    let redis = redis(&lane.settings)
         .get_multiplexed_async_connection()
         .await
         .unwrap();
@@ -214,11 +214,7 @@ async fn every_event_is_accounted_for_and_the_cache_holds_the_newest() {
         assert_eq!(cached["lane"], "STREAM");
         assert_eq!(cached["scored_at"], p.scored_at.to_string());
     }
-    let keys: Vec<String> = redis
-        .keys(format!("{}*", lane.settings.cache_writer.key_prefix))
-        .await
-        .unwrap();
-    assert_eq!(keys.len(), newest.len());
+    assert_eq!(cache_keys(&lane.settings).await.len(), newest.len());
 
     assert_eq!(
         running.metric("lanes_ingest_events_total", &[("outcome", "valid")]),

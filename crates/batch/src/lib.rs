@@ -98,6 +98,10 @@ pub async fn run_scheduled(
         }
         last = Some(chrono::Utc::now());
         let result = job::run(settings, job, interactive, stop).await;
+        if stop.is_cancelled() && result.is_err() {
+            tracing::info!("batch run interrupted by the stop; the next start runs it again");
+            return (ok, failed);
+        }
         metrics.record(&result);
         match result {
             Ok(_) => ok += 1,
