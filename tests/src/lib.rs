@@ -108,6 +108,23 @@ pub fn redis(settings: &Settings) -> redis::Client {
 }
 
 /// HTTP client for the schema registry.
+/// The streaming lane's services, upstream first.
+pub fn streaming_services() -> Vec<lanes_common::service::ServiceDef> {
+    vec![
+        lanes_ingest::def(),
+        lanes_micro_batcher::def(),
+        lanes_scorer::def(),
+        lanes_cache_writer::def(),
+    ]
+}
+
+/// Every service `lanes up` runs: the streaming lane and the fallback-responder.
+pub fn all_services() -> Vec<lanes_common::service::ServiceDef> {
+    let mut all = streaming_services();
+    all.push(lanes_fallback_responder::def());
+    all
+}
+
 /// Every cache key of these settings' prefix, by SCAN: KEYS would block a shared Redis
 /// for as long as its whole keyspace takes to walk.
 pub async fn cache_keys(settings: &Settings) -> std::collections::HashSet<String> {

@@ -8,10 +8,6 @@ use std::time::Duration;
 use lanes_common::generator::{Generator, Sample};
 use lanes_tests::*;
 
-fn lanes(lane: &Lane, args: &[&str]) -> Output {
-    lane.lanes(args)
-}
-
 fn ok(out: &Output) -> String {
     assert!(
         out.status.success(),
@@ -27,7 +23,7 @@ async fn run(lane: &Lane, args: &[&str]) -> Output {
     let (lane, args): (Lane, Vec<String>) =
         (lane.clone(), args.iter().map(|s| s.to_string()).collect());
     tokio::task::spawn_blocking(move || {
-        lanes(&lane, &args.iter().map(String::as_str).collect::<Vec<_>>())
+        lane.lanes(&args.iter().map(String::as_str).collect::<Vec<_>>())
     })
     .await
     .unwrap()
@@ -56,12 +52,7 @@ async fn topics_publish_tail_and_cache_get() {
         "{listed}"
     );
 
-    let running = lane.start(&[
-        lanes_ingest::def(),
-        lanes_micro_batcher::def(),
-        lanes_scorer::def(),
-        lanes_cache_writer::def(),
-    ]);
+    let running = lane.start(&streaming_services());
     running.ready().await;
     ok(&run(
         &lane,
@@ -262,16 +253,16 @@ async fn status_reports_health_and_lag() {
 #[test]
 fn help_and_usage_errors() {
     let lane = Lane::new("help");
-    let help = ok(&lanes(&lane, &["--help"]));
+    let help = ok(&lane.lanes(&["--help"]));
     for command in [
         "up", "topics", "publish", "tail", "cache", "dlq", "status", "demo", "bench",
     ] {
         assert!(help.contains(command), "{command} missing from --help");
     }
-    assert!(ok(&lanes(&lane, &["dlq", "replay", "--help"])).contains("--class"));
-    let wrong = lanes(&lane, &["fly"]);
+    assert!(ok(&lane.lanes(&["dlq", "replay", "--help"])).contains("--class"));
+    let wrong = lane.lanes(&["fly"]);
     assert_eq!(wrong.status.code(), Some(2));
-    let bad_class = lanes(&lane, &["dlq", "list", "--class", "SHRUG"]);
+    let bad_class = lane.lanes(&["dlq", "list", "--class", "SHRUG"]);
     assert_eq!(bad_class.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad_class.stderr).contains("unknown error class"));
     let bad_config = Command::new(bin("lanes"))

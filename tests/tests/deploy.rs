@@ -303,13 +303,7 @@ async fn the_dashboard_and_alerts_use_only_exported_metrics() {
     // Run every service with a little traffic, so label-dependent series exist too.
     let lane = Lane::new("metrics");
     lane.create_topics().await;
-    let running = lane.start(&[
-        lanes_ingest::def(),
-        lanes_micro_batcher::def(),
-        lanes_scorer::def(),
-        lanes_cache_writer::def(),
-        lanes_fallback_responder::def(),
-    ]);
+    let running = lane.start(&all_services());
     running.ready().await;
     let mut lines: Vec<String> = Generator::new(5, 20)
         .take(50)

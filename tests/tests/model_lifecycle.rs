@@ -29,9 +29,9 @@ fn models() -> (tempfile::TempDir, PathBuf) {
 
 /// Deploys `version` as an operator should: written to a hidden folder, then renamed.
 /// `onnx` replaces the model file (a corrupt one); the graph is version 1's otherwise.
-fn add_version(root: &Path, version: &str, onnx: Option<&[u8]>) {
-    let source = root_dir().join("models/fraud/1");
-    let staging = root.join(format!(".{version}"));
+fn add_version(folder: &Path, version: &str, onnx: Option<&[u8]>) {
+    let source = root().join("models/fraud/1");
+    let staging = folder.join(format!(".{version}"));
     std::fs::create_dir(&staging).unwrap();
     match onnx {
         Some(bytes) => std::fs::write(staging.join("model.onnx"), bytes).unwrap(),
@@ -43,11 +43,7 @@ fn add_version(root: &Path, version: &str, onnx: Option<&[u8]>) {
         .unwrap()
         .replace("version = \"1\"", &format!("version = \"{version}\""));
     std::fs::write(staging.join("model.toml"), toml).unwrap();
-    std::fs::rename(&staging, root.join(version)).unwrap();
-}
-
-fn root_dir() -> PathBuf {
-    root()
+    std::fs::rename(&staging, folder.join(version)).unwrap();
 }
 
 async fn publish(lane: &Lane, producer: &rdkafka::producer::FutureProducer, samples: &[Sample]) {
@@ -133,13 +129,7 @@ async fn a_new_version_is_picked_up_mid_stream_and_a_corrupt_one_is_refused() {
     lane.settings.model.version = "latest".into();
     lane.settings.model.watch_interval_ms = 100;
     lane.create_topics().await;
-    let running = lane.start(&[
-        lanes_ingest::def(),
-        lanes_micro_batcher::def(),
-        lanes_scorer::def(),
-        lanes_cache_writer::def(),
-        lanes_fallback_responder::def(),
-    ]);
+    let running = lane.start(&all_services());
     running.ready().await;
     let reloads = |service: &str, outcome: &str| {
         running.metric(
@@ -264,12 +254,7 @@ async fn a_shadow_version_scores_every_batch_and_never_reaches_the_cache() {
     lane.settings.model.version = "1".into();
     lane.settings.model.shadow_version = "2".into();
     lane.create_topics().await;
-    let running = lane.start(&[
-        lanes_ingest::def(),
-        lanes_micro_batcher::def(),
-        lanes_scorer::def(),
-        lanes_cache_writer::def(),
-    ]);
+    let running = lane.start(&streaming_services());
     running.ready().await;
     let samples: Vec<Sample> = Generator::new(22, 50).take(400).collect();
     let ids: HashSet<String> = samples.iter().map(|s| s.event_id.clone()).collect();

@@ -463,12 +463,7 @@ async fn significant_events_reach_the_cache_without_waiting_for_their_window() {
     lane.settings.micro_batcher.max_delay_ms = 120_000;
     lane.settings.micro_batcher.max_events = 100_000;
     lane.create_topics().await;
-    let running = lane.start(&[
-        lanes_ingest::def(),
-        lanes_micro_batcher::def(),
-        lanes_scorer::def(),
-        lanes_cache_writer::def(),
-    ]);
+    let running = lane.start(&streaming_services());
     running.ready().await;
     let mut samples: Vec<_> = Generator::new(8, 1).take(3).collect();
     samples[2].kind = "chargeback".into();

@@ -14,15 +14,6 @@ use lanes_tests::*;
 use rdkafka::Message;
 use redis::AsyncCommands;
 
-fn all_services() -> Vec<ServiceDef> {
-    vec![
-        lanes_ingest::def(),
-        lanes_micro_batcher::def(),
-        lanes_scorer::def(),
-        lanes_cache_writer::def(),
-    ]
-}
-
 fn samples(seed: u64, n: usize, cards: usize) -> Vec<Sample> {
     Generator::new(seed, cards).take(n).collect()
 }
@@ -127,7 +118,7 @@ fn has_all(ids: &HashSet<String>) -> impl Fn(&HashMap<String, Vec<Prediction>>) 
 async fn every_event_is_accounted_for_and_the_cache_holds_the_newest() {
     let lane = Lane::new("stream");
     lane.create_topics().await;
-    let running = lane.start(&all_services());
+    let running = lane.start(&streaming_services());
     running.ready().await;
 
     let valid = samples(11, 1500, 200);

@@ -262,7 +262,7 @@ impl Scorer {
         let started = Instant::now();
         let features = std::mem::take(&mut batch.features);
         // ONNX Runtime blocks; keep it off the async workers.
-        let (scored, shadowed, features) = tokio::task::spawn_blocking({
+        let (scored, shadowed) = tokio::task::spawn_blocking({
             let (model, shadow) = (model.clone(), self.shadow.clone());
             move || {
                 let scored = score(&model, &features, rows);
@@ -270,11 +270,10 @@ impl Scorer {
                     (Ok(_), Some(shadow)) => Some((score(&shadow, &features, rows), shadow)),
                     _ => None,
                 };
-                (scored, shadowed, features)
+                (scored, shadowed)
             }
         })
         .await?;
-        batch.features = features;
         let (scores, labels) = match scored {
             Ok(v) => v,
             Err(e) => {
