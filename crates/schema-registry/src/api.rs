@@ -1,20 +1,26 @@
 //! The subset of Confluent's Schema Registry REST API that Confluent's clients (Java,
 //! Python, librdkafka-based) and `schema_registry_converter` use, with Confluent's
 //! paths, bodies, error codes and content type.
+//!
+//! Requests pass the basic-auth check ([`crate::auth`], when credentials are set) and
+//! the body-size limit, then a handler here reads them with [`crate::params`] and calls
+//! [`Store`]. Config, mode and compatibility endpoints live in [`crate::config_api`].
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::compat::Level;
+use crate::ServerOptions;
+use crate::config_api;
 use crate::error::ApiError;
+use crate::params::{ApiPath, Body, Params};
 use crate::store::{Store, VersionSpec};
 
 pub const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
@@ -29,15 +35,20 @@ pub fn json(status: StatusCode, body: &Value) -> Response {
         .into_response()
 }
 
-fn ok(body: Value) -> Result<Response, ApiError> {
+pub(crate) fn ok(body: Value) -> Result<Response, ApiError> {
     Ok(json(StatusCode::OK, &body))
 }
 
-type ApiResult = Result<Response, ApiError>;
-type AppState = Arc<Store>;
+pub(crate) type ApiResult = Result<Response, ApiError>;
+pub(crate) type AppState = Arc<Store>;
 
+/// The API with the default [`ServerOptions`]: 1 MiB bodies, no auth.
 pub fn router(store: Arc<Store>) -> Router {
-    Router::new()
+    router_with(store, &ServerOptions::default())
+}
+
+pub fn router_with(store: Arc<Store>, options: &ServerOptions) -> Router {
+    let routes = Router::new()
         .route("/", get(|| async { json(StatusCode::OK, &json!({})) }))
         .route("/subjects", get(list_subjects))
         .route("/subjects/{subject}", post(lookup).delete(delete_subject))
@@ -53,45 +64,38 @@ pub fn router(store: Arc<Store>) -> Router {
             "/subjects/{subject}/versions/{version}/schema",
             get(get_version_schema),
         )
+        .route(
+            "/subjects/{subject}/versions/{version}/referencedby",
+            get(referenced_by),
+        )
         .route("/schemas/ids/{id}", get(schema_by_id))
         .route("/schemas/ids/{id}/schema", get(raw_schema_by_id))
         .route("/schemas/ids/{id}/versions", get(id_versions))
+        .route("/schemas/ids/{id}/subjects", get(id_subjects))
         .route(
             "/schemas/types",
             get(|| async { json(StatusCode::OK, &json!(["AVRO"])) }),
         )
-        .route("/config", get(get_global_config).put(put_global_config))
-        .route(
-            "/config/{subject}",
-            get(get_subject_config)
-                .put(put_subject_config)
-                .delete(delete_subject_config),
-        )
-        .route(
-            "/compatibility/subjects/{subject}/versions",
-            post(check_all),
-        )
-        .route(
-            "/compatibility/subjects/{subject}/versions/{version}",
-            post(check_version),
-        )
-        .route(
-            "/mode",
-            get(|| async { json(StatusCode::OK, &json!({"mode": "READWRITE"})) }),
-        )
-        .with_state(store)
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct Flags {
-    #[serde(default)]
-    deleted: bool,
-    #[serde(default)]
-    permanent: bool,
-    #[serde(default)]
-    verbose: bool,
-    #[serde(default, rename = "defaultToGlobal")]
-    default_to_global: bool,
+        // One context, Confluent's default.
+        .route("/contexts", get(contexts));
+    let mut app = config_api::routes(routes)
+        .fallback(|| async { ApiError::http(StatusCode::NOT_FOUND, "HTTP 404 Not Found") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::http(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "HTTP 405 Method Not Allowed",
+            )
+        })
+        .layer(DefaultBodyLimit::max(options.max_body_bytes))
+        .with_state(store);
+    // Added last so it runs first: an unauthenticated body is never read.
+    if let Some(credentials) = &options.basic_auth {
+        app = app.layer(middleware::from_fn_with_state(
+            Arc::new(credentials.clone()),
+            crate::auth::require,
+        ));
+    }
+    app
 }
 
 /// A request body with a schema. Clients send any of Confluent's content types (or
@@ -106,7 +110,7 @@ struct SchemaBody {
     references: Option<Vec<Value>>,
 }
 
-fn schema_body(body: &Bytes) -> Result<String, ApiError> {
+pub(crate) fn schema_body(body: &[u8]) -> Result<String, ApiError> {
     let b: SchemaBody = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}")))?;
     if let Some(t) = b
@@ -126,14 +130,15 @@ fn schema_body(body: &Bytes) -> Result<String, ApiError> {
     Ok(b.schema)
 }
 
-async fn list_subjects(State(store): State<AppState>, Query(f): Query<Flags>) -> ApiResult {
-    ok(json!(store.subjects(f.deleted)))
+async fn list_subjects(State(store): State<AppState>, Params(f): Params) -> ApiResult {
+    ok(json!(f.page(store.subjects(f.show(), f.prefix()))))
 }
 
 async fn register(
     State(store): State<AppState>,
-    Path(subject): Path<String>,
-    body: Bytes,
+    ApiPath(subject): ApiPath<String>,
+    Params(_): Params,
+    Body(body): Body,
 ) -> ApiResult {
     let schema = schema_body(&body)?;
     let id = store.register(&subject, &schema)?;
@@ -142,9 +147,9 @@ async fn register(
 
 async fn lookup(
     State(store): State<AppState>,
-    Path(subject): Path<String>,
-    Query(f): Query<Flags>,
-    body: Bytes,
+    ApiPath(subject): ApiPath<String>,
+    Params(f): Params,
+    Body(body): Body,
 ) -> ApiResult {
     let schema = schema_body(&body)?;
     ok(json!(store.lookup(&subject, &schema, f.deleted)?))
@@ -152,24 +157,24 @@ async fn lookup(
 
 async fn delete_subject(
     State(store): State<AppState>,
-    Path(subject): Path<String>,
-    Query(f): Query<Flags>,
+    ApiPath(subject): ApiPath<String>,
+    Params(f): Params,
 ) -> ApiResult {
     ok(json!(store.delete_subject(&subject, f.permanent)?))
 }
 
 async fn list_versions(
     State(store): State<AppState>,
-    Path(subject): Path<String>,
-    Query(f): Query<Flags>,
+    ApiPath(subject): ApiPath<String>,
+    Params(f): Params,
 ) -> ApiResult {
-    ok(json!(store.versions(&subject, f.deleted)?))
+    ok(json!(f.page(store.versions(&subject, f.show())?)))
 }
 
 async fn get_version(
     State(store): State<AppState>,
-    Path((subject, version)): Path<(String, String)>,
-    Query(f): Query<Flags>,
+    ApiPath((subject, version)): ApiPath<(String, String)>,
+    Params(f): Params,
 ) -> ApiResult {
     let spec = VersionSpec::parse(&version)?;
     ok(json!(store.version(&subject, spec, f.deleted)?))
@@ -177,26 +182,36 @@ async fn get_version(
 
 async fn get_version_schema(
     State(store): State<AppState>,
-    Path((subject, version)): Path<(String, String)>,
+    ApiPath((subject, version)): ApiPath<(String, String)>,
+    Params(f): Params,
 ) -> ApiResult {
     let spec = VersionSpec::parse(&version)?;
-    raw(store.version(&subject, spec, false)?.schema)
+    raw(store.version(&subject, spec, f.deleted)?.schema)
 }
 
 async fn delete_version(
     State(store): State<AppState>,
-    Path((subject, version)): Path<(String, String)>,
-    Query(f): Query<Flags>,
+    ApiPath((subject, version)): ApiPath<(String, String)>,
+    Params(f): Params,
 ) -> ApiResult {
     let spec = VersionSpec::parse(&version)?;
     ok(json!(store.delete_version(&subject, spec, f.permanent)?))
 }
 
-async fn schema_by_id(State(store): State<AppState>, Path(id): Path<u32>) -> ApiResult {
+async fn referenced_by(
+    State(store): State<AppState>,
+    ApiPath((subject, version)): ApiPath<(String, String)>,
+    Params(f): Params,
+) -> ApiResult {
+    let spec = VersionSpec::parse(&version)?;
+    ok(json!(f.page(store.referenced_by(&subject, spec)?)))
+}
+
+async fn schema_by_id(State(store): State<AppState>, ApiPath(id): ApiPath<u32>) -> ApiResult {
     ok(json!({ "schema": store.schema_by_id(id)? }))
 }
 
-async fn raw_schema_by_id(State(store): State<AppState>, Path(id): Path<u32>) -> ApiResult {
+async fn raw_schema_by_id(State(store): State<AppState>, ApiPath(id): ApiPath<u32>) -> ApiResult {
     raw(store.schema_by_id(id)?)
 }
 
@@ -204,96 +219,34 @@ fn raw(schema: String) -> ApiResult {
     Ok(([(header::CONTENT_TYPE, CONTENT_TYPE)], schema).into_response())
 }
 
-async fn id_versions(State(store): State<AppState>, Path(id): Path<u32>) -> ApiResult {
+async fn id_versions(
+    State(store): State<AppState>,
+    ApiPath(id): ApiPath<u32>,
+    Params(f): Params,
+) -> ApiResult {
     let pairs: Vec<Value> = store
-        .id_versions(id)?
+        .id_versions(id, f.subject.as_deref(), f.deleted)?
         .into_iter()
         .map(|(subject, version)| json!({"subject": subject, "version": version}))
         .collect();
-    ok(json!(pairs))
+    ok(json!(f.page(pairs)))
 }
 
-#[derive(Debug, Deserialize)]
-struct ConfigBody {
-    compatibility: String,
-}
-
-fn level_body(body: &Bytes) -> Result<Level, ApiError> {
-    let b: ConfigBody = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}")))?;
-    b.compatibility
-        .parse()
-        .map_err(ApiError::invalid_compatibility_level)
-}
-
-async fn get_global_config(State(store): State<AppState>) -> ApiResult {
-    ok(json!({ "compatibilityLevel": store.level(None).unwrap_or(Level::Backward) }))
-}
-
-async fn put_global_config(State(store): State<AppState>, body: Bytes) -> ApiResult {
-    let level = level_body(&body)?;
-    store.set_level(None, Some(level))?;
-    ok(json!({ "compatibility": level }))
-}
-
-async fn get_subject_config(
+async fn id_subjects(
     State(store): State<AppState>,
-    Path(subject): Path<String>,
-    Query(f): Query<Flags>,
+    ApiPath(id): ApiPath<u32>,
+    Params(f): Params,
 ) -> ApiResult {
-    match store.level(Some(&subject)) {
-        Some(level) => ok(json!({ "compatibilityLevel": level })),
-        None if f.default_to_global => ok(json!({ "compatibilityLevel": store.level(None) })),
-        None => Err(ApiError::subject_config_not_found(&subject)),
-    }
+    let mut subjects: Vec<String> = store
+        .id_versions(id, f.subject.as_deref(), f.deleted)?
+        .into_iter()
+        .map(|(subject, _)| subject)
+        .collect();
+    // Pairs come grouped by subject, in order.
+    subjects.dedup();
+    ok(json!(f.page(subjects)))
 }
 
-async fn put_subject_config(
-    State(store): State<AppState>,
-    Path(subject): Path<String>,
-    body: Bytes,
-) -> ApiResult {
-    let level = level_body(&body)?;
-    store.set_level(Some(&subject), Some(level))?;
-    ok(json!({ "compatibility": level }))
-}
-
-async fn delete_subject_config(
-    State(store): State<AppState>,
-    Path(subject): Path<String>,
-) -> ApiResult {
-    let level = store
-        .level(Some(&subject))
-        .ok_or_else(|| ApiError::subject_config_not_found(&subject))?;
-    store.set_level(Some(&subject), None)?;
-    ok(json!({ "compatibilityLevel": level }))
-}
-
-fn compatibility(messages: Vec<String>, verbose: bool) -> ApiResult {
-    let mut body = json!({ "is_compatible": messages.is_empty() });
-    if verbose {
-        body["messages"] = json!(messages);
-    }
-    ok(body)
-}
-
-async fn check_all(
-    State(store): State<AppState>,
-    Path(subject): Path<String>,
-    Query(f): Query<Flags>,
-    body: Bytes,
-) -> ApiResult {
-    let schema = schema_body(&body)?;
-    compatibility(store.check(&subject, None, &schema)?, f.verbose)
-}
-
-async fn check_version(
-    State(store): State<AppState>,
-    Path((subject, version)): Path<(String, String)>,
-    Query(f): Query<Flags>,
-    body: Bytes,
-) -> ApiResult {
-    let spec = VersionSpec::parse(&version)?;
-    let schema = schema_body(&body)?;
-    compatibility(store.check(&subject, Some(spec), &schema)?, f.verbose)
+async fn contexts(Params(f): Params) -> ApiResult {
+    ok(json!(f.page(vec!["."])))
 }

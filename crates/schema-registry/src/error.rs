@@ -66,8 +66,33 @@ impl ApiError {
     pub fn invalid_compatibility_level(message: impl Into<String>) -> Self {
         Self::new(42203, message)
     }
+    pub fn invalid_mode(mode: &str) -> Self {
+        Self::new(
+            42204,
+            format!(
+                "Invalid mode {mode:?}; valid values are IMPORT, READONLY, READWRITE and READONLY_OVERRIDE"
+            ),
+        )
+    }
+    pub fn operation_not_permitted(message: impl Into<String>) -> Self {
+        Self::new(42205, message)
+    }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, message)
+    }
+    /// A plain HTTP error (`error_code` is the status), as Confluent's server answers
+    /// requests that never reach a resource: no route, wrong method, unreadable path.
+    pub fn http(status: StatusCode, message: impl Into<String>) -> Self {
+        Self::new(u32::from(status.as_u16()), message)
+    }
+    pub fn unauthorized() -> Self {
+        Self::new(401, "Unauthorized")
+    }
+    pub fn body_too_large() -> Self {
+        Self::new(
+            413,
+            "Request body is larger than this registry accepts (--max-body-bytes)",
+        )
     }
     pub fn store(message: impl Into<String>) -> Self {
         Self::new(50001, message)

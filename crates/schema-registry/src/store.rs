@@ -1,165 +1,19 @@
-//! Registry state and its durable log.
+//! Registry operations: what each API call reads or changes, under one lock.
 //!
-//! Why an append-only JSON-lines log: it is what Confluent's registry does with its
-//! `_schemas` topic. Every change is one line, written and fsynced before it is applied,
-//! and the state is rebuilt by replaying the lines at start, so ids never change across
-//! restarts. Writes are rare (a service registers its schema once), reads are served from
-//! memory, and the format needs no dependency and can be read with `cat`. A torn last
-//! line (a crash mid-write) is skipped with a warning; it was never acknowledged.
+//! A change is written to the durable [`Log`] and fsynced before it is applied to the
+//! in-memory [`State`], while the lock is held, so ids and versions are handed out in
+//! log order and an acknowledged change survives a crash. Reads are served from memory.
 
-use std::collections::{BTreeMap, HashMap};
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use apache_avro::Schema;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::compat::{self, Level};
 use crate::error::ApiError;
-
-const LOG_FILE: &str = "schemas.log";
-
-/// One durable change.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-enum Entry {
-    Schema {
-        id: u32,
-        schema: String,
-    },
-    Version {
-        subject: String,
-        version: u32,
-        id: u32,
-    },
-    DeleteVersion {
-        subject: String,
-        version: u32,
-        permanent: bool,
-    },
-    Config {
-        subject: Option<String>,
-        level: Option<Level>,
-    },
-}
-
-#[derive(Debug, Clone)]
-struct VersionEntry {
-    version: u32,
-    id: u32,
-    deleted: bool,
-}
-
-#[derive(Debug, Default)]
-struct Subject {
-    versions: Vec<VersionEntry>,
-    level: Option<Level>,
-}
-
-impl Subject {
-    fn live(&self) -> impl DoubleEndedIterator<Item = &VersionEntry> {
-        self.versions.iter().filter(|v| !v.deleted)
-    }
-    fn visible(&self, deleted: bool) -> impl DoubleEndedIterator<Item = &VersionEntry> {
-        self.versions.iter().filter(move |v| deleted || !v.deleted)
-    }
-}
-
-#[derive(Debug)]
-struct State {
-    /// Canonical schema text by id; ids start at 1.
-    schemas: BTreeMap<u32, (String, Schema)>,
-    by_canonical: HashMap<String, u32>,
-    subjects: BTreeMap<String, Subject>,
-    level: Level,
-}
-
-impl State {
-    fn new() -> Self {
-        Self {
-            schemas: BTreeMap::new(),
-            by_canonical: HashMap::new(),
-            subjects: BTreeMap::new(),
-            level: Level::Backward,
-        }
-    }
-
-    fn apply(&mut self, entry: Entry) -> Result<(), String> {
-        match entry {
-            Entry::Schema { id, schema } => {
-                let parsed = Schema::parse_str(&schema).map_err(|e| e.to_string())?;
-                self.by_canonical.insert(schema.clone(), id);
-                self.schemas.insert(id, (schema, parsed));
-            }
-            Entry::Version {
-                subject,
-                version,
-                id,
-            } => {
-                let s = self.subjects.entry(subject).or_default();
-                s.versions.push(VersionEntry {
-                    version,
-                    id,
-                    deleted: false,
-                });
-            }
-            Entry::DeleteVersion {
-                subject,
-                version,
-                permanent,
-            } => {
-                if let Some(s) = self.subjects.get_mut(&subject) {
-                    if permanent {
-                        s.versions.retain(|v| v.version != version);
-                    } else if let Some(v) = s.versions.iter_mut().find(|v| v.version == version) {
-                        v.deleted = true;
-                    }
-                    if s.versions.is_empty() && s.level.is_none() {
-                        self.subjects.remove(&subject);
-                    }
-                }
-            }
-            Entry::Config {
-                subject: None,
-                level,
-            } => self.level = level.unwrap_or(Level::Backward),
-            Entry::Config {
-                subject: Some(subject),
-                level,
-            } => {
-                self.subjects.entry(subject).or_default().level = level;
-            }
-        }
-        Ok(())
-    }
-
-    fn subject(&self, name: &str) -> Result<&Subject, ApiError> {
-        self.subjects
-            .get(name)
-            .filter(|s| !s.versions.is_empty())
-            .ok_or_else(|| ApiError::subject_not_found(name))
-    }
-
-    fn schema_text(&self, id: u32) -> &str {
-        &self.schemas[&id].0
-    }
-}
-
-/// Cuts a partial last line (a crash mid-write) so the next append starts clean.
-fn drop_torn_tail(path: &Path) -> std::io::Result<()> {
-    let bytes = std::fs::read(path)?;
-    if bytes.last().is_some_and(|b| *b != b'\n') {
-        let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-        tracing::warn!(path = %path.display(), dropped = bytes.len() - keep, "dropping a torn last line");
-        OpenOptions::new()
-            .write(true)
-            .open(path)?
-            .set_len(keep as u64)?;
-    }
-    Ok(())
-}
+use crate::log::{Entry, Log, LogError};
+use crate::state::{MAX_ID, Show, State};
 
 /// Which version a request names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,7 +45,7 @@ pub struct SubjectVersion {
 
 pub struct Store {
     state: Mutex<State>,
-    log: Option<Mutex<File>>,
+    log: Option<Mutex<Log>>,
     path: Option<PathBuf>,
 }
 
@@ -202,6 +56,13 @@ pub fn canonical(schema: &str) -> Result<(String, Schema), ApiError> {
         .map_err(|e| ApiError::invalid_schema(format!("Invalid schema: {e}")))?;
     let text = serde_json::to_string(&parsed)
         .map_err(|e| ApiError::invalid_schema(format!("Invalid schema: {e}")))?;
+    // The log stores this text and replay parses it; a text that did not parse back
+    // would stop the next start, so it is refused now instead.
+    Schema::parse_str(&text).map_err(|e| {
+        ApiError::invalid_schema(format!(
+            "Invalid schema: its canonical form does not parse: {e}"
+        ))
+    })?;
     Ok((text, parsed))
 }
 
@@ -215,36 +76,24 @@ impl Store {
         }
     }
 
-    /// Opens (or creates) the log in `dir` and replays it.
-    pub fn open(dir: &Path) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let path = dir.join(LOG_FILE);
+    /// Opens (or creates) the log in `dir` and replays it. Fails, naming the line, when
+    /// a line is corrupt or contradicts the ones before it.
+    pub fn open(dir: &Path) -> Result<Self, LogError> {
+        let (log, entries) = Log::open(dir)?;
         let mut state = State::new();
-        let mut replayed = 0usize;
-        if path.exists() {
-            drop_torn_tail(&path)?;
-            let reader = BufReader::new(File::open(&path)?);
-            for (n, line) in reader.lines().enumerate() {
-                let line = line?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                match serde_json::from_str::<Entry>(&line)
-                    .map_err(|e| e.to_string())
-                    .and_then(|e| state.apply(e))
-                {
-                    Ok(()) => replayed += 1,
-                    Err(e) => {
-                        tracing::warn!(line = n + 1, path = %path.display(), error = %e, "skipping unreadable log line")
-                    }
-                }
-            }
+        let replayed = entries.len();
+        for (line, entry) in entries {
+            state.apply(entry).map_err(|reason| LogError::Corrupt {
+                path: log.path().to_path_buf(),
+                line,
+                reason,
+            })?;
         }
+        let path = log.path().to_path_buf();
         tracing::info!(path = %path.display(), entries = replayed, schemas = state.schemas.len(), "registry log replayed");
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
         Ok(Self {
             state: Mutex::new(state),
-            log: Some(Mutex::new(file)),
+            log: Some(Mutex::new(log)),
             path: Some(path),
         })
     }
@@ -254,20 +103,16 @@ impl Store {
     }
 
     /// Writes `entries` durably, then applies them. Runs under the state lock, so ids
-    /// and versions are handed out in log order.
+    /// and versions are handed out in log order. Callers build only entries that apply
+    /// (a parsing schema, the next id and version), since replay refuses any that do not.
     fn commit(&self, state: &mut State, entries: Vec<Entry>) -> Result<(), ApiError> {
         if let Some(log) = &self.log {
-            let mut text = String::new();
-            for e in &entries {
-                text.push_str(
-                    &serde_json::to_string(e).map_err(|e| ApiError::store(e.to_string()))?,
-                );
-                text.push('\n');
-            }
-            let mut file = log.lock().expect("log lock");
-            file.write_all(text.as_bytes())
-                .and_then(|_| file.sync_data())
-                .map_err(|e| ApiError::store(format!("Error while registering schema: {e}")))?;
+            log.lock()
+                .expect("log lock")
+                .append(&entries)
+                .map_err(|e| {
+                    ApiError::store(format!("Error while writing the registry log: {e}"))
+                })?;
         }
         for e in entries {
             state.apply(e).map_err(ApiError::store)?;
@@ -289,18 +134,9 @@ impl Store {
         {
             return Ok(id);
         }
-        let level = state
-            .subjects
-            .get(subject)
-            .and_then(|s| s.level)
-            .unwrap_or(state.level);
         if let Some(s) = state.subjects.get(subject) {
-            let existing: Vec<(u32, &Schema)> = s
-                .live()
-                .rev()
-                .map(|v| (v.version, &state.schemas[&v.id].1))
-                .collect();
-            let problems = compat::check(level, &parsed, &existing);
+            let existing = state.parsed(s.live())?;
+            let problems = compat::check(state.level_for(subject), &parsed, &existing);
             if !problems.is_empty() {
                 return Err(ApiError::incompatible(format!(
                     "Schema being registered is incompatible with an earlier schema for subject \"{subject}\", details: [{}]",
@@ -313,6 +149,9 @@ impl Store {
             Some(id) => id,
             None => {
                 let id = state.schemas.keys().next_back().map_or(1, |m| m + 1);
+                if id > MAX_ID {
+                    return Err(ApiError::store("No schema ids left"));
+                }
                 entries.push(Entry::Schema { id, schema: text });
                 id
             }
@@ -320,8 +159,13 @@ impl Store {
         let version = state
             .subjects
             .get(subject)
-            .and_then(|s| s.versions.iter().map(|v| v.version).max())
-            .map_or(1, |m| m + 1);
+            .and_then(|s| s.versions.last())
+            .map_or(1, |v| v.version + 1);
+        if version > MAX_ID {
+            return Err(ApiError::store(format!(
+                "No versions left in subject {subject:?}"
+            )));
+        }
         entries.push(Entry::Version {
             subject: subject.to_string(),
             version,
@@ -332,7 +176,7 @@ impl Store {
         Ok(id)
     }
 
-    /// The live version of `subject` holding `schema`.
+    /// The version of `subject` holding `schema`, the newest if several do.
     pub fn lookup(
         &self,
         subject: &str,
@@ -347,7 +191,7 @@ impl Store {
             .get(&text)
             .ok_or_else(ApiError::schema_not_found)?;
         let v = s
-            .visible(deleted)
+            .visible(Show::from_flags(deleted, false))
             .rev()
             .find(|v| v.id == *id)
             .ok_or_else(ApiError::schema_not_found)?;
@@ -359,21 +203,22 @@ impl Store {
         })
     }
 
-    pub fn subjects(&self, deleted: bool) -> Vec<String> {
+    /// Subject names in order, those starting with `prefix` when one is given.
+    pub fn subjects(&self, show: Show, prefix: Option<&str>) -> Vec<String> {
         let state = self.lock();
         state
             .subjects
             .iter()
-            .filter(|(_, s)| s.visible(deleted).next().is_some())
+            .filter(|(name, s)| s.listed(show) && prefix.is_none_or(|p| name.starts_with(p)))
             .map(|(name, _)| name.clone())
             .collect()
     }
 
-    pub fn versions(&self, subject: &str, deleted: bool) -> Result<Vec<u32>, ApiError> {
+    pub fn versions(&self, subject: &str, show: Show) -> Result<Vec<u32>, ApiError> {
         let state = self.lock();
         let s = state.subject(subject)?;
-        let versions: Vec<u32> = s.visible(deleted).map(|v| v.version).collect();
-        if versions.is_empty() {
+        let versions: Vec<u32> = s.visible(show).map(|v| v.version).collect();
+        if versions.is_empty() && show != Show::DeletedOnly {
             return Err(ApiError::subject_not_found(subject));
         }
         Ok(versions)
@@ -387,9 +232,10 @@ impl Store {
     ) -> Result<SubjectVersion, ApiError> {
         let state = self.lock();
         let s = state.subject(subject)?;
+        let show = Show::from_flags(deleted, false);
         let found = match spec {
-            VersionSpec::Latest => s.visible(deleted).next_back(),
-            VersionSpec::Number(n) => s.visible(deleted).find(|v| v.version == n),
+            VersionSpec::Latest => s.visible(show).next_back(),
+            VersionSpec::Number(n) => s.visible(show).find(|v| v.version == n),
         };
         let v = match (found, spec) {
             (Some(v), _) => v,
@@ -402,7 +248,7 @@ impl Store {
             subject: subject.into(),
             version: v.version,
             id: v.id,
-            schema: state.schema_text(v.id).to_string(),
+            schema: state.schema(v.id)?.0.clone(),
         })
     }
 
@@ -415,17 +261,24 @@ impl Store {
             .ok_or_else(ApiError::schema_not_found)
     }
 
-    /// Subject/version pairs that use schema `id`.
-    pub fn id_versions(&self, id: u32) -> Result<Vec<(String, u32)>, ApiError> {
+    /// Subject/version pairs that use schema `id`, of `subject` only when one is given.
+    pub fn id_versions(
+        &self,
+        id: u32,
+        subject: Option<&str>,
+        deleted: bool,
+    ) -> Result<Vec<(String, u32)>, ApiError> {
         let state = self.lock();
         if !state.schemas.contains_key(&id) {
             return Err(ApiError::schema_not_found());
         }
+        let show = Show::from_flags(deleted, false);
         Ok(state
             .subjects
             .iter()
+            .filter(|(name, _)| subject.is_none_or(|s| s == name.as_str()))
             .flat_map(|(name, s)| {
-                s.live()
+                s.visible(show)
                     .filter(|v| v.id == id)
                     .map(|v| (name.clone(), v.version))
             })
@@ -492,6 +345,13 @@ impl Store {
         Ok(version)
     }
 
+    /// Schema ids that reference `subject`'s version. Always none, since references are
+    /// refused at registration; the version must exist all the same.
+    pub fn referenced_by(&self, subject: &str, spec: VersionSpec) -> Result<Vec<u32>, ApiError> {
+        self.version(subject, spec, false)?;
+        Ok(Vec::new())
+    }
+
     /// The subject's own level (`None` when it has none), or the global one.
     pub fn level(&self, subject: Option<&str>) -> Option<Level> {
         let state = self.lock();
@@ -501,6 +361,8 @@ impl Store {
         }
     }
 
+    /// Sets (or with `None` clears) the subject's level, or the global one; clearing the
+    /// global level restores the default, BACKWARD.
     pub fn set_level(&self, subject: Option<&str>, level: Option<Level>) -> Result<(), ApiError> {
         let mut state = self.lock();
         self.commit(
@@ -522,11 +384,7 @@ impl Store {
     ) -> Result<Vec<String>, ApiError> {
         let (_, parsed) = canonical(schema)?;
         let state = self.lock();
-        let level = state
-            .subjects
-            .get(subject)
-            .and_then(|s| s.level)
-            .unwrap_or(state.level);
+        let level = state.level_for(subject);
         let Some(s) = state
             .subjects
             .get(subject)
@@ -537,24 +395,15 @@ impl Store {
                 Some(_) => Err(ApiError::subject_not_found(subject)),
             };
         };
-        let existing: Vec<(u32, &Schema)> = match spec {
-            None => s
-                .live()
-                .rev()
-                .map(|v| (v.version, &state.schemas[&v.id].1))
-                .collect(),
-            Some(VersionSpec::Latest) => s
-                .live()
-                .next_back()
-                .map(|v| (v.version, &state.schemas[&v.id].1))
-                .into_iter()
-                .collect(),
+        let existing = match spec {
+            None => state.parsed(s.live())?,
+            Some(VersionSpec::Latest) => state.parsed(s.live().next_back().into_iter())?,
             Some(VersionSpec::Number(n)) => {
                 let v = s
                     .live()
                     .find(|v| v.version == n)
                     .ok_or_else(|| ApiError::version_not_found(&n.to_string()))?;
-                vec![(v.version, &state.schemas[&v.id].1)]
+                state.parsed(std::iter::once(v))?
             }
         };
         Ok(compat::check(level, &parsed, &existing))
@@ -574,9 +423,9 @@ mod tests {
         let id = s.register("t-value", V1).unwrap();
         assert_eq!(s.register("t-value", &V1.replace(',', " , ")).unwrap(), id);
         assert_eq!(s.register("u-value", V1).unwrap(), id, "ids are global");
-        assert_eq!(s.versions("t-value", false).unwrap(), vec![1]);
+        assert_eq!(s.versions("t-value", Show::Live).unwrap(), vec![1]);
         assert_eq!(s.register("t-value", V2).unwrap(), id + 1);
-        assert_eq!(s.versions("t-value", false).unwrap(), vec![1, 2]);
+        assert_eq!(s.versions("t-value", Show::Live).unwrap(), vec![1, 2]);
     }
 
     #[test]
@@ -595,19 +444,19 @@ mod tests {
                 .unwrap(),
             2
         );
-        assert_eq!(s.versions("t", false).unwrap(), vec![1]);
-        assert_eq!(s.versions("t", true).unwrap(), vec![1, 2]);
+        assert_eq!(s.versions("t", Show::Live).unwrap(), vec![1]);
+        assert_eq!(s.versions("t", Show::All).unwrap(), vec![1, 2]);
         assert_eq!(
             s.version("t", VersionSpec::Latest, false).unwrap().version,
             1
         );
         assert_eq!(s.delete_subject("t", true).unwrap_err().code, 40405);
         assert_eq!(s.delete_subject("t", false).unwrap(), vec![1]);
-        assert!(s.subjects(false).is_empty());
-        assert_eq!(s.subjects(true), vec!["t".to_string()]);
+        assert!(s.subjects(Show::Live, None).is_empty());
+        assert_eq!(s.subjects(Show::All, None), vec!["t".to_string()]);
         assert_eq!(s.delete_subject("t", true).unwrap(), vec![1, 2]);
-        assert!(s.subjects(true).is_empty());
-        assert_eq!(s.versions("t", true).unwrap_err().code, 40401);
+        assert!(s.subjects(Show::All, None).is_empty());
+        assert_eq!(s.versions("t", Show::All).unwrap_err().code, 40401);
         // The schema's id outlives its subjects.
         assert!(s.schema_by_id(1).is_ok());
     }
@@ -625,13 +474,13 @@ mod tests {
             s.set_level(None, Some(Level::Forward)).unwrap();
         }
         // A crash mid-write leaves a torn line; it is skipped.
-        let mut f = OpenOptions::new()
+        let mut f = std::fs::OpenOptions::new()
             .append(true)
-            .open(dir.path().join(LOG_FILE))
+            .open(dir.path().join("schemas.log"))
             .unwrap();
-        f.write_all(b"{\"op\":\"schema\",\"id\":3,\"sch").unwrap();
+        std::io::Write::write_all(&mut f, b"{\"op\":\"schema\",\"id\":3,\"sch").unwrap();
         let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.versions("t", false).unwrap(), vec![2]);
+        assert_eq!(s.versions("t", Show::Live).unwrap(), vec![2]);
         let v3 = V2.replace("\"b\"", "\"c\"");
         assert_eq!(
             s.register("other", &v3).unwrap(),
@@ -645,5 +494,56 @@ mod tests {
         assert_eq!(s.level(Some("t")), Some(Level::Full));
         assert_eq!(s.level(None), Some(Level::Forward));
         assert_eq!(s.register("t", V2).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_log_line_that_contradicts_earlier_ones_stops_the_replay_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.register("t", V1).unwrap();
+        }
+        let file = dir.path().join("schemas.log");
+        let mut text = std::fs::read_to_string(&file).unwrap();
+        text.push_str("{\"op\":\"version\",\"subject\":\"u\",\"version\":1,\"id\":9}\n");
+        std::fs::write(&file, text).unwrap();
+        let err = Store::open(dir.path()).err().expect("replay refuses");
+        assert!(matches!(err, LogError::Corrupt { line: 3, .. }), "{err}");
+        assert!(err.to_string().contains("unknown schema id 9"), "{err}");
+    }
+
+    #[test]
+    fn listings_filter_by_deleted_only_prefix_and_subject() {
+        let s = Store::in_memory();
+        let id = s.register("a-value", V1).unwrap();
+        s.register("a-value", V2).unwrap();
+        s.register("b-value", V1).unwrap();
+        s.register("gone", V1).unwrap();
+        s.delete_subject("gone", false).unwrap();
+        s.delete_version("a-value", VersionSpec::Number(1), false)
+            .unwrap();
+
+        assert_eq!(s.subjects(Show::Live, None), vec!["a-value", "b-value"]);
+        assert_eq!(s.subjects(Show::DeletedOnly, None), vec!["gone"]);
+        assert_eq!(s.subjects(Show::All, Some("b")), vec!["b-value"]);
+        assert_eq!(s.versions("a-value", Show::DeletedOnly).unwrap(), vec![1]);
+        assert_eq!(
+            s.id_versions(id, None, false).unwrap(),
+            vec![("b-value".to_string(), 1)]
+        );
+        assert_eq!(
+            s.id_versions(id, Some("a-value"), true).unwrap(),
+            vec![("a-value".to_string(), 1)]
+        );
+        assert_eq!(
+            s.referenced_by("a-value", VersionSpec::Latest).unwrap(),
+            Vec::<u32>::new()
+        );
+        assert_eq!(
+            s.referenced_by("a-value", VersionSpec::Number(1))
+                .unwrap_err()
+                .code,
+            40402
+        );
     }
 }

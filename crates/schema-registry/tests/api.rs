@@ -1,100 +1,10 @@
 //! The registry over real HTTP, in-process on a free port, as Confluent clients call it.
 
-use std::path::Path;
-use std::sync::Arc;
+mod common;
 
-use lanes_schema_registry::{Store, run};
+use common::*;
 use reqwest::StatusCode;
-use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-
-const CT: &str = "application/vnd.schemaregistry.v1+json";
-
-const V1: &str =
-    r#"{"type":"record","name":"Event","namespace":"t","fields":[{"name":"id","type":"string"}]}"#;
-const V2_OPTIONAL: &str = r#"{"type":"record","name":"Event","namespace":"t","fields":[{"name":"id","type":"string"},{"name":"note","type":["null","string"],"default":null}]}"#;
-const V2_REQUIRED: &str = r#"{"type":"record","name":"Event","namespace":"t","fields":[{"name":"id","type":"string"},{"name":"amount","type":"double"}]}"#;
-
-struct Registry {
-    url: String,
-    http: reqwest::Client,
-    token: CancellationToken,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl Registry {
-    async fn start(dir: Option<&Path>) -> Self {
-        let store = match dir {
-            Some(d) => Store::open(d).unwrap(),
-            None => Store::in_memory(),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let token = CancellationToken::new();
-        let task = tokio::spawn(run(listener, Arc::new(store), token.clone()));
-        Self {
-            url,
-            http: reqwest::Client::new(),
-            token,
-            task,
-        }
-    }
-
-    async fn stop(self) {
-        self.token.cancel();
-        self.task.await.unwrap().unwrap();
-    }
-
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let mut req = self.http.request(method, format!("{}{}", self.url, path));
-        if let Some(b) = body {
-            req = req.header("Content-Type", CT).body(b.to_string());
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status();
-        assert_eq!(resp.headers()["content-type"], CT, "{path}");
-        let text = resp.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    async fn get(&self, path: &str) -> (StatusCode, Value) {
-        self.call(reqwest::Method::GET, path, None).await
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        self.call(reqwest::Method::POST, path, Some(body)).await
-    }
-
-    async fn put(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        self.call(reqwest::Method::PUT, path, Some(body)).await
-    }
-
-    async fn delete(&self, path: &str) -> (StatusCode, Value) {
-        self.call(reqwest::Method::DELETE, path, None).await
-    }
-
-    async fn register(&self, subject: &str, schema: &str) -> (StatusCode, Value) {
-        self.post(
-            &format!("/subjects/{subject}/versions"),
-            json!({ "schema": schema }),
-        )
-        .await
-    }
-}
-
-fn error_code(body: &Value) -> i64 {
-    body["error_code"]
-        .as_i64()
-        .unwrap_or_else(|| panic!("no error_code in {body}"))
-}
+use serde_json::json;
 
 #[tokio::test]
 async fn register_lookup_and_read_back() {
