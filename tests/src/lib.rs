@@ -104,25 +104,17 @@ pub fn payload(m: &OwnedMessage) -> &[u8] {
 }
 
 pub fn redis(settings: &Settings) -> redis::Client {
-    redis::Client::open(settings.redis.url.as_str()).expect("redis url")
+    lanes_common::cache::client(&settings.redis).expect("redis client")
 }
 
-/// HTTP client for the schema registry.
 /// The streaming lane's services, upstream first.
 pub fn streaming_services() -> Vec<lanes_common::service::ServiceDef> {
-    vec![
-        lanes_ingest::def(),
-        lanes_micro_batcher::def(),
-        lanes_scorer::def(),
-        lanes_cache_writer::def(),
-    ]
+    lanes_services::streaming()
 }
 
 /// Every service `lanes up` runs: the streaming lane and the fallback-responder.
 pub fn all_services() -> Vec<lanes_common::service::ServiceDef> {
-    let mut all = streaming_services();
-    all.push(lanes_fallback_responder::def());
-    all
+    lanes_services::all()
 }
 
 /// Every cache key of these settings' prefix, by SCAN: KEYS would block a shared Redis
@@ -231,65 +223,30 @@ impl Lane {
         Self { settings: s, id }
     }
 
-    /// The settings as `LANES__...` variables, for service processes.
+    /// Writes the full settings to a config file for service processes (`LANES_CONFIG`),
+    /// so a spawned binary runs with exactly what an in-process service would.
+    pub fn config_file(&self) -> PathBuf {
+        let dir = std::env::temp_dir().join("lanes-tests");
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join(format!(
+            "{}-{}.toml",
+            self.id,
+            uuid::Uuid::new_v4().simple()
+        ));
+        let text = toml::to_string(&self.settings).expect("settings serialize as TOML");
+        std::fs::write(&path, text).expect("config file written");
+        path
+    }
+
+    /// The environment of a service process: its config file, and quiet logs.
     pub fn env(&self) -> Vec<(String, String)> {
-        let s = &self.settings;
-        let t = &s.topics;
-        let p = &s.admin.ports;
-        [
-            ("TOPICS__RAW", t.raw.clone()),
-            ("TOPICS__EVENTS", t.events.clone()),
-            ("TOPICS__BATCHES", t.batches.clone()),
-            ("TOPICS__PREDICTIONS", t.predictions.clone()),
-            ("TOPICS__REQUESTS", t.requests.clone()),
-            ("TOPICS__RESPONSES", t.responses.clone()),
-            ("TOPICS__DLQ", t.dlq.clone()),
-            ("TOPICS__SHADOW_PREDICTIONS", t.shadow_predictions.clone()),
-            ("INGEST__GROUP", s.ingest.group.clone()),
-            ("MICRO_BATCHER__GROUP", s.micro_batcher.group.clone()),
-            ("SCORER__GROUP", s.scorer.group.clone()),
-            ("CACHE_WRITER__GROUP", s.cache_writer.group.clone()),
+        vec![
             (
-                "CACHE_WRITER__KEY_PREFIX",
-                s.cache_writer.key_prefix.clone(),
+                lanes_common::config::CONFIG_FILE_ENV.to_string(),
+                self.config_file().display().to_string(),
             ),
-            ("MODEL__DIR", s.model.dir.display().to_string()),
-            ("MODEL__VERSION", s.model.version.clone()),
-            (
-                "MODEL__WATCH_INTERVAL_MS",
-                s.model.watch_interval_ms.to_string(),
-            ),
-            ("MODEL__SHADOW_VERSION", s.model.shadow_version.clone()),
-            (
-                "SHUTDOWN__DRAIN_TIMEOUT_MS",
-                s.shutdown.drain_timeout_ms.to_string(),
-            ),
-            ("ADMIN__PORTS__UP", p.up.to_string()),
-            ("ADMIN__PORTS__INGEST", p.ingest.to_string()),
-            ("ADMIN__PORTS__MICRO_BATCHER", p.micro_batcher.to_string()),
-            ("ADMIN__PORTS__SCORER", p.scorer.to_string()),
-            ("ADMIN__PORTS__BATCH", p.batch.to_string()),
-            ("ADMIN__PORTS__CACHE_WRITER", p.cache_writer.to_string()),
-            (
-                "ADMIN__PORTS__FALLBACK_RESPONDER",
-                p.fallback_responder.to_string(),
-            ),
-            (
-                "FALLBACK_RESPONDER__GROUP",
-                s.fallback_responder.group.clone(),
-            ),
-            (
-                "INGEST__MAX_EVENT_BYTES",
-                s.ingest.max_event_bytes.to_string(),
-            ),
-            (
-                "MICRO_BATCHER__MAX_DELAY_MS",
-                s.micro_batcher.max_delay_ms.to_string(),
-            ),
+            ("RUST_LOG".to_string(), "warn".to_string()),
         ]
-        .into_iter()
-        .map(|(k, v)| (format!("LANES__{k}"), v))
-        .collect()
     }
 
     /// Creates every topic of this lane.
@@ -302,18 +259,19 @@ impl Lane {
         let token = tokio_util::sync::CancellationToken::new();
         let metrics = prometheus::Registry::new();
         let lag = lanes_common::service::lag_gauge(&metrics).expect("lag gauge");
-        let tasks = defs
-            .iter()
-            .map(|def| {
-                let ctx = lanes_common::service::ServiceContext {
-                    lag: lag.clone(),
-                    settings: self.settings.clone(),
-                    metrics: metrics.clone(),
-                    shutdown: token.clone(),
-                    ready: lanes_common::admin::ReadyFlag::new(def.name),
-                };
-                (def.name, ctx.ready.clone(), tokio::spawn((def.run)(ctx)))
-            })
+        let mut handles = Vec::new();
+        let flags = lanes_common::service::host(
+            &self.settings,
+            defs,
+            &metrics,
+            &lag,
+            &token,
+            |name, fut| handles.push((name, tokio::spawn(fut))),
+        );
+        let tasks = handles
+            .into_iter()
+            .zip(flags)
+            .map(|((name, task), ready)| (name, ready, task))
             .collect();
         Running {
             token,
@@ -329,7 +287,6 @@ impl Lane {
             std::process::Command::new(bin(binary))
                 .args(args)
                 .envs(self.env())
-                .env("RUST_LOG", "warn")
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::inherit())
                 .spawn()
@@ -342,7 +299,6 @@ impl Lane {
         std::process::Command::new(bin("lanes"))
             .args(args)
             .envs(self.env())
-            .env("RUST_LOG", "warn")
             .output()
             .expect("lanes runs")
     }

@@ -102,11 +102,38 @@ async fn poison_is_classified_by_cause() {
         ErrorClass::DecodeError
     );
 
+    // An id the registry does not know is asked for again for a few seconds (it may be
+    // registered a moment after the record was written), then it is poison, and stays
+    // so without asking until the negative entry expires.
     let mut unknown = good.clone();
     unknown[1..5].copy_from_slice(&0x7fff_fff0u32.to_be_bytes());
+    assert!(
+        codec
+            .decode::<Event>(&unknown)
+            .await
+            .unwrap_err()
+            .is_transient()
+    );
+    let started = std::time::Instant::now();
+    let stop = tokio_util::sync::CancellationToken::new();
+    assert_eq!(
+        class(codec.decode_retrying::<Event>(&unknown, &stop).await),
+        ErrorClass::UnknownSchemaId
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= lanes_common::avro::UNKNOWN_ID_RECHECK - Duration::from_millis(500)
+            && waited < Duration::from_secs(15),
+        "rechecked for {waited:?}"
+    );
+    let started = std::time::Instant::now();
     assert_eq!(
         class(codec.decode::<Event>(&unknown).await),
         ErrorClass::UnknownSchemaId
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(50),
+        "no registry call while known missing"
     );
 
     // The untouched bytes still decode: the codec holds no poisoned state.

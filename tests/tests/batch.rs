@@ -270,3 +270,33 @@ async fn a_scheduled_batch_runs_every_interval_and_stops_on_sigterm() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_row_anywhere_stops_the_run_before_anything_is_published() {
+    let lane = Lane::new("batch-precheck");
+    lane.create_topics().await;
+    let dir = tempfile::tempdir().unwrap();
+    let header = "entity_id,event_time,amount,hour,merchant_risk,distance_km,txn_count_1h,avg_amount_30d,amount_ratio,card_age_days,is_foreign,is_online";
+    let now = lanes_common::records::now_millis();
+    let mut text = format!("{header}\n");
+    for i in 0..300 {
+        text.push_str(&format!("card-{i},{now},2,3,0.1,5,6,7,8,9,1,0\n"));
+    }
+    // The last row claims a time an hour ahead: it would pin card-x's cache entry.
+    text.push_str(&format!(
+        "card-x,{},2,3,0.1,5,6,7,8,9,1,0\n",
+        now + 3_600_000
+    ));
+    let path = dir.path().join("late-row.csv");
+    std::fs::write(&path, text).unwrap();
+    let out = lane.lanes(&["batch", path.to_str().unwrap(), "--batch-size", "16"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("row 301") && stderr.contains("ahead"),
+        "{stderr}"
+    );
+    let predictions = consumer(&lane.settings, &[&lane.settings.topics.predictions]);
+    let got = tokio::time::timeout(Duration::from_secs(5), predictions.recv()).await;
+    assert!(got.is_err(), "nothing is published: {got:?}");
+}

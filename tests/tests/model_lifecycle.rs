@@ -10,6 +10,7 @@ use std::time::Duration;
 use lanes_common::avro::AvroCodec;
 use lanes_common::generator::{Generator, Sample};
 use lanes_common::kafka::{delivered, enqueue};
+use lanes_common::model::Model;
 use lanes_common::records::{
     Lane as LaneKind, Prediction, PredictionRequest, PredictionResponse, now_millis,
 };
@@ -311,4 +312,125 @@ async fn a_shadow_version_scores_every_batch_and_never_reaches_the_cache() {
         assert_eq!(v, "1", "{e}");
     }
     running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shadow_that_cannot_publish_never_holds_up_the_served_predictions() {
+    let (_models, root) = models();
+    add_version(&root, "2", None);
+    let mut lane = Lane::new("shadow-refused");
+    lane.settings.model.dir = root.clone();
+    lane.settings.model.version = "1".into();
+    lane.settings.model.shadow_version = "2".into();
+    lane.create_topics().await;
+    // The shadow topic's subject holds another schema: every shadow publish is refused.
+    let subject = format!("{}-value", lane.settings.topics.shadow_predictions);
+    let url = format!("{}/subjects/{subject}/versions", lane.settings.registry.url);
+    let r = http()
+        .post(url)
+        .header("content-type", "application/vnd.schemaregistry.v1+json")
+        .body(r#"{"schema": "\"string\""}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let running = lane.start(&streaming_services());
+    running.ready().await;
+    let samples: Vec<Sample> = Generator::new(23, 50).take(300).collect();
+    let ids: HashSet<String> = samples.iter().map(|s| s.event_id.clone()).collect();
+    publish(&lane, &producer(&lane.settings), &samples).await;
+    let served = read_until(&lane, &lane.settings.topics.predictions, &ids).await;
+    assert!(served.iter().all(|(_, _, p)| p.model_version == "1"));
+    wait_for(
+        "shadow failures counted",
+        Duration::from_secs(30),
+        || async {
+            (running.metric("lanes_scorer_shadow_rows_total", &[("outcome", "failed")]) >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        running.metric("lanes_scorer_shadow_rows_total", &[("outcome", "scored")]),
+        0.0
+    );
+    running.stop().await;
+}
+
+/// Writes a one-node ONNX graph with Python's `onnx`: input `input` [N, 10] float32,
+/// output `probabilities` [N, 2] as `kind` makes it.
+fn write_graph(dir: &Path, kind: &str) {
+    let script = r#"
+import sys, numpy as np, onnx
+from onnx import helper, TensorProto, numpy_helper
+kind, path = sys.argv[1], sys.argv[2]
+x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 10])
+w = numpy_helper.from_array(np.zeros((10, 2), dtype=np.float32), "w")
+nodes = [helper.make_node("MatMul", ["input", "w"], ["mm"])]
+inits = [w]
+if kind == "float64":
+    nodes.append(helper.make_node("Cast", ["mm"], ["probabilities"], to=TensorProto.DOUBLE))
+    out = helper.make_tensor_value_info("probabilities", TensorProto.DOUBLE, [None, 2])
+elif kind == "nan":
+    inits.append(numpy_helper.from_array(np.array([float("nan")], dtype=np.float32), "nan"))
+    nodes.append(helper.make_node("Add", ["mm", "nan"], ["probabilities"]))
+    out = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 2])
+elif kind == "zipmap":
+    # skl2onnx's default export: probabilities as a sequence of maps.
+    from sklearn.linear_model import LogisticRegression
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+    X = np.random.RandomState(0).rand(40, 10).astype(np.float32)
+    clf = LogisticRegression().fit(X, (X[:, 0] > 0.5).astype(int))
+    m = convert_sklearn(clf, initial_types=[("input", FloatTensorType([None, 10]))])
+    onnx.save(m, path)
+    sys.exit(0)
+elif kind == "vector":
+    nodes.append(helper.make_node("ReduceSum", ["mm"], ["probabilities"], keepdims=0))
+    out = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None])
+g = helper.make_graph(nodes, "g", [x], [out], inits)
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+m.ir_version = 8
+onnx.save(m, path)
+"#;
+    let out = std::process::Command::new(python())
+        .args(["-c", script, kind, dir.join("model.onnx").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let toml = std::fs::read_to_string(root().join("models/fraud/1/model.toml")).unwrap();
+    let toml = match kind {
+        "zipmap" => toml.replace(
+            "output = \"probabilities\"",
+            "output = \"output_probability\"",
+        ),
+        _ => toml,
+    };
+    std::fs::write(dir.join("model.toml"), toml).unwrap();
+}
+
+#[test]
+fn model_outputs_lanes_cannot_read_are_refused_and_non_finite_scores_are_errors() {
+    for (kind, says) in [
+        ("float64", "Lanes reads float32"),
+        ("vector", "cannot read"),
+        ("zipmap", "zipmap=False"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write_graph(dir.path(), kind);
+        let e = Model::load(dir.path()).expect_err(kind).to_string();
+        assert!(e.contains(says), "{kind}: {e}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_graph(dir.path(), "nan");
+    let model = Model::load(dir.path()).expect("a NaN model loads: its graph fits");
+    let e = model
+        .score(&[1.0; 20], 2)
+        .expect_err("NaN scores are refused")
+        .to_string();
+    assert!(e.contains("non-finite"), "{e}");
 }

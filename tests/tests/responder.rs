@@ -581,3 +581,168 @@ async fn staleness_is_sampled_and_old_entries_are_refreshed() {
     );
     running.stop().await;
 }
+
+/// Predictions read until one for `entity` arrives; it comes first in the result.
+async fn next_prediction(c: &Client, predictions: &TestConsumer, entity: &str) -> Vec<Prediction> {
+    let mut seen = Vec::new();
+    loop {
+        let m = consume_n(predictions, 1, Duration::from_secs(30))
+            .await
+            .remove(0);
+        let p = c
+            .codec
+            .decode::<Prediction>(payload(&m))
+            .await
+            .unwrap()
+            .record;
+        if p.entity_id == entity {
+            seen.insert(0, p);
+            return seen;
+        }
+        seen.push(p);
+    }
+}
+
+/// Registers `schema` under `subject` in the lane's registry, so Lanes' own record
+/// cannot be registered there.
+async fn occupy_subject(lane: &Lane, subject: &str) {
+    let url = format!("{}/subjects/{subject}/versions", lane.settings.registry.url);
+    let r = http()
+        .post(url)
+        .header("content-type", "application/vnd.schemaregistry.v1+json")
+        .body(r#"{"schema": "\"string\""}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_requests_get_errors_and_the_responder_stays_up() {
+    let lane = responder_lane("hostile-requests");
+    lane.create_topics().await;
+    let locked = format!("{}.responses.locked", lane.id);
+    occupy_subject(&lane, &format!("{locked}-value")).await;
+    let running = lane.start(&[lanes_fallback_responder::def(), lanes_cache_writer::def()]);
+    running.ready().await;
+    let c = Client::new(&lane).await;
+    let predictions = consumer(&lane.settings, &[&lane.settings.topics.predictions]);
+    let f = features(21);
+    let now = now_millis();
+
+    // Reply topics: empty, off the allow-list, or refusing the response (its subject
+    // holds another schema): each an ERROR on the default topic.
+    for (reply, says) in [
+        ("".to_string(), "not allowed"),
+        (lane.settings.topics.dlq.clone(), "not allowed"),
+        (lane.settings.topics.predictions.clone(), "not allowed"),
+        (locked.clone(), "refused"),
+    ] {
+        let mut req = Client::request("reply", Some(f.clone()), None);
+        req.reply_topic = Some(reply.clone());
+        let r = c.one(req).await;
+        assert_eq!(r.status, ResponseStatus::Error, "{reply:?}");
+        assert!(
+            r.error.as_deref().unwrap().contains(says),
+            "{reply:?}: {r:?}"
+        );
+    }
+
+    // Client clocks: far ahead, seconds instead of milliseconds, and too old to answer.
+    for (requested_at, says) in [
+        (now + 3_600_000, "ahead"),
+        (now / 1000, "before 2000"),
+        (now * 1000, "ahead"),
+        (now - 120_000, "expired"),
+    ] {
+        let mut req = Client::request("clock", Some(f.clone()), None);
+        req.requested_at = requested_at;
+        let r = c.one(req).await;
+        assert_eq!(r.status, ResponseStatus::Error, "{requested_at}");
+        assert!(
+            r.error.as_deref().unwrap().contains(says),
+            "{requested_at}: {r:?}"
+        );
+    }
+    // A value finite as f64 but not as the model's f32.
+    let mut huge = f.clone();
+    huge.insert("amount".into(), 1e39);
+    let r = c.one(Client::request("huge", Some(huge), None)).await;
+    assert_eq!(r.status, ResponseStatus::Error);
+    assert!(
+        r.error.unwrap().contains("32-bit"),
+        "the reason names the range"
+    );
+
+    // Request features warm the cache with the responder's clock as event time, never
+    // the client's requested_at.
+    let mut req = Client::request("warm", Some(f.clone()), None);
+    req.requested_at = now - 20_000;
+    let before = now_millis();
+    let r = c.one(req).await;
+    assert_eq!(r.source, ResponseSource::Realtime);
+    let p = next_prediction(&c, &predictions, "warm").await.remove(0);
+    assert!(
+        p.event_time >= before,
+        "event time {} is not the client's",
+        p.event_time
+    );
+
+    // A fresh entry stays: the client's max_age_ms 0 gets a real-time answer, but the
+    // cache is not warmed over the entry.
+    c.seed("fresh", &prediction_fields(0.125, "1", 1_000)).await;
+    let r = c
+        .one(Client::request("fresh", Some(f.clone()), Some(0)))
+        .await;
+    assert_eq!(r.source, ResponseSource::Realtime);
+    // An entry whose online features are newer than now (the entity moved on) is not
+    // replaced by a score from a request's features.
+    c.seed("moved-on", &prediction_fields(0.25, "1", 200_000))
+        .await;
+    c.seed("moved-on", &feature_fields(&f, now_millis() + 60_000))
+        .await;
+    let r = c
+        .one(Client::request("moved-on", Some(f.clone()), None))
+        .await;
+    assert_eq!(r.source, ResponseSource::Realtime);
+    let seen = next_prediction(&c, &predictions, "moved-on").await;
+    assert!(
+        seen.iter().all(|p| p.entity_id != "fresh"),
+        "a fresh entry is not warmed over"
+    );
+    wait_for(
+        "the cache-writer's verdict",
+        Duration::from_secs(30),
+        || async {
+            (running.metric("lanes_cache_writer_writes_total", &[("result", "stale")]) >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    let mut redis = redis(&lane.settings)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = |e: &str| format!("{}{e}", lane.settings.cache_writer.key_prefix);
+    let score: String = redis.hget(key("moved-on"), "score").await.unwrap();
+    assert_eq!(score, "0.25", "the entry with newer features is kept");
+    let score: String = redis.hget(key("fresh"), "score").await.unwrap();
+    assert_eq!(score, "0.125");
+
+    // Still answering.
+    let r = c.one(Client::request("after", Some(f.clone()), None)).await;
+    assert_eq!(
+        (r.status, r.source),
+        (ResponseStatus::Ok, ResponseSource::Realtime)
+    );
+    let refused = |reason| {
+        running.metric(
+            "lanes_fallback_responder_refused_total",
+            &[("reason", reason)],
+        )
+    };
+    assert_eq!(refused("reply_topic"), 4.0);
+    assert_eq!(refused("requested_at"), 3.0);
+    assert_eq!(refused("expired"), 1.0);
+    running.stop().await;
+}

@@ -71,6 +71,9 @@ async fn rejected_batches_are_dead_lettered_and_the_scorer_goes_on() {
     let p = producer(&lane.settings);
     let topic = &lane.settings.topics.batches;
     let width = features().len();
+    // Another writer's batch whose columns disagree: indexing it would panic.
+    let mut ragged = batch("ragged", 3, width, features());
+    ragged.entity_ids.pop();
     for b in [
         batch("short", 4, width - 1, features()),
         batch(
@@ -79,12 +82,22 @@ async fn rejected_batches_are_dead_lettered_and_the_scorer_goes_on() {
             width,
             (0..width).map(|i| format!("f{i}")).collect(),
         ),
+        ragged,
         batch("good", 3, width, features()),
     ] {
         produce(&p, topic, b"0", &codec.encode(topic, &b).await.unwrap()).await;
     }
-    let dead = dead_letters(&lane, 2).await;
-    assert_eq!(dead, vec![(ErrorClass::ModelError, "scorer".into()); 2]);
+    // Columns of different lengths are a malformed record; the right shape with the
+    // wrong feature names is the model's refusal.
+    let dead = dead_letters(&lane, 3).await;
+    assert_eq!(
+        dead,
+        vec![
+            (ErrorClass::DecodeError, "scorer".into()),
+            (ErrorClass::ModelError, "scorer".into()),
+            (ErrorClass::DecodeError, "scorer".into()),
+        ]
+    );
 
     let c = consumer(&lane.settings, &[&lane.settings.topics.predictions]);
     let got = consume_n(&c, 3, Duration::from_secs(60)).await;
@@ -101,6 +114,13 @@ async fn rejected_batches_are_dead_lettered_and_the_scorer_goes_on() {
         running.metric(
             "lanes_scorer_dead_letters_total",
             &[("class", "MODEL_ERROR")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        running.metric(
+            "lanes_scorer_dead_letters_total",
+            &[("class", "DECODE_ERROR")]
         ),
         2.0
     );
@@ -176,7 +196,12 @@ async fn a_scorer_with_a_mismatched_model_stays_not_ready() {
     running.stop().await;
 }
 
+/// 2026-11-18: predictions' event times are offsets from here, since the cache-writer
+/// refuses times before 2000 or far ahead.
+const T0: i64 = 1_795_000_000_000;
+
 fn prediction(entity: &str, event_time: i64, scored_at: i64, score: f64) -> Prediction {
+    let event_time = T0 + event_time;
     Prediction {
         event_id: format!("{entity}-{event_time}-{scored_at}"),
         entity_id: entity.into(),

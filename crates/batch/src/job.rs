@@ -24,7 +24,7 @@ use lanes_common::Settings;
 use lanes_common::avro::AvroCodec;
 use lanes_common::kafka::{self, delivered, enqueue};
 use lanes_common::model::Model;
-use lanes_common::records::{Lane, Prediction, now_millis};
+use lanes_common::records::{Lane, Prediction, check_client_time, now_millis};
 use rdkafka::producer::FutureRecord;
 use tokio_util::sync::CancellationToken;
 
@@ -88,7 +88,13 @@ pub async fn run(
         tracing::error!(dir = %dir.display(), error = %e, "model version refused; scoring with an older one");
     }
     let model = Arc::new(model);
-    // The file is checked against the model before anything is published.
+    // The whole file is checked before anything is published: a bad row found halfway
+    // would leave half a run in the cache. It is read twice; publishing costs more.
+    if job.publish {
+        let (job, features) = (job.clone(), model.spec.features.clone());
+        let skew = settings.ingest.max_clock_skew_ms;
+        tokio::task::spawn_blocking(move || check_all(&job, &features, skew)).await??;
+    }
     let snapshot = tokio::task::spawn_blocking({
         let (job, features) = (job.clone(), model.spec.features.clone());
         move || Snapshot::open(&job.input, job.format, &features, job.batch_size, job.as_of)
@@ -192,6 +198,28 @@ pub async fn run(
         "batch run finished"
     );
     Ok(report)
+}
+
+/// Reads every row of the snapshot as the run will, and checks its event times as the
+/// cache-writer will (not before 2000, not far ahead). Returns the rows.
+fn check_all(job: &Job, features: &[String], max_skew_ms: u64) -> anyhow::Result<u64> {
+    let snapshot = Snapshot::open(&job.input, job.format, features, job.batch_size, job.as_of)?;
+    let now = now_millis();
+    let mut rows = 0u64;
+    for chunk in snapshot {
+        let chunk = chunk?;
+        for (i, t) in chunk.event_times.iter().enumerate() {
+            check_client_time("event_time", *t, now, max_skew_ms).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: row {}: {e}",
+                    job.input.display(),
+                    chunk.first_row + i as u64
+                )
+            })?;
+        }
+        rows += chunk.rows() as u64;
+    }
+    Ok(rows)
 }
 
 /// The blocking half: read, score, write `out`, hand predictions over. Returns the

@@ -279,7 +279,8 @@ impl Snapshot {
             for i in 0..rows {
                 let v = values.is_valid(i).then(|| values.value(i));
                 match v {
-                    Some(v) if v.is_finite() => chunk.features[i * width + j] = v as f32,
+                    // The model takes 32-bit floats: 1e39 is finite only as f64.
+                    Some(v) if (v as f32).is_finite() => chunk.features[i * width + j] = v as f32,
                     Some(v) => {
                         return Err(self.bad_row(
                             first + i as u64,

@@ -15,7 +15,6 @@ use lanes_common::avro::AvroCodec;
 use lanes_common::generator::Generator;
 use lanes_common::kafka::{delivered, enqueue};
 use lanes_common::records::{Prediction, now_millis};
-use lanes_common::service::ServiceContext;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureRecord;
@@ -152,21 +151,11 @@ impl Lane {
         lanes_common::kafka::ensure_topics(&s.kafka, &s.topics.all()).await?;
         let token = CancellationToken::new();
         let registry = prometheus::Registry::new();
-        let mut flags = Vec::new();
         let mut tasks = Vec::new();
         let lag = lanes_common::service::lag_gauge(&registry)?;
-        for def in services {
-            let ready = ReadyFlag::new(def.name);
-            flags.push(ready.clone());
-            let ctx = ServiceContext {
-                lag: lag.clone(),
-                settings: s.clone(),
-                metrics: registry.clone(),
-                shutdown: token.clone(),
-                ready,
-            };
-            tasks.push(tokio::spawn((def.run)(ctx)));
-        }
+        let flags = lanes_common::service::host(&s, services, &registry, &lag, &token, |_, fut| {
+            tasks.push(tokio::spawn(fut))
+        });
         let deadline = Instant::now() + Duration::from_secs(60);
         while !flags.iter().all(ReadyFlag::is_set) {
             anyhow::ensure!(Instant::now() < deadline, "services not ready within 60s");
@@ -285,7 +274,7 @@ pub async fn run(args: BenchArgs, settings: &Settings) -> anyhow::Result<()> {
             s.micro_batcher.max_delay_ms = delay;
             s.micro_batcher.max_events = size;
             eprintln!("window max_delay {delay} ms, max_events {size} ...");
-            let lane = Lane::start(s, &crate::up::services()).await?;
+            let lane = Lane::start(s, &lanes_services::all()).await?;
             seed += 1;
             let (secs, _) = drive(&lane, events(seed, args.events), None).await?;
             seed += 1;

@@ -189,7 +189,7 @@ async fn responder_round_trips(
 
 /// Fresh predictions for every entity, written as the cache-writer would.
 async fn seed(s: &Settings, entities: usize) -> anyhow::Result<()> {
-    let mut redis = redis::Client::open(s.redis.url.as_str())?
+    let mut redis = lanes_common::cache::client(&s.redis)?
         .get_multiplexed_async_connection()
         .await?;
     let now = now_millis();

@@ -171,7 +171,7 @@ pub async fn run(args: DemoArgs, settings: &Settings) -> anyhow::Result<()> {
     let elapsed = started.elapsed();
 
     // Event-to-cache latency from the cache itself: written_at (Redis clock) - ingested_at.
-    let mut redis = redis::Client::open(s.redis.url.as_str())?
+    let mut redis = lanes_common::cache::client(&s.redis)?
         .get_multiplexed_async_connection()
         .await?;
     let mut newest: BTreeMap<&str, &Prediction> = BTreeMap::new();

@@ -180,7 +180,7 @@ pub async fn tail(args: TailArgs, s: &Settings) -> anyhow::Result<()> {
 
 pub async fn cache(action: CacheAction, s: &Settings) -> anyhow::Result<()> {
     let CacheAction::Get { entity } = action;
-    let mut redis = redis::Client::open(s.redis.url.as_str())?
+    let mut redis = lanes_common::cache::client(&s.redis)?
         .get_multiplexed_async_connection()
         .await
         .context("connecting to redis")?;
@@ -416,43 +416,17 @@ pub async fn dlq_cmd(action: DlqAction, s: &Settings) -> anyhow::Result<()> {
     }
 }
 
-/// A service's group and input topics, for lag.
+/// Each service's admin port and (group, input topic) pairs, for lag.
 fn inputs(s: &Settings) -> Vec<(&'static str, u16, String, String)> {
-    let p = &s.admin.ports;
-    let t = &s.topics;
-    vec![
-        ("ingest", p.ingest, s.ingest.group.clone(), t.raw.clone()),
-        (
-            "micro-batcher",
-            p.micro_batcher,
-            s.micro_batcher.group.clone(),
-            t.events.clone(),
-        ),
-        (
-            "scorer",
-            p.scorer,
-            s.scorer.group.clone(),
-            t.batches.clone(),
-        ),
-        (
-            "cache-writer",
-            p.cache_writer,
-            s.cache_writer.group.clone(),
-            t.predictions.clone(),
-        ),
-        (
-            "cache-writer",
-            p.cache_writer,
-            format!("{}-features", s.cache_writer.group),
-            t.events.clone(),
-        ),
-        (
-            "fallback-responder",
-            p.fallback_responder,
-            s.fallback_responder.group.clone(),
-            t.requests.clone(),
-        ),
-    ]
+    lanes_services::all()
+        .into_iter()
+        .flat_map(|def| {
+            let port = (def.admin_port)(s);
+            (def.inputs)(s)
+                .into_iter()
+                .map(move |(group, topic)| (def.name, port, group, topic))
+        })
+        .collect()
 }
 
 /// Committed lag of `group` on `topic`: end offsets minus committed positions.

@@ -3,21 +3,10 @@
 //! one admin server reports their metrics and readiness together.
 
 use lanes_common::Settings;
-use lanes_common::admin::{self, ReadinessCheck, ReadyFlag};
-use lanes_common::service::{ServiceContext, ServiceDef, dependency_checks};
+use lanes_common::admin::{self, ReadinessCheck};
+use lanes_common::service::{dependency_checks, host};
 use lanes_common::shutdown::{self, EXIT_CONFIG, Supervisor};
 use prometheus::Registry;
-
-/// The services `lanes up` runs, upstream first.
-pub fn services() -> [ServiceDef; 5] {
-    [
-        lanes_ingest::def(),
-        lanes_micro_batcher::def(),
-        lanes_scorer::def(),
-        lanes_cache_writer::def(),
-        lanes_fallback_responder::def(),
-    ]
-}
 
 pub async fn run(settings: Settings) -> i32 {
     tracing::info!(config = %settings.redacted(), "configuration loaded");
@@ -44,19 +33,20 @@ pub async fn run(settings: Settings) -> i32 {
             return EXIT_CONFIG;
         }
     };
-    for def in services() {
-        let ready = ReadyFlag::new(def.name);
-        checks.push(Box::new(ready.clone()));
-        let ctx = ServiceContext {
-            lag: lag.clone(),
-            settings: settings.clone(),
-            metrics: registry.clone(),
-            shutdown: supervisor.token(),
-            ready,
-        };
-        supervisor.spawn(def.name, (def.run)(ctx));
-    }
     let token = supervisor.token();
+    let ready = host(
+        &settings,
+        &lanes_services::all(),
+        &registry,
+        &lag,
+        &token,
+        |name, fut| supervisor.spawn(name, fut),
+    );
+    checks.extend(
+        ready
+            .into_iter()
+            .map(|r| Box::new(r) as Box<dyn ReadinessCheck>),
+    );
     let app = admin::router(registry, checks);
     supervisor.spawn("admin", async move {
         Ok(admin::serve(listener, app, token).await?)

@@ -157,9 +157,9 @@ pub struct RedisCheck {
 }
 
 impl RedisCheck {
-    pub fn new(url: &str) -> redis::RedisResult<Self> {
+    pub fn new(cfg: &crate::config::RedisConfig) -> redis::RedisResult<Self> {
         Ok(Self {
-            client: redis::Client::open(url)?,
+            client: crate::cache::client(cfg)?,
         })
     }
 }
@@ -219,6 +219,11 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         (c.name().to_string(), outcome)
     }))
     .await;
+    for (name, r) in &results {
+        if let Err(e) = r {
+            tracing::warn!(dependency = %name, error = %e, "not ready");
+        }
+    }
     let ready = results.iter().all(|(_, r)| r.is_ok());
     let checks: serde_json::Map<String, serde_json::Value> = results
         .into_iter()

@@ -6,8 +6,11 @@
 //! id; decoding fetches a writer schema once per id and caches it. Decode failures are
 //! split into poison (dead-letter the record) and transient (retry, never dead-letter).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
@@ -66,6 +69,70 @@ pub struct Decoded<R> {
 pub struct AvroCodec {
     encoder: Arc<AvroEncoder>,
     decoder: Arc<AvroDecoder>,
+    unknown: Arc<Mutex<UnknownIds>>,
+}
+
+/// For how long after a schema id is first found missing it is asked for again: a
+/// producer may have registered it a moment after writing (another registry replica,
+/// a lagging cache).
+pub const UNKNOWN_ID_RECHECK: Duration = Duration::from_secs(3);
+/// How long a missing id is then taken as missing without asking; after that it is
+/// rechecked again, so an id registered later is found.
+pub const UNKNOWN_ID_FORGET: Duration = Duration::from_secs(60);
+
+/// What to do with a schema id the registry said it does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unknown {
+    /// Not known to be missing: ask the registry.
+    Ask,
+    /// Missing since a moment ago: ask again shortly (transient).
+    Recheck,
+    /// Missing for a while: dead-letter without asking.
+    Missing,
+}
+
+/// Schema ids found missing, and since when. A bounded negative cache: each id is
+/// rechecked for [`UNKNOWN_ID_RECHECK`]; once the registry has said "missing" after
+/// that window too, the id is refused without a registry call until
+/// [`UNKNOWN_ID_FORGET`] has passed.
+#[derive(Debug, Default)]
+pub struct UnknownIds {
+    /// First found missing, and whether the registry said so again after the window.
+    since: HashMap<u32, (Instant, bool)>,
+}
+
+impl UnknownIds {
+    /// Before asking the registry about `id`.
+    pub fn before(&mut self, id: u32, now: Instant) -> Unknown {
+        match self.since.get(&id) {
+            Some(&(t, _)) if now.duration_since(t) >= UNKNOWN_ID_FORGET => {
+                self.since.remove(&id);
+                Unknown::Ask
+            }
+            Some(&(_, true)) => Unknown::Missing,
+            _ => Unknown::Ask,
+        }
+    }
+
+    /// The registry said `id` does not exist.
+    pub fn missing(&mut self, id: u32, now: Instant) -> Unknown {
+        // Bounded: a flood of random ids cannot grow this without end.
+        if self.since.len() >= 10_000 {
+            self.since
+                .retain(|_, (t, _)| now.duration_since(*t) < UNKNOWN_ID_FORGET);
+        }
+        let entry = self.since.entry(id).or_insert((now, false));
+        if now.duration_since(entry.0) < UNKNOWN_ID_RECHECK {
+            Unknown::Recheck
+        } else {
+            entry.1 = true;
+            Unknown::Missing
+        }
+    }
+
+    pub fn found(&mut self, id: u32) {
+        self.since.remove(&id);
+    }
 }
 
 impl std::fmt::Debug for AvroCodec {
@@ -92,6 +159,7 @@ impl AvroCodec {
         Ok(Self {
             encoder: Arc::new(AvroEncoder::new(settings.clone())),
             decoder: Arc::new(AvroDecoder::new(settings)),
+            unknown: Arc::default(),
         })
     }
 
@@ -111,7 +179,10 @@ impl AvroCodec {
             .encode_struct(record, &strategy)
             .await
             .map_err(|e| EncodeError {
-                retriable: e.retriable,
+                // Refused credentials, rate limits and server errors are the registry's
+                // state, not the schema's: wait for an operator, do not stop.
+                retriable: e.retriable
+                    || http_status(&e.error).is_some_and(|s| matches!(s, 401 | 403 | 429 | 500..)),
                 message: format!("encode {} for {topic}: {}", R::NAME, describe(&e)),
             })
     }
@@ -124,26 +195,51 @@ impl AvroCodec {
         record: &R,
         stop: &CancellationToken,
     ) -> Result<Vec<u8>, EncodeError> {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.encode(topic, record).await {
-                Err(e) if e.retriable && !stop.is_cancelled() => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "schema registry unavailable");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                other => return other,
-            }
-        }
+        crate::retry::retrying("schema registry", stop, || self.encode(topic, record)).await
     }
 
     /// Decodes Confluent-framed bytes into `R`.
+    /// A schema id the registry does not know is asked for again for a few seconds
+    /// (transient) before the record is poison ([`UnknownIds`]).
     pub async fn decode<R: Record>(&self, bytes: &[u8]) -> Result<Decoded<R>, DecodeError> {
         let schema_id = check_framing(bytes)?;
+        let unknown = |verdict: Unknown| match verdict {
+            Unknown::Recheck => DecodeError::Transient(format!(
+                "schema id {schema_id} is not registered (yet); asking again"
+            )),
+            _ => DecodeError::poison(
+                ErrorClass::UnknownSchemaId,
+                format!("schema id {schema_id} is not registered"),
+            ),
+        };
+        let verdict = self
+            .unknown
+            .lock()
+            .expect("unknown ids")
+            .before(schema_id, Instant::now());
+        if verdict == Unknown::Missing {
+            return Err(unknown(verdict));
+        }
         let decoded = match self.decoder.decode(Some(bytes)).await {
             Ok(d) => d,
             Err(e) => {
                 let err = classify(&e);
+                if matches!(
+                    err,
+                    DecodeError::Poison {
+                        class: ErrorClass::UnknownSchemaId,
+                        ..
+                    }
+                ) {
+                    // The decoder caches the 404; drop it so the id can be asked again.
+                    self.decoder.remove_errors_from_cache();
+                    let verdict = self
+                        .unknown
+                        .lock()
+                        .expect("unknown ids")
+                        .missing(schema_id, Instant::now());
+                    return Err(unknown(verdict));
+                }
                 if err.is_transient() {
                     // The decoder caches non-retriable errors; an HTTP 500 must not stick.
                     self.decoder.remove_errors_from_cache();
@@ -151,6 +247,7 @@ impl AvroCodec {
                 return Err(err);
             }
         };
+        self.unknown.lock().expect("unknown ids").found(schema_id);
         let record = apache_avro::from_value::<R>(&decoded.value).map_err(|e| {
             DecodeError::poison(
                 ErrorClass::DecodeError,
@@ -181,17 +278,7 @@ impl AvroCodec {
         bytes: &[u8],
         stop: &CancellationToken,
     ) -> Result<Decoded<R>, DecodeError> {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.decode(bytes).await {
-                Err(DecodeError::Transient(e)) if !stop.is_cancelled() => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "schema registry unavailable");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                other => return other,
-            }
-        }
+        crate::retry::retrying("schema registry", stop, || self.decode(bytes)).await
     }
 }
 
@@ -274,6 +361,43 @@ mod tests {
                 })
             ));
         }
+    }
+
+    #[test]
+    fn missing_ids_are_rechecked_briefly_then_refused_until_forgotten() {
+        let mut ids = UnknownIds::default();
+        let t0 = Instant::now();
+        assert_eq!(ids.before(7, t0), Unknown::Ask);
+        assert_eq!(ids.missing(7, t0), Unknown::Recheck);
+        let soon = t0 + Duration::from_secs(1);
+        assert_eq!(ids.before(7, soon), Unknown::Ask, "still rechecking");
+        assert_eq!(ids.missing(7, soon), Unknown::Recheck);
+        let later = t0 + UNKNOWN_ID_RECHECK;
+        assert_eq!(
+            ids.before(7, later),
+            Unknown::Ask,
+            "one last look past the window"
+        );
+        assert_eq!(ids.missing(7, later), Unknown::Missing);
+        assert_eq!(
+            ids.before(7, later),
+            Unknown::Missing,
+            "then no registry call"
+        );
+        let much_later = t0 + UNKNOWN_ID_FORGET;
+        assert_eq!(
+            ids.before(7, much_later),
+            Unknown::Ask,
+            "the negative entry expired"
+        );
+        assert_eq!(ids.missing(7, much_later), Unknown::Recheck);
+        ids.found(7);
+        assert_eq!(ids.before(7, much_later), Unknown::Ask);
+        assert_eq!(
+            ids.before(8, much_later),
+            Unknown::Ask,
+            "ids are independent"
+        );
     }
 
     #[test]

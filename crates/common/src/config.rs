@@ -47,6 +47,20 @@ pub struct Settings {
     pub cache_writer: CacheWriterConfig,
     pub fallback_responder: FallbackResponderConfig,
     pub batch: BatchConfig,
+    pub runner: RunnerConfig,
+}
+
+/// Limits of the stage runner every streaming service uses.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunnerConfig {
+    /// Inputs handled together at most (the cache-writer uses its `max_pipeline`).
+    pub max_batch: usize,
+    /// Inputs read and not yet acknowledged, at most; past it the source pauses its
+    /// partitions (and keeps polling, so the member stays in its group).
+    pub max_in_flight: usize,
+    /// Their key and value bytes, at most.
+    pub max_in_flight_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -79,6 +93,15 @@ pub struct FallbackResponderConfig {
     pub sweep_max_per_second: u64,
     pub sample_interval_ms: u64,
     pub sample_keys: usize,
+    /// A `requested_at` more than this ahead of the responder's clock, or before 2000,
+    /// is answered ERROR.
+    pub max_clock_skew_ms: u64,
+    /// Requests older than this (by `requested_at`) are answered ERROR `expired`
+    /// instead of being scored after their caller gave up; 0 never expires them.
+    pub max_request_age_ms: u64,
+    /// Topics a request may name as `reply_topic`, besides `topics.responses`: exact
+    /// names, or prefixes ending in `*`. Others get an ERROR on `topics.responses`.
+    pub reply_topics: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -101,6 +124,9 @@ pub struct IngestConfig {
     pub group: String,
     pub max_event_bytes: usize,
     pub default_kind: String,
+    /// Event times (and producers' Kafka timestamps) further ahead of ingest's clock
+    /// than this, or before 2000-01-01, are dead-lettered as INVALID_EVENT_TIME.
+    pub max_clock_skew_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -166,8 +192,12 @@ pub struct RegistryConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`; the password is redacted in logs.
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS; an ACL user and
+    /// password go in the URL and the password is redacted in logs.
     pub url: String,
+    /// A PEM file of CA certificates to trust for `rediss://` instead of the system's.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -419,6 +449,7 @@ impl Settings {
         self.scorer.group = format!("{id}-scorer");
         self.cache_writer.group = format!("{id}-cache-writer");
         self.fallback_responder.group = format!("{id}-fallback-responder");
+        self.fallback_responder.reply_topics = vec![format!("{id}.responses.*")];
         self.cache_writer.key_prefix = format!("{id}:");
     }
 

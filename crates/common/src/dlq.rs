@@ -11,6 +11,7 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
+use crate::error::Failure;
 use crate::records::now_millis;
 
 pub const HEADER_CLASS: &str = "lanes.error.class";
@@ -20,6 +21,9 @@ pub const HEADER_SOURCE_TOPIC: &str = "lanes.source.topic";
 pub const HEADER_SOURCE_PARTITION: &str = "lanes.source.partition";
 pub const HEADER_SOURCE_OFFSET: &str = "lanes.source.offset";
 pub const HEADER_FAILED_AT: &str = "lanes.failed_at";
+/// Set only on a letter cut to fit `message.max.bytes`: the input's original sizes.
+pub const HEADER_ORIGINAL_KEY_SIZE: &str = "lanes.original.key_size";
+pub const HEADER_ORIGINAL_VALUE_SIZE: &str = "lanes.original.value_size";
 
 /// Why a record was dead-lettered; the `lanes.error.class` header value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -35,10 +39,12 @@ pub enum ErrorClass {
     UnknownSchemaId,
     DecodeError,
     ModelError,
+    ProduceError,
+    CacheWriteError,
 }
 
 impl ErrorClass {
-    pub const ALL: [ErrorClass; 11] = [
+    pub const ALL: [ErrorClass; 13] = [
         ErrorClass::InvalidJson,
         ErrorClass::MissingField,
         ErrorClass::UnknownFeature,
@@ -50,6 +56,8 @@ impl ErrorClass {
         ErrorClass::UnknownSchemaId,
         ErrorClass::DecodeError,
         ErrorClass::ModelError,
+        ErrorClass::ProduceError,
+        ErrorClass::CacheWriteError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -65,6 +73,8 @@ impl ErrorClass {
             ErrorClass::UnknownSchemaId => "UNKNOWN_SCHEMA_ID",
             ErrorClass::DecodeError => "DECODE_ERROR",
             ErrorClass::ModelError => "MODEL_ERROR",
+            ErrorClass::ProduceError => "PRODUCE_ERROR",
+            ErrorClass::CacheWriteError => "CACHE_WRITE_ERROR",
         }
     }
 }
@@ -104,7 +114,16 @@ pub struct DlqWriter {
     topic: String,
     stage: String,
     counter: Option<IntCounterVec>,
+    max_bytes: usize,
 }
+
+/// Key and value as sent, and their original sizes when they were cut.
+type Fitted<'a> = (Option<&'a [u8]>, Option<&'a [u8]>, Option<(usize, usize)>);
+
+/// Room kept under `message.max.bytes` for the record's own framing.
+const RECORD_OVERHEAD: usize = 512;
+/// The reason header is ours, but it may quote input; it never crowds out the value.
+const MAX_REASON_BYTES: usize = 4096;
 
 impl DlqWriter {
     pub fn new(
@@ -117,6 +136,7 @@ impl DlqWriter {
             topic: topic.into(),
             stage: stage.into(),
             counter: None,
+            max_bytes: 1_000_000,
         }
     }
 
@@ -128,51 +148,90 @@ impl DlqWriter {
         self
     }
 
+    /// The producer's `message.max.bytes`: larger letters are cut to fit.
+    pub fn with_max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
     pub fn topic(&self) -> &str {
         &self.topic
     }
 
-    /// The headers a dead letter carries.
-    pub fn headers(&self, dl: &DeadLetter<'_>) -> OwnedHeaders {
+    /// The headers a dead letter carries; `original` sizes name what was cut to fit.
+    pub fn headers(&self, dl: &DeadLetter<'_>, original: Option<(usize, usize)>) -> OwnedHeaders {
         let partition = dl.source_partition.to_string();
         let offset = dl.source_offset.to_string();
         let failed_at = now_millis().to_string();
-        OwnedHeaders::new_with_capacity(7)
+        let headers = OwnedHeaders::new_with_capacity(9)
             .insert(h(HEADER_CLASS, dl.class.as_str()))
-            .insert(h(HEADER_MESSAGE, &dl.message))
+            .insert(h(
+                HEADER_MESSAGE,
+                truncate_str(&dl.message, MAX_REASON_BYTES),
+            ))
             .insert(h(HEADER_STAGE, &self.stage))
             .insert(h(HEADER_SOURCE_TOPIC, dl.source_topic))
             .insert(h(HEADER_SOURCE_PARTITION, &partition))
             .insert(h(HEADER_SOURCE_OFFSET, &offset))
-            .insert(h(HEADER_FAILED_AT, &failed_at))
+            .insert(h(HEADER_FAILED_AT, &failed_at));
+        match original {
+            Some((key, value)) => headers
+                .insert(h(HEADER_ORIGINAL_KEY_SIZE, &key.to_string()))
+                .insert(h(HEADER_ORIGINAL_VALUE_SIZE, &value.to_string())),
+            None => headers,
+        }
+    }
+
+    /// Key and value as sent: untouched, unless together with the headers they would
+    /// pass `message.max.bytes`; then cut to fit, with their original sizes returned.
+    fn fit<'a>(&self, dl: &DeadLetter<'a>) -> Fitted<'a> {
+        let (key, value) = (dl.key.unwrap_or_default(), dl.value.unwrap_or_default());
+        let reason = dl.message.len().min(MAX_REASON_BYTES);
+        // Every header name and value we write, the two size headers included.
+        let headers = 512 + reason + self.stage.len() + dl.source_topic.len();
+        let room = self.max_bytes.saturating_sub(RECORD_OVERHEAD + headers);
+        if key.len() + value.len() <= room {
+            return (dl.key, dl.value, None);
+        }
+        let key_room = key.len().min(room / 4);
+        let value_room = value.len().min(room - key_room);
+        (
+            dl.key.map(|k| &k[..key_room]),
+            dl.value.map(|v| &v[..value_room]),
+            Some((key.len(), value.len())),
+        )
     }
 
     /// Produces the dead letter and waits for the broker's acknowledgement, retrying
     /// transient failures with backoff (the source offset must not be committed before).
     pub async fn send(&self, dl: &DeadLetter<'_>) -> Result<(), KafkaError> {
-        let mut backoff = Duration::from_millis(100);
+        let (key, value, original) = self.fit(dl);
+        let mut delays = crate::retry::backoff();
         loop {
-            let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(self.headers(dl));
-            if let Some(k) = dl.key {
+            let mut record =
+                FutureRecord::<[u8], [u8]>::to(&self.topic).headers(self.headers(dl, original));
+            if let Some(k) = key {
                 record = record.key(k);
             }
-            if let Some(v) = dl.value {
+            if let Some(v) = value {
                 record = record.payload(v);
             }
             match self.producer.send(record, Timeout::Never).await {
                 Ok(_) => break,
-                Err((e, _)) if is_retriable(&e) => {
-                    tracing::warn!(error = %e, topic = %self.topic, "dead letter not acknowledged, retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                Err((e, _)) if Failure::from_produce(&e).is_transient() => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = %e, topic = %self.topic, retry_in = ?delay, "dead letter not acknowledged, retrying");
+                    tokio::time::sleep(delay).await;
                 }
                 Err((e, _)) => return Err(e),
             }
         }
+        // The reason may quote the input; at info only its class and where it came from.
         tracing::info!(
             class = %dl.class, source_topic = dl.source_topic, partition = dl.source_partition,
-            offset = dl.source_offset, reason = %dl.message, "dead-lettered"
+            offset = dl.source_offset, truncated = original.is_some(), "dead-lettered"
         );
+        tracing::debug!(reason = %dl.message, "dead letter reason");
         if let Some(c) = &self.counter {
             c.with_label_values(&[dl.class.as_str()]).inc();
         }
@@ -180,26 +239,22 @@ impl DlqWriter {
     }
 }
 
+/// The longest prefix of `s` within `max` bytes, cut on a character boundary.
+pub fn truncate_str(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 fn h<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a [u8]> {
     Header {
         key,
         value: Some(value.as_bytes()),
-    }
-}
-
-/// Failures that may pass: timeouts, broker or queue trouble; not oversize or auth.
-pub fn is_retriable(e: &KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as C;
-    match e.rdkafka_error_code() {
-        Some(
-            C::MessageSizeTooLarge
-            | C::InvalidMessageSize
-            | C::TopicAuthorizationFailed
-            | C::ClusterAuthorizationFailed
-            | C::InvalidRecord
-            | C::UnknownTopicOrPartition,
-        ) => false,
-        Some(_) | None => true,
     }
 }
 
@@ -226,5 +281,52 @@ mod tests {
             Ok(ErrorClass::ModelError)
         );
         assert!("NOPE".parse::<ErrorClass>().is_err());
+    }
+
+    fn letter<'a>(key: &'a [u8], value: &'a [u8]) -> DeadLetter<'a> {
+        DeadLetter {
+            class: ErrorClass::TooLarge,
+            message: "x".repeat(10_000),
+            source_topic: "lanes.events.raw",
+            source_partition: 0,
+            source_offset: 7,
+            key: Some(key),
+            value: Some(value),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_letter_that_would_pass_the_limit_is_cut_to_fit() {
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .create()
+            .unwrap();
+        let w = DlqWriter::new(producer, "dlq", "ingest").with_max_bytes(100_000);
+        let (key, small, big) = (vec![1u8; 40], vec![2u8; 1000], vec![3u8; 99_000]);
+        let (k, v, original) = w.fit(&letter(&key, &small));
+        assert_eq!(
+            (k.unwrap().len(), v.unwrap().len(), original),
+            (40, 1000, None)
+        );
+        let (k, v, original) = w.fit(&letter(&key, &big));
+        assert_eq!(original, Some((40, 99_000)));
+        assert_eq!(k.unwrap(), &key[..], "a small key is kept whole");
+        let headers = w.headers(&letter(&key, &big), original);
+        let sent: usize = k.unwrap().len()
+            + v.unwrap().len()
+            + headers
+                .iter()
+                .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+                .sum::<usize>();
+        assert!(sent + RECORD_OVERHEAD <= 100_000, "{sent} bytes do not fit");
+        assert!(v.unwrap().len() > 90_000, "the value keeps what fits");
+        assert_eq!(
+            header_str(&headers, HEADER_ORIGINAL_VALUE_SIZE),
+            Some("99000")
+        );
+        assert_eq!(
+            header_str(&headers, HEADER_MESSAGE).map(str::len),
+            Some(MAX_REASON_BYTES)
+        );
     }
 }

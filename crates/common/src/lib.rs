@@ -6,21 +6,28 @@
 //! records it can never process to the dead-letter topic with [`dlq::DlqWriter`], serves
 //! [`admin`] endpoints, and runs its tasks under a [`shutdown::Supervisor`]. Input
 //! offsets are committed only after the output is acknowledged, tracked by
-//! [`kafka::OffsetTracker`].
+//! [`kafka::OffsetTracker`]. Every streaming service is a [`stage::Stage`] run by
+//! [`stage::run`], the one consume / decode / produce / acknowledge / commit loop;
+//! [`error::Failure`] says whether a failure is poison, transient or fatal, and
+//! [`retry`] waits out the transient ones.
 
 pub mod admin;
 pub mod avro;
+pub mod cache;
 pub mod config;
 pub mod dlq;
+pub mod error;
 pub mod generator;
 pub mod kafka;
 pub mod lifecycle;
 pub mod metrics;
 pub mod model;
 pub mod records;
+pub mod retry;
 pub mod service;
 pub mod shutdown;
 pub mod source;
+pub mod stage;
 pub mod telemetry;
 
 pub use config::Settings;

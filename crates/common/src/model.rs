@@ -204,22 +204,62 @@ impl Model {
                 )));
             }
         }
-        if !session
+        let output = session
             .outputs()
             .iter()
-            .any(|o| o.name() == self.spec.output)
-        {
+            .find(|o| o.name() == self.spec.output)
+            .ok_or_else(|| {
+                self.mismatch(format!(
+                    "no output named {:?}; the graph has {:?}",
+                    self.spec.output,
+                    names(session.outputs())
+                ))
+            })?;
+        self.check_output(output.dtype())
+    }
+
+    /// The output must be a float32 tensor of the shape `output_kind` reads: a zipmap
+    /// export (a sequence of maps) or a float64 tensor would fail on every batch.
+    fn check_output(&self, dtype: &ValueType) -> Result<(), ModelError> {
+        let out = &self.spec.output;
+        let ValueType::Tensor { ty, shape, .. } = dtype else {
             return Err(self.mismatch(format!(
-                "no output named {:?}; the graph has {:?}",
-                self.spec.output,
-                names(session.outputs())
+                "output {out:?} is not a tensor but {dtype:?} (a skl2onnx export needs zipmap=False)"
+            )));
+        };
+        if *ty != TensorElementType::Float32 {
+            return Err(self.mismatch(format!("output {out:?} is {ty:?}; Lanes reads float32")));
+        }
+        let dims: Vec<i64> = shape.iter().copied().collect();
+        let fits = match self.spec.output_kind {
+            OutputKind::Probabilities => {
+                dims.len() == 2 && (dims[1] < 0 || dims[1] > self.spec.positive_class as i64)
+            }
+            OutputKind::Score => dims.len() == 1 || (dims.len() == 2 && dims[1] == 1),
+        };
+        if !fits {
+            return Err(self.mismatch(format!(
+                "output {out:?} has shape {dims:?}, which output_kind {:?} (positive_class {}) cannot read",
+                self.spec.output_kind, self.spec.positive_class
             )));
         }
         Ok(())
     }
 
-    /// Scores `rows` rows of row-major features (in `spec.features` order) as one tensor.
+    /// One score per row; a score that is not finite fails the whole call, so it is
+    /// never cached or answered.
     pub fn score(&self, features: &[f32], rows: usize) -> Result<Vec<f64>, ModelError> {
+        let scores = self.score_raw(features, rows)?;
+        if let Some((row, s)) = scores.iter().enumerate().find(|(_, s)| !s.is_finite()) {
+            return Err(ModelError::Inference(format!(
+                "model {} v{} gave a non-finite score ({s}) for row {row}",
+                self.spec.name, self.spec.version
+            )));
+        }
+        Ok(scores)
+    }
+
+    fn score_raw(&self, features: &[f32], rows: usize) -> Result<Vec<f64>, ModelError> {
         let width = self.spec.features.len();
         if features.len() != rows * width {
             return Err(ModelError::Inference(format!(

@@ -79,12 +79,60 @@ pub struct MicroBatch {
 }
 record!(MicroBatch, "MicroBatch.avsc");
 
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Count => "COUNT",
+            CloseReason::Bytes => "BYTES",
+            CloseReason::Delay => "DELAY",
+            CloseReason::Flush => "FLUSH",
+            CloseReason::Priority => "PRIORITY",
+        }
+    }
+}
+
+impl MicroBatch {
+    /// Rows, once every column is checked to agree: any writer that can reach the batch
+    /// topic could send a batch whose columns disagree, and the scorer indexes them.
+    pub fn rows(&self) -> Result<usize, String> {
+        let rows = self.event_ids.len();
+        let width = self.feature_names.len();
+        for (name, len) in [
+            ("entity_ids", self.entity_ids.len()),
+            ("kinds", self.kinds.len()),
+            ("event_times", self.event_times.len()),
+            ("ingested_ats", self.ingested_ats.len()),
+        ] {
+            if len != rows {
+                return Err(format!("{name} has {len} values for {rows} events"));
+            }
+        }
+        if rows.checked_mul(width) != Some(self.features.len()) {
+            return Err(format!(
+                "features has {} values for {rows} events of {width} features",
+                self.features.len()
+            ));
+        }
+        Ok(rows)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Lane {
     Stream,
     Batch,
     Realtime,
+}
+
+impl Lane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Stream => "STREAM",
+            Lane::Batch => "BATCH",
+            Lane::Realtime => "REALTIME",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,6 +179,27 @@ pub enum ResponseSource {
     None,
 }
 
+impl ResponseStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseStatus::Ok => "OK",
+            ResponseStatus::NotFound => "NOT_FOUND",
+            ResponseStatus::Error => "ERROR",
+        }
+    }
+}
+
+impl ResponseSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseSource::Cache => "CACHE",
+            ResponseSource::Realtime => "REALTIME",
+            ResponseSource::StaleCache => "STALE_CACHE",
+            ResponseSource::None => "NONE",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PredictionResponse {
     pub request_id: String,
@@ -146,6 +215,40 @@ pub struct PredictionResponse {
 record!(PredictionResponse, "PredictionResponse.avsc");
 
 /// Milliseconds since the Unix epoch, now.
+/// 2000-01-01T00:00:00Z. A client time before it is taken for a mistake (seconds since
+/// the epoch, say); micro- and nanosecond epochs land far in the future instead.
+pub const MIN_CLIENT_TIME_MS: i64 = 946_684_800_000;
+
+/// Checks a time a client supplied (epoch milliseconds): not before 2000, and not more
+/// than `max_skew_ms` ahead of `now`. A time that passes cannot pin a cache entry.
+pub fn check_client_time(name: &str, t: i64, now: i64, max_skew_ms: u64) -> Result<(), String> {
+    if t < MIN_CLIENT_TIME_MS {
+        return Err(format!(
+            "{name} {t} is before 2000-01-01 (epoch milliseconds expected)"
+        ));
+    }
+    let skew = i64::try_from(max_skew_ms).unwrap_or(i64::MAX);
+    if t > now.saturating_add(skew) {
+        return Err(format!(
+            "{name} {t} is {} ms ahead of this clock (max_clock_skew_ms {max_skew_ms}); micro- or nanoseconds?",
+            t - now
+        ));
+    }
+    Ok(())
+}
+
+/// A feature value as the model takes it: finite as a 32-bit float.
+pub fn model_value(name: &str, v: f64) -> Result<f32, String> {
+    let f = v as f32;
+    if f.is_finite() {
+        Ok(f)
+    } else {
+        Err(format!(
+            "feature {name:?} is not finite as a 32-bit float: {v}"
+        ))
+    }
+}
+
 pub fn now_millis() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -275,5 +378,23 @@ mod tests {
                 other => panic!("{name} is not a record: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_batch_whose_columns_disagree_is_refused() {
+        let good = batch();
+        assert_eq!(good.rows(), Ok(good.event_ids.len()));
+        let mut b = batch();
+        b.entity_ids.pop();
+        assert!(b.rows().unwrap_err().contains("entity_ids"));
+        let mut b = batch();
+        b.features.push(1.0);
+        assert!(b.rows().unwrap_err().contains("features"));
+        let mut b = batch();
+        b.ingested_ats.clear();
+        assert!(b.rows().is_err());
+        let mut b = batch();
+        b.feature_names.push("extra".into());
+        assert!(b.rows().is_err());
     }
 }

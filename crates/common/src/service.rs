@@ -43,13 +43,42 @@ pub fn lag_gauge(registry: &Registry) -> prometheus::Result<IntGaugeVec> {
 
 pub type ServiceFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
-/// A service as `lanes up` and the binaries see it.
+/// A service as every host sees it (its binary, `lanes up`, benchmarks, tests).
 #[derive(Clone, Copy)]
 pub struct ServiceDef {
     pub name: &'static str,
     pub admin_port: fn(&Settings) -> u16,
     pub needs_redis: bool,
+    /// The (consumer group, topic) pairs it reads, for lag and status.
+    pub inputs: fn(&Settings) -> Vec<(String, String)>,
     pub run: fn(ServiceContext) -> ServiceFuture,
+}
+
+/// Starts `defs` the one way every host does: each gets its context (these settings,
+/// the shared registry and lag gauge, `shutdown`, its own readiness flag) and its future
+/// goes to `spawn`. Returns the readiness flags, in order.
+pub fn host(
+    settings: &Settings,
+    defs: &[ServiceDef],
+    metrics: &Registry,
+    lag: &IntGaugeVec,
+    shutdown: &CancellationToken,
+    mut spawn: impl FnMut(&'static str, ServiceFuture),
+) -> Vec<ReadyFlag> {
+    defs.iter()
+        .map(|def| {
+            let ready = ReadyFlag::new(def.name);
+            let ctx = ServiceContext {
+                settings: settings.clone(),
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+                ready: ready.clone(),
+                lag: lag.clone(),
+            };
+            spawn(def.name, (def.run)(ctx));
+            ready
+        })
+        .collect()
 }
 
 /// Readiness checks for the service's dependencies.
@@ -62,7 +91,7 @@ pub fn dependency_checks(
         Box::new(RegistryCheck::new(&settings.registry)),
     ];
     if needs_redis {
-        checks.push(Box::new(RedisCheck::new(&settings.redis.url)?));
+        checks.push(Box::new(RedisCheck::new(&settings.redis)?));
     }
     Ok(checks)
 }
@@ -103,9 +132,6 @@ pub async fn main(def: ServiceDef) -> i32 {
             return EXIT_CONFIG;
         }
     };
-    let ready = ReadyFlag::new(def.name);
-    let mut all: Vec<Box<dyn ReadinessCheck>> = vec![Box::new(ready.clone())];
-    all.extend(checks);
     let port = (def.admin_port)(&settings);
     let listener = match admin::bind(&settings.admin.host, port).await {
         Ok(l) => l,
@@ -114,11 +140,6 @@ pub async fn main(def: ServiceDef) -> i32 {
             return EXIT_CONFIG;
         }
     };
-    let token = supervisor.token();
-    let app = admin::router(registry.clone(), all);
-    supervisor.spawn("admin", async move {
-        Ok(admin::serve(listener, app, token).await?)
-    });
     let lag = match lag_gauge(&registry) {
         Ok(l) => l,
         Err(e) => {
@@ -126,14 +147,19 @@ pub async fn main(def: ServiceDef) -> i32 {
             return EXIT_CONFIG;
         }
     };
-    let ctx = ServiceContext {
-        settings,
-        lag,
-        metrics: registry,
-        shutdown: supervisor.token(),
-        ready,
-    };
-    supervisor.spawn(def.name, (def.run)(ctx));
+    let token = supervisor.token();
+    let ready = host(&settings, &[def], &registry, &lag, &token, |name, fut| {
+        supervisor.spawn(name, fut)
+    });
+    let mut all: Vec<Box<dyn ReadinessCheck>> = ready
+        .into_iter()
+        .map(|r| Box::new(r) as Box<dyn ReadinessCheck>)
+        .collect();
+    all.extend(checks);
+    let app = admin::router(registry.clone(), all);
+    supervisor.spawn("admin", async move {
+        Ok(admin::serve(listener, app, token).await?)
+    });
     let exit = supervisor.run(shutdown::signal()).await;
     tracing::info!(?exit, "{binary} stopped");
     exit.code()

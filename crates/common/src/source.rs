@@ -2,11 +2,21 @@
 //! rebalances to the service's async loop in order, and [`Acks`] commits an input offset
 //! only after the output it caused is acknowledged.
 //!
+//! Backpressure, not eviction: each assigned partition gets its own librdkafka queue,
+//! which the thread drains only while the service has room. When the service falls
+//! behind (a dependency is down, its in-flight limit is reached) those queues are left
+//! alone: librdkafka stops fetching once a partition holds `queued.max.messages.kbytes`,
+//! while the thread keeps polling the consumer's own queue, so the member stays in its
+//! group and rebalances are still served. Nothing is paused and nothing refetched: on
+//! the embedded broker a fetch that starts inside a record batch skips the rest of that
+//! batch, which a `pause()`/`resume()` would do every time.
+//!
 //! Revocation is synchronous: librdkafka calls the rebalance callback on the polling
 //! thread, which sends [`SourceEvent::Revoked`] after every message already fetched from
 //! those partitions, and waits until the service has flushed, drained and committed them
 //! (or the drain deadline passes). Only then does the partition move to another member.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc as std_mpsc};
@@ -16,6 +26,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use prometheus::IntGaugeVec;
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::OwnedMessage;
@@ -25,6 +36,7 @@ use tokio::sync::mpsc;
 
 use crate::config::KafkaConfig;
 use crate::dlq::{DeadLetter, DlqWriter, ErrorClass};
+use crate::error::Failure;
 use crate::kafka::{OffsetTracker, describe};
 
 /// What the polling thread tells the service, in order.
@@ -43,6 +55,14 @@ pub struct SourceContext {
     service: String,
     lag: Option<IntGaugeVec>,
     events: Mutex<Option<mpsc::Sender<SourceEvent>>>,
+    /// Fetched messages the service has no room for yet, oldest first.
+    pending: Mutex<VecDeque<OwnedMessage>>,
+    /// Partitions assigned or revoked since the thread last looked: their queues are to
+    /// be split off or dropped.
+    assigned: Mutex<Vec<(String, i32)>>,
+    revoked: Mutex<Vec<(String, i32)>>,
+    /// What this member holds now: lag is reported for these only.
+    owned: Mutex<HashSet<(String, i32)>>,
     revoke_timeout: Duration,
 }
 
@@ -54,9 +74,44 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 }
 
 impl SourceContext {
-    fn send(&self, event: SourceEvent) -> bool {
-        let tx = self.events.lock().expect("source lock").clone();
-        tx.is_some_and(|tx| tx.blocking_send(event).is_ok())
+    /// Sends `event`, waiting at most `timeout` for room; false if the service is gone
+    /// or did not make room in time.
+    fn send_within(&self, event: SourceEvent, timeout: Duration) -> bool {
+        let Some(tx) = self.events.lock().expect("source lock").clone() else {
+            return false;
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        let mut event = event;
+        loop {
+            match tx.try_send(event) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(mpsc::error::TrySendError::Full(e)) => {
+                    if std::time::Instant::now() >= deadline {
+                        return false;
+                    }
+                    event = e;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+
+    /// Hands waiting messages on while the channel has room. Returns false once the
+    /// service has gone away.
+    fn forward(&self, tx: &mpsc::Sender<SourceEvent>) -> bool {
+        let mut pending = self.pending.lock().expect("source lock");
+        while let Some(m) = pending.pop_front() {
+            match tx.try_send(SourceEvent::Message(m)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(SourceEvent::Message(m))) => {
+                    pending.push_front(m);
+                    break;
+                }
+                Err(_) => return false,
+            }
+        }
+        true
     }
 }
 
@@ -64,10 +119,15 @@ impl ClientContext for SourceContext {
     /// librdkafka's statistics carry each assigned partition's lag.
     fn stats(&self, statistics: Statistics) {
         let Some(lag) = &self.lag else { return };
+        let owned = self.owned.lock().expect("source lock");
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
-                // -1 is librdkafka's internal partition; a negative lag is unknown.
-                if *partition >= 0 && p.consumer_lag >= 0 {
+                // -1 is librdkafka's internal partition; a negative lag is unknown; a
+                // partition another member took keeps its last figures in the statistics.
+                if *partition >= 0
+                    && p.consumer_lag >= 0
+                    && owned.contains(&(topic.clone(), *partition))
+                {
                     lag.with_label_values(&[&self.service, topic, &partition.to_string()])
                         .set(p.consumer_lag);
                 }
@@ -80,12 +140,38 @@ impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             tracing::info!(service = %self.service, partitions = %describe(tpl), "partitions revoked, draining");
-            let (done, wait) = std_mpsc::sync_channel(1);
-            if self.send(SourceEvent::Revoked {
-                partitions: partitions(tpl),
-                done,
-            }) && wait.recv_timeout(self.revoke_timeout).is_err()
+            let revoked = partitions(tpl);
             {
+                let mut owned = self.owned.lock().expect("source lock");
+                for key in &revoked {
+                    owned.remove(key);
+                }
+            }
+            self.revoked
+                .lock()
+                .expect("source lock")
+                .extend(revoked.iter().cloned());
+            // Messages not yet handed on were never tracked: the next owner reads them.
+            self.pending.lock().expect("source lock").retain(|m| {
+                !revoked
+                    .iter()
+                    .any(|(t, p)| m.topic() == t && m.partition() == *p)
+            });
+            if let Some(lag) = &self.lag {
+                for (topic, partition) in &revoked {
+                    let _ =
+                        lag.remove_label_values(&[&self.service, topic, &partition.to_string()]);
+                }
+            }
+            let (done, wait) = std_mpsc::sync_channel(1);
+            let sent = self.send_within(
+                SourceEvent::Revoked {
+                    partitions: revoked,
+                    done,
+                },
+                self.revoke_timeout,
+            );
+            if !sent || wait.recv_timeout(self.revoke_timeout).is_err() {
                 tracing::warn!(service = %self.service, "revoked partitions not drained in time; their records will be replayed");
             }
         }
@@ -95,7 +181,15 @@ impl ConsumerContext for SourceContext {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 tracing::info!(service = %self.service, partitions = %describe(tpl), "partitions assigned");
-                self.send(SourceEvent::Assigned(partitions(tpl)));
+                self.owned
+                    .lock()
+                    .expect("source lock")
+                    .extend(partitions(tpl));
+                self.assigned
+                    .lock()
+                    .expect("source lock")
+                    .extend(partitions(tpl));
+                self.send_within(SourceEvent::Assigned(partitions(tpl)), self.revoke_timeout);
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => {
@@ -136,6 +230,10 @@ impl Source {
         let context = SourceContext {
             service: service.to_string(),
             events: Mutex::new(Some(tx.clone())),
+            pending: Mutex::new(VecDeque::new()),
+            assigned: Mutex::new(Vec::new()),
+            revoked: Mutex::new(Vec::new()),
+            owned: Mutex::new(HashSet::new()),
             revoke_timeout,
             lag,
         };
@@ -149,27 +247,7 @@ impl Source {
             let name = format!("{service}-poll");
             std::thread::Builder::new()
                 .name(name)
-                .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        match consumer.poll(Duration::from_millis(100)) {
-                            Some(Ok(m))
-                                if tx.blocking_send(SourceEvent::Message(m.detach())).is_err() =>
-                            {
-                                break;
-                            }
-                            Some(Ok(_)) => {}
-                            Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
-                            None => {}
-                        }
-                    }
-                    // Rebalances during close have no one left to drain for them.
-                    consumer
-                        .context()
-                        .events
-                        .lock()
-                        .expect("source lock")
-                        .take();
-                })
+                .spawn(move || poll_loop(&consumer, &tx, &stop))
                 .expect("poll thread starts")
         };
         Ok(Self {
@@ -195,51 +273,137 @@ impl Source {
     }
 }
 
+/// Messages taken from one partition's queue per turn, so a busy partition cannot
+/// starve the others.
+const TURN: usize = 512;
+
+/// The polling thread: serve the consumer's events, split off each assigned partition's
+/// queue, and hand messages on while the service has room.
+fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, stop: &AtomicBool) {
+    let ctx = consumer.context();
+    let mut queues: HashMap<(String, i32), PartitionQueue<SourceContext>> = HashMap::new();
+    // Partition queues ring this when they get messages, so an idle source sleeps.
+    let (wake_tx, wake) = std_mpsc::sync_channel::<()>(1);
+    while !stop.load(Ordering::Relaxed) {
+        // Events (rebalances, errors), and messages fetched before their partition's
+        // queue was split off: those are older than anything in that queue.
+        while let Some(polled) = consumer.poll(Duration::ZERO) {
+            match polled {
+                Ok(m) => ctx
+                    .pending
+                    .lock()
+                    .expect("source lock")
+                    .push_back(m.detach()),
+                Err(e) => tracing::warn!(service = %ctx.service, error = %e, "consumer error"),
+            }
+        }
+        for key in ctx.revoked.lock().expect("source lock").drain(..) {
+            queues.remove(&key);
+        }
+        for (topic, partition) in ctx.assigned.lock().expect("source lock").drain(..) {
+            match consumer.split_partition_queue(&topic, partition) {
+                Some(mut q) => {
+                    let wake = wake_tx.clone();
+                    q.set_nonempty_callback(move || {
+                        let _ = wake.try_send(());
+                    });
+                    queues.insert((topic, partition), q);
+                }
+                None => {
+                    tracing::warn!(service = %ctx.service, %topic, partition, "cannot split the partition's queue")
+                }
+            }
+        }
+        if !ctx.forward(tx) {
+            break;
+        }
+        let mut moved = false;
+        let mut full = !ctx.pending.lock().expect("source lock").is_empty();
+        'queues: for q in queues.values() {
+            if full {
+                break;
+            }
+            for _ in 0..TURN {
+                let Some(polled) = q.poll(Duration::ZERO) else {
+                    break;
+                };
+                match polled {
+                    Ok(m) => match tx.try_send(SourceEvent::Message(m.detach())) {
+                        Ok(()) => moved = true,
+                        Err(mpsc::error::TrySendError::Full(SourceEvent::Message(m))) => {
+                            ctx.pending.lock().expect("source lock").push_back(m);
+                            full = true;
+                            continue 'queues;
+                        }
+                        Err(_) => break 'queues,
+                    },
+                    Err(e) => tracing::warn!(service = %ctx.service, error = %e, "consumer error"),
+                }
+            }
+        }
+        if !moved {
+            // Full: the service may make room any moment. Idle: a queue rings when
+            // messages arrive; events wait at most one idle turn.
+            let wait = if full { 2 } else { 50 };
+            let _ = wake.recv_timeout(Duration::from_millis(wait));
+        }
+    }
+    drop(queues);
+    // Rebalances during close have no one left to drain for them.
+    ctx.events.lock().expect("source lock").take();
+}
+
 impl Drop for Source {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
 
-type AckFuture = BoxFuture<'static, (Vec<(String, i32, i64)>, Result<(), String>)>;
+type AckFuture = BoxFuture<'static, (Vec<OwnedMessage>, Result<(), Failure>)>;
 
-/// Input offsets waiting for their outputs' acknowledgements.
-#[derive(Default)]
+/// Input offsets waiting for their outputs' acknowledgements, and the bytes they hold.
 pub struct Acks {
     tracker: OffsetTracker,
     pending: FuturesUnordered<AckFuture>,
+    bytes: usize,
+    dlq: DlqWriter,
+}
+
+fn size(m: &OwnedMessage) -> usize {
+    m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len)
 }
 
 impl Acks {
-    pub fn new() -> Self {
-        Self::default()
+    /// `dlq` receives inputs whose output can never be delivered.
+    pub fn new(dlq: DlqWriter) -> Self {
+        Self {
+            tracker: OffsetTracker::default(),
+            pending: FuturesUnordered::new(),
+            bytes: 0,
+            dlq,
+        }
     }
 
     /// A message was read; its offset must not be committed until acknowledged.
     pub fn track(&mut self, m: &OwnedMessage) {
+        self.bytes += size(m);
         self.tracker.track(m.topic(), m.partition(), m.offset());
     }
 
-    /// The output for `offsets` is acknowledged once `work` resolves `Ok`.
-    pub fn wait_for<F>(&mut self, offsets: Vec<(String, i32, i64)>, work: F)
+    /// `inputs` are done once `work` resolves `Ok`. Poison dead-letters them (e.g. a
+    /// reply topic that refuses writes); any other error stops the service uncommitted.
+    pub fn wait_for<F>(&mut self, inputs: Vec<OwnedMessage>, work: F)
     where
-        F: Future<Output = Result<(), String>> + Send + 'static,
+        F: Future<Output = Result<(), Failure>> + Send + 'static,
     {
         self.pending
-            .push(Box::pin(async move { (offsets, work.await) }));
+            .push(Box::pin(async move { (inputs, work.await) }));
     }
 
     /// Dead-letters `m`; its offset is acknowledged once the dead letter is.
-    pub fn dead_letter(
-        &mut self,
-        dlq: &DlqWriter,
-        m: OwnedMessage,
-        class: ErrorClass,
-        message: String,
-    ) {
-        let dlq = dlq.clone();
-        let offsets = vec![(m.topic().to_string(), m.partition(), m.offset())];
-        self.wait_for(offsets, async move {
+    pub fn dead_letter(&mut self, m: OwnedMessage, class: ErrorClass, message: String) {
+        let dlq = self.dlq.clone();
+        self.pending.push(Box::pin(async move {
             let letter = DeadLetter {
                 class,
                 message,
@@ -249,34 +413,60 @@ impl Acks {
                 key: m.key(),
                 value: m.payload(),
             };
-            dlq.send(&letter).await.map_err(|e| e.to_string())
-        });
+            let sent = dlq
+                .send(&letter)
+                .await
+                .map_err(|e| Failure::fatal(format!("dead letter not written: {e}")));
+            (vec![m], sent)
+        }));
     }
 
-    /// Offsets whose work is done synchronously (e.g. dropped tombstones).
-    pub fn done(&mut self, topic: &str, partition: i32, offset: i64) {
-        self.tracker.ack(topic, partition, offset);
+    /// An input whose work is done synchronously (e.g. written to Redis).
+    pub fn done(&mut self, m: &OwnedMessage) {
+        self.bytes = self.bytes.saturating_sub(size(m));
+        self.tracker.ack(m.topic(), m.partition(), m.offset());
     }
 
+    /// Inputs read and not yet acknowledged: being worked on, or waiting for output.
     pub fn in_flight(&self) -> usize {
+        self.tracker.in_flight()
+    }
+
+    /// The key and value bytes of those inputs.
+    pub fn in_flight_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Acknowledgements still awaited.
+    pub fn waiting(&self) -> usize {
         self.pending.len()
     }
 
     /// Resolves the next acknowledgement; `None` when nothing is pending. An error means
     /// output was not acknowledged after the producer's own retries: the service must
     /// stop without committing it, so a restart replays it.
-    pub async fn next(&mut self) -> Option<Result<(), String>> {
-        let (offsets, result) = self.pending.next().await?;
-        if result.is_ok() {
-            for (t, p, o) in &offsets {
-                self.tracker.ack(t, *p, *o);
+    pub async fn next(&mut self) -> Option<Result<(), Failure>> {
+        let (inputs, result) = self.pending.next().await?;
+        match result {
+            Ok(()) => {
+                for m in &inputs {
+                    self.done(m);
+                }
+                Some(Ok(()))
             }
+            Err(Failure::Poison { class, message }) => {
+                tracing::warn!(%class, inputs = inputs.len(), "output refused for good; dead-lettering its inputs");
+                for m in inputs {
+                    self.dead_letter(m, class, message.clone());
+                }
+                Some(Ok(()))
+            }
+            Err(e) => Some(Err(e)),
         }
-        Some(result)
     }
 
     /// Waits for every pending acknowledgement.
-    pub async fn drain(&mut self) -> Result<(), String> {
+    pub async fn drain(&mut self) -> Result<(), Failure> {
         while let Some(r) = self.next().await {
             r?;
         }
@@ -305,7 +495,7 @@ impl Acks {
         partitions: &[(String, i32)],
         done: std_mpsc::SyncSender<()>,
     ) -> anyhow::Result<()> {
-        self.drain().await.map_err(anyhow::Error::msg)?;
+        self.drain().await?;
         self.commit(consumer).await?;
         self.forget(partitions);
         let _ = done.send(());
@@ -314,7 +504,7 @@ impl Acks {
 
     /// At shutdown: waits for every acknowledgement, commits, and leaves the group.
     pub async fn finish(mut self, source: Source) -> anyhow::Result<()> {
-        self.drain().await.map_err(anyhow::Error::msg)?;
+        self.drain().await?;
         self.commit(&source.consumer).await?;
         source.close().await;
         Ok(())

@@ -6,42 +6,11 @@
 //! the request's features or else the entity's online features. Neither features nor a
 //! prediction: NOT_FOUND.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use lanes_common::records::PredictionRequest;
 
-/// An entity's hash as the cache-writer keeps it.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Cached {
-    pub score: Option<f64>,
-    pub model_version: Option<String>,
-    pub event_time: Option<i64>,
-    pub scored_at: Option<i64>,
-    pub features: Option<BTreeMap<String, f64>>,
-    pub features_event_time: Option<i64>,
-}
-
-impl Cached {
-    /// `None` for an empty hash (no such key).
-    pub fn from_hash(h: &HashMap<String, String>) -> Option<Self> {
-        if h.is_empty() {
-            return None;
-        }
-        let num = |k: &str| h.get(k).and_then(|v| v.parse::<f64>().ok());
-        Some(Self {
-            score: num("score"),
-            model_version: h.get("model_version").filter(|v| !v.is_empty()).cloned(),
-            event_time: num("event_time").map(|v| v as i64),
-            scored_at: num("scored_at").map(|v| v as i64),
-            features: h.get("features").and_then(|f| serde_json::from_str(f).ok()),
-            features_event_time: num("features_event_time").map(|v| v as i64),
-        })
-    }
-
-    fn prediction(&self) -> Option<(f64, i64)> {
-        Some((self.score?, self.scored_at?))
-    }
-}
+pub use lanes_common::cache::Cached;
 
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -69,10 +38,14 @@ pub enum Decision {
         refresh: bool,
     },
     /// Score now with these features (their event time), falling back to `stale`.
+    /// `warm`: publish the score to the cache. Request features warm it only where the
+    /// entry is missing, stale by the service's own freshness, or from another model
+    /// version: a client's `max_age_ms` cannot make it replace a fresh entry.
     Score {
         features: BTreeMap<String, f64>,
         event_time: i64,
         from_request: bool,
+        warm: bool,
         stale: Option<Stale>,
     },
     /// Stale, and nothing to score with: the stale entry is all there is.
@@ -89,6 +62,7 @@ pub fn decide(
     now: i64,
 ) -> Decision {
     let max_age = req.max_age_ms.unwrap_or(policy.freshness_ms);
+    let mut fresh_for_service = false;
     let stale = match cached.and_then(|c| c.prediction().map(|p| (c, p))) {
         Some((c, (score, scored_at))) => {
             let age_ms = (now - scored_at).max(0);
@@ -96,6 +70,7 @@ pub fn decide(
                 (Some(now_serving), Some(scored_by)) => now_serving == scored_by,
                 _ => true,
             };
+            fresh_for_service = age_ms <= policy.freshness_ms && same_model;
             if age_ms <= max_age && same_model {
                 return Decision::Fresh {
                     score,
@@ -115,8 +90,9 @@ pub fn decide(
     if let Some(features) = &req.features {
         return Decision::Score {
             features: features.clone(),
-            event_time: req.requested_at,
+            event_time: now,
             from_request: true,
+            warm: !fresh_for_service,
             stale,
         };
     }
@@ -125,8 +101,9 @@ pub fn decide(
     {
         return Decision::Score {
             features: features.clone(),
-            event_time: c.features_event_time.unwrap_or(req.requested_at),
+            event_time: c.features_event_time.unwrap_or(now),
             from_request: false,
+            warm: true,
             stale,
         };
     }
@@ -243,6 +220,7 @@ mod tests {
                 features,
                 from_request: true,
                 event_time,
+                warm: true,
                 stale: None,
             } => {
                 assert_eq!(features["b"], 2.0);
@@ -274,24 +252,61 @@ mod tests {
     }
 
     #[test]
-    fn hashes_parse_with_and_without_a_prediction() {
-        let h: HashMap<String, String> =
-            [("features", r#"{"a":1.5}"#), ("features_event_time", "9")]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-        let c = Cached::from_hash(&h).unwrap();
-        assert_eq!(c.features.as_ref().unwrap()["a"], 1.5);
-        assert_eq!(c.score, None);
-        assert!(Cached::from_hash(&HashMap::new()).is_none());
+    fn request_features_warm_only_what_the_service_finds_stale() {
+        let f: &[(&str, f64)] = &[("a", 2.0)];
+        // The client calls a fresh entry stale (max_age_ms 0): it is scored for them, but
+        // the cache keeps its entry.
+        let d = decide(
+            &req(Some(f), Some(0)),
+            Some(&cached(1_000, "2", false)),
+            &policy(),
+            NOW,
+        );
+        assert!(
+            matches!(
+                d,
+                Decision::Score {
+                    warm: false,
+                    from_request: true,
+                    event_time: NOW,
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
+        for c in [
+            None,
+            Some(cached(120_000, "2", false)),
+            Some(cached(1_000, "1", false)),
+        ] {
+            let d = decide(&req(Some(f), Some(0)), c.as_ref(), &policy(), NOW);
+            assert!(
+                matches!(d, Decision::Score { warm: true, .. }),
+                "{c:?}: {d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn online_features_alone_are_scored_at_their_own_time() {
+        let c = Cached {
+            features: Some(BTreeMap::from([("a".to_string(), 1.5)])),
+            features_event_time: Some(9),
+            ..Cached::default()
+        };
         let d = decide(&req(None, None), Some(&c), &policy(), NOW);
-        assert!(matches!(
-            d,
-            Decision::Score {
-                stale: None,
-                from_request: false,
-                ..
-            }
-        ));
+        assert!(
+            matches!(
+                d,
+                Decision::Score {
+                    stale: None,
+                    from_request: false,
+                    warm: true,
+                    event_time: 9,
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
     }
 }

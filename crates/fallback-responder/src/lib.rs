@@ -1,6 +1,6 @@
 //! `lanes-fallback-responder`: answers each `PredictionRequest` from `lanes.requests` on
 //! its `reply_topic` (else `lanes.responses`), keyed by request id, with the request's
-//! headers copied for correlation.
+//! headers copied for correlation. It is a [`Stage`] of the common runner.
 //!
 //! One Redis read (`HGETALL` of the entity's hash: prediction and online features)
 //! decides the path ([`decide`]): a fresh cached prediction is served (CACHE); a stale or
@@ -12,7 +12,14 @@
 //! ([`breaker`]) and requests are still answered by real-time scoring; a missing model
 //! gives ERROR responses with the reason. Staleness is measured at every read and by a
 //! periodic sampler, and old entries are refreshed on read and by a sweep ([`sweep`]).
+//!
+//! Requests are hostile until checked ([`answer`]): a `requested_at` far ahead or before
+//! 2000, a request older than `max_request_age_ms`, or a `reply_topic` off the allow-list
+//! gets an ERROR response on the default topic. Background work (refreshes, cache
+//! warming, scorings past their deadline) counts against `max_in_flight` with the
+//! requests, so memory stays bounded under any load.
 
+pub mod answer;
 pub mod breaker;
 pub mod coalesce;
 pub mod decide;
@@ -20,30 +27,28 @@ mod metrics;
 pub mod sweep;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use lanes_common::avro::{AvroCodec, DecodeError};
-use lanes_common::config::{FallbackResponderConfig, OnDeadline};
-use lanes_common::dlq::DlqWriter;
+use lanes_common::avro::AvroCodec;
+use lanes_common::cache::{self, Cached};
+use lanes_common::config::FallbackResponderConfig;
 use lanes_common::kafka::{self, delivered, enqueue};
 use lanes_common::lifecycle::{self, ModelMetrics, ModelWatch};
 use lanes_common::model::Model;
-use lanes_common::records::{
-    Lane, Prediction, PredictionRequest, PredictionResponse, ResponseSource, ResponseStatus,
-    now_millis,
-};
+use lanes_common::records::{Lane, Prediction, PredictionRequest, now_millis};
 use lanes_common::service::{ServiceContext, ServiceDef};
-use lanes_common::source::{Acks, Source, SourceEvent};
+use lanes_common::stage::{self, Input, Out, Plan, Stage};
 use rdkafka::Message;
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use redis::aio::ConnectionManager;
 
 use crate::breaker::Breaker;
 use crate::coalesce::SingleFlight;
-use crate::decide::{Cached, Decision, Policy, Stale};
+use crate::decide::Policy;
 use crate::metrics::Metrics;
 
 pub const SERVICE: &str = "fallback-responder";
@@ -53,7 +58,45 @@ pub fn def() -> ServiceDef {
         name: SERVICE,
         admin_port: |s| s.admin.ports.fallback_responder,
         needs_redis: true,
+        inputs: |s| {
+            vec![(
+                s.fallback_responder.group.clone(),
+                s.topics.requests.clone(),
+            )]
+        },
         run: |ctx| Box::pin(run(ctx)),
+    }
+}
+
+/// Where a real-time score goes besides the answer: the cache, as a prediction.
+#[derive(Debug, Clone)]
+pub struct Warm {
+    /// The event time the prediction claims: the online features' own, or for request
+    /// features the responder's clock (never the client's).
+    pub event_time: i64,
+    pub event_id: String,
+    /// Request features: never replace an entry whose online features are newer.
+    pub guard: bool,
+}
+
+/// Counts one piece of background work for as long as it lives.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn start(core: &Core) -> Self {
+        core.background.fetch_add(1, Ordering::Relaxed);
+        Self(core.background.clone())
+    }
+
+    fn also(&self) -> Self {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Self(self.0.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -86,6 +129,8 @@ pub struct Core {
     predictions_topic: String,
     responses_topic: String,
     flights: SingleFlight<Scored>,
+    /// Scorings and cache warmings still running, whoever started them.
+    background: Arc<AtomicUsize>,
     pub metrics: Metrics,
     stop: tokio_util::sync::CancellationToken,
 }
@@ -109,6 +154,22 @@ impl Core {
     /// The entity's hash in one round trip, through the circuit breaker. `Err` when the
     /// cache could not be asked.
     pub async fn read(&self, entity: &str) -> Result<Option<Cached>, String> {
+        let key = cache::key(&self.prefix, entity);
+        let h: HashMap<String, String> = self
+            .call(self.cfg.redis_timeout_ms, move |mut conn| async move {
+                redis::cmd("HGETALL").arg(&key).query_async(&mut conn).await
+            })
+            .await?;
+        Ok(Cached::from_hash(&h))
+    }
+
+    /// One Redis call through the circuit breaker, failing after `timeout_ms`. The
+    /// breaker counts its failures, so background work backs off with the requests.
+    pub async fn call<T, F, Fut>(&self, timeout_ms: u64, f: F) -> Result<T, String>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
         let allowed = self
             .breaker
             .lock()
@@ -117,35 +178,27 @@ impl Core {
         if !allowed {
             return Err("cache circuit open".into());
         }
-        let mut conn = match self.connection().await {
+        let conn = match self.connection().await {
             Ok(c) => c,
             Err(e) => {
                 let mut breaker = self.breaker.lock().expect("breaker");
                 return Err(self.cache_failed(&mut breaker, e));
             }
         };
-        let key = format!("{}{entity}", self.prefix);
-        let read = tokio::time::timeout(
-            Duration::from_millis(self.cfg.redis_timeout_ms),
-            redis::cmd("HGETALL")
-                .arg(&key)
-                .query_async::<HashMap<String, String>>(&mut conn),
-        )
-        .await;
+        let result = tokio::time::timeout(Duration::from_millis(timeout_ms), f(conn)).await;
         let mut breaker = self.breaker.lock().expect("breaker");
-        match read {
-            Ok(Ok(h)) => {
+        match result {
+            Ok(Ok(v)) => {
                 breaker.success();
                 self.metrics
                     .breaker_state
                     .set(breaker.state(tokio::time::Instant::now()).gauge());
-                Ok(Cached::from_hash(&h))
+                Ok(v)
             }
             Ok(Err(e)) => Err(self.cache_failed(&mut breaker, e.to_string())),
-            Err(_) => Err(self.cache_failed(
-                &mut breaker,
-                format!("no answer within {} ms", self.cfg.redis_timeout_ms),
-            )),
+            Err(_) => {
+                Err(self.cache_failed(&mut breaker, format!("no answer within {timeout_ms} ms")))
+            }
         }
     }
 
@@ -180,30 +233,49 @@ impl Core {
         reason
     }
 
-    /// Scores `features` for `entity` once however many ask at the same time, and
-    /// publishes the result as a REALTIME prediction so the cache warms.
+    /// Background work running now: scorings and cache warmings.
+    pub fn busy(&self) -> usize {
+        self.background.load(Ordering::Relaxed)
+    }
+
+    /// Whether background work may start: together with the requests it counts
+    /// against `max_in_flight`.
+    pub fn has_room(&self) -> bool {
+        self.busy() < self.cfg.max_in_flight.max(1)
+    }
+
+    /// Scores `features` for `entity` once however many ask at the same time. With a
+    /// `warm` target the result is published as a REALTIME prediction so the cache
+    /// warms; `guard` (request features) keeps it from replacing an entry whose online
+    /// features are newer.
     pub fn score(
         &self,
         core: &Arc<Core>,
         entity: &str,
         features: &BTreeMap<String, f64>,
-        event_time: i64,
-        event_id: String,
+        warm: Option<Warm>,
     ) -> coalesce::Flight<Scored> {
         let key = format!(
-            "{entity}\u{1f}{}",
-            serde_json::to_string(features).unwrap_or_default()
+            "{entity}\u{1f}{}\u{1f}{}",
+            serde_json::to_string(features).unwrap_or_default(),
+            warm.is_some()
         );
         let (core, entity, features) = (core.clone(), entity.to_string(), features.clone());
-        let (flight, started) = self.flights.join(&key, move || async move {
-            let scored = core.score_now(&features).await;
-            if let Ok(scoring) = scored.clone() {
-                // Warming the cache must not delay the answer.
-                tokio::spawn(
-                    async move { core.publish(&entity, &scoring, event_time, event_id).await },
-                );
+        let (flight, started) = self.flights.join(&key, move || {
+            let busy = Busy::start(&core);
+            async move {
+                let scored = core.score_now(&features).await;
+                if let (Ok(scoring), Some(warm)) = (scored.clone(), warm) {
+                    // Warming the cache must not delay the answer.
+                    let busy = busy.also();
+                    tokio::spawn(async move {
+                        core.publish(&entity, &scoring, warm).await;
+                        drop(busy);
+                    });
+                }
+                drop(busy);
+                scored
             }
-            scored
         });
         if started {
             self.metrics.scorings.inc();
@@ -222,8 +294,7 @@ impl Core {
         let mut row = Vec::with_capacity(wanted.len());
         for name in wanted {
             match features.get(name) {
-                Some(v) if v.is_finite() => row.push(*v as f32),
-                Some(_) => return Err(format!("feature {name:?} is not finite")),
+                Some(v) => row.push(lanes_common::records::model_value(name, *v)?),
                 None => return Err(format!("feature {name:?} is missing")),
             }
         }
@@ -249,7 +320,12 @@ impl Core {
         result
     }
 
-    async fn publish(&self, entity: &str, scoring: &Scoring, event_time: i64, event_id: String) {
+    async fn publish(&self, entity: &str, scoring: &Scoring, warm: Warm) {
+        let Warm {
+            event_time,
+            event_id,
+            guard,
+        } = warm;
         let p = Prediction {
             event_id,
             entity_id: entity.to_string(),
@@ -270,9 +346,15 @@ impl Core {
                 .encode(&self.predictions_topic, &p)
                 .await
                 .map_err(|e| e.to_string())?;
-            let record = FutureRecord::to(&self.predictions_topic)
+            let mut record = FutureRecord::to(&self.predictions_topic)
                 .key(entity)
                 .payload(&bytes);
+            if guard {
+                record = record.headers(OwnedHeaders::new().insert(Header {
+                    key: cache::HEADER_GUARD,
+                    value: Some("1"),
+                }));
+            }
             let d = enqueue(&self.producer, record)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -310,8 +392,8 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             (None, Some(e.to_string()))
         }
     };
-    let redis_client = redis::Client::open(s.redis.url.as_str()).context("redis.url")?;
-    let producer = kafka::producer(&s.kafka, "lanes-fallback-responder")?;
+    let redis_client = cache::client(&s.redis).context("redis")?;
+    let io = stage::io(s, SERVICE, metrics.dead_letters.clone())?;
     let core = Arc::new(Core {
         breaker: Mutex::new(Breaker::new(
             cfg.breaker_failures,
@@ -324,276 +406,49 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         redis: tokio::sync::Mutex::new(None),
         redis_url: lanes_common::config::redact_url_password(&s.redis.url),
         prefix: s.cache_writer.key_prefix.clone(),
-        codec: AvroCodec::new(&s.registry)?,
-        producer: producer.clone(),
+        codec: io.codec.clone(),
+        producer: io.producer.clone(),
         predictions_topic: s.topics.predictions.clone(),
         responses_topic: s.topics.responses.clone(),
         flights: SingleFlight::default(),
+        background: Arc::new(AtomicUsize::new(0)),
         metrics,
         stop: ctx.shutdown.clone(),
     });
-    let dlq = DlqWriter::new(producer, &s.topics.dlq, SERVICE)
-        .with_counter(core.metrics.dead_letters.clone());
     let background = sweep::spawn(core.clone(), ctx.shutdown.clone());
-    let mut source = Source::start(
-        &s.kafka,
-        SERVICE,
-        &cfg.group,
-        &[&s.topics.requests],
-        s.shutdown.drain_timeout(),
-        Some(ctx.lag.clone()),
-    )?;
-    let mut acks = Acks::new();
-    let mut commit_tick = tokio::time::interval(Duration::from_millis(200));
-    ctx.ready.set(true);
+    let mut plan = Plan::new(&ctx, SERVICE, &cfg.group, &[&s.topics.requests]);
+    // Start every request already fetched before driving any, so a burst for one entity
+    // meets in one scoring.
+    plan.max_in_flight = cfg.max_in_flight.max(1);
+    plan.max_batch = plan.max_in_flight;
     tracing::info!(requests = %s.topics.requests, "fallback-responder running");
-    loop {
-        let room = acks.in_flight() < cfg.max_in_flight.max(1);
-        tokio::select! {
-            biased;
-            _ = ctx.shutdown.cancelled() => break,
-            Some(result) = acks.next() => result.map_err(anyhow::Error::msg).context("response not acknowledged")?,
-            event = source.events.recv(), if room => {
-                // Start every request already fetched before driving any, so a burst for
-                // one entity meets in one scoring.
-                let mut next = event;
-                while let Some(event) = next.take() {
-                    match event {
-                        SourceEvent::Message(m) => {
-                            acks.track(&m);
-                            let bytes = m.payload().unwrap_or_default();
-                            match core.codec.decode_retrying::<PredictionRequest>(bytes, &ctx.shutdown).await {
-                                Ok(d) => {
-                                    let offsets = vec![(m.topic().to_string(), m.partition(), m.offset())];
-                                    let core = core.clone();
-                                    acks.wait_for(offsets, async move { respond(&core, d.record, &m).await });
-                                }
-                                Err(DecodeError::Poison { class, message }) => acks.dead_letter(&dlq, m, class, message),
-                                Err(e) => return Err(anyhow::Error::new(e).context("stopping with an undecoded request")),
-                            }
-                        }
-                        SourceEvent::Assigned(_) => {}
-                        SourceEvent::Revoked { partitions, done } => {
-                            acks.release(&source.consumer, &partitions, done).await?;
-                        }
-                    }
-                    if acks.in_flight() < cfg.max_in_flight.max(1) {
-                        next = source.events.try_recv().ok();
-                    }
-                }
-                if source.events.is_closed() && source.events.is_empty() {
-                    break;
-                }
-            }
-            _ = commit_tick.tick() => acks.commit(&source.consumer).await?,
-        }
-    }
-    ctx.ready.set(false);
-    acks.finish(source).await?;
+    let result = stage::run(&ctx, plan, Responder(core), io).await;
     background.await.ok();
     tracing::info!("fallback-responder stopped");
-    Ok(())
+    result
 }
 
-fn response(
-    req: &PredictionRequest,
-    status: ResponseStatus,
-    source: ResponseSource,
-) -> PredictionResponse {
-    PredictionResponse {
-        request_id: req.request_id.clone(),
-        entity_id: req.entity_id.clone(),
-        status,
-        score: None,
-        model_version: None,
-        source,
-        cache_age_ms: None,
-        error: None,
-        responded_at: 0,
-    }
-}
+struct Responder(Arc<Core>);
 
-fn stale_response(req: &PredictionRequest, s: &Stale) -> PredictionResponse {
-    PredictionResponse {
-        score: Some(s.score),
-        model_version: s.model_version.clone(),
-        cache_age_ms: Some(s.age_ms),
-        ..response(req, ResponseStatus::Ok, ResponseSource::StaleCache)
-    }
-}
+impl Stage for Responder {
+    type Input = PredictionRequest;
 
-fn error_response(req: &PredictionRequest, error: String) -> PredictionResponse {
-    PredictionResponse {
-        error: Some(error),
-        ..response(req, ResponseStatus::Error, ResponseSource::None)
+    async fn handle(
+        &mut self,
+        inputs: Vec<Input<PredictionRequest>>,
+        out: &mut Out<'_>,
+    ) -> anyhow::Result<()> {
+        for Input { message, record } in inputs {
+            let core = self.0.clone();
+            let headers = message.headers().cloned();
+            out.done_when(vec![message], async move {
+                answer::respond(&core, record, headers).await
+            });
+        }
+        Ok(())
     }
-}
 
-/// Works out the answer to one request.
-pub async fn answer(core: &Arc<Core>, req: &PredictionRequest) -> PredictionResponse {
-    let now = now_millis();
-    let (cached, cache_error) = match core.read(&req.entity_id).await {
-        Ok(c) => (c, None),
-        Err(e) => (None, Some(e)),
-    };
-    let m = &core.metrics;
-    let decision = decide::decide(req, cached.as_ref(), &core.policy(), now);
-    match &decision {
-        Decision::Fresh { age_ms, .. } => {
-            m.outcome("fresh_hit");
-            m.cache_age.observe(*age_ms as f64 / 1000.0);
-        }
-        Decision::Score { stale: Some(s), .. } | Decision::StaleOnly(s) => {
-            m.outcome("stale_hit");
-            m.cache_age.observe(s.age_ms as f64 / 1000.0);
-        }
-        Decision::Score { stale: None, .. } | Decision::NotFound if cache_error.is_none() => {
-            m.outcome("miss")
-        }
-        _ => {}
+    fn busy(&self) -> usize {
+        self.0.background.load(Ordering::Relaxed)
     }
-    match decision {
-        Decision::Fresh {
-            score,
-            model_version,
-            age_ms,
-            refresh,
-        } => {
-            if refresh
-                && let Some(c) = &cached
-                && let Some(f) = &c.features
-            {
-                m.refreshes.with_label_values(&["read"]).inc();
-                let event_time = c.features_event_time.unwrap_or(now);
-                drop(core.score(
-                    core,
-                    &req.entity_id,
-                    f,
-                    event_time,
-                    refresh_event_id(&req.entity_id, event_time),
-                ));
-            }
-            PredictionResponse {
-                score: Some(score),
-                model_version,
-                cache_age_ms: Some(age_ms),
-                ..response(req, ResponseStatus::Ok, ResponseSource::Cache)
-            }
-        }
-        Decision::Score {
-            features,
-            event_time,
-            from_request,
-            stale,
-        } => {
-            m.outcome("realtime");
-            let event_id = if from_request {
-                req.request_id.clone()
-            } else {
-                refresh_event_id(&req.entity_id, event_time)
-            };
-            let deadline = Duration::from_millis(core.cfg.realtime_deadline_ms);
-            // A zero deadline is cache-only: nothing is scored, every miss falls back.
-            let scored = if deadline.is_zero() {
-                None
-            } else {
-                let flight = core.score(core, &req.entity_id, &features, event_time, event_id);
-                tokio::time::timeout(deadline, flight).await.ok()
-            };
-            match scored {
-                Some(Ok(scoring)) => PredictionResponse {
-                    score: Some(scoring.score),
-                    model_version: Some(scoring.model.spec.version.clone()),
-                    ..response(req, ResponseStatus::Ok, ResponseSource::Realtime)
-                },
-                Some(Err(e)) => {
-                    m.outcome("error");
-                    error_response(req, format!("real-time scoring failed: {e}"))
-                }
-                None => {
-                    m.deadline_misses.inc();
-                    match (core.cfg.on_deadline, stale) {
-                        (OnDeadline::Stale, Some(s)) => {
-                            m.outcome("stale_served");
-                            stale_response(req, &s)
-                        }
-                        _ => {
-                            m.outcome("error");
-                            error_response(
-                                req,
-                                format!(
-                                    "real-time scoring missed its {} ms deadline",
-                                    deadline.as_millis()
-                                ),
-                            )
-                        }
-                    }
-                }
-            }
-        }
-        Decision::StaleOnly(s) => {
-            m.outcome("stale_served");
-            stale_response(req, &s)
-        }
-        Decision::NotFound => match cache_error {
-            Some(e) => {
-                m.outcome("error");
-                error_response(
-                    req,
-                    format!("cache unavailable ({e}) and the request carries no features"),
-                )
-            }
-            None => {
-                m.outcome("not_found");
-                response(req, ResponseStatus::NotFound, ResponseSource::None)
-            }
-        },
-    }
-}
-
-/// A re-score from online features is identified by entity, the features' event time
-/// and when it was asked for: the cache drops a prediction it already holds (same id,
-/// same version), and a later refresh of the same features must still land.
-fn refresh_event_id(entity: &str, event_time: i64) -> String {
-    format!("refresh-{entity}-{event_time}-{}", now_millis())
-}
-
-/// Answers one request and waits for the response's acknowledgement.
-async fn respond(core: &Arc<Core>, req: PredictionRequest, m: &OwnedMessage) -> Result<(), String> {
-    let started = Instant::now();
-    let mut resp = answer(core, &req).await;
-    resp.responded_at = now_millis();
-    let status = format!("{:?}", resp.status).to_uppercase();
-    let source = match resp.source {
-        ResponseSource::Cache => "CACHE",
-        ResponseSource::Realtime => "REALTIME",
-        ResponseSource::StaleCache => "STALE_CACHE",
-        ResponseSource::None => "NONE",
-    };
-    core.metrics
-        .responses
-        .with_label_values(&[source, &status])
-        .inc();
-    let topic = req
-        .reply_topic
-        .clone()
-        .unwrap_or_else(|| core.responses_topic.clone());
-    let bytes = core
-        .codec
-        .encode_retrying(&topic, &resp, &core.stop)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut record = FutureRecord::to(&topic)
-        .key(req.request_id.as_str())
-        .payload(&bytes);
-    if let Some(h) = m.headers() {
-        record = record.headers(h.clone());
-    }
-    let d = enqueue(&core.producer, record)
-        .await
-        .map_err(|e| e.to_string())?;
-    core.metrics
-        .response_seconds
-        .observe(started.elapsed().as_secs_f64());
-    delivered(d).await.map(|_| ()).map_err(|e| e.to_string())
 }

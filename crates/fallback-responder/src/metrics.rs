@@ -20,6 +20,7 @@ pub struct Metrics {
     pub sampled: IntGauge,
     pub response_seconds: Histogram,
     pub dead_letters: IntCounterVec,
+    pub refused: IntCounterVec,
 }
 
 const NS: &str = "lanes_fallback_responder";
@@ -69,7 +70,7 @@ impl Metrics {
             refreshes: IntCounterVec::new(
                 Opts::new(
                     name("refreshes_total"),
-                    "Background re-scores of old entries, by trigger (read, sweep).",
+                    "Background re-scores of old entries, by trigger (read, sweep; skipped: no room under max_in_flight).",
                 ),
                 &["trigger"],
             )?,
@@ -95,7 +96,15 @@ impl Metrics {
                 ),
                 &["class"],
             )?,
+            refused: IntCounterVec::new(
+                Opts::new(
+                    name("refused_total"),
+                    "Requests answered ERROR for what they carried, by reason (requested_at: a clock far off, expired: older than max_request_age_ms, reply_topic: not allowed or refusing writes).",
+                ),
+                &["reason"],
+            )?,
         };
+        lanes_common::metrics::zeroed(&m.refused, &["requested_at", "expired", "reply_topic"]);
         let outcomes = [
             "fresh_hit",
             "stale_hit",
@@ -106,7 +115,7 @@ impl Metrics {
             "error",
         ];
         lanes_common::metrics::zeroed(&m.outcomes, &outcomes);
-        lanes_common::metrics::zeroed(&m.refreshes, &["read", "sweep"]);
+        lanes_common::metrics::zeroed(&m.refreshes, &["read", "sweep", "skipped"]);
         for (source, status) in [
             ("CACHE", "OK"),
             ("REALTIME", "OK"),
@@ -129,6 +138,7 @@ impl Metrics {
         r.register(Box::new(m.sampled.clone()))?;
         r.register(Box::new(m.response_seconds.clone()))?;
         r.register(Box::new(m.dead_letters.clone()))?;
+        r.register(Box::new(m.refused.clone()))?;
         Ok(m)
     }
 

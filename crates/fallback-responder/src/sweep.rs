@@ -3,7 +3,6 @@
 //! than `refresh_after_ms` (or scored by another model version) from their online
 //! features.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Core;
 use crate::decide::Cached;
+use lanes_common::cache;
 
 /// Starts the sampler and the sweep; the handle ends when `stop` is cancelled.
 pub fn spawn(core: Arc<Core>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
@@ -40,36 +40,35 @@ pub fn spawn(core: Arc<Core>, stop: CancellationToken) -> tokio::task::JoinHandl
     })
 }
 
-/// One SCAN step: keys of the cache and the next cursor.
-async fn scan(core: &Core, cursor: u64, count: usize) -> redis::RedisResult<(u64, Vec<String>)> {
-    let mut conn = core
-        .connection()
-        .await
-        .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "redis", e)))?;
-    redis::cmd("SCAN")
-        .arg(cursor)
-        .arg("MATCH")
-        .arg(format!("{}*", core.prefix))
-        .arg("COUNT")
-        .arg(count)
-        .query_async(&mut conn)
-        .await
+/// How long one background Redis call may take: longer than a request's read, since a
+/// SCAN page or a pipeline of reads is bigger, but bounded.
+fn timeout_ms(core: &Core) -> u64 {
+    core.cfg.redis_timeout_ms.saturating_mul(10).max(1)
 }
 
-async fn entries(core: &Core, keys: &[String]) -> redis::RedisResult<Vec<Cached>> {
-    if keys.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut conn = core
-        .connection()
-        .await
-        .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "redis", e)))?;
-    let mut pipe = redis::pipe();
-    for k in keys {
-        pipe.cmd("HGETALL").arg(k);
-    }
-    let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
-    Ok(hashes.iter().filter_map(Cached::from_hash).collect())
+/// One SCAN step: keys of the cache and the next cursor.
+async fn scan(core: &Core, cursor: u64, count: usize) -> Result<(u64, Vec<String>), String> {
+    let pattern = format!("{}*", core.prefix);
+    core.call(timeout_ms(core), move |mut conn| async move {
+        redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut conn)
+            .await
+    })
+    .await
+}
+
+/// Each key's entry, in the keys' order ([`cache::entries`]).
+async fn entries(core: &Core, keys: &[String]) -> Result<Vec<Option<Cached>>, String> {
+    let keys = keys.to_vec();
+    core.call(timeout_ms(core), move |mut conn| async move {
+        cache::entries(&mut conn, &keys).await
+    })
+    .await
 }
 
 fn is_stale(core: &Core, c: &Cached, bound_ms: i64, now: i64) -> Option<bool> {
@@ -80,12 +79,12 @@ fn is_stale(core: &Core, c: &Cached, bound_ms: i64, now: i64) -> Option<bool> {
 }
 
 /// Samples up to `sample_keys` entries and sets the stale-share gauge.
-pub async fn sample(core: &Core) -> redis::RedisResult<f64> {
+pub async fn sample(core: &Core) -> Result<f64, String> {
     let (mut cursor, mut seen, mut stale) = (0u64, 0usize, 0usize);
     let now = now_millis();
     loop {
         let (next, keys) = scan(core, cursor, 1000).await?;
-        for c in entries(core, &keys).await? {
+        for c in entries(core, &keys).await?.into_iter().flatten() {
             if seen >= core.cfg.sample_keys {
                 break;
             }
@@ -110,12 +109,14 @@ pub async fn sample(core: &Core) -> redis::RedisResult<f64> {
 }
 
 /// One pass of the sweep from `cursor`, re-scoring at most `sweep_max_per_second` per
-/// second; returns where the next pass starts.
+/// second; returns where the next pass starts. Its Redis calls go through the circuit
+/// breaker with a timeout, its scorings count against the in-flight limit, and it ends
+/// at shutdown.
 pub async fn sweep(
     core: &Arc<Core>,
     mut cursor: u64,
     stop: &CancellationToken,
-) -> redis::RedisResult<u64> {
+) -> Result<u64, String> {
     let per_second = core.cfg.sweep_max_per_second.max(1);
     let pause = Duration::from_secs_f64(1.0 / per_second as f64);
     let budget = (per_second * core.cfg.sweep_interval_ms / 1000).max(1);
@@ -124,30 +125,42 @@ pub async fn sweep(
         let (next, keys) = scan(core, cursor, 1000).await?;
         let now = now_millis();
         for (key, c) in keys.iter().zip(entries(core, &keys).await?) {
-            if done >= budget || stop.is_cancelled() {
+            if done >= budget || stop.is_cancelled() || !core.has_room() {
                 return Ok(cursor);
             }
+            let Some(c) = c else { continue };
             let (Some(true), Some(features)) = (
                 is_stale(core, &c, core.cfg.refresh_after_ms, now),
                 &c.features,
             ) else {
                 continue;
             };
-            let entity = &key[core.prefix.len()..];
+            let Some(entity) = key.strip_prefix(core.prefix.as_str()) else {
+                continue;
+            };
             let event_time = c.features_event_time.unwrap_or(now);
             let flight = core.score(
                 core,
                 entity,
                 features,
-                event_time,
-                format!("refresh-{entity}-{event_time}"),
+                Some(crate::Warm {
+                    event_time,
+                    event_id: crate::answer::refresh_event_id(entity, event_time),
+                    guard: false,
+                }),
             );
-            if let Err(e) = flight.await {
-                tracing::debug!(entity, error = %e, "refresh failed");
+            tokio::select! {
+                scored = flight => if let Err(e) = scored {
+                    tracing::debug!(entity, error = %e, "refresh failed");
+                },
+                _ = stop.cancelled() => return Ok(cursor),
             }
             core.metrics.refreshes.with_label_values(&["sweep"]).inc();
             done += 1;
-            tokio::time::sleep(pause).await;
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.cancelled() => return Ok(cursor),
+            }
         }
         cursor = next;
         if cursor == 0 {

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use lanes_common::dlq::ErrorClass;
-use lanes_common::records::Event;
+use lanes_common::records::{Event, check_client_time, model_value};
 use serde_json::{Map, Value};
 
 /// Where a raw record came from, for the derived event id and the fallback time.
@@ -22,6 +22,8 @@ pub struct Rules {
     pub features: Vec<String>,
     pub max_bytes: usize,
     pub default_kind: String,
+    /// How far ahead of ingest's clock an event time may be.
+    pub max_clock_skew_ms: u64,
 }
 
 pub type Rejection = (ErrorClass, String);
@@ -156,11 +158,8 @@ fn features(v: Option<&Value>, rules: &Rules) -> Result<BTreeMap<String, f64>, R
                 );
             }
         };
-        if !value.is_finite() {
-            return reject(
-                ErrorClass::NonFinite,
-                format!("feature {name:?} is not finite"),
-            );
+        if let Err(e) = model_value(name, value) {
+            return reject(ErrorClass::NonFinite, e);
         }
         out.insert(name.clone(), value);
     }
@@ -208,6 +207,8 @@ pub fn validate(
     let event_id = text(&obj, "event_id")?.unwrap_or_else(|| derived_event_id(origin));
     let kind = text(&obj, "kind")?.unwrap_or_else(|| rules.default_kind.clone());
     let event_time = event_time(field(&obj, "event_time"), origin, now)?;
+    check_client_time("event_time", event_time, now, rules.max_clock_skew_ms)
+        .map_err(|e| (ErrorClass::InvalidEventTime, e))?;
     let features = features(obj.get("features"), rules)?;
     Ok(Event {
         event_id,
@@ -228,6 +229,7 @@ mod tests {
             features: vec!["amount".into(), "hour".into()],
             max_bytes: 300,
             default_kind: "event".into(),
+            max_clock_skew_ms: 300_000,
         }
     }
 
@@ -235,11 +237,14 @@ mod tests {
         topic: "raw",
         partition: 2,
         offset: 17,
-        timestamp: Some(5_000),
+        timestamp: Some(KAFKA_TIME),
     };
+    /// 2026-11-29T10:01:00Z, a minute after the events' own times.
+    const NOW: i64 = 1_795_946_460_000;
+    const KAFKA_TIME: i64 = 1_795_946_455_000;
 
     fn check(raw: &str) -> Result<Event, Rejection> {
-        validate(raw.as_bytes(), &rules(), &ORIGIN, 9_000)
+        validate(raw.as_bytes(), &rules(), &ORIGIN, NOW)
     }
 
     fn class(raw: &str) -> ErrorClass {
@@ -253,7 +258,7 @@ mod tests {
         assert_eq!(e.entity_id, "card-42");
         assert_eq!(e.kind, "transaction");
         assert_eq!(e.event_time, 1_795_946_400_000);
-        assert_eq!(e.ingested_at, 9_000);
+        assert_eq!(e.ingested_at, NOW);
         assert_eq!(
             e.features,
             BTreeMap::from([("amount".into(), 12.5), ("hour".into(), 10.0)])
@@ -267,7 +272,7 @@ mod tests {
             e.event_id, "raw-2-17",
             "derived from topic/partition/offset"
         );
-        assert_eq!(e.event_time, 5_000, "the Kafka timestamp");
+        assert_eq!(e.event_time, KAFKA_TIME, "the Kafka timestamp");
         assert_eq!(e.kind, "event");
         let e = check(
             r#"{"entity_id":"c","event_time":1795946400123,"features":{"amount":1,"hour":2}}"#,
@@ -326,6 +331,54 @@ mod tests {
             "x".repeat(400)
         );
         assert_eq!(class(&big), ErrorClass::TooLarge);
+    }
+
+    #[test]
+    fn client_clocks_cannot_reach_far_ahead_or_before_2000() {
+        let at = |t: i64| {
+            format!(r#"{{"entity_id":"c","event_time":{t},"features":{{"amount":1,"hour":2}}}}"#)
+        };
+        assert!(check(&at(NOW + 299_000)).is_ok(), "within the allowed skew");
+        assert_eq!(class(&at(NOW + 301_000)), ErrorClass::InvalidEventTime);
+        assert_eq!(
+            class(&at(NOW * 1000)),
+            ErrorClass::InvalidEventTime,
+            "microseconds"
+        );
+        assert_eq!(
+            class(&at(NOW / 1000)),
+            ErrorClass::InvalidEventTime,
+            "seconds"
+        );
+        assert_eq!(
+            class(
+                r#"{"entity_id":"c","event_time":"2999-01-01T00:00:00Z","features":{"amount":1,"hour":2}}"#
+            ),
+            ErrorClass::InvalidEventTime
+        );
+        let far = Origin {
+            timestamp: Some(NOW + 3_600_000),
+            ..ORIGIN
+        };
+        let raw = r#"{"entity_id":"c","features":{"amount":1,"hour":2}}"#;
+        assert_eq!(
+            validate(raw.as_bytes(), &rules(), &far, NOW).unwrap_err().0,
+            ErrorClass::InvalidEventTime,
+            "a producer's Kafka timestamp is a client time too"
+        );
+    }
+
+    #[test]
+    fn values_past_the_32_bit_float_range_are_not_finite() {
+        assert_eq!(
+            class(r#"{"entity_id":"c","features":{"amount":1e39,"hour":2}}"#),
+            ErrorClass::NonFinite
+        );
+        assert_eq!(
+            class(r#"{"entity_id":"c","features":{"amount":-1e39,"hour":2}}"#),
+            ErrorClass::NonFinite
+        );
+        assert!(check(r#"{"entity_id":"c","features":{"amount":3e38,"hour":2}}"#).is_ok());
     }
 
     #[test]

@@ -14,23 +14,23 @@
 //! logged, never allowed to hold up or fail the served predictions.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
-use lanes_common::avro::{AvroCodec, DecodeError};
-use lanes_common::dlq::{DlqWriter, ErrorClass};
+use lanes_common::dlq::ErrorClass;
+use lanes_common::error::Failure;
 use lanes_common::kafka::{self, delivered, enqueue};
 use lanes_common::lifecycle::{self, ModelMetrics, ModelWatch};
 use lanes_common::model::{Model, ModelError};
 use lanes_common::records::{Lane, MicroBatch, Prediction, now_millis};
 use lanes_common::service::{ServiceContext, ServiceDef};
-use lanes_common::source::{Acks, Source, SourceEvent};
+use lanes_common::stage::{self, Input, Io, Out, Plan, Stage};
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
-use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
+use tokio::sync::Semaphore;
 
 pub const SERVICE: &str = "scorer";
 
@@ -39,6 +39,7 @@ pub fn def() -> ServiceDef {
         name: SERVICE,
         admin_port: |s| s.admin.ports.scorer,
         needs_redis: false,
+        inputs: |s| vec![(s.scorer.group.clone(), s.topics.batches.clone())],
         run: |ctx| Box::pin(run(ctx)),
     }
 }
@@ -73,7 +74,7 @@ impl Metrics {
                 &["name", "version"],
             )?,
             shadow_rows: IntCounterVec::new(
-                Opts::new("lanes_scorer_shadow_rows_total", "Rows scored by the shadow model, by outcome (scored, failed)."),
+                Opts::new("lanes_scorer_shadow_rows_total", "Rows scored by the shadow model, by outcome (scored, failed, skipped: the shadow was busy)."),
                 &["outcome"],
             )?,
             dead_letters: IntCounterVec::new(
@@ -82,7 +83,7 @@ impl Metrics {
             )?,
         };
         lanes_common::metrics::zeroed(&m.batches, &["scored", "dead_letter"]);
-        lanes_common::metrics::zeroed(&m.shadow_rows, &["scored", "failed"]);
+        lanes_common::metrics::zeroed(&m.shadow_rows, &["scored", "failed", "skipped"]);
         r.register(Box::new(m.inference.clone()))?;
         r.register(Box::new(m.rows.clone()))?;
         r.register(Box::new(m.batches.clone()))?;
@@ -100,14 +101,23 @@ pub fn size_bucket(rows: usize) -> String {
 
 struct Scorer {
     model: ModelWatch,
-    shadow: Option<Arc<Model>>,
-    codec: AvroCodec,
-    producer: FutureProducer,
-    dlq: DlqWriter,
+    shadow: Option<Shadow>,
     predictions_topic: String,
-    shadow_topic: String,
     metrics: Metrics,
 }
+
+/// The candidate model, scored beside the served one off its path: its work runs in
+/// background tasks, at most [`SHADOW_IN_FLIGHT`] batches at once, and a batch that
+/// finds no room is skipped and counted rather than waited for.
+struct Shadow {
+    model: Arc<Model>,
+    topic: String,
+    io: Io,
+    room: Arc<Semaphore>,
+    rows: IntCounterVec,
+}
+
+const SHADOW_IN_FLIGHT: usize = 64;
 
 /// One model's scores and labels for a batch.
 type Scores = (Vec<f64>, Vec<String>);
@@ -130,64 +140,33 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    let shadow = load_shadow(&s.model, &model, &metrics).await;
+    let shadow_model = load_shadow(&s.model, &model, &metrics).await;
     let mut topics = vec![&s.topics.batches, &s.topics.predictions, &s.topics.dlq];
-    if shadow.is_some() {
+    if shadow_model.is_some() {
         topics.push(&s.topics.shadow_predictions);
     }
     let topics: Vec<&str> = topics.into_iter().map(String::as_str).collect();
     kafka::ensure_topics(&s.kafka, &topics)
         .await
         .context("creating topics")?;
-    let producer = kafka::producer(&s.kafka, "lanes-scorer")?;
+    let io = stage::io(s, SERVICE, metrics.dead_letters.clone())?;
     let serving = model.current();
-    let scorer = Scorer {
-        model,
-        shadow,
-        codec: AvroCodec::new(&s.registry)?,
-        dlq: DlqWriter::new(producer.clone(), &s.topics.dlq, SERVICE)
-            .with_counter(metrics.dead_letters.clone()),
-        producer,
-        predictions_topic: s.topics.predictions.clone(),
-        shadow_topic: s.topics.shadow_predictions.clone(),
-        metrics,
-    };
-    let mut source = Source::start(
-        &s.kafka,
-        SERVICE,
-        &s.scorer.group,
-        &[&s.topics.batches],
-        s.shutdown.drain_timeout(),
-        Some(ctx.lag.clone()),
-    )?;
-    let mut acks = Acks::new();
-    let mut commit_tick = tokio::time::interval(Duration::from_millis(200));
-    ctx.ready.set(true);
     tracing::info!(model = %serving.spec.name, version = %serving.spec.version, "scorer running");
     drop(serving);
-    loop {
-        tokio::select! {
-            biased;
-            _ = ctx.shutdown.cancelled() => break,
-            Some(result) = acks.next() => result.map_err(anyhow::Error::msg).context("predictions not acknowledged")?,
-            event = source.events.recv() => match event {
-                None => break,
-                Some(SourceEvent::Message(m)) => {
-                    acks.track(&m);
-                    scorer.handle(m, &mut acks, &ctx).await?;
-                }
-                Some(SourceEvent::Assigned(_)) => {}
-                Some(SourceEvent::Revoked { partitions, done }) => {
-                    acks.release(&source.consumer, &partitions, done).await?;
-                }
-            },
-            _ = commit_tick.tick() => acks.commit(&source.consumer).await?,
-        }
-    }
-    ctx.ready.set(false);
-    acks.finish(source).await?;
-    tracing::info!("scorer stopped");
-    Ok(())
+    let scorer = Scorer {
+        model,
+        shadow: shadow_model.map(|m| Shadow {
+            model: m,
+            topic: s.topics.shadow_predictions.clone(),
+            io: io.clone(),
+            room: Arc::new(Semaphore::new(SHADOW_IN_FLIGHT)),
+            rows: metrics.shadow_rows.clone(),
+        }),
+        predictions_topic: s.topics.predictions.clone(),
+        metrics,
+    };
+    let plan = Plan::new(&ctx, SERVICE, &s.scorer.group, &[&s.topics.batches]);
+    stage::run(&ctx, plan, scorer, io).await
 }
 
 /// The shadow model, if one is configured and may stand beside the served one.
@@ -220,35 +199,54 @@ async fn load_shadow(
     }
 }
 
-impl Scorer {
-    fn dead_letter(&self, m: OwnedMessage, class: ErrorClass, message: String, acks: &mut Acks) {
+impl Stage for Scorer {
+    type Input = MicroBatch;
+
+    async fn handle(
+        &mut self,
+        inputs: Vec<Input<MicroBatch>>,
+        out: &mut Out<'_>,
+    ) -> anyhow::Result<()> {
+        for input in inputs {
+            self.score_batch(input, out).await?;
+        }
+        Ok(())
+    }
+
+    fn rejected(&mut self, _class: ErrorClass) {
         self.metrics
             .batches
             .with_label_values(&["dead_letter"])
             .inc();
-        acks.dead_letter(&self.dlq, m, class, message);
+    }
+}
+
+impl Scorer {
+    fn dead_letter(&self, m: OwnedMessage, class: ErrorClass, message: String, out: &mut Out<'_>) {
+        self.metrics
+            .batches
+            .with_label_values(&["dead_letter"])
+            .inc();
+        out.dead_letter(m, class, message);
     }
 
-    async fn handle(
-        &self,
-        m: OwnedMessage,
-        acks: &mut Acks,
-        ctx: &ServiceContext,
-    ) -> anyhow::Result<()> {
-        let bytes = m.payload().unwrap_or_default();
-        let mut batch = match self
-            .codec
-            .decode_retrying::<MicroBatch>(bytes, &ctx.shutdown)
-            .await
-        {
-            Ok(d) => d.record,
-            Err(DecodeError::Poison { class, message }) => {
-                self.dead_letter(m, class, message, acks);
+    async fn score_batch(&self, input: Input<MicroBatch>, out: &mut Out<'_>) -> anyhow::Result<()> {
+        let Input {
+            message: m,
+            record: mut batch,
+        } = input;
+        let rows = match batch.rows() {
+            Ok(rows) => rows,
+            Err(e) => {
+                self.dead_letter(
+                    m,
+                    ErrorClass::DecodeError,
+                    format!("malformed batch: {e}"),
+                    out,
+                );
                 return Ok(());
             }
-            Err(e) => return Err(anyhow::Error::new(e).context("stopping with an undecoded batch")),
         };
-        let rows = batch.event_ids.len();
         // One version scores the whole batch, whatever is swapped in meanwhile.
         let model = self.model.current();
         if batch.feature_names != model.spec.features {
@@ -256,29 +254,22 @@ impl Scorer {
                 "batch columns {:?} are not the model's {:?}",
                 batch.feature_names, model.spec.features
             );
-            self.dead_letter(m, ErrorClass::ModelError, message, acks);
+            self.dead_letter(m, ErrorClass::ModelError, message, out);
             return Ok(());
         }
         let started = Instant::now();
-        let features = std::mem::take(&mut batch.features);
+        let features = Arc::new(std::mem::take(&mut batch.features));
         // ONNX Runtime blocks; keep it off the async workers.
-        let (scored, shadowed) = tokio::task::spawn_blocking({
-            let (model, shadow) = (model.clone(), self.shadow.clone());
-            move || {
-                let scored = score(&model, &features, rows);
-                let shadowed = match (&scored, shadow) {
-                    (Ok(_), Some(shadow)) => Some((score(&shadow, &features, rows), shadow)),
-                    _ => None,
-                };
-                (scored, shadowed)
-            }
+        let scored = tokio::task::spawn_blocking({
+            let (model, features) = (model.clone(), features.clone());
+            move || score(&model, &features, rows)
         })
         .await?;
-        let (scores, labels) = match scored {
+        let scored = match scored {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(batch = %batch.batch_id, error = %e, "model rejected a batch");
-                self.dead_letter(m, ErrorClass::ModelError, e.to_string(), acks);
+                self.dead_letter(m, ErrorClass::ModelError, e.to_string(), out);
                 return Ok(());
             }
         };
@@ -288,84 +279,121 @@ impl Scorer {
             .observe(started.elapsed().as_secs_f64());
         self.metrics.rows.inc_by(rows as u64);
         self.metrics.batches.with_label_values(&["scored"]).inc();
+        let batch = Arc::new(batch);
         let mut deliveries = Vec::with_capacity(rows);
-        self.publish(
-            &batch,
-            &model,
-            (scores, labels),
-            &self.predictions_topic,
-            &mut deliveries,
-            ctx,
-        )
-        .await?;
-        match shadowed {
-            Some((Ok(scored), shadow)) => {
-                self.metrics
-                    .shadow_rows
-                    .with_label_values(&["scored"])
-                    .inc_by(rows as u64);
-                self.publish(
-                    &batch,
-                    &shadow,
-                    scored,
-                    &self.shadow_topic,
-                    &mut deliveries,
-                    ctx,
-                )
-                .await?;
-            }
-            Some((Err(e), _)) => {
-                self.metrics
-                    .shadow_rows
-                    .with_label_values(&["failed"])
-                    .inc_by(rows as u64);
-                tracing::warn!(batch = %batch.batch_id, error = %e, "shadow model failed a batch");
-            }
-            None => {}
-        }
-        let offsets = vec![(m.topic().to_string(), m.partition(), m.offset())];
-        acks.wait_for(offsets, async move {
-            for d in deliveries {
-                delivered(d).await.map_err(|e| e.to_string())?;
-            }
-            Ok(())
-        });
-        Ok(())
-    }
-
-    /// Enqueues one prediction per row of `batch`, scored by `model`, to `topic`.
-    async fn publish(
-        &self,
-        batch: &MicroBatch,
-        model: &Model,
-        (scores, labels): Scores,
-        topic: &str,
-        deliveries: &mut Vec<rdkafka::producer::DeliveryFuture>,
-        ctx: &ServiceContext,
-    ) -> anyhow::Result<()> {
-        let scored_at = now_millis();
-        for (i, (score, label)) in scores.into_iter().zip(labels).enumerate() {
-            let p = Prediction {
-                event_id: batch.event_ids[i].clone(),
-                entity_id: batch.entity_ids[i].clone(),
-                score,
-                label: Some(label),
-                model_name: model.spec.name.clone(),
-                model_version: model.spec.version.clone(),
-                lane: Lane::Stream,
-                event_time: batch.event_times[i],
-                ingested_at: batch.ingested_ats.get(i).copied(),
-                scored_at,
-                batch_id: Some(batch.batch_id.clone()),
-            };
-            let bytes = self.codec.encode_retrying(topic, &p, &ctx.shutdown).await?;
-            let record = FutureRecord::to(topic)
+        for p in predictions(&batch, &model, scored) {
+            let bytes = out.encode(&self.predictions_topic, &p).await?;
+            let record = FutureRecord::to(&self.predictions_topic)
                 .key(p.entity_id.as_str())
                 .payload(&bytes);
-            deliveries.push(enqueue(&self.producer, record).await?);
+            match out.produce(record).await {
+                Ok(d) => deliveries.push(d),
+                Err(Failure::Poison { class, message }) => {
+                    // Deliveries already enqueued may land; the batch is replayable from
+                    // the dead letter and predictions are idempotent in the cache.
+                    self.dead_letter(m, class, message, out);
+                    return Ok(());
+                }
+                Err(e) => return Err(e).context("producing a prediction"),
+            }
+        }
+        out.done_when_delivered(vec![m], deliveries);
+        if let Some(shadow) = &self.shadow {
+            shadow.spawn(batch, features, rows);
         }
         Ok(())
     }
+}
+
+/// One prediction per row of `batch`, scored by `model`.
+fn predictions(batch: &MicroBatch, model: &Model, (scores, labels): Scores) -> Vec<Prediction> {
+    let scored_at = now_millis();
+    scores
+        .into_iter()
+        .zip(labels)
+        .enumerate()
+        .map(|(i, (score, label))| Prediction {
+            event_id: batch.event_ids[i].clone(),
+            entity_id: batch.entity_ids[i].clone(),
+            score,
+            label: Some(label),
+            model_name: model.spec.name.clone(),
+            model_version: model.spec.version.clone(),
+            lane: Lane::Stream,
+            event_time: batch.event_times[i],
+            ingested_at: Some(batch.ingested_ats[i]),
+            scored_at,
+            batch_id: Some(batch.batch_id.clone()),
+        })
+        .collect()
+}
+
+impl Shadow {
+    /// Scores and publishes `batch` with the candidate in the background; never waited
+    /// for, never failing the served predictions.
+    fn spawn(&self, batch: Arc<MicroBatch>, features: Arc<Vec<f32>>, rows: usize) {
+        let Ok(permit) = self.room.clone().try_acquire_owned() else {
+            self.rows
+                .with_label_values(&["skipped"])
+                .inc_by(rows as u64);
+            return;
+        };
+        let (model, topic, io, counter) = (
+            self.model.clone(),
+            self.topic.clone(),
+            self.io.clone(),
+            self.rows.clone(),
+        );
+        tokio::spawn(async move {
+            let _permit = permit;
+            let outcome = shadow_publish(&model, &topic, &io, &batch, &features, rows).await;
+            let label = match &outcome {
+                Ok(()) => "scored",
+                Err(e) => {
+                    tracing::warn!(batch = %batch.batch_id, error = %e, "shadow model failed a batch");
+                    "failed"
+                }
+            };
+            counter.with_label_values(&[label]).inc_by(rows as u64);
+        });
+    }
+}
+
+async fn shadow_publish(
+    model: &Arc<Model>,
+    topic: &str,
+    io: &Io,
+    batch: &MicroBatch,
+    features: &Arc<Vec<f32>>,
+    rows: usize,
+) -> Result<(), String> {
+    let scored = tokio::task::spawn_blocking({
+        let (model, features) = (model.clone(), features.clone());
+        move || score(&model, &features, rows)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    let mut deliveries = Vec::with_capacity(rows);
+    for p in predictions(batch, model, scored) {
+        let bytes = io
+            .codec
+            .encode(topic, &p)
+            .await
+            .map_err(|e| e.to_string())?;
+        let record = FutureRecord::to(topic)
+            .key(p.entity_id.as_str())
+            .payload(&bytes);
+        deliveries.push(
+            enqueue(&io.producer, record)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    for d in deliveries {
+        delivered(d).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

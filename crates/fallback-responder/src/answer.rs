@@ -1,0 +1,341 @@
+//! Answering one request: check what the client sent, decide from the cache
+//! ([`decide`]), score in real time if needed, and publish the response on its reply
+//! topic. A reply topic that refuses the response gets an ERROR on the default topic
+//! instead; nothing a client sends can stop the service.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lanes_common::config::OnDeadline;
+use lanes_common::dlq::ErrorClass;
+use lanes_common::error::Failure;
+use lanes_common::kafka::{delivered, enqueue};
+use lanes_common::records::{
+    PredictionRequest, PredictionResponse, ResponseSource, ResponseStatus, check_client_time,
+    now_millis,
+};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::FutureRecord;
+
+use crate::decide::{self, Decision, Stale};
+use crate::{Core, Warm};
+
+fn response(
+    req: &PredictionRequest,
+    status: ResponseStatus,
+    source: ResponseSource,
+) -> PredictionResponse {
+    PredictionResponse {
+        request_id: req.request_id.clone(),
+        entity_id: req.entity_id.clone(),
+        status,
+        score: None,
+        model_version: None,
+        source,
+        cache_age_ms: None,
+        error: None,
+        responded_at: 0,
+    }
+}
+
+fn stale_response(req: &PredictionRequest, s: &Stale) -> PredictionResponse {
+    PredictionResponse {
+        score: Some(s.score),
+        model_version: s.model_version.clone(),
+        cache_age_ms: Some(s.age_ms),
+        ..response(req, ResponseStatus::Ok, ResponseSource::StaleCache)
+    }
+}
+
+fn error_response(req: &PredictionRequest, error: String) -> PredictionResponse {
+    PredictionResponse {
+        error: Some(error),
+        ..response(req, ResponseStatus::Error, ResponseSource::None)
+    }
+}
+
+/// Whether `topic` may receive responses: the configured responses topic, or a name
+/// matching `reply_topics` (exact, or a prefix ending in `*`).
+pub fn reply_allowed(topic: &str, default: &str, allowed: &[String]) -> bool {
+    topic == default
+        || allowed
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => topic.starts_with(prefix) && topic.len() > prefix.len(),
+                None => topic == pattern,
+            })
+}
+
+/// Why a request is refused before any work: its own times.
+fn refusal(core: &Core, req: &PredictionRequest, now: i64) -> Option<(&'static str, String)> {
+    let cfg = &core.cfg;
+    if let Err(e) = check_client_time("requested_at", req.requested_at, now, cfg.max_clock_skew_ms)
+    {
+        return Some(("requested_at", e));
+    }
+    let age = now - req.requested_at;
+    if cfg.max_request_age_ms > 0 && age > cfg.max_request_age_ms as i64 {
+        return Some((
+            "expired",
+            format!(
+                "expired: requested {age} ms ago, past max_request_age_ms ({})",
+                cfg.max_request_age_ms
+            ),
+        ));
+    }
+    None
+}
+
+/// Works out the answer to one request.
+pub async fn answer(core: &Arc<Core>, req: &PredictionRequest) -> PredictionResponse {
+    let now = now_millis();
+    let m = &core.metrics;
+    if let Some((reason, error)) = refusal(core, req, now) {
+        m.refused.with_label_values(&[reason]).inc();
+        m.outcome("error");
+        return error_response(req, error);
+    }
+    let (cached, cache_error) = match core.read(&req.entity_id).await {
+        Ok(c) => (c, None),
+        Err(e) => (None, Some(e)),
+    };
+    let decision = decide::decide(req, cached.as_ref(), &core.policy(), now);
+    match &decision {
+        Decision::Fresh { age_ms, .. } => {
+            m.outcome("fresh_hit");
+            m.cache_age.observe(*age_ms as f64 / 1000.0);
+        }
+        Decision::Score { stale: Some(s), .. } | Decision::StaleOnly(s) => {
+            m.outcome("stale_hit");
+            m.cache_age.observe(s.age_ms as f64 / 1000.0);
+        }
+        Decision::Score { stale: None, .. } | Decision::NotFound if cache_error.is_none() => {
+            m.outcome("miss")
+        }
+        _ => {}
+    }
+    match decision {
+        Decision::Fresh {
+            score,
+            model_version,
+            age_ms,
+            refresh,
+        } => {
+            if refresh
+                && let Some(c) = &cached
+                && let Some(f) = &c.features
+            {
+                if core.has_room() {
+                    m.refreshes.with_label_values(&["read"]).inc();
+                    let event_time = c.features_event_time.unwrap_or(now);
+                    drop(core.score(
+                        core,
+                        &req.entity_id,
+                        f,
+                        Some(Warm {
+                            event_time,
+                            event_id: refresh_event_id(&req.entity_id, event_time),
+                            guard: false,
+                        }),
+                    ));
+                } else {
+                    m.refreshes.with_label_values(&["skipped"]).inc();
+                }
+            }
+            PredictionResponse {
+                score: Some(score),
+                model_version,
+                cache_age_ms: Some(age_ms),
+                ..response(req, ResponseStatus::Ok, ResponseSource::Cache)
+            }
+        }
+        Decision::Score {
+            features,
+            event_time,
+            from_request,
+            warm,
+            stale,
+        } => {
+            m.outcome("realtime");
+            let warm = warm.then(|| Warm {
+                // Request features are as of now by this clock, never the client's.
+                event_time: if from_request { now } else { event_time },
+                event_id: if from_request {
+                    format!("request-{}", req.request_id)
+                } else {
+                    refresh_event_id(&req.entity_id, event_time)
+                },
+                guard: from_request,
+            });
+            let deadline = Duration::from_millis(core.cfg.realtime_deadline_ms);
+            // A zero deadline is cache-only: nothing is scored, every miss falls back.
+            let scored = if deadline.is_zero() {
+                None
+            } else {
+                let flight = core.score(core, &req.entity_id, &features, warm);
+                tokio::time::timeout(deadline, flight).await.ok()
+            };
+            match scored {
+                Some(Ok(scoring)) => PredictionResponse {
+                    score: Some(scoring.score),
+                    model_version: Some(scoring.model.spec.version.clone()),
+                    ..response(req, ResponseStatus::Ok, ResponseSource::Realtime)
+                },
+                Some(Err(e)) => {
+                    m.outcome("error");
+                    error_response(req, format!("real-time scoring failed: {e}"))
+                }
+                None => {
+                    m.deadline_misses.inc();
+                    match (core.cfg.on_deadline, stale) {
+                        (OnDeadline::Stale, Some(s)) => {
+                            m.outcome("stale_served");
+                            stale_response(req, &s)
+                        }
+                        _ => {
+                            m.outcome("error");
+                            error_response(
+                                req,
+                                format!(
+                                    "real-time scoring missed its {} ms deadline",
+                                    deadline.as_millis()
+                                ),
+                            )
+                        }
+                    }
+                }
+            }
+        }
+        Decision::StaleOnly(s) => {
+            m.outcome("stale_served");
+            stale_response(req, &s)
+        }
+        Decision::NotFound => match cache_error {
+            Some(e) => {
+                m.outcome("error");
+                error_response(
+                    req,
+                    format!("cache unavailable ({e}) and the request carries no features"),
+                )
+            }
+            None => {
+                m.outcome("not_found");
+                response(req, ResponseStatus::NotFound, ResponseSource::None)
+            }
+        },
+    }
+}
+
+/// A re-score from online features is identified by entity, the features' event time
+/// and when it was asked for: the cache drops a prediction it already holds (same id,
+/// same version), and a later refresh of the same features must still land.
+pub fn refresh_event_id(entity: &str, event_time: i64) -> String {
+    format!(
+        "refresh-{entity}-{event_time}-{}",
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// Answers one request and waits for the response's acknowledgement. A reply topic off
+/// the allow-list, or one the broker refuses for good, gets an ERROR response on the
+/// default topic instead.
+pub async fn respond(
+    core: &Arc<Core>,
+    req: PredictionRequest,
+    headers: Option<OwnedHeaders>,
+) -> Result<(), Failure> {
+    let started = Instant::now();
+    let topic = req
+        .reply_topic
+        .clone()
+        .unwrap_or_else(|| core.responses_topic.clone());
+    let mut resp = if reply_allowed(&topic, &core.responses_topic, &core.cfg.reply_topics) {
+        answer(core, &req).await
+    } else {
+        core.metrics
+            .refused
+            .with_label_values(&["reply_topic"])
+            .inc();
+        core.metrics.outcome("error");
+        let e = error_response(&req, format!("reply_topic {topic:?} is not allowed"));
+        return send(core, &core.responses_topic, e, headers, started).await;
+    };
+    resp.responded_at = now_millis();
+    match send(core, &topic, resp.clone(), headers.clone(), started).await {
+        Err(Failure::Poison { message, .. }) if topic != core.responses_topic => {
+            core.metrics
+                .refused
+                .with_label_values(&["reply_topic"])
+                .inc();
+            tracing::warn!(reply_topic = %topic, error = %message, "reply topic refused the response");
+            let e = error_response(
+                &req,
+                format!("reply_topic {topic:?} refused the response: {message}"),
+            );
+            send(core, &core.responses_topic, e, headers, started).await
+        }
+        other => other,
+    }
+}
+
+async fn send(
+    core: &Core,
+    topic: &str,
+    mut resp: PredictionResponse,
+    headers: Option<OwnedHeaders>,
+    started: Instant,
+) -> Result<(), Failure> {
+    if resp.responded_at == 0 {
+        resp.responded_at = now_millis();
+    }
+    core.metrics
+        .responses
+        .with_label_values(&[resp.source.as_str(), resp.status.as_str()])
+        .inc();
+    // A refused schema concerns this reply topic only (its subject holds another
+    // schema): poison, so the request is answered on the default topic instead.
+    let bytes = lanes_common::retry::retrying("schema registry", &core.stop, || {
+        core.codec.encode(topic, &resp)
+    })
+    .await
+    .map_err(|e| match e.retriable {
+        true => Failure::transient(e.message),
+        false => Failure::poison(ErrorClass::ProduceError, e.message),
+    })?;
+    let mut record = FutureRecord::to(topic)
+        .key(resp.request_id.as_str())
+        .payload(&bytes);
+    if let Some(h) = headers {
+        record = record.headers(h);
+    }
+    let d = enqueue(&core.producer, record)
+        .await
+        .map_err(|e| Failure::from_produce(&e))?;
+    core.metrics
+        .response_seconds
+        .observe(started.elapsed().as_secs_f64());
+    delivered(d).await.map_err(|e| Failure::from_produce(&e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_topics_are_allowed_by_name_or_prefix() {
+        let allowed = vec![
+            "lanes.responses.*".to_string(),
+            "team-a.answers".to_string(),
+        ];
+        let ok = |t: &str| reply_allowed(t, "lanes.responses", &allowed);
+        assert!(ok("lanes.responses"));
+        assert!(ok("lanes.responses.team-b"));
+        assert!(ok("team-a.answers"));
+        assert!(!ok("lanes.responses."), "the prefix alone is no topic");
+        assert!(!ok("lanes.predictions"));
+        assert!(!ok("lanes.dlq"));
+        assert!(!ok("team-a.answers.x"));
+        assert!(!ok("__consumer_offsets"));
+    }
+}
