@@ -258,13 +258,13 @@ impl Lane {
     pub fn start(&self, defs: &[lanes_common::service::ServiceDef]) -> Running {
         let token = tokio_util::sync::CancellationToken::new();
         let metrics = prometheus::Registry::new();
-        let lag = lanes_common::service::lag_gauge(&metrics).expect("lag gauge");
+        let consumer = lanes_common::service::consumer_metrics(&metrics).expect("consumer metrics");
         let mut handles = Vec::new();
         let flags = lanes_common::service::host(
             &self.settings,
             defs,
             &metrics,
-            &lag,
+            &consumer,
             &token,
             |name, fut| handles.push((name, tokio::spawn(fut))),
         );

@@ -324,6 +324,7 @@ async fn redis_down_for_a_minute_while_events_flow_loses_nothing() {
     )
     .await;
 
+    let rebalances = running.metric("lanes_consumer_rebalances_total", &[]);
     signal(&redis_proc.0, "KILL");
     redis_proc.0.wait().unwrap();
     // Longer than max.poll.interval.ms (30 s): a member that stopped polling is evicted.
@@ -336,6 +337,11 @@ async fn redis_down_for_a_minute_while_events_flow_loses_nothing() {
     for (task, _, handle) in &running.tasks {
         assert!(!handle.is_finished(), "{task} stopped while Redis was down");
     }
+    assert_eq!(
+        running.metric("lanes_consumer_rebalances_total", &[]),
+        rebalances,
+        "every member stayed in its group"
+    );
     redis_proc = redis_server(port);
     let entities: HashSet<String> = during.iter().map(|s| s.entity_id.clone()).collect();
     // The Redis came back empty: every event published during the outage must land.
@@ -427,6 +433,7 @@ async fn the_registry_down_for_a_minute_loses_nothing_and_a_late_schema_id_is_fo
     .await;
 
     // Down for a minute while events flow: nothing exits, nothing is dead-lettered.
+    let rebalances = running.metric("lanes_consumer_rebalances_total", &[]);
     signal(&registry, "KILL");
     registry.wait().unwrap();
     let during = samples(42, 300);
@@ -441,6 +448,11 @@ async fn the_registry_down_for_a_minute_loses_nothing_and_a_late_schema_id_is_fo
             "{task} stopped while the registry was down"
         );
     }
+    assert_eq!(
+        running.metric("lanes_consumer_rebalances_total", &[]),
+        rebalances,
+        "every member stayed in its group"
+    );
     let _registry = lane.spawn("lanes-schema-registry", &[]);
     entities.extend(during.iter().map(|s| s.entity_id.clone()));
     wait_for("every event cached", Duration::from_secs(120), || async {

@@ -152,10 +152,11 @@ impl Lane {
         let token = CancellationToken::new();
         let registry = prometheus::Registry::new();
         let mut tasks = Vec::new();
-        let lag = lanes_common::service::lag_gauge(&registry)?;
-        let flags = lanes_common::service::host(&s, services, &registry, &lag, &token, |_, fut| {
-            tasks.push(tokio::spawn(fut))
-        });
+        let consumer = lanes_common::service::consumer_metrics(&registry)?;
+        let flags =
+            lanes_common::service::host(&s, services, &registry, &consumer, &token, |_, fut| {
+                tasks.push(tokio::spawn(fut))
+            });
         let deadline = Instant::now() + Duration::from_secs(60);
         while !flags.iter().all(ReadyFlag::is_set) {
             anyhow::ensure!(Instant::now() < deadline, "services not ready within 60s");

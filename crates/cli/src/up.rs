@@ -26,7 +26,7 @@ pub async fn run(settings: Settings) -> i32 {
             return EXIT_CONFIG;
         }
     };
-    let lag = match lanes_common::service::lag_gauge(&registry) {
+    let consumer = match lanes_common::service::consumer_metrics(&registry) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(error = %e, "cannot register metrics");
@@ -38,7 +38,7 @@ pub async fn run(settings: Settings) -> i32 {
         &settings,
         &lanes_services::all(),
         &registry,
-        &lag,
+        &consumer,
         &token,
         |name, fut| supervisor.spawn(name, fut),
     );

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 
 use clap::Parser;
-use prometheus::{IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, KafkaCheck, ReadinessCheck, ReadyFlag, RedisCheck, RegistryCheck};
@@ -23,13 +23,22 @@ pub struct ServiceContext {
     pub shutdown: CancellationToken,
     /// Set once the service is doing its job (model loaded, consumer started).
     pub ready: ReadyFlag,
-    /// `lanes_consumer_lag_messages{service,topic,partition}`, shared by the services of
-    /// one process.
-    pub lag: IntGaugeVec,
+    /// Lag and rebalances, shared by the services of one process.
+    pub consumer: ConsumerMetrics,
 }
 
-/// Registers the consumer-lag gauge; once per registry.
-pub fn lag_gauge(registry: &Registry) -> prometheus::Result<IntGaugeVec> {
+/// Metrics of every consuming service in a process, labelled by service.
+#[derive(Clone)]
+pub struct ConsumerMetrics {
+    /// `lanes_consumer_lag_messages{service,topic,partition}`, from librdkafka statistics.
+    pub lag: IntGaugeVec,
+    /// `lanes_consumer_rebalances_total{service,kind}`: partitions assigned or revoked.
+    /// Flat through an outage means the members stayed in their groups.
+    pub rebalances: IntCounterVec,
+}
+
+/// Registers the consumer metrics; once per registry.
+pub fn consumer_metrics(registry: &Registry) -> prometheus::Result<ConsumerMetrics> {
     let lag = IntGaugeVec::new(
         Opts::new(
             "lanes_consumer_lag_messages",
@@ -37,8 +46,16 @@ pub fn lag_gauge(registry: &Registry) -> prometheus::Result<IntGaugeVec> {
         ),
         &["service", "topic", "partition"],
     )?;
+    let rebalances = IntCounterVec::new(
+        Opts::new(
+            "lanes_consumer_rebalances_total",
+            "Rebalances a consuming service took part in, by kind (assigned, revoked).",
+        ),
+        &["service", "kind"],
+    )?;
     registry.register(Box::new(lag.clone()))?;
-    Ok(lag)
+    registry.register(Box::new(rebalances.clone()))?;
+    Ok(ConsumerMetrics { lag, rebalances })
 }
 
 pub type ServiceFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
@@ -61,7 +78,7 @@ pub fn host(
     settings: &Settings,
     defs: &[ServiceDef],
     metrics: &Registry,
-    lag: &IntGaugeVec,
+    consumer: &ConsumerMetrics,
     shutdown: &CancellationToken,
     mut spawn: impl FnMut(&'static str, ServiceFuture),
 ) -> Vec<ReadyFlag> {
@@ -73,7 +90,7 @@ pub fn host(
                 metrics: metrics.clone(),
                 shutdown: shutdown.clone(),
                 ready: ready.clone(),
-                lag: lag.clone(),
+                consumer: consumer.clone(),
             };
             spawn(def.name, (def.run)(ctx));
             ready
@@ -140,7 +157,7 @@ pub async fn main(def: ServiceDef) -> i32 {
             return EXIT_CONFIG;
         }
     };
-    let lag = match lag_gauge(&registry) {
+    let consumer = match consumer_metrics(&registry) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(error = %e, "cannot register metrics");
@@ -148,9 +165,14 @@ pub async fn main(def: ServiceDef) -> i32 {
         }
     };
     let token = supervisor.token();
-    let ready = host(&settings, &[def], &registry, &lag, &token, |name, fut| {
-        supervisor.spawn(name, fut)
-    });
+    let ready = host(
+        &settings,
+        &[def],
+        &registry,
+        &consumer,
+        &token,
+        |name, fut| supervisor.spawn(name, fut),
+    );
     let mut all: Vec<Box<dyn ReadinessCheck>> = ready
         .into_iter()
         .map(|r| Box::new(r) as Box<dyn ReadinessCheck>)

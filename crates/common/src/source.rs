@@ -22,10 +22,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 use std::time::Duration;
 
+use crate::service::ConsumerMetrics;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use prometheus::IntGaugeVec;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
@@ -53,7 +53,7 @@ pub enum SourceEvent {
 
 pub struct SourceContext {
     service: String,
-    lag: Option<IntGaugeVec>,
+    metrics: Option<ConsumerMetrics>,
     events: Mutex<Option<mpsc::Sender<SourceEvent>>>,
     /// Fetched messages the service has no room for yet, oldest first.
     pending: Mutex<VecDeque<OwnedMessage>>,
@@ -118,7 +118,9 @@ impl SourceContext {
 impl ClientContext for SourceContext {
     /// librdkafka's statistics carry each assigned partition's lag.
     fn stats(&self, statistics: Statistics) {
-        let Some(lag) = &self.lag else { return };
+        let Some(lag) = self.metrics.as_ref().map(|m| &m.lag) else {
+            return;
+        };
         let owned = self.owned.lock().expect("source lock");
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
@@ -157,7 +159,11 @@ impl ConsumerContext for SourceContext {
                     .iter()
                     .any(|(t, p)| m.topic() == t && m.partition() == *p)
             });
-            if let Some(lag) = &self.lag {
+            if let Some(m) = &self.metrics {
+                m.rebalances
+                    .with_label_values(&[&self.service, "revoked"])
+                    .inc();
+                let lag = &m.lag;
                 for (topic, partition) in &revoked {
                     let _ =
                         lag.remove_label_values(&[&self.service, topic, &partition.to_string()]);
@@ -181,6 +187,11 @@ impl ConsumerContext for SourceContext {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 tracing::info!(service = %self.service, partitions = %describe(tpl), "partitions assigned");
+                if let Some(m) = &self.metrics {
+                    m.rebalances
+                        .with_label_values(&[&self.service, "assigned"])
+                        .inc();
+                }
                 self.owned
                     .lock()
                     .expect("source lock")
@@ -224,7 +235,7 @@ impl Source {
         group: &str,
         topics: &[&str],
         revoke_timeout: Duration,
-        lag: Option<IntGaugeVec>,
+        metrics: Option<ConsumerMetrics>,
     ) -> KafkaResult<Self> {
         let (tx, rx) = mpsc::channel(4096);
         let context = SourceContext {
@@ -235,7 +246,7 @@ impl Source {
             revoked: Mutex::new(Vec::new()),
             owned: Mutex::new(HashSet::new()),
             revoke_timeout,
-            lag,
+            metrics,
         };
         let consumer: SourceConsumer =
             crate::kafka::consumer_config(cfg, service, group).create_with_context(context)?;

@@ -258,7 +258,7 @@ pub async fn run<S: Stage>(
         &plan.group,
         &topics,
         s.shutdown.drain_timeout(),
-        Some(ctx.lag.clone()),
+        Some(ctx.consumer.clone()),
     )?;
     let mut acks = Acks::new(io.dlq.clone());
     let mut commit_tick = tokio::time::interval(Duration::from_millis(200));
