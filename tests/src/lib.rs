@@ -211,7 +211,7 @@ impl Lane {
     pub fn new(what: &str) -> Self {
         let id = unique(what);
         let mut s = settings();
-        s.namespace(&id);
+        lanes_services::namespace(&mut s, &id);
         s.model.dir = root().join("models/fraud/1");
         s.admin.ports.up = free_port();
         s.admin.ports.ingest = free_port();

@@ -487,3 +487,51 @@ async fn the_registry_down_for_a_minute_loses_nothing_and_a_late_schema_id_is_fo
         .collect();
     let _: () = r.del(keys).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_payloads_are_not_logged_at_info() {
+    let mut lane = Lane::new("quiet-logs");
+    lane.settings.log.level = "info".into();
+    lane.create_topics().await;
+    let mut ingest = Proc(
+        std::process::Command::new(bin("lanes-ingest"))
+            .envs(lane.env())
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let marker = "card-4111-1111-1111-1111";
+    let lines = [
+        format!(r#"{{"entity_id":"{marker}","features":{{"{marker}":1}}}}"#),
+        format!(r#"{{"entity_id":"{marker}","event_time":"{marker}"}}"#),
+        format!("not json {marker}"),
+    ];
+    lane.publish_raw(&producer(&lane.settings), &lines).await;
+    let dlq = consumer(&lane.settings, &[&lane.settings.topics.dlq]);
+    consume_n(&dlq, 3, Duration::from_secs(60)).await;
+    signal(&ingest, "TERM");
+    let out = tokio::task::spawn_blocking(move || {
+        let child = std::mem::replace(
+            &mut ingest.0,
+            std::process::Command::new("true").spawn().unwrap(),
+        );
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let logs = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        logs.contains("dead-lettered"),
+        "the letters are logged: {logs}"
+    );
+    assert!(
+        !logs.contains(marker),
+        "a payload reached the info log: {logs}"
+    );
+}

@@ -26,7 +26,7 @@ use lanes_common::kafka;
 use lanes_common::records::{Event, Prediction, check_client_time, now_millis};
 use lanes_common::retry;
 use lanes_common::service::{ServiceContext, ServiceDef};
-use lanes_common::stage::{self, Input, Out, Plan, Stage};
+use lanes_common::stage::{self, Input, Interrupted, Out, Plan, Stage};
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
 use redis::aio::ConnectionManager;
@@ -47,6 +47,7 @@ pub fn def() -> ServiceDef {
             }
             inputs
         },
+        group: |s| &mut s.cache_writer.group,
         run: |ctx| Box::pin(run(ctx)),
     }
 }
@@ -102,7 +103,15 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
 async fn consume(ctx: ServiceContext, mode: Mode, metrics: Metrics) -> anyhow::Result<()> {
     let s = &ctx.settings;
     let client = cache::client(&s.redis).context("redis")?;
-    let redis = connect(&client, &ctx).await?;
+    let redis = match connect(&client, &ctx).await {
+        Ok(c) => c,
+        // Stopped before Redis ever answered: nothing was read, nothing is owed.
+        Err(e) if ctx.shutdown.is_cancelled() => {
+            tracing::info!(error = %e, "stopped while waiting for redis");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
     let (topic, group, script) = match mode {
         Mode::Predictions => (
             &s.topics.predictions,
@@ -274,7 +283,14 @@ impl Writer {
             }
         })
         .await
-        .map_err(|e| anyhow::anyhow!("stopping with {} inputs not written: {e}", good.len()))?;
+        .map_err(|e| {
+            let e = format!("{} inputs not written: {e}", good.len());
+            match stop.is_cancelled() {
+                // Stopped while Redis was away: not done, so read again after a restart.
+                true => anyhow::Error::new(Interrupted(e)),
+                false => anyhow::anyhow!(e),
+            }
+        })?;
         let now = now_millis();
         for ((m, item), reply) in good.into_iter().zip(results) {
             let written = match reply {

@@ -48,7 +48,7 @@ pub struct BenchArgs {
 
 pub(crate) fn unique(settings: &Settings, tag: &str) -> Settings {
     let mut s = settings.clone();
-    s.namespace(&format!("bench-{tag}-{}", now_millis()));
+    lanes_services::namespace(&mut s, &format!("bench-{tag}-{}", now_millis()));
     s
 }
 

@@ -27,6 +27,10 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 pub trait ReadinessCheck: Send + Sync {
     fn name(&self) -> &str;
     fn check(&self) -> BoxFuture<'_, Result<(), String>>;
+    /// A dependency outside the process: its refusals are logged for the operator.
+    fn is_dependency(&self) -> bool {
+        true
+    }
 }
 
 /// A condition the service sets itself, e.g. "model loaded" or "partitions assigned".
@@ -54,6 +58,9 @@ impl ReadyFlag {
 impl ReadinessCheck for ReadyFlag {
     fn name(&self) -> &str {
         &self.name
+    }
+    fn is_dependency(&self) -> bool {
+        false
     }
     fn check(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
@@ -219,9 +226,9 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         (c.name().to_string(), outcome)
     }))
     .await;
-    for (name, r) in &results {
-        if let Err(e) = r {
-            tracing::warn!(dependency = %name, error = %e, "not ready");
+    for (check, (name, r)) in state.checks.iter().zip(&results) {
+        if let (Err(e), true) = (r, check.is_dependency()) {
+            tracing::warn!(dependency = %name, error = %e, "dependency refused or unreachable; not ready");
         }
     }
     let ready = results.iter().all(|(_, r)| r.is_ok());

@@ -428,8 +428,9 @@ impl Settings {
         Ok(())
     }
 
-    /// Gives this deployment its own topics, consumer groups and cache prefix, all named
+    /// Gives this deployment its own topics, reply topics and cache prefix, all named
     /// after `id`, so it can share a broker and a Redis with others (tests, benchmarks).
+    /// `lanes_services::namespace` also renames every service's consumer group.
     pub fn namespace(&mut self, id: &str) {
         let t = &mut self.topics;
         for (topic, suffix) in [
@@ -444,11 +445,6 @@ impl Settings {
         ] {
             *topic = format!("{id}.{suffix}");
         }
-        self.ingest.group = format!("{id}-ingest");
-        self.micro_batcher.group = format!("{id}-micro-batcher");
-        self.scorer.group = format!("{id}-scorer");
-        self.cache_writer.group = format!("{id}-cache-writer");
-        self.fallback_responder.group = format!("{id}-fallback-responder");
         self.fallback_responder.reply_topics = vec![format!("{id}.responses.*")];
         self.cache_writer.key_prefix = format!("{id}:");
     }
@@ -673,20 +669,15 @@ mod tests {
     }
 
     #[test]
-    fn a_namespace_renames_every_topic_group_and_prefix() {
+    fn a_namespace_renames_every_topic_and_the_prefix() {
         let mut s = Settings::load_from(None, HashMap::new()).unwrap();
         s.namespace("t1");
         assert!(s.topics.all().iter().all(|t| t.starts_with("t1.")));
         assert_eq!(s.topics.dlq, "t1.dlq");
-        for g in [
-            &s.ingest.group,
-            &s.micro_batcher.group,
-            &s.scorer.group,
-            &s.cache_writer.group,
-            &s.fallback_responder.group,
-        ] {
-            assert!(g.starts_with("t1-"), "{g}");
-        }
+        assert_eq!(
+            s.fallback_responder.reply_topics,
+            vec!["t1.responses.*".to_string()]
+        );
         assert_eq!(s.cache_writer.key_prefix, "t1:");
         assert!(s.validate().is_ok(), "topics stay distinct");
     }

@@ -68,6 +68,8 @@ pub struct ServiceDef {
     pub needs_redis: bool,
     /// The (consumer group, topic) pairs it reads, for lag and status.
     pub inputs: fn(&Settings) -> Vec<(String, String)>,
+    /// Its consumer group's setting, so a namespace can rename it.
+    pub group: fn(&mut Settings) -> &mut String,
     pub run: fn(ServiceContext) -> ServiceFuture,
 }
 

@@ -448,11 +448,6 @@ impl Acks {
         self.bytes
     }
 
-    /// Acknowledgements still awaited.
-    pub fn waiting(&self) -> usize {
-        self.pending.len()
-    }
-
     /// Resolves the next acknowledgement; `None` when nothing is pending. An error means
     /// output was not acknowledged after the producer's own retries: the service must
     /// stop without committing it, so a restart replays it.

@@ -135,6 +135,15 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// Whether another input may be taken: the inputs in flight and the stage's own
+    /// background work stay under the limits.
+    fn has_room<S: Stage>(&self, acks: &Acks, stage: &S) -> bool {
+        acks.in_flight() + stage.busy() < self.max_in_flight
+            && acks.in_flight_bytes() < self.max_in_flight_bytes
+    }
+}
+
 /// The clients a stage writes with.
 #[derive(Clone)]
 pub struct Io {
@@ -235,11 +244,6 @@ impl Out<'_> {
     pub fn dead_letter(&mut self, input: OwnedMessage, class: ErrorClass, message: String) {
         self.acks.dead_letter(input, class, message);
     }
-
-    /// Inputs waiting for acknowledgements now.
-    pub fn waiting(&self) -> usize {
-        self.acks.waiting()
-    }
 }
 
 /// Runs `stage` over `plan.topics` until `ctx.shutdown` is cancelled, then flushes,
@@ -267,8 +271,7 @@ pub async fn run<S: Stage>(
     tracing::info!(service = plan.service, topics = ?plan.topics, group = %plan.group, "consuming");
     let consumed: anyhow::Result<()> = async {
         loop {
-            let room = acks.in_flight() + stage.busy() < plan.max_in_flight
-                && acks.in_flight_bytes() < plan.max_in_flight_bytes;
+            let room = plan.has_room(&acks, &stage);
             let deadline = stage.deadline();
             tokio::select! {
                 biased;
@@ -296,9 +299,7 @@ pub async fn run<S: Stage>(
                                 acks.release(&source.consumer, &partitions, done).await?;
                             }
                         }
-                        let room = acks.in_flight() + stage.busy() < plan.max_in_flight
-                            && acks.in_flight_bytes() < plan.max_in_flight_bytes;
-                        if batch.len() < plan.max_batch && room {
+                        if batch.len() < plan.max_batch && plan.has_room(&acks, &stage) {
                             next = source.events.try_recv().ok();
                         }
                     }

@@ -64,6 +64,7 @@ pub fn def() -> ServiceDef {
                 s.topics.requests.clone(),
             )]
         },
+        group: |s| &mut s.fallback_responder.group,
         run: |ctx| Box::pin(run(ctx)),
     }
 }

@@ -30,6 +30,7 @@ pub fn def() -> ServiceDef {
         admin_port: |s| s.admin.ports.ingest,
         needs_redis: false,
         inputs: |s| vec![(s.ingest.group.clone(), s.topics.raw.clone())],
+        group: |s| &mut s.ingest.group,
         run: |ctx| Box::pin(run(ctx)),
     }
 }

@@ -37,6 +37,7 @@ pub fn def() -> ServiceDef {
         admin_port: |s| s.admin.ports.micro_batcher,
         needs_redis: false,
         inputs: |s| vec![(s.micro_batcher.group.clone(), s.topics.events.clone())],
+        group: |s| &mut s.micro_batcher.group,
         run: |ctx| Box::pin(run(ctx)),
     }
 }

@@ -40,6 +40,7 @@ pub fn def() -> ServiceDef {
         admin_port: |s| s.admin.ports.scorer,
         needs_redis: false,
         inputs: |s| vec![(s.scorer.group.clone(), s.topics.batches.clone())],
+        group: |s| &mut s.scorer.group,
         run: |ctx| Box::pin(run(ctx)),
     }
 }

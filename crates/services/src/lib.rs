@@ -3,6 +3,7 @@
 //! consumer groups and input topics from here, and start them the one way
 //! ([`lanes_common::service::host`]); each binary's `main` is the same host for one.
 
+use lanes_common::Settings;
 use lanes_common::service::ServiceDef;
 
 /// The streaming lane, upstream first.
@@ -20,4 +21,35 @@ pub fn all() -> Vec<ServiceDef> {
     let mut all = streaming();
     all.push(lanes_fallback_responder::def());
     all
+}
+
+/// Gives a deployment its own topics, cache prefix and consumer groups
+/// (`<id>-<service>`), so it can share a broker and a Redis with others.
+pub fn namespace(settings: &mut Settings, id: &str) {
+    settings.namespace(id);
+    for def in all() {
+        *(def.group)(settings) = format!("{id}-{}", def.name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{HashMap, HashSet};
+
+    use super::*;
+
+    #[test]
+    fn a_namespace_renames_every_services_group_and_input() {
+        let mut s = Settings::load_from(None, HashMap::new()).unwrap();
+        namespace(&mut s, "t1");
+        let mut groups = HashSet::new();
+        for def in all() {
+            for (group, topic) in (def.inputs)(&s) {
+                assert!(group.starts_with("t1-"), "{}: {group}", def.name);
+                assert!(topic.starts_with("t1."), "{}: {topic}", def.name);
+                groups.insert(group);
+            }
+        }
+        assert_eq!(groups.len(), 6, "every input has its own group: {groups:?}");
+    }
 }
