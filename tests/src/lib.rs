@@ -162,6 +162,58 @@ pub async fn delete_cache(settings: &Settings) {
     }
 }
 
+/// A STREAM prediction for `entity` scored now by model version 1.
+pub fn prediction_now(entity: &str, score: f64) -> lanes_common::records::Prediction {
+    let now = lanes_common::records::now_millis();
+    lanes_common::records::Prediction {
+        event_id: unique("e"),
+        entity_id: entity.into(),
+        score,
+        label: None,
+        model_name: "fraud".into(),
+        model_version: "1".into(),
+        lane: lanes_common::records::Lane::Stream,
+        event_time: now,
+        ingested_at: Some(now),
+        scored_at: now,
+        batch_id: None,
+    }
+}
+
+/// Registers a plain `"string"` schema under `subject`, so no Lanes record can be
+/// registered there: every write to that subject's topic is refused.
+pub async fn occupy_subject(settings: &Settings, subject: &str) {
+    let url = format!("{}/subjects/{subject}/versions", settings.registry.url);
+    let r = http()
+        .post(url)
+        .header("content-type", "application/vnd.schemaregistry.v1+json")
+        .body(r#"{"schema": "\"string\""}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+}
+
+/// Deletes the cache entries of `entities`.
+pub async fn delete_entries<'a>(
+    settings: &Settings,
+    entities: impl IntoIterator<Item = &'a String>,
+) {
+    let keys: Vec<String> = entities
+        .into_iter()
+        .map(|e| lanes_common::cache::key(&settings.cache_writer.key_prefix, e))
+        .collect();
+    let mut r = redis(settings)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("UNLINK")
+        .arg(keys)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+}
+
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(10))

@@ -11,7 +11,7 @@ use lanes_common::avro::AvroCodec;
 use lanes_common::cache;
 use lanes_common::dlq::{self, ErrorClass};
 use lanes_common::generator::{FEATURES, Generator, Sample};
-use lanes_common::records::{Event, Lane as LaneKind, Prediction, now_millis};
+use lanes_common::records::{Event, now_millis};
 use lanes_tests::*;
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
@@ -97,23 +97,6 @@ async fn hostile_raw_events_are_dead_lettered_and_ingest_stays_up() {
     running.stop().await;
 }
 
-fn prediction(entity: &str, score: f64) -> Prediction {
-    let now = now_millis();
-    Prediction {
-        event_id: unique("e"),
-        entity_id: entity.into(),
-        score,
-        label: None,
-        model_name: "fraud".into(),
-        model_version: "1".into(),
-        lane: LaneKind::Stream,
-        event_time: now,
-        ingested_at: Some(now),
-        scored_at: now,
-        batch_id: None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_key_redis_refuses_is_dead_lettered_alone() {
     let lane = Lane::new("wrongtype");
@@ -135,7 +118,7 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
         ("bad-score", f64::NAN),
     ] {
         let bytes = codec
-            .encode(topic, &prediction(entity, score))
+            .encode(topic, &prediction_now(entity, score))
             .await
             .unwrap();
         produce(&p, topic, entity.as_bytes(), &bytes).await;
@@ -289,6 +272,26 @@ fn samples(seed: u64, n: usize) -> Vec<Sample> {
     Generator::new(seed, n).take(n).collect()
 }
 
+/// Publishes `during` over 60 s (longer than max.poll.interval.ms, 30 s: a member that
+/// stopped polling would be evicted) while a dependency is down, then checks that no
+/// service stopped and no member left its group.
+async fn outage(lane: &Lane, running: &Running, during: &[Sample], rebalances: f64) {
+    let p = producer(&lane.settings);
+    for chunk in during.chunks(during.len().div_ceil(20)) {
+        lane.publish_raw(&p, &chunk.iter().map(Sample::raw_json).collect::<Vec<_>>())
+            .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    for (task, _, handle) in &running.tasks {
+        assert!(!handle.is_finished(), "{task} stopped during the outage");
+    }
+    assert_eq!(
+        running.metric("lanes_consumer_rebalances_total", &[]),
+        rebalances,
+        "every member stayed in its group"
+    );
+}
+
 async fn all_cached(lane: &Lane, entities: &HashSet<String>) -> bool {
     let mut r = redis(&lane.settings)
         .get_multiplexed_async_connection()
@@ -327,21 +330,8 @@ async fn redis_down_for_a_minute_while_events_flow_loses_nothing() {
     let rebalances = running.metric("lanes_consumer_rebalances_total", &[]);
     signal(&redis_proc.0, "KILL");
     redis_proc.0.wait().unwrap();
-    // Longer than max.poll.interval.ms (30 s): a member that stopped polling is evicted.
     let during = samples(32, 400);
-    for chunk in during.chunks(20) {
-        lane.publish_raw(&p, &chunk.iter().map(Sample::raw_json).collect::<Vec<_>>())
-            .await;
-        tokio::time::sleep(Duration::from_secs(3)).await;
-    }
-    for (task, _, handle) in &running.tasks {
-        assert!(!handle.is_finished(), "{task} stopped while Redis was down");
-    }
-    assert_eq!(
-        running.metric("lanes_consumer_rebalances_total", &[]),
-        rebalances,
-        "every member stayed in its group"
-    );
+    outage(&lane, &running, &during, rebalances).await;
     redis_proc = redis_server(port);
     let entities: HashSet<String> = during.iter().map(|s| s.entity_id.clone()).collect();
     // The Redis came back empty: every event published during the outage must land.
@@ -437,22 +427,7 @@ async fn the_registry_down_for_a_minute_loses_nothing_and_a_late_schema_id_is_fo
     signal(&registry, "KILL");
     registry.wait().unwrap();
     let during = samples(42, 300);
-    for chunk in during.chunks(15) {
-        lane.publish_raw(&p, &chunk.iter().map(Sample::raw_json).collect::<Vec<_>>())
-            .await;
-        tokio::time::sleep(Duration::from_secs(3)).await;
-    }
-    for (task, _, handle) in &running.tasks {
-        assert!(
-            !handle.is_finished(),
-            "{task} stopped while the registry was down"
-        );
-    }
-    assert_eq!(
-        running.metric("lanes_consumer_rebalances_total", &[]),
-        rebalances,
-        "every member stayed in its group"
-    );
+    outage(&lane, &running, &during, rebalances).await;
     let _registry = lane.spawn("lanes-schema-registry", &[]);
     entities.extend(during.iter().map(|s| s.entity_id.clone()));
     wait_for("every event cached", Duration::from_secs(120), || async {
@@ -477,15 +452,7 @@ async fn the_registry_down_for_a_minute_loses_nothing_and_a_late_schema_id_is_fo
     }
     assert_eq!(dead, 0.0, "nothing is dead-lettered");
     running.stop().await;
-    let mut r = redis(&lane.settings)
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let keys: Vec<String> = entities
-        .iter()
-        .map(|e| cache::key(&lane.settings.cache_writer.key_prefix, e))
-        .collect();
-    let _: () = r.del(keys).await.unwrap();
+    delete_entries(&lane.settings, &entities).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -325,15 +325,7 @@ async fn a_shadow_that_cannot_publish_never_holds_up_the_served_predictions() {
     lane.create_topics().await;
     // The shadow topic's subject holds another schema: every shadow publish is refused.
     let subject = format!("{}-value", lane.settings.topics.shadow_predictions);
-    let url = format!("{}/subjects/{subject}/versions", lane.settings.registry.url);
-    let r = http()
-        .post(url)
-        .header("content-type", "application/vnd.schemaregistry.v1+json")
-        .body(r#"{"schema": "\"string\""}"#)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
+    occupy_subject(&lane.settings, &subject).await;
     let running = lane.start(&streaming_services());
     running.ready().await;
     let samples: Vec<Sample> = Generator::new(23, 50).take(300).collect();

@@ -148,7 +148,6 @@ fn acl_redis(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_cache_is_written_over_tls_as_an_acl_user() {
-    use lanes_common::records::{Lane as LaneKind, Prediction, now_millis};
     use redis::AsyncCommands;
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = certificates(dir.path());
@@ -183,20 +182,7 @@ async fn the_cache_is_written_over_tls_as_an_acl_user() {
     let running = lane.start(&[lanes_cache_writer::def()]);
     running.ready().await;
     let codec = lanes_common::avro::AvroCodec::new(&lane.settings.registry).unwrap();
-    let now = now_millis();
-    let p = Prediction {
-        event_id: "tls-1".into(),
-        entity_id: "over-tls".into(),
-        score: 0.75,
-        label: None,
-        model_name: "fraud".into(),
-        model_version: "1".into(),
-        lane: LaneKind::Stream,
-        event_time: now,
-        ingested_at: Some(now),
-        scored_at: now,
-        batch_id: None,
-    };
+    let p = prediction_now("over-tls", 0.75);
     let topic = &lane.settings.topics.predictions;
     produce(
         &producer(&lane.settings),

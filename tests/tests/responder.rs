@@ -603,26 +603,12 @@ async fn next_prediction(c: &Client, predictions: &TestConsumer, entity: &str) -
     }
 }
 
-/// Registers `schema` under `subject` in the lane's registry, so Lanes' own record
-/// cannot be registered there.
-async fn occupy_subject(lane: &Lane, subject: &str) {
-    let url = format!("{}/subjects/{subject}/versions", lane.settings.registry.url);
-    let r = http()
-        .post(url)
-        .header("content-type", "application/vnd.schemaregistry.v1+json")
-        .body(r#"{"schema": "\"string\""}"#)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_requests_get_errors_and_the_responder_stays_up() {
     let lane = responder_lane("hostile-requests");
     lane.create_topics().await;
     let locked = format!("{}.responses.locked", lane.id);
-    occupy_subject(&lane, &format!("{locked}-value")).await;
+    occupy_subject(&lane.settings, &format!("{locked}-value")).await;
     let running = lane.start(&[lanes_fallback_responder::def(), lanes_cache_writer::def()]);
     running.ready().await;
     let c = Client::new(&lane).await;

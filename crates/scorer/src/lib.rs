@@ -10,8 +10,14 @@
 //! New model versions are picked up without a restart ([`lifecycle`]): each batch is
 //! scored by the version current when it arrives and its predictions name it. With a
 //! shadow version configured, every batch is also scored by the candidate and published
-//! to the shadow topic, which the cache never reads; a shadow failure is counted and
-//! logged, never allowed to hold up or fail the served predictions.
+//! to the shadow topic, which the cache never reads. The shadow runs in background tasks
+//! (at most [`SHADOW_IN_FLIGHT`] batches; past that a batch is skipped and counted), so
+//! its failures and deliveries never hold up, slow or fail the served predictions.
+//!
+//! A batch is checked before anything indexes it: columns of different lengths are
+//! DECODE_ERROR, feature names other than the model's are MODEL_ERROR.
+
+mod metrics;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,12 +31,12 @@ use lanes_common::model::{Model, ModelError};
 use lanes_common::records::{Lane, MicroBatch, Prediction, now_millis};
 use lanes_common::service::{ServiceContext, ServiceDef};
 use lanes_common::stage::{self, Input, Io, Out, Plan, Stage};
-use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-};
+use prometheus::IntCounterVec;
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureRecord;
 use tokio::sync::Semaphore;
+
+use crate::metrics::Metrics;
 
 pub const SERVICE: &str = "scorer";
 
@@ -42,56 +48,6 @@ pub fn def() -> ServiceDef {
         inputs: |s| vec![(s.scorer.group.clone(), s.topics.batches.clone())],
         group: |s| &mut s.scorer.group,
         run: |ctx| Box::pin(run(ctx)),
-    }
-}
-
-struct Metrics {
-    inference: HistogramVec,
-    rows: IntCounter,
-    batches: IntCounterVec,
-    shadow: IntGaugeVec,
-    shadow_rows: IntCounterVec,
-    dead_letters: IntCounterVec,
-}
-
-impl Metrics {
-    fn new(r: &Registry) -> anyhow::Result<Self> {
-        let m = Self {
-            inference: HistogramVec::new(
-                HistogramOpts::new(
-                    "lanes_scorer_inference_seconds",
-                    "ONNX Runtime time per batch, by batch size (rows, rounded up to a power of two).",
-                )
-                .buckets(prometheus::exponential_buckets(0.000_01, 2.0, 18)?),
-                &["batch_size"],
-            )?,
-            rows: IntCounter::new("lanes_scorer_rows_scored_total", "Rows scored.")?,
-            batches: IntCounterVec::new(
-                Opts::new("lanes_scorer_batches_total", "Batches read, by outcome (scored, dead_letter)."),
-                &["outcome"],
-            )?,
-            shadow: IntGaugeVec::new(
-                Opts::new("lanes_scorer_shadow_model_info", "The shadow model (1) by name and version."),
-                &["name", "version"],
-            )?,
-            shadow_rows: IntCounterVec::new(
-                Opts::new("lanes_scorer_shadow_rows_total", "Rows scored by the shadow model, by outcome (scored, failed, skipped: the shadow was busy)."),
-                &["outcome"],
-            )?,
-            dead_letters: IntCounterVec::new(
-                Opts::new("lanes_scorer_dead_letters_total", "Batches dead-lettered, by error class."),
-                &["class"],
-            )?,
-        };
-        lanes_common::metrics::zeroed(&m.batches, &["scored", "dead_letter"]);
-        lanes_common::metrics::zeroed(&m.shadow_rows, &["scored", "failed", "skipped"]);
-        r.register(Box::new(m.inference.clone()))?;
-        r.register(Box::new(m.rows.clone()))?;
-        r.register(Box::new(m.batches.clone()))?;
-        r.register(Box::new(m.shadow.clone()))?;
-        r.register(Box::new(m.shadow_rows.clone()))?;
-        r.register(Box::new(m.dead_letters.clone()))?;
-        Ok(m)
     }
 }
 
