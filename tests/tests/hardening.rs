@@ -502,3 +502,39 @@ async fn user_payloads_are_not_logged_at_info() {
         "a payload reached the info log: {logs}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_redis_trips_the_sweep_into_the_breaker_and_shutdown_still_ends_it() {
+    let port = free_port();
+    let redis_proc = redis_server(port);
+    let mut lane = Lane::new("sweep-hung");
+    lane.settings.redis.url = format!("redis://127.0.0.1:{port}");
+    let cfg = &mut lane.settings.fallback_responder;
+    cfg.sweep_interval_ms = 200;
+    cfg.sample_interval_ms = 200;
+    cfg.redis_timeout_ms = 100;
+    cfg.breaker_failures = 2;
+    cfg.breaker_open_ms = 60_000;
+    lane.create_topics().await;
+    let running = lane.start(&[lanes_fallback_responder::def()]);
+    running.ready().await;
+    // Redis stops answering but keeps its connections: only a timeout notices.
+    signal(&redis_proc.0, "STOP");
+    wait_for(
+        "the breaker opens on background reads",
+        Duration::from_secs(30),
+        || async {
+            (running.metric("lanes_fallback_responder_cache_breaker_state", &[]) == 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    let stopped = std::time::Instant::now();
+    running.stop().await;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "the sweep let shutdown wait {:?}",
+        stopped.elapsed()
+    );
+    signal(&redis_proc.0, "CONT");
+}
