@@ -732,3 +732,82 @@ async fn hostile_requests_get_errors_and_the_responder_stays_up() {
     assert_eq!(refused("expired"), 1.0);
     running.stop().await;
 }
+
+/// A model with the fraud model's inputs and outputs that takes tens of milliseconds a
+/// row: 60 chained 2048x2048 matrix products (one shared zero weight, so scores are 0).
+fn slow_model(dir: &std::path::Path) {
+    let script = r#"
+import sys, numpy as np, onnx
+from onnx import helper, TensorProto, numpy_helper
+path = sys.argv[1]
+x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 10])
+inits = [
+    numpy_helper.from_array(np.zeros((10, 2048), dtype=np.float32), "w_in"),
+    numpy_helper.from_array(np.zeros((2048, 2048), dtype=np.float32), "w"),
+    numpy_helper.from_array(np.zeros((2048, 2), dtype=np.float32), "w_out"),
+]
+nodes = [helper.make_node("MatMul", ["input", "w_in"], ["h0"])]
+for i in range(60):
+    nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]))
+nodes.append(helper.make_node("MatMul", ["h60", "w_out"], ["probabilities"]))
+out = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 2])
+m = helper.make_model(helper.make_graph(nodes, "slow", [x], [out], inits),
+                      opset_imports=[helper.make_opsetid("", 13)])
+m.ir_version = 8
+onnx.save(m, path)
+"#;
+    let out = std::process::Command::new(python())
+        .args(["-c", script, dir.join("model.onnx").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::copy(
+        root().join("models/fraud/1/model.toml"),
+        dir.join("model.toml"),
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scorings_past_their_deadline_count_against_the_in_flight_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let version = dir.path().join("1");
+    std::fs::create_dir(&version).unwrap();
+    slow_model(&version);
+    let mut lane = responder_lane("background-bound");
+    lane.settings.model.dir = version;
+    lane.settings.fallback_responder.max_in_flight = 3;
+    // Every scoring outlives its request: it goes on in the background, warming the cache.
+    lane.settings.fallback_responder.realtime_deadline_ms = 1;
+    lane.create_topics().await;
+    let running = lane.start(&[lanes_fallback_responder::def()]);
+    running.ready().await;
+    let c = Client::new(&lane).await;
+    let reqs: Vec<PredictionRequest> = (0..24)
+        .map(|i| Client::request(&format!("busy-{i}"), Some(features(100 + i)), None))
+        .collect();
+    let peak = std::sync::atomic::AtomicU64::new(0);
+    let watch = async {
+        loop {
+            let now = running.metric("lanes_fallback_responder_background_tasks", &[]) as u64;
+            peak.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    let answers = tokio::select! {
+        answers = c.ask(&reqs) => answers,
+        _ = watch => unreachable!(),
+    };
+    assert_eq!(answers.len(), reqs.len(), "every request is answered");
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(peak >= 1, "scorings ran in the background");
+    assert!(
+        peak <= 3,
+        "background work stays within max_in_flight: peak {peak}"
+    );
+    running.stop().await;
+}

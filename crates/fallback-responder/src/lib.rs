@@ -81,23 +81,27 @@ pub struct Warm {
 }
 
 /// Counts one piece of background work for as long as it lives.
-struct Busy(Arc<AtomicUsize>);
+struct Busy {
+    count: Arc<AtomicUsize>,
+    gauge: prometheus::IntGauge,
+}
 
 impl Busy {
     fn start(core: &Core) -> Self {
-        core.background.fetch_add(1, Ordering::Relaxed);
-        Self(core.background.clone())
+        Self::counting(core.background.clone(), core.metrics.background.clone())
     }
 
-    fn also(&self) -> Self {
-        self.0.fetch_add(1, Ordering::Relaxed);
-        Self(self.0.clone())
+    fn counting(count: Arc<AtomicUsize>, gauge: prometheus::IntGauge) -> Self {
+        let now = count.fetch_add(1, Ordering::Relaxed) + 1;
+        gauge.set(now as i64);
+        Self { count, gauge }
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let now = self.count.fetch_sub(1, Ordering::Relaxed) - 1;
+        self.gauge.set(now as i64);
     }
 }
 
@@ -267,14 +271,13 @@ impl Core {
             async move {
                 let scored = core.score_now(&features).await;
                 if let (Ok(scoring), Some(warm)) = (scored.clone(), warm) {
-                    // Warming the cache must not delay the answer.
-                    let busy = busy.also();
+                    // Warming the cache must not delay the answer; it keeps the
+                    // scoring's place in the in-flight count until it is done.
                     tokio::spawn(async move {
                         core.publish(&entity, &scoring, warm).await;
                         drop(busy);
                     });
                 }
-                drop(busy);
                 scored
             }
         });

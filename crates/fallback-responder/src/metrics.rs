@@ -21,6 +21,7 @@ pub struct Metrics {
     pub response_seconds: Histogram,
     pub dead_letters: IntCounterVec,
     pub refused: IntCounterVec,
+    pub background: IntGauge,
 }
 
 const NS: &str = "lanes_fallback_responder";
@@ -103,6 +104,10 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            background: IntGauge::new(
+                name("background_tasks"),
+                "Scorings and cache warmings running beside the requests; with them, at most max_in_flight.",
+            )?,
         };
         lanes_common::metrics::zeroed(&m.refused, &["requested_at", "expired", "reply_topic"]);
         let outcomes = [
@@ -139,6 +144,7 @@ impl Metrics {
         r.register(Box::new(m.response_seconds.clone()))?;
         r.register(Box::new(m.dead_letters.clone()))?;
         r.register(Box::new(m.refused.clone()))?;
+        r.register(Box::new(m.background.clone()))?;
         Ok(m)
     }
 
