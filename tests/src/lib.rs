@@ -410,6 +410,14 @@ impl Running {
         }
     }
 
+    /// Waits until the metric (see [`Running::metric`]) reaches `at_least`.
+    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], at_least: f64) {
+        wait_for(name, Duration::from_secs(30), || async {
+            (self.metric(name, labels) >= at_least).then_some(())
+        })
+        .await;
+    }
+
     /// The value of a counter or gauge sample, summed over labels matching `labels`.
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric_value(&self.metrics, name, labels)

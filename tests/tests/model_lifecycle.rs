@@ -333,15 +333,13 @@ async fn a_shadow_that_cannot_publish_never_holds_up_the_served_predictions() {
     publish(&lane, &producer(&lane.settings), &samples).await;
     let served = read_until(&lane, &lane.settings.topics.predictions, &ids).await;
     assert!(served.iter().all(|(_, _, p)| p.model_version == "1"));
-    wait_for(
-        "shadow failures counted",
-        Duration::from_secs(30),
-        || async {
-            (running.metric("lanes_scorer_shadow_rows_total", &[("outcome", "failed")]) >= 1.0)
-                .then_some(())
-        },
-    )
-    .await;
+    running
+        .wait_metric(
+            "lanes_scorer_shadow_rows_total",
+            &[("outcome", "failed")],
+            1.0,
+        )
+        .await;
     assert_eq!(
         running.metric("lanes_scorer_shadow_rows_total", &[("outcome", "scored")]),
         0.0

@@ -696,15 +696,13 @@ async fn hostile_requests_get_errors_and_the_responder_stays_up() {
         seen.iter().all(|p| p.entity_id != "fresh"),
         "a fresh entry is not warmed over"
     );
-    wait_for(
-        "the cache-writer's verdict",
-        Duration::from_secs(30),
-        || async {
-            (running.metric("lanes_cache_writer_writes_total", &[("result", "stale")]) >= 1.0)
-                .then_some(())
-        },
-    )
-    .await;
+    running
+        .wait_metric(
+            "lanes_cache_writer_writes_total",
+            &[("result", "stale")],
+            1.0,
+        )
+        .await;
     let mut redis = redis(&lane.settings)
         .get_multiplexed_async_connection()
         .await
