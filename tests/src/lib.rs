@@ -180,18 +180,29 @@ pub fn prediction_now(entity: &str, score: f64) -> lanes_common::records::Predic
     }
 }
 
-/// Registers a plain `"string"` schema under `subject`, so no Lanes record can be
-/// registered there: every write to that subject's topic is refused.
-pub async fn occupy_subject(settings: &Settings, subject: &str) {
+/// Registers `schema` (Avro JSON text) under `subject` in the settings' registry and
+/// returns the registry's answer (`{"id": ...}`).
+pub async fn register_schema(
+    settings: &Settings,
+    subject: &str,
+    schema: &str,
+) -> serde_json::Value {
     let url = format!("{}/subjects/{subject}/versions", settings.registry.url);
     let r = http()
         .post(url)
         .header("content-type", "application/vnd.schemaregistry.v1+json")
-        .body(r#"{"schema": "\"string\""}"#)
+        .body(serde_json::json!({ "schema": schema }).to_string())
         .send()
         .await
         .unwrap();
-    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    assert!(r.status().is_success(), "{subject}: {}", r.status());
+    r.json().await.unwrap()
+}
+
+/// Registers a plain `"string"` schema under `subject`, so no Lanes record can be
+/// registered there: every write to that subject's topic is refused.
+pub async fn occupy_subject(settings: &Settings, subject: &str) {
+    register_schema(settings, subject, r#""string""#).await;
 }
 
 /// Deletes the cache entries of `entities`.

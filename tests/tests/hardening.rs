@@ -398,21 +398,12 @@ async fn the_registry_down_for_a_minute_loses_nothing_and_a_late_schema_id_is_fo
     running.ready().await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     let subject = format!("{}-value", lane.settings.topics.events);
-    let schema =
-        serde_json::json!({"schema": <Event as lanes_common::records::Record>::SCHEMA_JSON});
-    let r: serde_json::Value = http()
-        .post(format!(
-            "{}/subjects/{subject}/versions",
-            lane.settings.registry.url
-        ))
-        .header("content-type", "application/vnd.schemaregistry.v1+json")
-        .body(schema.to_string())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = register_schema(
+        &lane.settings,
+        &subject,
+        <Event as lanes_common::records::Record>::SCHEMA_JSON,
+    )
+    .await;
     assert_eq!(r["id"], 1, "{r}");
     let mut entities: HashSet<String> = HashSet::from([early.entity_id.clone()]);
     wait_for(

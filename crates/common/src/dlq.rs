@@ -3,15 +3,14 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::Duration;
 
 use prometheus::IntCounterVec;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
+use tokio_util::sync::CancellationToken;
 
-use crate::error::Failure;
 use crate::records::now_millis;
 
 pub const HEADER_CLASS: &str = "lanes.error.class";
@@ -206,8 +205,10 @@ impl DlqWriter {
     /// transient failures with backoff (the source offset must not be committed before).
     pub async fn send(&self, dl: &DeadLetter<'_>) -> Result<(), KafkaError> {
         let (key, value, original) = self.fit(dl);
-        let mut delays = crate::retry::backoff();
-        loop {
+        // Waited for until the broker takes it (the input stays uncommitted meanwhile);
+        // a stopping service is bounded by its drain deadline.
+        let forever = CancellationToken::new();
+        crate::retry::retrying("dead letter", &forever, || async {
             let mut record =
                 FutureRecord::<[u8], [u8]>::to(&self.topic).headers(self.headers(dl, original));
             if let Some(k) = key {
@@ -216,16 +217,13 @@ impl DlqWriter {
             if let Some(v) = value {
                 record = record.payload(v);
             }
-            match self.producer.send(record, Timeout::Never).await {
-                Ok(_) => break,
-                Err((e, _)) if Failure::from_produce(&e).is_transient() => {
-                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(error = %e, topic = %self.topic, retry_in = ?delay, "dead letter not acknowledged, retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                Err((e, _)) => return Err(e),
-            }
-        }
+            self.producer
+                .send(record, Timeout::Never)
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| e)
+        })
+        .await?;
         // The reason may quote the input; at info only its class and where it came from.
         tracing::info!(
             class = %dl.class, source_topic = dl.source_topic, partition = dl.source_partition,

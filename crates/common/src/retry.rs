@@ -31,6 +31,12 @@ impl Transient for Failure {
     }
 }
 
+impl Transient for rdkafka::error::KafkaError {
+    fn is_transient(&self) -> bool {
+        Failure::from_produce(self).is_transient()
+    }
+}
+
 impl Transient for crate::avro::DecodeError {
     fn is_transient(&self) -> bool {
         crate::avro::DecodeError::is_transient(self)

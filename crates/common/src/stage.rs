@@ -184,10 +184,6 @@ pub struct Out<'a> {
 }
 
 impl Out<'_> {
-    pub fn io(&self) -> &Io {
-        self.io
-    }
-
     /// Cancelled when the service is stopping.
     pub fn stop(&self) -> &CancellationToken {
         self.stop
