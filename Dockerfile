@@ -8,7 +8,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --workspace --bins
+RUN cargo build --release --workspace --exclude lanes-tests --bins
 
 FROM python:3.11-slim-bookworm AS ort
 RUN pip install --no-cache-dir onnxruntime==1.32.0 \

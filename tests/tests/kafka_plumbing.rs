@@ -115,3 +115,74 @@ async fn dead_letters_keep_the_original_bytes_and_carry_the_reason() {
     assert!((failed_at - lanes_common::records::now_millis()).abs() < 120_000);
     assert_eq!(h.count(), 7);
 }
+
+/// A member whose group committed inside a record batch starts at that offset. tansu
+/// 0.6 answers a fetch starting mid-batch from the next batch; the source's rewind
+/// (`runner.rewind_records`) reads from before it and skips what was done.
+#[tokio::test]
+async fn a_member_resuming_inside_a_record_batch_gets_the_rest_of_it() {
+    use futures::future::join_all;
+    use lanes_common::source::{Source, SourceEvent};
+    use rdkafka::consumer::{BaseConsumer, CommitMode};
+    use rdkafka::producer::FutureRecord;
+
+    let mut s = settings();
+    s.kafka.partitions = 1;
+    let topic = unique("midbatch");
+    create_topics(&s, &[&topic]).await;
+    // Ten record batches of a hundred: each hundred is sent at once, so one linger
+    // gathers it into one batch.
+    let p = producer(&s);
+    for b in 0..10 {
+        let sends = (0..100).map(|i| {
+            let value = format!("{}", b * 100 + i);
+            let p = p.clone();
+            let topic = topic.clone();
+            async move {
+                p.send(
+                    FutureRecord::to(&topic).key("k").payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .expect("delivered")
+            }
+        });
+        join_all(sends).await;
+    }
+    let group = unique("midbatch-group");
+    {
+        let c: BaseConsumer = lanes_common::kafka::consumer_config(&s.kafka, "test", &group)
+            .create()
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, Offset::Offset(150))
+            .unwrap();
+        c.commit(&tpl, CommitMode::Sync).unwrap();
+    }
+    let mut source = Source::start(
+        &s.kafka,
+        "test",
+        &group,
+        &[&topic],
+        Duration::from_secs(10),
+        s.runner.rewind_records,
+        None,
+    )
+    .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match source.events.recv().await.expect("source runs") {
+                SourceEvent::Message(m) => return m,
+                SourceEvent::Revoked { done, .. } => {
+                    let _ = done.send(());
+                }
+                SourceEvent::Assigned(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("a message arrives");
+    assert_eq!(first.offset(), 150, "resumed where the group committed");
+    assert_eq!(payload(&first), b"150");
+    source.close().await;
+}

@@ -120,6 +120,7 @@ async fn main() {
         eprintln!("lanes: {e}");
         std::process::exit(EXIT_CONFIG);
     }
+    lanes_common::failpoint::setup();
     if let Err(e) = run(cli.command, settings).await {
         eprintln!("lanes: {e:#}");
         std::process::exit(1);

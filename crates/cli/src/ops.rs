@@ -9,10 +9,10 @@ use clap::{Args, Subcommand};
 use lanes_common::Settings;
 use lanes_common::avro::AvroCodec;
 use lanes_common::dlq::{self, ErrorClass};
-use lanes_common::kafka::{delivered, enqueue};
+use lanes_common::kafka::{delivered, enqueue, group_lag, watermarks};
 use lanes_common::model::ModelSpec;
 use lanes_common::records::now_millis;
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -76,25 +76,6 @@ fn client_config(s: &Settings) -> rdkafka::ClientConfig {
         cfg.set(k, v);
     }
     cfg
-}
-
-/// Partitions of `topic` with their low and high watermarks.
-fn watermarks(c: &impl Consumer, topic: &str) -> anyhow::Result<Vec<(i32, i64, i64)>> {
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let t = md.topics().first().context("no metadata")?;
-    if let Some(e) = t.error() {
-        anyhow::bail!(
-            "topic {topic}: {:?}",
-            rdkafka::types::RDKafkaErrorCode::from(e)
-        );
-    }
-    t.partitions()
-        .iter()
-        .map(|p| {
-            let (lo, hi) = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
-            Ok((p.id(), lo, hi))
-        })
-        .collect()
 }
 
 fn headers_json(m: &OwnedMessage) -> Value {
@@ -429,28 +410,6 @@ fn inputs(s: &Settings) -> Vec<(&'static str, u16, String, String)> {
         .collect()
 }
 
-/// Committed lag of `group` on `topic`: end offsets minus committed positions.
-fn group_lag(s: &Settings, group: &str, topic: &str) -> anyhow::Result<i64> {
-    let mut cfg = client_config(s);
-    cfg.set("group.id", group);
-    let c: BaseConsumer = cfg.create()?;
-    let marks = watermarks(&c, topic)?;
-    let mut tpl = TopicPartitionList::new();
-    for (p, _, _) in &marks {
-        tpl.add_partition(topic, *p);
-    }
-    let committed = c.committed_offsets(tpl, Duration::from_secs(10))?;
-    Ok(marks
-        .iter()
-        .map(
-            |(p, lo, hi)| match committed.find_partition(topic, *p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => hi - o,
-                _ => hi - lo,
-            },
-        )
-        .sum())
-}
-
 async fn readiness(http: &reqwest::Client, host: &str, port: u16) -> Option<Value> {
     let resp = http
         .get(format!("http://{host}:{port}/readyz"))
@@ -493,7 +452,7 @@ pub async fn status(s: &Settings) -> anyhow::Result<i32> {
     let lags = tokio::task::spawn_blocking(move || {
         inputs(&sc)
             .into_iter()
-            .map(|(_, _, g, t)| group_lag(&sc, &g, &t).map_err(|e| e.to_string()))
+            .map(|(_, _, g, t)| group_lag(&sc.kafka, &g, &t).map_err(|e| e.to_string()))
             .collect::<Vec<_>>()
     })
     .await?;

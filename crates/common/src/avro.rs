@@ -150,8 +150,20 @@ fn sr_settings(cfg: &RegistryConfig) -> Result<SrSettings, SRCError> {
     b.build()
 }
 
+/// The largest single allocation apache-avro may make for one decoded value (a string,
+/// bytes, a block of items). Far above any record Kafka delivers to us, far below the
+/// library's 512 MiB default, so a forged length cannot take the memory of a service.
+pub const MAX_AVRO_ALLOCATION_BYTES: usize = 16 * 1024 * 1024;
+
+/// Sets [`MAX_AVRO_ALLOCATION_BYTES`] before anything is decoded (the first call wins,
+/// process-wide).
+pub fn limit_allocations() {
+    apache_avro::util::max_allocation_bytes(MAX_AVRO_ALLOCATION_BYTES);
+}
+
 impl AvroCodec {
     pub fn new(cfg: &RegistryConfig) -> Result<Self, EncodeError> {
+        limit_allocations();
         let settings = sr_settings(cfg).map_err(|e| EncodeError {
             retriable: false,
             message: format!("schema registry client: {e}"),

@@ -61,6 +61,11 @@ pub struct RunnerConfig {
     pub max_in_flight: usize,
     /// Their key and value bytes, at most.
     pub max_in_flight_bytes: usize,
+    /// On each partition assignment, start this many records before the committed
+    /// offset and skip them: a broker that answers a fetch from the next record batch
+    /// (tansu 0.6) then still delivers the rest of the batch the commit fell inside.
+    /// At least the largest record batch any producer writes; 0 turns it off.
+    pub rewind_records: i64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -27,6 +27,47 @@ fn base_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
     c
 }
 
+/// Partitions of `topic` with their low and high watermarks.
+pub fn watermarks(c: &impl Consumer, topic: &str) -> anyhow::Result<Vec<(i32, i64, i64)>> {
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let Some(t) = md.topics().first() else {
+        anyhow::bail!("topic {topic}: no metadata");
+    };
+    if let Some(e) = t.error() {
+        anyhow::bail!("topic {topic}: {:?}", RDKafkaErrorCode::from(e));
+    }
+    t.partitions()
+        .iter()
+        .map(|p| {
+            let (lo, hi) = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            Ok((p.id(), lo, hi))
+        })
+        .collect()
+}
+
+/// Committed lag of `group` on `topic`: end offsets minus committed positions (a
+/// partition with no commit counts from its start). Blocking.
+pub fn group_lag(cfg: &KafkaConfig, group: &str, topic: &str) -> anyhow::Result<i64> {
+    let mut c = base_config(cfg, "lanes-lag");
+    c.set("group.id", group);
+    let c: BaseConsumer = c.create()?;
+    let marks = watermarks(&c, topic)?;
+    let mut tpl = TopicPartitionList::new();
+    for (p, _, _) in &marks {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = c.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok(marks
+        .iter()
+        .map(
+            |(p, lo, hi)| match committed.find_partition(topic, *p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => hi - o,
+                _ => hi - lo,
+            },
+        )
+        .sum())
+}
+
 fn apply(c: &mut ClientConfig, props: &BTreeMap<String, String>) {
     for (k, v) in props {
         c.set(k, v);
@@ -350,5 +391,95 @@ mod tests {
         assert!(t.committable().is_none());
         t.forget("a", 0);
         assert_eq!(t.in_flight(), 0);
+    }
+
+    mod properties {
+        use std::collections::BTreeMap;
+
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        fn position(t: &OffsetTracker, partition: i32) -> Option<i64> {
+            t.committable().and_then(|tpl| {
+                tpl.find_partition("t", partition)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    })
+            })
+        }
+
+        proptest! {
+            /// Under any interleaving of reads, acks in any order and commits, no commit
+            /// passes the lowest offset not yet acknowledged, none goes backwards, and
+            /// once everything is acknowledged each partition commits one past its last.
+            #[test]
+            fn never_commits_past_the_lowest_unacknowledged(
+                reads in prop::collection::vec((0i32..3, 1i64..4), 1..120),
+                steps in prop::collection::vec((any::<bool>(), any::<prop::sample::Index>(), any::<bool>()), 0..300),
+            ) {
+                // Offsets rise per partition with gaps (control records, compaction).
+                let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+                let reads: Vec<(i32, i64)> = reads
+                    .into_iter()
+                    .map(|(p, gap)| {
+                        let o = next.entry(p).or_insert(100);
+                        *o += gap;
+                        (p, *o)
+                    })
+                    .collect();
+                let mut t = OffsetTracker::new();
+                let mut read = 0;
+                let mut open: Vec<(i32, i64)> = Vec::new();
+                let mut committed: BTreeMap<i32, i64> = BTreeMap::new();
+                let check = |t: &OffsetTracker, open: &[(i32, i64)], committed: &BTreeMap<i32, i64>| {
+                    for p in 0..3 {
+                        if let Some(pos) = position(t, p) {
+                            if let Some(low) = open.iter().filter(|(q, _)| *q == p).map(|(_, o)| *o).min() {
+                                prop_assert!(pos <= low, "partition {} commits {} past unacked {}", p, pos, low);
+                            }
+                            if let Some(c) = committed.get(&p) {
+                                prop_assert!(pos > *c, "partition {} offers {} after committing {}", p, pos, c);
+                            }
+                        }
+                    }
+                    Ok(())
+                };
+                for (read_next, pick, commit) in steps {
+                    if (read_next || open.is_empty()) && read < reads.len() {
+                        let (p, o) = reads[read];
+                        read += 1;
+                        t.track("t", p, o);
+                        open.push((p, o));
+                    } else if !open.is_empty() {
+                        let (p, o) = open.swap_remove(pick.index(open.len()));
+                        t.ack("t", p, o);
+                    }
+                    check(&t, &open, &committed)?;
+                    if commit && let Some(tpl) = t.committable() {
+                        for e in tpl.elements() {
+                            if let Offset::Offset(o) = e.offset() {
+                                committed.insert(e.partition(), o);
+                            }
+                        }
+                        t.committed(&tpl);
+                    }
+                }
+                for &(p, o) in &reads[read..] {
+                    t.track("t", p, o);
+                    open.push((p, o));
+                }
+                while let Some((p, o)) = open.pop() {
+                    t.ack("t", p, o);
+                    check(&t, &open, &committed)?;
+                }
+                prop_assert_eq!(t.in_flight(), 0);
+                for (p, last) in &next {
+                    let pos = position(&t, *p).or(committed.get(p).copied());
+                    prop_assert_eq!(pos, Some(last + 1));
+                }
+            }
+        }
     }
 }

@@ -17,6 +17,7 @@ pub mod cache;
 pub mod config;
 pub mod dlq;
 pub mod error;
+pub mod failpoint;
 pub mod generator;
 pub mod kafka;
 pub mod lifecycle;

@@ -133,6 +133,7 @@ pub fn load_or_exit(binary: &str, config: Option<&std::path::Path>) -> Settings 
         std::process::exit(EXIT_CONFIG);
     }
     tracing::info!(config = %settings.redacted(), "configuration loaded");
+    crate::failpoint::setup();
     settings
 }
 

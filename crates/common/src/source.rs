@@ -11,6 +11,10 @@
 //! the embedded broker a fetch that starts inside a record batch skips the rest of that
 //! batch, which a `pause()`/`resume()` would do every time.
 //!
+//! Assignment rewinds: each newly assigned partition starts `rewind_records` before its
+//! committed offset and the thread drops what lies below it, because that broker also
+//! answers a fetch starting mid-batch (a commit is usually mid-batch) from the next one.
+//!
 //! Revocation is synchronous: librdkafka calls the rebalance callback on the polling
 //! thread, which sends [`SourceEvent::Revoked`] after every message already fetched from
 //! those partitions, and waits until the service has flushed, drained and committed them
@@ -27,11 +31,14 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use rdkafka::consumer::base_consumer::PartitionQueue;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaResult;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol,
+};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::OwnedMessage;
 use rdkafka::statistics::Statistics;
-use rdkafka::{ClientContext, Message, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::config::KafkaConfig;
@@ -64,6 +71,15 @@ pub struct SourceContext {
     /// What this member holds now: lag is reported for these only.
     owned: Mutex<HashSet<(String, i32)>>,
     revoke_timeout: Duration,
+    /// See [`crate::config::RunnerConfig::rewind_records`].
+    rewind: i64,
+    /// A client of the same group that never joins it, to read committed offsets during
+    /// a rebalance (the member itself is not answered until the rebalance is over).
+    offsets: Option<BaseConsumer>,
+    /// Rewound partitions' committed offsets: records below them were done already.
+    floors: Mutex<HashMap<(String, i32), i64>>,
+    /// Whether `floors` has entries, so most messages skip its lock.
+    rewinding: AtomicBool,
 }
 
 fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -74,6 +90,55 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 }
 
 impl SourceContext {
+    /// Starts each partition of `tpl` with a committed offset `rewind` records earlier,
+    /// and remembers that offset as the partition's floor.
+    fn rewind(&self, tpl: &mut TopicPartitionList) {
+        let Some(offsets) = self.offsets.as_ref().filter(|_| tpl.count() > 0) else {
+            return;
+        };
+        let committed = match offsets.committed_offsets(tpl.clone(), Duration::from_secs(5)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(service = %self.service, error = %e, "committed offsets unknown; starting at them without a rewind");
+                return;
+            }
+        };
+        let mut floors = self.floors.lock().expect("source lock");
+        for e in committed.elements() {
+            if let Offset::Offset(c) = e.offset()
+                && c > 0
+            {
+                let start = (c - self.rewind).max(0);
+                if tpl
+                    .set_partition_offset(e.topic(), e.partition(), Offset::Offset(start))
+                    .is_ok()
+                {
+                    floors.insert((e.topic().to_string(), e.partition()), c);
+                }
+            }
+        }
+        self.rewinding.store(!floors.is_empty(), Ordering::Relaxed);
+    }
+
+    /// False for a record below its partition's floor (read again by the rewind); the
+    /// first record at or past the floor lifts it.
+    fn admit<M: Message>(&self, m: &M) -> bool {
+        if !self.rewinding.load(Ordering::Relaxed) {
+            return true;
+        }
+        let mut floors = self.floors.lock().expect("source lock");
+        let key = (m.topic().to_string(), m.partition());
+        match floors.get(&key) {
+            Some(&floor) if m.offset() < floor => false,
+            Some(_) => {
+                floors.remove(&key);
+                self.rewinding.store(!floors.is_empty(), Ordering::Relaxed);
+                true
+            }
+            None => true,
+        }
+    }
+
     /// Sends `event`, waiting at most `timeout` for room; false if the service is gone
     /// or did not make room in time.
     fn send_within(&self, event: SourceEvent, timeout: Duration) -> bool {
@@ -139,6 +204,39 @@ impl ClientContext for SourceContext {
 }
 
 impl ConsumerContext for SourceContext {
+    /// rdkafka's own rebalance, with the rewind applied to an assignment first.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let assign = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS;
+        if assign {
+            self.rewind(tpl);
+        }
+        let rebalance = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(tpl),
+            other => Rebalance::Error(KafkaError::Rebalance(RDKafkaErrorCode::from(other))),
+        };
+        self.pre_rebalance(consumer, &rebalance);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let done = match (assign, cooperative) {
+            (true, true) => consumer.incremental_assign(tpl),
+            (true, false) => consumer.assign(tpl),
+            (false, true) => consumer.incremental_unassign(tpl),
+            (false, false) => consumer.unassign(),
+        };
+        if let Err(e) = done {
+            tracing::warn!(service = %self.service, error = %e, "rebalance not applied");
+        }
+        self.post_rebalance(consumer, &rebalance);
+    }
+
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             tracing::info!(service = %self.service, partitions = %describe(tpl), "partitions revoked, draining");
@@ -147,6 +245,12 @@ impl ConsumerContext for SourceContext {
                 let mut owned = self.owned.lock().expect("source lock");
                 for key in &revoked {
                     owned.remove(key);
+                }
+            }
+            {
+                let mut floors = self.floors.lock().expect("source lock");
+                for key in &revoked {
+                    floors.remove(key);
                 }
             }
             self.revoked
@@ -178,7 +282,10 @@ impl ConsumerContext for SourceContext {
                 self.revoke_timeout,
             );
             if !sent || wait.recv_timeout(self.revoke_timeout).is_err() {
-                tracing::warn!(service = %self.service, "revoked partitions not drained in time; their records will be replayed");
+                // While closing, the service committed before leaving: nothing to drain.
+                if self.events.lock().expect("source lock").is_some() {
+                    tracing::warn!(service = %self.service, "revoked partitions not drained in time; their records will be replayed");
+                }
             }
         }
     }
@@ -235,6 +342,7 @@ impl Source {
         group: &str,
         topics: &[&str],
         revoke_timeout: Duration,
+        rewind_records: i64,
         metrics: Option<ConsumerMetrics>,
     ) -> KafkaResult<Self> {
         let (tx, rx) = mpsc::channel(4096);
@@ -246,6 +354,17 @@ impl Source {
             revoked: Mutex::new(Vec::new()),
             owned: Mutex::new(HashSet::new()),
             revoke_timeout,
+            rewind: rewind_records,
+            offsets: if rewind_records > 0 {
+                Some(
+                    crate::kafka::consumer_config(cfg, &format!("{service}-offsets"), group)
+                        .create()?,
+                )
+            } else {
+                None
+            },
+            floors: Mutex::new(HashMap::new()),
+            rewinding: AtomicBool::new(false),
             metrics,
         };
         let consumer: SourceConsumer =
@@ -300,11 +419,12 @@ fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, sto
         // queue was split off: those are older than anything in that queue.
         while let Some(polled) = consumer.poll(Duration::ZERO) {
             match polled {
-                Ok(m) => ctx
-                    .pending
-                    .lock()
-                    .expect("source lock")
-                    .push_back(m.detach()),
+                Ok(m) => {
+                    let m = m.detach();
+                    if ctx.admit(&m) {
+                        ctx.pending.lock().expect("source lock").push_back(m);
+                    }
+                }
                 Err(e) => tracing::warn!(service = %ctx.service, error = %e, "consumer error"),
             }
         }
@@ -339,6 +459,7 @@ fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, sto
                     break;
                 };
                 match polled {
+                    Ok(m) if !ctx.admit(&m) => {}
                     Ok(m) => match tx.try_send(SourceEvent::Message(m.detach())) {
                         Ok(()) => moved = true,
                         Err(mpsc::error::TrySendError::Full(SourceEvent::Message(m))) => {
@@ -484,6 +605,7 @@ impl Acks {
         let Some(tpl) = self.tracker.committable() else {
             return Ok(());
         };
+        crate::failpoint::hit!(crate::failpoint::AFTER_PRODUCE_BEFORE_COMMIT);
         let c = consumer.clone();
         let list = tpl.clone();
         tokio::task::spawn_blocking(move || c.commit(&list, CommitMode::Sync))

@@ -258,6 +258,7 @@ pub async fn run<S: Stage>(
         &plan.group,
         &topics,
         s.shutdown.drain_timeout(),
+        s.runner.rewind_records,
         Some(ctx.consumer.clone()),
     )?;
     let mut acks = Acks::new(io.dlq.clone());
@@ -363,6 +364,7 @@ async fn handle<S: Stage>(
     if inputs.is_empty() {
         return Ok(());
     }
+    crate::failpoint::hit!(crate::failpoint::AFTER_CONSUME_BEFORE_PRODUCE);
     let mut out = Out { acks, io, stop };
     stage.handle(inputs, &mut out).await
 }

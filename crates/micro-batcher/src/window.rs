@@ -370,4 +370,96 @@ mod tests {
         );
         assert_eq!(w.open_windows(), 1);
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        #[derive(Debug, Clone)]
+        enum Step {
+            Push { partition: i32, priority: bool },
+            Wait(u64),
+            Expire,
+            Revoke(i32),
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                6 => (0i32..4, prop::bool::weighted(0.05))
+                    .prop_map(|(partition, priority)| Step::Push { partition, priority }),
+                2 => (0u64..40).prop_map(Step::Wait),
+                1 => Just(Step::Expire),
+                1 => (0i32..4).prop_map(Step::Revoke),
+            ]
+        }
+
+        proptest! {
+            /// Whatever the sizes, delays, priority events, expiries and revocations,
+            /// every event pushed comes out in exactly one batch, in offset order within
+            /// its partition, with its own columns, and no batch breaks its limits.
+            #[test]
+            fn every_event_comes_out_once_in_order(
+                steps in prop::collection::vec(step(), 1..400),
+                max_events in 1usize..20,
+                max_bytes in 400usize..2000,
+                delay_ms in 1u64..50,
+            ) {
+                let mut w = Windows::new(cfg(max_events, max_bytes, delay_ms), "events");
+                let t0 = Instant::now();
+                let mut elapsed = 0u64;
+                let mut next_offset = [0i64; 4];
+                let mut pushed: Vec<(i32, i64, String)> = Vec::new();
+                let mut closed: Vec<Closed> = Vec::new();
+                for s in steps {
+                    let now = t0 + Duration::from_millis(elapsed);
+                    let now_ms = elapsed as i64;
+                    match s {
+                        Step::Push { partition, priority } => {
+                            let offset = next_offset[partition as usize];
+                            next_offset[partition as usize] += 1;
+                            let e = event(offset * 4 + i64::from(partition), if priority { "chargeback" } else { "t" });
+                            pushed.push((partition, offset, e.event_id.clone()));
+                            closed.extend(w.push(partition, offset, &e, now, now_ms));
+                        }
+                        Step::Wait(ms) => elapsed += ms,
+                        Step::Expire => closed.extend(w.expire(now, now_ms)),
+                        Step::Revoke(p) => closed.extend(w.flush(Some(&[p]), now, now_ms)),
+                    }
+                }
+                let end = t0 + Duration::from_millis(elapsed);
+                closed.extend(w.flush(None, end, elapsed as i64));
+                prop_assert_eq!(w.open_windows(), 0);
+
+                let mut out: Vec<(i32, i64, String)> = Vec::new();
+                for c in &closed {
+                    let b = &c.batch;
+                    let n = b.event_ids.len();
+                    prop_assert!(n >= 1 && n <= max_events, "{} events in a batch of at most {}", n, max_events);
+                    prop_assert_eq!(c.offsets.len(), n);
+                    prop_assert_eq!(b.features.len(), n * b.feature_names.len());
+                    prop_assert_eq!(b.entity_ids.len(), n);
+                    prop_assert_eq!(b.event_times.len(), n);
+                    prop_assert_eq!(b.first_offset, c.offsets[0]);
+                    prop_assert_eq!(b.last_offset, c.offsets[n - 1]);
+                    prop_assert!(c.offsets.windows(2).all(|p| p[0] < p[1]));
+                    for (i, (o, id)) in c.offsets.iter().zip(&b.event_ids).enumerate() {
+                        // Column values follow their event: feature a is the event number.
+                        let number: i64 = id[1..].parse().unwrap();
+                        prop_assert_eq!(b.features[i * 2], number as f32);
+                        out.push((b.source_partition, *o, id.clone()));
+                    }
+                }
+                let mut want = pushed.clone();
+                want.sort();
+                out.sort();
+                prop_assert_eq!(out, want);
+                // Within a partition, batches come out in offset order.
+                for p in 0..4 {
+                    let firsts: Vec<i64> = closed.iter().filter(|c| c.batch.source_partition == p).map(|c| c.batch.first_offset).collect();
+                    prop_assert!(firsts.windows(2).all(|f| f[0] < f[1]), "partition {} batches out of order: {:?}", p, firsts);
+                }
+            }
+        }
+    }
 }

@@ -1,0 +1,78 @@
+//! The cache's one ordering rule, checked against the real Lua script in Redis: any
+//! order or replay of the same predictions leaves each entity holding its newest by
+//! (event time, scored at).
+
+use lanes_common::cache::{self, WRITE_IF_NEWER};
+use lanes_common::records::Prediction;
+use lanes_tests::*;
+use proptest::prelude::*;
+
+/// Predictions of one entity with distinct (event time, scored at): small ranges, so
+/// equal event times with different scoring times are common.
+fn predictions() -> impl Strategy<Value = Vec<(i64, i64)>> {
+    prop::collection::btree_set((0i64..6, 0i64..4), 1..12).prop_map(|s| s.into_iter().collect())
+}
+
+fn prediction(entity: &str, (event, scored): (i64, i64)) -> Prediction {
+    let mut p = prediction_now(entity, (event * 10 + scored) as f64);
+    p.event_id = format!("{entity}-{event}");
+    p.event_time = 1_800_000_000_000 + event;
+    p.scored_at = 1_800_000_100_000 + scored;
+    // A re-score of the same event carries another model version, as a rollout would.
+    p.model_version = scored.to_string();
+    p
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn any_order_or_replay_keeps_the_newest(
+        times in predictions(),
+        order in prop::collection::vec(any::<prop::sample::Index>(), 1..40),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (newest, held) = rt.block_on(async {
+            let s = settings();
+            let entity = unique("order");
+            let mut conn = redis(&s).get_multiplexed_async_connection().await.unwrap();
+            let script = redis::Script::new(WRITE_IF_NEWER);
+            // Every prediction at least once, then replays picked from `order`.
+            let writes = (0..times.len()).chain(order.iter().map(|i| i.index(times.len())));
+            let mut sequence: Vec<usize> = writes.collect();
+            // Interleave: the picks decide where each first write lands.
+            let len = sequence.len();
+            for (k, i) in order.iter().enumerate() {
+                sequence.swap(k % len, i.index(len));
+            }
+            for i in sequence {
+                let p = prediction(&entity, times[i]);
+                let _: i64 = cache::write_prediction(&script, &s.cache_writer.key_prefix, &p, 60, false)
+                    .invoke_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            let key = cache::key(&s.cache_writer.key_prefix, &entity);
+            let h: std::collections::HashMap<String, String> =
+                redis::cmd("HGETALL").arg(&key).query_async(&mut conn).await.unwrap();
+            let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await.unwrap();
+            let newest = times.iter().copied().max().unwrap();
+            let want = prediction(&entity, newest);
+            let held = (
+                h.get("event_time").cloned(),
+                h.get("scored_at").cloned(),
+                h.get("score").cloned(),
+                h.get("event_id").cloned(),
+            );
+            (
+                (
+                    Some(want.event_time.to_string()),
+                    Some(want.scored_at.to_string()),
+                    Some(want.score.to_string()),
+                    Some(want.event_id),
+                ),
+                held,
+            )
+        });
+        prop_assert_eq!(held, newest);
+    }
+}
