@@ -2,6 +2,10 @@
 //! local stack (`scripts/dev-up.sh`) in one place. Each test uses its own random topic
 //! and group names, so tests run in parallel against one broker.
 
+pub mod fleet;
+pub mod ledger;
+pub mod proxy;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -301,14 +305,18 @@ impl Lane {
         path
     }
 
-    /// The environment of a service process: its config file, and quiet logs.
+    /// The environment of a service process: its config file, and quiet logs
+    /// (`LANES_TEST_LOG` sets their level).
     pub fn env(&self) -> Vec<(String, String)> {
         vec![
             (
                 lanes_common::config::CONFIG_FILE_ENV.to_string(),
                 self.config_file().display().to_string(),
             ),
-            ("RUST_LOG".to_string(), "warn".to_string()),
+            (
+                "RUST_LOG".to_string(),
+                std::env::var("LANES_TEST_LOG").unwrap_or_else(|_| "warn".to_string()),
+            ),
         ]
     }
 

@@ -16,6 +16,7 @@ use lanes_common::records::{
 };
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::FutureRecord;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::decide::{self, Decision, Stale};
 use crate::{Core, Warm};
@@ -86,8 +87,13 @@ fn refusal(core: &Core, req: &PredictionRequest, now: i64) -> Option<(&'static s
     None
 }
 
-/// Works out the answer to one request.
-pub async fn answer(core: &Arc<Core>, req: &PredictionRequest) -> PredictionResponse {
+/// Works out the answer to one request, holding `slot` (or passing it on to the
+/// scoring it starts).
+pub async fn answer(
+    core: &Arc<Core>,
+    req: &PredictionRequest,
+    slot: OwnedSemaphorePermit,
+) -> PredictionResponse {
     let now = now_millis();
     let m = &core.metrics;
     if let Some((reason, error)) = refusal(core, req, now) {
@@ -125,7 +131,7 @@ pub async fn answer(core: &Arc<Core>, req: &PredictionRequest) -> PredictionResp
                 && let Some(c) = &cached
                 && let Some(f) = &c.features
             {
-                if core.has_room() {
+                if let Some(refresh_slot) = core.try_slot() {
                     m.refreshes.with_label_values(&["read"]).inc();
                     let event_time = c.features_event_time.unwrap_or(now);
                     drop(core.score(
@@ -137,6 +143,7 @@ pub async fn answer(core: &Arc<Core>, req: &PredictionRequest) -> PredictionResp
                             event_id: refresh_event_id(&req.entity_id, event_time),
                             guard: false,
                         }),
+                        refresh_slot,
                     ));
                 } else {
                     m.refreshes.with_label_values(&["skipped"]).inc();
@@ -172,7 +179,7 @@ pub async fn answer(core: &Arc<Core>, req: &PredictionRequest) -> PredictionResp
             let scored = if deadline.is_zero() {
                 None
             } else {
-                let flight = core.score(core, &req.entity_id, &features, warm);
+                let flight = core.score(core, &req.entity_id, &features, warm, slot);
                 tokio::time::timeout(deadline, flight).await.ok()
             };
             match scored {
@@ -250,7 +257,20 @@ pub async fn respond(
         .clone()
         .unwrap_or_else(|| core.responses_topic.clone());
     let mut resp = if reply_allowed(&topic, &core.responses_topic, &core.cfg.reply_topics) {
-        answer(core, &req).await
+        match core.slot(&req).await {
+            Some(slot) => answer(core, &req, slot).await,
+            None => {
+                core.metrics.refused.with_label_values(&["expired"]).inc();
+                core.metrics.outcome("error");
+                error_response(
+                    &req,
+                    format!(
+                        "expired: no free slot within max_request_age_ms ({}) of requested_at",
+                        core.cfg.max_request_age_ms
+                    ),
+                )
+            }
+        }
     } else {
         core.metrics
             .refused

@@ -45,6 +45,7 @@ use rdkafka::Message;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use redis::aio::ConnectionManager;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::breaker::Breaker;
 use crate::coalesce::SingleFlight;
@@ -84,17 +85,31 @@ pub struct Warm {
 struct Busy {
     count: Arc<AtomicUsize>,
     gauge: prometheus::IntGauge,
+    /// The slot this work holds until it is done.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Busy {
-    fn start(core: &Core) -> Self {
-        Self::counting(core.background.clone(), core.metrics.background.clone())
+    fn start(core: &Core, slot: Option<OwnedSemaphorePermit>) -> Self {
+        Self::counting(
+            core.background.clone(),
+            core.metrics.background.clone(),
+            slot,
+        )
     }
 
-    fn counting(count: Arc<AtomicUsize>, gauge: prometheus::IntGauge) -> Self {
+    fn counting(
+        count: Arc<AtomicUsize>,
+        gauge: prometheus::IntGauge,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Self {
         let now = count.fetch_add(1, Ordering::Relaxed) + 1;
         gauge.set(now as i64);
-        Self { count, gauge }
+        Self {
+            count,
+            gauge,
+            _slot: slot,
+        }
     }
 }
 
@@ -136,6 +151,9 @@ pub struct Core {
     flights: SingleFlight<Scored>,
     /// Scorings and cache warmings still running, whoever started them.
     background: Arc<AtomicUsize>,
+    /// `max_in_flight` slots: an answer holds one while it works, and a scoring it
+    /// starts carries it on until the scoring and its cache warming are done.
+    slots: Arc<Semaphore>,
     pub metrics: Metrics,
     stop: tokio_util::sync::CancellationToken,
 }
@@ -246,19 +264,49 @@ impl Core {
     /// Whether background work may start: together with the requests it counts
     /// against `max_in_flight`.
     pub fn has_room(&self) -> bool {
-        self.busy() < self.cfg.max_in_flight.max(1)
+        self.slots.available_permits() > 0
+    }
+
+    /// A free slot now, for background work that is skipped when there is none.
+    pub fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// A slot for `req`, waited for in arrival order while the request can still be
+    /// answered before it expires (`requested_at + max_request_age_ms` by this clock,
+    /// less the longest an answer takes: a Redis read and a real-time scoring); `None`
+    /// after that. So a responder offered more than it can score answers the rest
+    /// "expired" on time rather than letting them queue past their callers' patience.
+    pub async fn slot(&self, req: &PredictionRequest) -> Option<OwnedSemaphorePermit> {
+        let slots = self.slots.clone();
+        let max_age = self.cfg.max_request_age_ms as i64;
+        if max_age == 0 {
+            return slots.acquire_owned().await.ok();
+        }
+        let work = (self.cfg.redis_timeout_ms + self.cfg.realtime_deadline_ms) as i64;
+        let left = req
+            .requested_at
+            .saturating_add(max_age - work)
+            .saturating_sub(now_millis())
+            .clamp(0, max_age);
+        tokio::time::timeout(Duration::from_millis(left as u64), slots.acquire_owned())
+            .await
+            .ok()?
+            .ok()
     }
 
     /// Scores `features` for `entity` once however many ask at the same time. With a
     /// `warm` target the result is published as a REALTIME prediction so the cache
     /// warms; `guard` (request features) keeps it from replacing an entry whose online
     /// features are newer.
+    /// `slot` goes to the scoring if this call starts it, and is freed if it joins one.
     pub fn score(
         &self,
         core: &Arc<Core>,
         entity: &str,
         features: &BTreeMap<String, f64>,
         warm: Option<Warm>,
+        slot: OwnedSemaphorePermit,
     ) -> coalesce::Flight<Scored> {
         let key = format!(
             "{entity}\u{1f}{}\u{1f}{}",
@@ -267,7 +315,7 @@ impl Core {
         );
         let (core, entity, features) = (core.clone(), entity.to_string(), features.clone());
         let (flight, started) = self.flights.join(&key, move || {
-            let busy = Busy::start(&core);
+            let busy = Busy::start(&core, Some(slot));
             async move {
                 let scored = core.score_now(&features).await;
                 if let (Ok(scoring), Some(warm)) = (scored.clone(), warm) {
@@ -416,15 +464,16 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         responses_topic: s.topics.responses.clone(),
         flights: SingleFlight::default(),
         background: Arc::new(AtomicUsize::new(0)),
+        slots: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
         metrics,
         stop: ctx.shutdown.clone(),
     });
     let background = sweep::spawn(core.clone(), ctx.shutdown.clone());
     let mut plan = Plan::new(&ctx, SERVICE, &cfg.group, &[&s.topics.requests]);
-    // Start every request already fetched before driving any, so a burst for one entity
-    // meets in one scoring.
-    plan.max_in_flight = cfg.max_in_flight.max(1);
-    plan.max_batch = plan.max_in_flight;
+    // Requests are read ahead of the slots (up to runner.max_in_flight) and wait for one
+    // in memory, where each can be expired on time. Every request already fetched is
+    // started before any is driven, so a burst for one entity meets in one scoring.
+    plan.max_batch = cfg.max_in_flight.max(1);
     tracing::info!(requests = %s.topics.requests, "fallback-responder running");
     let result = stage::run(&ctx, plan, Responder(core), io).await;
     background.await.ok();

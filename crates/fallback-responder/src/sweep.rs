@@ -125,9 +125,12 @@ pub async fn sweep(
         let (next, keys) = scan(core, cursor, 1000).await?;
         let now = now_millis();
         for (key, c) in keys.iter().zip(entries(core, &keys).await?) {
-            if done >= budget || stop.is_cancelled() || !core.has_room() {
+            if done >= budget || stop.is_cancelled() {
                 return Ok(cursor);
             }
+            let Some(slot) = core.try_slot() else {
+                return Ok(cursor);
+            };
             let Some(c) = c else { continue };
             let (Some(true), Some(features)) = (
                 is_stale(core, &c, core.cfg.refresh_after_ms, now),
@@ -148,6 +151,7 @@ pub async fn sweep(
                     event_id: crate::answer::refresh_event_id(entity, event_time),
                     guard: false,
                 }),
+                slot,
             );
             tokio::select! {
                 scored = flight => if let Err(e) = scored {
