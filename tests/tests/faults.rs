@@ -27,6 +27,10 @@ const DUPLICATES_PER_FAULT_S: f64 = 2.0;
 /// Peak RSS allowed to each process of the (debug) build under this load.
 const RSS_BUDGET_MIB: f64 = 256.0;
 
+/// The scenarios run one at a time: each measures recovery and deadlines, which a
+/// neighbour's load on this small machine would blur.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn runs() -> usize {
     env_number("LANES_FAULT_RUNS", 1)
 }
@@ -126,6 +130,7 @@ impl Scenario {
 /// expires; the responder's requests are all answered across its own crash.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_of_each_service_loses_nothing() {
+    let _serial = SERIAL.lock().await;
     for run in 0..runs() {
         let lane = Lane::new("fault-kill");
         let s = Scenario::start("kill", run, lane.clone(), &lanes_services::all()).await;
@@ -161,6 +166,7 @@ async fn sigkill_of_each_service_loses_nothing() {
 /// but inputs not committed, and inputs read but nothing produced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn crashes_at_failpoints_lose_nothing() {
+    let _serial = SERIAL.lock().await;
     let points = [
         ("ingest", failpoint::AFTER_PRODUCE_BEFORE_COMMIT),
         ("micro-batcher", failpoint::AFTER_PRODUCE_BEFORE_COMMIT),
@@ -197,6 +203,7 @@ async fn crashes_at_failpoints_lose_nothing() {
 /// lost nor misrouted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_scorer_past_its_session_loses_nothing() {
+    let _serial = SERIAL.lock().await;
     for run in 0..runs() {
         let lane = Lane::new("fault-pause");
         let mut s = Scenario::start("pause", run, lane, &lanes_services::streaming()).await;
@@ -234,6 +241,7 @@ async fn a_paused_scorer_past_its_session_loses_nothing() {
 /// leaves again while events keep coming.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_joining_and_leaving_lose_nothing() {
+    let _serial = SERIAL.lock().await;
     let names = ["ingest", "micro-batcher", "scorer", "cache-writer"];
     for run in 0..runs() {
         let lane = Lane::new("fault-replica");
@@ -254,6 +262,7 @@ async fn replicas_joining_and_leaving_lose_nothing() {
 /// `LANES_FAULT_OUTAGE_S`: the cache-writer and responder wait it out and catch up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_down_loses_nothing() {
+    let _serial = SERIAL.lock().await;
     for run in 0..runs() {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -275,6 +284,7 @@ async fn redis_down_loses_nothing() {
 /// restarted inside the outage so its codec starts cold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_registry_down_loses_nothing() {
+    let _serial = SERIAL.lock().await;
     for run in 0..runs() {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -303,6 +313,7 @@ async fn the_registry_down_loses_nothing() {
 /// and the lag drains once Redis is quick again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_redis_bounds_memory_and_drains_after() {
+    let _serial = SERIAL.lock().await;
     for run in 0..runs() {
         let base = settings();
         let upstream = base
@@ -328,15 +339,17 @@ async fn slow_redis_bounds_memory_and_drains_after() {
 /// answers requests with features in real time meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flushed_cache_refills_and_requests_are_answered() {
+    let _serial = SERIAL.lock().await;
     for run in 0..runs() {
         let lane = Lane::new("fault-flush");
         let s = Scenario::start("flush", run, lane.clone(), &lanes_services::all()).await;
-        let requests = Requests::start(&lane, &format!("flush{run}"), 20, ENTITIES);
         tokio::time::sleep(jitter(500, 1500)).await;
         let start = Instant::now();
         delete_cache(&lane.settings).await;
+        // Requests for every entity at once, before the stream has refilled them.
+        let requests = Requests::start(&lane, &format!("flush{run}"), 1000, ENTITIES);
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let end = Instant::now();
-        tokio::time::sleep(Duration::from_secs(2)).await;
         let answers = requests.finish(&lane, Duration::from_secs(60)).await;
         s.finish_with((start, end), 0, Duration::from_secs(2), &answers.ids)
             .await;
@@ -352,6 +365,7 @@ async fn a_flushed_cache_refills_and_requests_are_answered() {
 /// ends byte for byte as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_replay_leaves_the_cache_byte_for_byte() {
+    let _serial = SERIAL.lock().await;
     for run in 0..runs() {
         let lane = Lane::new("fault-replay");
         let s = Scenario::start("replay", run, lane.clone(), &lanes_services::streaming()).await;
@@ -398,6 +412,7 @@ async fn a_full_replay_leaves_the_cache_byte_for_byte() {
 /// as expired, by its deadline (requested_at + max_request_age_ms) plus 50 ms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_overloaded_responder_answers_every_request_by_its_deadline() {
+    let _serial = SERIAL.lock().await;
     const MAX_AGE_MS: i64 = 1000;
     for run in 0..runs() {
         // Its capacity is bound by its dependency, as in production, not by the CPU
@@ -419,7 +434,13 @@ async fn an_overloaded_responder_answers_every_request_by_its_deadline() {
         let mut fleet = Fleet::start(&lane, &[lanes_fallback_responder::def()]).await;
         let name = "fallback-responder";
 
-        // Capacity: a burst far above it, counting what was scored in time.
+        // Warm the responder (schemas, model, connections), then measure its capacity
+        // with a burst far above it, counting what was scored in time.
+        let warm = Requests::start(&lane, &format!("warm{run}"), 100, 10_000);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        warm.finish(&lane, Duration::from_secs(30))
+            .await
+            .assert_all_answered();
         let burst = Requests::start(&lane, &format!("cap{run}"), 4000, 10_000);
         tokio::time::sleep(Duration::from_secs(2)).await;
         let measured = burst.finish(&lane, Duration::from_secs(30)).await;

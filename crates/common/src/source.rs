@@ -58,6 +58,17 @@ pub enum SourceEvent {
     },
 }
 
+/// How a newly assigned partition's first records are checked.
+#[derive(Debug, Clone, Copy)]
+enum Start {
+    /// Read from `rewind_records` before the committed offset: records below it were
+    /// done already and are dropped.
+    Floor(i64),
+    /// Assigned while the group's committed offset could not be read (a broker may not
+    /// answer for a group in the middle of its rebalance): checked at the first record.
+    Unverified,
+}
+
 pub struct SourceContext {
     service: String,
     metrics: Option<ConsumerMetrics>,
@@ -76,8 +87,8 @@ pub struct SourceContext {
     /// A client of the same group that never joins it, to read committed offsets during
     /// a rebalance (the member itself is not answered until the rebalance is over).
     offsets: Option<BaseConsumer>,
-    /// Rewound partitions' committed offsets: records below them were done already.
-    floors: Mutex<HashMap<(String, i32), i64>>,
+    /// Newly assigned partitions whose first records are still to be checked.
+    floors: Mutex<HashMap<(String, i32), Start>>,
     /// Whether `floors` has entries, so most messages skip its lock.
     rewinding: AtomicBool,
 }
@@ -105,15 +116,21 @@ impl SourceContext {
         };
         let mut floors = self.floors.lock().expect("source lock");
         for e in committed.elements() {
-            if let Offset::Offset(c) = e.offset()
-                && c > 0
-            {
-                let start = (c - self.rewind).max(0);
-                if tpl
-                    .set_partition_offset(e.topic(), e.partition(), Offset::Offset(start))
-                    .is_ok()
-                {
-                    floors.insert((e.topic().to_string(), e.partition()), c);
+            let key = (e.topic().to_string(), e.partition());
+            match e.offset() {
+                Offset::Offset(c) if c > 0 => {
+                    let start = (c - self.rewind).max(0);
+                    if tpl
+                        .set_partition_offset(e.topic(), e.partition(), Offset::Offset(start))
+                        .is_ok()
+                    {
+                        tracing::debug!(service = %self.service, topic = e.topic(), partition = e.partition(), committed = c, start, "rewinding");
+                        floors.insert(key, Start::Floor(c));
+                    }
+                }
+                other => {
+                    tracing::debug!(service = %self.service, topic = e.topic(), partition = e.partition(), committed = ?other, "committed offset not known yet");
+                    floors.insert(key, Start::Unverified);
                 }
             }
         }
@@ -121,21 +138,61 @@ impl SourceContext {
     }
 
     /// False for a record below its partition's floor (read again by the rewind); the
-    /// first record at or past the floor lifts it.
-    fn admit<M: Message>(&self, m: &M) -> bool {
+    /// first record at or past the floor lifts it. A partition assigned without a known
+    /// committed offset is checked at its first record: one past the committed offset
+    /// means the broker skipped the rest of a record batch, and the partition is sought
+    /// back by the rewind.
+    fn admit<M: Message>(&self, consumer: &SourceConsumer, m: &M) -> bool {
         if !self.rewinding.load(Ordering::Relaxed) {
             return true;
         }
         let mut floors = self.floors.lock().expect("source lock");
         let key = (m.topic().to_string(), m.partition());
-        match floors.get(&key) {
-            Some(&floor) if m.offset() < floor => false,
-            Some(_) => {
-                floors.remove(&key);
-                self.rewinding.store(!floors.is_empty(), Ordering::Relaxed);
-                true
-            }
-            None => true,
+        let admit = match floors.get(&key).copied() {
+            None => return true,
+            Some(Start::Floor(floor)) if m.offset() < floor => return false,
+            Some(Start::Floor(_)) => true,
+            Some(Start::Unverified) => match self.skipped_from(m) {
+                Some(committed) => {
+                    let start = (committed - self.rewind).max(0);
+                    match consumer.seek(
+                        m.topic(),
+                        m.partition(),
+                        Offset::Offset(start),
+                        Duration::from_secs(5),
+                    ) {
+                        Ok(()) => {
+                            tracing::warn!(service = %self.service, topic = m.topic(), partition = m.partition(), committed, first = m.offset(), start, "the broker resumed past the committed offset; reading again from before it");
+                            floors.insert(key, Start::Floor(committed));
+                            return false;
+                        }
+                        Err(e) => {
+                            tracing::error!(service = %self.service, topic = m.topic(), partition = m.partition(), committed, first = m.offset(), error = %e, "the broker resumed past the committed offset and the seek back failed; records between were skipped");
+                            true
+                        }
+                    }
+                }
+                None => true,
+            },
+        };
+        floors.remove(&key);
+        self.rewinding.store(!floors.is_empty(), Ordering::Relaxed);
+        admit
+    }
+
+    /// The group's committed offset for `m`'s partition when `m` lies past it: the
+    /// first record delivered there should have been that offset.
+    fn skipped_from<M: Message>(&self, m: &M) -> Option<i64> {
+        let offsets = self.offsets.as_ref()?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(m.topic(), m.partition());
+        let committed = offsets
+            .committed_offsets(tpl, Duration::from_secs(5))
+            .map_err(|e| tracing::warn!(service = %self.service, error = %e, "committed offset unknown; not checked"))
+            .ok()?;
+        match committed.find_partition(m.topic(), m.partition())?.offset() {
+            Offset::Offset(c) if m.offset() > c => Some(c),
+            _ => None,
         }
     }
 
@@ -421,7 +478,7 @@ fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, sto
             match polled {
                 Ok(m) => {
                     let m = m.detach();
-                    if ctx.admit(&m) {
+                    if ctx.admit(consumer, &m) {
                         ctx.pending.lock().expect("source lock").push_back(m);
                     }
                 }
@@ -459,7 +516,7 @@ fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, sto
                     break;
                 };
                 match polled {
-                    Ok(m) if !ctx.admit(&m) => {}
+                    Ok(m) if !ctx.admit(consumer, &m) => {}
                     Ok(m) => match tx.try_send(SourceEvent::Message(m.detach())) {
                         Ok(()) => moved = true,
                         Err(mpsc::error::TrySendError::Full(SourceEvent::Message(m))) => {
