@@ -508,6 +508,61 @@ pub struct Requests {
 }
 
 impl Requests {
+    /// One request per entity, encoded now and sent at once by the returned closure's
+    /// future, so they reach the responder within milliseconds of the call.
+    pub async fn burst(lane: &Lane, run: &str, entities: usize) -> impl FnOnce() -> Self + use<> {
+        let producer = producer(&lane.settings);
+        let codec = AvroCodec::new(&lane.settings.registry).expect("codec");
+        let topic = lane.settings.topics.requests.clone();
+        let mut features = Generator::new(9, entities.max(1));
+        let mut encoded = Vec::with_capacity(entities);
+        for n in 0..entities {
+            let request = lanes_common::records::PredictionRequest {
+                request_id: format!("{run}-r{n}"),
+                entity_id: format!("{run}-e{n}"),
+                features: Some(features.next_sample().feature_map()),
+                max_age_ms: None,
+                reply_topic: None,
+                requested_at: now_millis(),
+            };
+            let bytes = codec
+                .encode(&topic, &request)
+                .await
+                .expect("request encodes");
+            encoded.push((request, bytes));
+        }
+        let run = run.to_string();
+        move || {
+            let stop = CancellationToken::new();
+            let deliveries: Vec<_> = encoded
+                .into_iter()
+                .map(|(request, bytes)| {
+                    let record = FutureRecord::to(&topic)
+                        .key(&request.entity_id)
+                        .payload(&bytes);
+                    let delivery = producer.send_result(record).map_err(|(e, _)| classify(&e));
+                    (request, delivery)
+                })
+                .collect();
+            let task = tokio::spawn(async move {
+                let mut sent = Vec::new();
+                for (request, delivery) in deliveries {
+                    let status = match delivery {
+                        Ok(d) => match d.await {
+                            Ok(Ok(_)) => Sent::Ok,
+                            Ok(Err((e, _))) => classify(&e),
+                            Err(_) => Sent::Unknown,
+                        },
+                        Err(status) => status,
+                    };
+                    sent.push((request.request_id, status, request.requested_at));
+                }
+                sent
+            });
+            Self { run, stop, task }
+        }
+    }
+
     pub fn start(lane: &Lane, run: &str, rate: u32, entities: usize) -> Self {
         let stop = CancellationToken::new();
         let token = stop.clone();

@@ -237,15 +237,22 @@ async fn a_paused_scorer_past_its_session_loses_nothing() {
     }
 }
 
-/// A second copy of each streaming service joins mid-stream, takes partitions, and
-/// leaves again while events keep coming.
+/// A second copy of each service joins mid-stream, takes partitions, and leaves again
+/// while events and requests keep coming.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_joining_and_leaving_lose_nothing() {
     let _serial = SERIAL.lock().await;
-    let names = ["ingest", "micro-batcher", "scorer", "cache-writer"];
+    let names = [
+        "ingest",
+        "micro-batcher",
+        "scorer",
+        "cache-writer",
+        "fallback-responder",
+    ];
     for run in 0..runs() {
         let lane = Lane::new("fault-replica");
-        let mut s = Scenario::start("replica", run, lane, &lanes_services::streaming()).await;
+        let mut s = Scenario::start("replica", run, lane.clone(), &lanes_services::all()).await;
+        let requests = Requests::start(&lane, &format!("replica{run}"), 20, ENTITIES);
         let start = Instant::now();
         for name in names {
             let i = s.fleet.add_replica(name).await;
@@ -253,8 +260,15 @@ async fn replicas_joining_and_leaving_lose_nothing() {
             s.fleet.stop_one(name, i).await;
         }
         let end = Instant::now();
-        s.finish((start, end), 2 * names.len(), Duration::from_secs(2))
-            .await;
+        let answers = requests.finish(&lane, Duration::from_secs(60)).await;
+        s.finish_with(
+            (start, end),
+            2 * names.len(),
+            Duration::from_secs(2),
+            &answers.ids,
+        )
+        .await;
+        answers.assert_all_answered();
     }
 }
 
@@ -309,6 +323,39 @@ async fn the_registry_down_loses_nothing() {
     }
 }
 
+/// Every reply from the lane's registry delayed 200 ms by a proxy for a while, with a
+/// scorer restarted inside it so its codec starts cold: memory stays bounded and the
+/// lag drains once the registry is quick again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_registry_bounds_memory_and_drains_after() {
+    let _serial = SERIAL.lock().await;
+    for run in 0..runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let proxy = lanes_tests::proxy::SlowProxy::start(&format!("127.0.0.1:{port}")).await;
+        let mut lane = Lane::new("fault-slow-registry");
+        lane.settings.schema_registry.listen = format!("127.0.0.1:{port}");
+        lane.settings.schema_registry.data_dir = dir.path().to_path_buf();
+        lane.settings.registry.url = format!("http://{}", proxy.addr);
+        let _registry = registry_process(&lane).await;
+        let mut s = Scenario::start(
+            "slow-registry",
+            run,
+            lane.clone(),
+            &lanes_services::streaming(),
+        )
+        .await;
+        let start = Instant::now();
+        proxy.set_delay(Duration::from_millis(200));
+        s.fleet.kill("scorer", 0);
+        s.fleet.restart("scorer", 0, &[]).await;
+        tokio::time::sleep(outage().saturating_sub(start.elapsed())).await;
+        proxy.set_delay(Duration::ZERO);
+        let end = Instant::now();
+        s.finish((start, end), 1, Duration::from_secs(3)).await;
+    }
+}
+
 /// Every reply from Redis delayed 200 ms by a proxy for a while: memory stays bounded
 /// and the lag drains once Redis is quick again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -343,12 +390,13 @@ async fn a_flushed_cache_refills_and_requests_are_answered() {
     for run in 0..runs() {
         let lane = Lane::new("fault-flush");
         let s = Scenario::start("flush", run, lane.clone(), &lanes_services::all()).await;
+        // Requests for every entity, ready to go the moment the cache is gone, before
+        // the stream (an event per entity every half second) has refilled it.
+        let fire = Requests::burst(&lane, &format!("flush{run}"), ENTITIES).await;
         tokio::time::sleep(jitter(500, 1500)).await;
         let start = Instant::now();
         delete_cache(&lane.settings).await;
-        // Requests for every entity at once, before the stream has refilled them.
-        let requests = Requests::start(&lane, &format!("flush{run}"), 1000, ENTITIES);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let requests = fire();
         let end = Instant::now();
         let answers = requests.finish(&lane, Duration::from_secs(60)).await;
         s.finish_with((start, end), 0, Duration::from_secs(2), &answers.ids)

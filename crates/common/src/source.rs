@@ -84,8 +84,8 @@ pub struct SourceContext {
     revoke_timeout: Duration,
     /// See [`crate::config::RunnerConfig::rewind_records`].
     rewind: i64,
-    /// A client of the same group that never joins it, to read committed offsets during
-    /// a rebalance (the member itself is not answered until the rebalance is over).
+    /// A client of the same group that never joins it, to read committed offsets from
+    /// inside a rebalance callback (the member's own request waits for the rebalance).
     offsets: Option<BaseConsumer>,
     /// Newly assigned partitions whose first records are still to be checked.
     floors: Mutex<HashMap<(String, i32), Start>>,
@@ -309,6 +309,7 @@ impl ConsumerContext for SourceContext {
                 for key in &revoked {
                     floors.remove(key);
                 }
+                self.rewinding.store(!floors.is_empty(), Ordering::Relaxed);
             }
             self.revoked
                 .lock()

@@ -289,6 +289,9 @@ impl Core {
             .saturating_add(max_age - work)
             .saturating_sub(now_millis())
             .clamp(0, max_age);
+        if left == 0 {
+            return None;
+        }
         tokio::time::timeout(Duration::from_millis(left as u64), slots.acquire_owned())
             .await
             .ok()?
