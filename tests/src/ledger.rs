@@ -545,6 +545,8 @@ impl Requests {
                 })
                 .collect();
             let task = tokio::spawn(async move {
+                // Dropping the producer would cancel what it has not delivered yet.
+                let _producer = producer;
                 let mut sent = Vec::new();
                 for (request, delivery) in deliveries {
                     let status = match delivery {
