@@ -180,6 +180,26 @@ impl SourceContext {
         admit
     }
 
+    /// Commits each rewound partition's floor again. librdkafka learns a committed
+    /// offset only by fetching it, which an explicit start skips; without it the
+    /// partition has no lag figures until this member commits something new.
+    fn confirm_floors(&self, consumer: &SourceConsumer, assigned: &[(String, i32)]) {
+        let mut tpl = TopicPartitionList::new();
+        {
+            let floors = self.floors.lock().expect("source lock");
+            for key in assigned {
+                if let Some(Start::Floor(c)) = floors.get(key) {
+                    let _ = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(*c));
+                }
+            }
+        }
+        if tpl.count() > 0
+            && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
+        {
+            tracing::warn!(service = %self.service, error = %e, "rewound offsets not confirmed");
+        }
+    }
+
     /// The group's committed offset for `m`'s partition when `m` lies past it: the
     /// first record delivered there should have been that offset.
     fn skipped_from<M: Message>(&self, m: &M) -> Option<i64> {
@@ -489,7 +509,14 @@ fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, sto
         for key in ctx.revoked.lock().expect("source lock").drain(..) {
             queues.remove(&key);
         }
-        for (topic, partition) in ctx.assigned.lock().expect("source lock").drain(..) {
+        let assigned: Vec<(String, i32)> = ctx
+            .assigned
+            .lock()
+            .expect("source lock")
+            .drain(..)
+            .collect();
+        ctx.confirm_floors(consumer, &assigned);
+        for (topic, partition) in assigned {
             match consumer.split_partition_queue(&topic, partition) {
                 Some(mut q) => {
                     let wake = wake_tx.clone();

@@ -87,6 +87,14 @@ fn refusal(core: &Core, req: &PredictionRequest, now: i64) -> Option<(&'static s
     None
 }
 
+/// The ERROR answer to a request refused for its own times, counted.
+fn refused(core: &Core, req: &PredictionRequest, now: i64) -> Option<PredictionResponse> {
+    let (reason, error) = refusal(core, req, now)?;
+    core.metrics.refused.with_label_values(&[reason]).inc();
+    core.metrics.outcome("error");
+    Some(error_response(req, error))
+}
+
 /// Works out the answer to one request, holding `slot` (or passing it on to the
 /// scoring it starts).
 pub async fn answer(
@@ -96,10 +104,8 @@ pub async fn answer(
 ) -> PredictionResponse {
     let now = now_millis();
     let m = &core.metrics;
-    if let Some((reason, error)) = refusal(core, req, now) {
-        m.refused.with_label_values(&[reason]).inc();
-        m.outcome("error");
-        return error_response(req, error);
+    if let Some(refused) = refused(core, req, now) {
+        return refused;
     }
     let (cached, cache_error) = match core.read(&req.entity_id).await {
         Ok(c) => (c, None),
@@ -257,19 +263,24 @@ pub async fn respond(
         .clone()
         .unwrap_or_else(|| core.responses_topic.clone());
     let mut resp = if reply_allowed(&topic, &core.responses_topic, &core.cfg.reply_topics) {
-        match core.slot(&req).await {
-            Some(slot) => answer(core, &req, slot).await,
-            None => {
-                core.metrics.refused.with_label_values(&["expired"]).inc();
-                core.metrics.outcome("error");
-                error_response(
-                    &req,
-                    format!(
-                        "expired: no free slot within max_request_age_ms ({}) of requested_at",
-                        core.cfg.max_request_age_ms
-                    ),
-                )
-            }
+        // A request refused for its own times gets that reason, not a wait for a slot.
+        let refusal = refused(core, &req, now_millis());
+        match refusal {
+            Some(refused) => refused,
+            None => match core.slot(&req).await {
+                Some(slot) => answer(core, &req, slot).await,
+                None => {
+                    core.metrics.refused.with_label_values(&["expired"]).inc();
+                    core.metrics.outcome("error");
+                    error_response(
+                        &req,
+                        format!(
+                            "expired: no free slot within max_request_age_ms ({}) of requested_at",
+                            core.cfg.max_request_age_ms
+                        ),
+                    )
+                }
+            },
         }
     } else {
         core.metrics
