@@ -7,7 +7,7 @@ use std::time::Duration;
 use lanes_common::Settings;
 use lanes_common::service::ServiceDef;
 
-use crate::{Lane, Proc, bin, free_port, http, ledger::peak_rss_mib, signal, wait_for};
+use crate::{Lane, Proc, answers_ok, bin, free_port, http, ledger::peak_rss_mib, signal, wait_for};
 
 /// One running copy of a service.
 struct Member {
@@ -63,13 +63,9 @@ impl Fleet {
             &format!("{name} #{i} ready"),
             Duration::from_secs(60),
             || async move {
-                http()
-                    .get(format!("http://127.0.0.1:{port}/readyz"))
-                    .send()
+                answers_ok(&format!("http://127.0.0.1:{port}/readyz"))
                     .await
-                    .ok()
-                    .filter(|r| r.status().is_success())
-                    .map(|_| ())
+                    .then_some(())
             },
         )
         .await;

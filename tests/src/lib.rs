@@ -507,6 +507,27 @@ pub fn signal(child: &std::process::Child, sig: &str) {
 /// A Redis of the test's own on `port`, so it can be taken away and brought back;
 /// stopped when dropped.
 pub fn redis_server(port: u16) -> RedisGuard {
+    start_redis(port, &["--appendonly", "no"])
+}
+
+/// [`redis_server`] keeping an append-only file in `dir`, so a restart brings its data
+/// back.
+pub fn redis_server_in(port: u16, dir: &std::path::Path) -> RedisGuard {
+    let dir = dir.display().to_string();
+    start_redis(
+        port,
+        &[
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            &dir,
+        ],
+    )
+}
+
+fn start_redis(port: u16, persistence: &[&str]) -> RedisGuard {
     let child = std::process::Command::new("redis-server")
         .args([
             "--port",
@@ -515,9 +536,8 @@ pub fn redis_server(port: u16) -> RedisGuard {
             "127.0.0.1",
             "--save",
             "",
-            "--appendonly",
-            "no",
         ])
+        .args(persistence)
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("redis-server runs (scripts/setup.sh installs it)");
@@ -530,6 +550,15 @@ pub fn redis_server(port: u16) -> RedisGuard {
         std::thread::sleep(Duration::from_millis(20));
     }
     RedisGuard(child)
+}
+
+/// Whether a GET of `url` answers with a success status.
+pub async fn answers_ok(url: &str) -> bool {
+    http()
+        .get(url)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
 }
 
 pub struct RedisGuard(pub std::process::Child);

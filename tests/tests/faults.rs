@@ -598,46 +598,12 @@ async fn reset_to_earliest(lane: &Lane, group: &str, topic: &str) {
     .unwrap();
 }
 
-/// A Redis keeping an append-only file in `dir`, so a restart brings its data back.
-fn redis_server_in(port: u16, dir: &std::path::Path) -> RedisGuard {
-    let child = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--dir",
-        ])
-        .arg(dir)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("redis-server runs");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    RedisGuard(child)
-}
-
 /// The lane's own registry process, once it answers.
 async fn registry_process(lane: &Lane) -> Proc {
     let registry = lane.spawn("lanes-schema-registry", &[]);
     let url = format!("{}/subjects", lane.settings.registry.url);
     wait_for("the registry", Duration::from_secs(30), || async {
-        http()
-            .get(&url)
-            .send()
-            .await
-            .ok()
-            .filter(|r| r.status().is_success())
-            .map(|_| ())
+        answers_ok(&url).await.then_some(())
     })
     .await;
     registry
