@@ -35,6 +35,8 @@ pub struct ConsumerMetrics {
     /// `lanes_consumer_rebalances_total{service,kind}`: partitions assigned or revoked.
     /// Flat through an outage means the members stayed in their groups.
     pub rebalances: IntCounterVec,
+    /// `lanes_consumer_assigned_partitions{service,topic}`: partitions this member owns.
+    pub assigned: IntGaugeVec,
 }
 
 /// Registers the consumer metrics; once per registry.
@@ -53,9 +55,21 @@ pub fn consumer_metrics(registry: &Registry) -> prometheus::Result<ConsumerMetri
         ),
         &["service", "kind"],
     )?;
+    let assigned = IntGaugeVec::new(
+        Opts::new(
+            "lanes_consumer_assigned_partitions",
+            "Partitions of a topic this member of its consumer group owns now.",
+        ),
+        &["service", "topic"],
+    )?;
     registry.register(Box::new(lag.clone()))?;
     registry.register(Box::new(rebalances.clone()))?;
-    Ok(ConsumerMetrics { lag, rebalances })
+    registry.register(Box::new(assigned.clone()))?;
+    Ok(ConsumerMetrics {
+        lag,
+        rebalances,
+        assigned,
+    })
 }
 
 pub type ServiceFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;

@@ -101,6 +101,18 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 }
 
 impl SourceContext {
+    /// Sets the owned-partition gauge of every topic among `changed`.
+    fn publish_owned(&self, owned: &HashSet<(String, i32)>, changed: &[(String, i32)]) {
+        let Some(m) = &self.metrics else { return };
+        let topics: HashSet<&str> = changed.iter().map(|(t, _)| t.as_str()).collect();
+        for topic in topics {
+            let n = owned.iter().filter(|(t, _)| t == topic).count();
+            m.assigned
+                .with_label_values(&[&self.service, topic])
+                .set(n as i64);
+        }
+    }
+
     /// Starts each partition of `tpl` with a committed offset `rewind` records earlier,
     /// and remembers that offset as the partition's floor.
     fn rewind(&self, tpl: &mut TopicPartitionList) {
@@ -323,6 +335,7 @@ impl ConsumerContext for SourceContext {
                 for key in &revoked {
                     owned.remove(key);
                 }
+                self.publish_owned(&owned, &revoked);
             }
             {
                 let mut floors = self.floors.lock().expect("source lock");
@@ -377,10 +390,11 @@ impl ConsumerContext for SourceContext {
                         .with_label_values(&[&self.service, "assigned"])
                         .inc();
                 }
-                self.owned
-                    .lock()
-                    .expect("source lock")
-                    .extend(partitions(tpl));
+                let assigned = partitions(tpl);
+                let mut owned = self.owned.lock().expect("source lock");
+                owned.extend(assigned.iter().cloned());
+                self.publish_owned(&owned, &assigned);
+                drop(owned);
                 self.assigned
                     .lock()
                     .expect("source lock")
@@ -584,6 +598,8 @@ pub struct Acks {
     pending: FuturesUnordered<AckFuture>,
     bytes: usize,
     dlq: DlqWriter,
+    /// Whether the last commit failed, so a long outage logs once, not every interval.
+    commit_failing: bool,
 }
 
 fn size(m: &OwnedMessage) -> usize {
@@ -598,6 +614,7 @@ impl Acks {
             pending: FuturesUnordered::new(),
             bytes: 0,
             dlq,
+            commit_failing: false,
         }
     }
 
@@ -685,19 +702,32 @@ impl Acks {
         Ok(())
     }
 
-    /// Commits everything acknowledged so far.
-    pub async fn commit(&mut self, consumer: &Arc<SourceConsumer>) -> KafkaResult<()> {
+    /// Commits everything acknowledged so far. A failed commit (no coordinator while
+    /// the broker is away, a group mid-rebalance) is not a reason to stop: the offsets
+    /// stay uncommitted, the next commit carries them, and at worst they are replayed.
+    pub async fn commit(&mut self, consumer: &Arc<SourceConsumer>) {
         let Some(tpl) = self.tracker.committable() else {
-            return Ok(());
+            return;
         };
         crate::failpoint::hit!(crate::failpoint::AFTER_PRODUCE_BEFORE_COMMIT);
         let c = consumer.clone();
         let list = tpl.clone();
-        tokio::task::spawn_blocking(move || c.commit(&list, CommitMode::Sync))
+        match tokio::task::spawn_blocking(move || c.commit(&list, CommitMode::Sync))
             .await
-            .expect("commit task")?;
-        self.tracker.committed(&tpl);
-        Ok(())
+            .expect("commit task")
+        {
+            Ok(()) => {
+                self.tracker.committed(&tpl);
+                if std::mem::take(&mut self.commit_failing) {
+                    tracing::info!(service = %consumer.context().service, "offset commits succeed again");
+                }
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.commit_failing, true) {
+                    tracing::warn!(service = %consumer.context().service, error = %e, "offset commit failed; retrying at every commit interval");
+                }
+            }
+        }
     }
 
     /// Lets revoked partitions go: waits for their acknowledgements, commits, forgets
@@ -709,7 +739,7 @@ impl Acks {
         done: std_mpsc::SyncSender<()>,
     ) -> anyhow::Result<()> {
         self.drain().await?;
-        self.commit(consumer).await?;
+        self.commit(consumer).await;
         self.forget(partitions);
         let _ = done.send(());
         Ok(())
@@ -718,7 +748,7 @@ impl Acks {
     /// At shutdown: waits for every acknowledgement, commits, and leaves the group.
     pub async fn finish(mut self, source: Source) -> anyhow::Result<()> {
         self.drain().await?;
-        self.commit(&source.consumer).await?;
+        self.commit(&source.consumer).await;
         source.close().await;
         Ok(())
     }

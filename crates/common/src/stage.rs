@@ -302,7 +302,7 @@ pub async fn run<S: Stage>(
                     }
                     handle(&mut stage, batch, &mut acks, &io, stop).await?;
                 }
-                _ = commit_tick.tick() => acks.commit(&source.consumer).await?,
+                _ = commit_tick.tick() => acks.commit(&source.consumer).await,
             }
         }
         Ok(())
