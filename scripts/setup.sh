@@ -34,14 +34,18 @@ apt_install prometheus docker-compose
 
 command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain first (rustup)"
 
-# tansu's in-memory storage (memory://) needs its `dynostore` feature.
+# tansu's in-memory storage (memory://) needs its `dynostore` feature; the fault
+# suite's broker restart needs durable storage: its `libsql` feature
+# (sqlite:// files, schema created by tansu itself).
 tansu_ok() {
-  command -v tansu >/dev/null && tansu --version 2>/dev/null | grep -q "$TANSU_VERSION" &&
-    grep -o "\"tansu $TANSU_VERSION [^}]*" "${CARGO_HOME:-$HOME/.cargo}/.crates2.json" 2>/dev/null | grep -q dynostore
+  local installed
+  command -v tansu >/dev/null && tansu --version 2>/dev/null | grep -q "$TANSU_VERSION" || return 1
+  installed=$(grep -o "\"tansu $TANSU_VERSION [^}]*" "${CARGO_HOME:-$HOME/.cargo}/.crates2.json" 2>/dev/null)
+  grep -q dynostore <<<"$installed" && grep -q libsql <<<"$installed"
 }
 if ! tansu_ok; then
   say "installing the tansu broker $TANSU_VERSION (cargo install, ~10 min on 2 cores)"
-  cargo install tansu --locked --version "$TANSU_VERSION" --features dynostore
+  cargo install tansu --locked --version "$TANSU_VERSION" --features dynostore,libsql
 fi
 
 if ! redis_ping && ! command -v redis-server >/dev/null; then

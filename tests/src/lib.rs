@@ -552,6 +552,40 @@ fn start_redis(port: u16, persistence: &[&str]) -> RedisGuard {
     RedisGuard(child)
 }
 
+/// A tansu broker of the test's own on `port`, keeping its topics, records and
+/// committed offsets in SQLite files under `dir` (tansu's `libsql` feature, which
+/// `scripts/setup.sh` builds), so a restart brings them back. Waits until it accepts
+/// connections; killed when dropped.
+pub fn tansu_broker_in(port: u16, dir: &std::path::Path) -> Proc {
+    let url = format!("tcp://127.0.0.1:{port}");
+    let child = std::process::Command::new("tansu")
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        // tansu reads a sqlite:// path relative to its working directory.
+        .args(["--storage-engine", "sqlite://tansu.db"])
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tansu runs (scripts/setup.sh installs it)");
+    let mut broker = Proc(child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = broker.try_wait() {
+            panic!("tansu on SQLite exited with {status}: is it built with --features libsql?");
+        }
+        assert!(std::time::Instant::now() < deadline, "tansu did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    broker
+}
+
 /// Whether a GET of `url` answers with a success status.
 pub async fn answers_ok(url: &str) -> bool {
     http()
