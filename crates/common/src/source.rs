@@ -100,6 +100,10 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
         .collect()
 }
 
+/// How long a partition assigned without a known committed offset waits at its first
+/// record for the broker to report one (see `SourceContext::skipped_from`).
+const UNVERIFIED_WAIT: Duration = Duration::from_secs(3);
+
 impl SourceContext {
     /// Sets the owned-partition gauge of every topic among `changed`.
     fn publish_owned(&self, owned: &HashSet<(String, i32)>, changed: &[(String, i32)]) {
@@ -213,18 +217,32 @@ impl SourceContext {
     }
 
     /// The group's committed offset for `m`'s partition when `m` lies past it: the
-    /// first record delivered there should have been that offset.
+    /// first record delivered there should have been that offset. tansu answers "none
+    /// committed" while its group is still rebalancing, so an unknown offset is asked
+    /// again for up to [`UNVERIFIED_WAIT`] before `m` is let through unchecked; a first
+    /// record at offset 0 cannot have skipped anything.
     fn skipped_from<M: Message>(&self, m: &M) -> Option<i64> {
         let offsets = self.offsets.as_ref()?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(m.topic(), m.partition());
-        let committed = offsets
-            .committed_offsets(tpl, Duration::from_secs(5))
-            .map_err(|e| tracing::warn!(service = %self.service, error = %e, "committed offset unknown; not checked"))
-            .ok()?;
-        match committed.find_partition(m.topic(), m.partition())?.offset() {
-            Offset::Offset(c) if m.offset() > c => Some(c),
-            _ => None,
+        if m.offset() <= 0 {
+            return None;
+        }
+        let deadline = std::time::Instant::now() + UNVERIFIED_WAIT;
+        loop {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(m.topic(), m.partition());
+            let committed = offsets
+                .committed_offsets(tpl, Duration::from_secs(5))
+                .map_err(|e| tracing::warn!(service = %self.service, error = %e, "committed offset unknown; not checked"))
+                .ok()?;
+            match committed.find_partition(m.topic(), m.partition())?.offset() {
+                Offset::Offset(c) if m.offset() > c => return Some(c),
+                Offset::Offset(_) => return None,
+                other if std::time::Instant::now() >= deadline => {
+                    tracing::debug!(service = %self.service, topic = m.topic(), partition = m.partition(), committed = ?other, first = m.offset(), "no committed offset; first record not checked");
+                    return None;
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
         }
     }
 
