@@ -678,6 +678,12 @@ impl Requests {
                     .entry(format!("{:?}", r.status).to_uppercase())
                     .or_default() += 1;
                 answers.latency_ms.push(r.responded_at - requested_at);
+                answers
+                    .statuses_in_order
+                    .push(format!("{:?}", r.status).to_uppercase());
+                answers
+                    .errors_in_order
+                    .push(r.error.clone().unwrap_or_default());
                 if r.status == lanes_common::records::ResponseStatus::Ok {
                     let (lo, hi) = answers
                         .ok_between
@@ -709,6 +715,10 @@ pub struct Answers {
     pub statuses: BTreeMap<String, usize>,
     /// Each first answer's `responded_at - requested_at`.
     pub latency_ms: Vec<i64>,
+    /// The status of each answer in `latency_ms`, in the same order.
+    pub statuses_in_order: Vec<String>,
+    /// The error text of each answer in `latency_ms` ("" for none), in the same order.
+    pub errors_in_order: Vec<String>,
     /// The first and last `responded_at` of OK answers.
     pub ok_between: Option<(i64, i64)>,
 }

@@ -270,7 +270,7 @@ pub async fn respond(
             None => match core.slot(&req).await {
                 Some(slot) => answer(core, &req, slot).await,
                 None => {
-                    core.metrics.refused.with_label_values(&["expired"]).inc();
+                    core.metrics.refused.with_label_values(&["no_slot"]).inc();
                     core.metrics.outcome("error");
                     error_response(
                         &req,

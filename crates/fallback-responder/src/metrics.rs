@@ -100,7 +100,7 @@ impl Metrics {
             refused: IntCounterVec::new(
                 Opts::new(
                     name("refused_total"),
-                    "Requests answered ERROR for what they carried, by reason (requested_at: a clock far off, expired: older than max_request_age_ms, reply_topic: not allowed or refusing writes).",
+                    "Requests answered ERROR without an answer, by reason (requested_at: a clock far off, expired: older than max_request_age_ms when read, no_slot: could not start in time for max_request_age_ms, reply_topic: not allowed or refusing writes).",
                 ),
                 &["reason"],
             )?,
@@ -109,7 +109,10 @@ impl Metrics {
                 "Scorings and cache warmings running beside the requests; with them, at most max_in_flight.",
             )?,
         };
-        lanes_common::metrics::zeroed(&m.refused, &["requested_at", "expired", "reply_topic"]);
+        lanes_common::metrics::zeroed(
+            &m.refused,
+            &["requested_at", "expired", "no_slot", "reply_topic"],
+        );
         let outcomes = [
             "fresh_hit",
             "stale_hit",
