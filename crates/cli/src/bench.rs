@@ -252,7 +252,7 @@ async fn drive(
     Ok((elapsed, latencies))
 }
 
-fn events(seed: u64, n: usize) -> Vec<(String, String)> {
+pub(crate) fn events(seed: u64, n: usize) -> Vec<(String, String)> {
     Generator::new(seed, 10_000)
         .take(n)
         .map(|s| (s.event_id.clone(), s.raw_json()))

@@ -7,6 +7,7 @@
 mod batch;
 mod bench;
 mod bench_batch;
+mod bench_cpu;
 mod bench_serving;
 mod demo;
 mod ops;
@@ -87,6 +88,9 @@ enum Command {
     /// Measure the streaming lane's throughput and latency under several window
     /// settings, beside the raw broker rates (build with --release).
     Bench(bench::BenchArgs),
+    /// Measure the CPU time per event of `lanes up` draining a backlog, beside the
+    /// broker's and Redis's on the same drain (build with --release).
+    BenchCpu(bench_cpu::BenchCpuArgs),
     /// Measure request -> response latency through the fallback-responder (fresh hits,
     /// misses with features) beside the broker's raw round trip.
     BenchServing(bench_serving::ServingArgs),
@@ -192,6 +196,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             std::process::exit(code);
         }
         Command::Bench(args) => bench::run(args, &settings).await,
+        Command::BenchCpu(args) => bench_cpu::run(args, &settings).await,
         Command::BenchServing(args) => bench_serving::run(args, &settings).await,
         Command::Up => {
             let code = up::run(settings).await;
