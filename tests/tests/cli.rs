@@ -273,3 +273,35 @@ fn help_and_usage_errors() {
     assert_eq!(bad_config.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad_config.stderr).contains("bootstrap"));
 }
+
+/// `lanes bench-cpu` drains its backlog through a child `lanes up` and reports CPU
+/// per event for Lanes, the broker and Redis.
+#[test]
+fn bench_cpu_reports_cpu_per_event_of_a_drain() {
+    let lane = Lane::new("bench-cpu");
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("cpu.json");
+    let mut args = vec![
+        "bench-cpu".to_string(),
+        "--events".into(),
+        "3000".into(),
+        "--out".into(),
+        json.display().to_string(),
+    ];
+    // The broker scripts/dev-up.sh started, when it did (other tansu processes may run).
+    if let Ok(pid) = std::fs::read_to_string(root().join(".lanes/run/broker.pid")) {
+        args.extend(["--broker-pid".into(), pid.trim().to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let printed = ok(&lane.lanes(&args));
+    assert!(printed.contains("CPU µs/event"), "{printed}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["events"], 3000);
+    assert!(report["drain_s"].as_f64().unwrap() > 0.0, "{report}");
+    for process in ["lanes", "broker", "redis"] {
+        let us = report["cpu_us_per_event"][process].as_f64().unwrap();
+        assert!(us > 0.0 && us.is_finite(), "{process}: {report}");
+    }
+    assert!(report["lanes_peak_rss_mib"].as_f64().unwrap() > 0.0);
+}
