@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use lanes_common::Settings;
+use lanes_common::process::peak_rss_mib;
 use lanes_common::service::ServiceDef;
 
-use crate::{Lane, Proc, answers_ok, bin, free_port, http, ledger::peak_rss_mib, signal, wait_for};
+use crate::{Lane, Proc, answers_ok, bin, free_port, http, signal, wait_for};
 
 /// One running copy of a service.
 struct Member {
@@ -78,14 +79,7 @@ impl Fleet {
 
     /// Resident memory (VmRSS) of copy `i` of `name` now, in MiB.
     pub fn rss_mib(&self, name: &str, i: usize) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid(name, i)))
-            .expect("process status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .expect("VmRSS")
-            / 1024.0
+        lanes_common::process::rss_mib(self.pid(name, i)).expect("VmRSS")
     }
 
     /// A metric of copy `i` of `name` from its admin port, summed over the series that

@@ -424,20 +424,6 @@ pub async fn cache_hashes(lane: &Lane, entities: &[&str]) -> Vec<HashMap<String,
     out
 }
 
-/// Peak resident memory (VmHWM) of a live process, in MiB.
-pub fn peak_rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
-}
-
 /// Samples the lane's total committed lag every 200 ms until stopped; answers how long
 /// after a moment the lag first came back to its level before the fault.
 pub struct LagWatch {
@@ -677,13 +663,11 @@ impl Requests {
                     .statuses
                     .entry(format!("{:?}", r.status).to_uppercase())
                     .or_default() += 1;
-                answers.latency_ms.push(r.responded_at - requested_at);
-                answers
-                    .statuses_in_order
-                    .push(format!("{:?}", r.status).to_uppercase());
-                answers
-                    .errors_in_order
-                    .push(r.error.clone().unwrap_or_default());
+                answers.answered.push(Answered {
+                    latency_ms: r.responded_at - requested_at,
+                    status: format!("{:?}", r.status).to_uppercase(),
+                    error: r.error.clone().unwrap_or_default(),
+                });
                 if r.status == lanes_common::records::ResponseStatus::Ok {
                     let (lo, hi) = answers
                         .ok_between
@@ -713,14 +697,21 @@ pub struct Answers {
     /// First answers by source (CACHE, REALTIME, ...) and by status (OK, ERROR, ...).
     pub sources: BTreeMap<String, usize>,
     pub statuses: BTreeMap<String, usize>,
-    /// Each first answer's `responded_at - requested_at`.
-    pub latency_ms: Vec<i64>,
-    /// The status of each answer in `latency_ms`, in the same order.
-    pub statuses_in_order: Vec<String>,
-    /// The error text of each answer in `latency_ms` ("" for none), in the same order.
-    pub errors_in_order: Vec<String>,
+    /// Each first answer, in arrival order.
+    pub answered: Vec<Answered>,
     /// The first and last `responded_at` of OK answers.
     pub ok_between: Option<(i64, i64)>,
+}
+
+/// One first answer of a [`Requests`] run.
+#[derive(Debug)]
+pub struct Answered {
+    /// `responded_at - requested_at`.
+    pub latency_ms: i64,
+    /// OK, ERROR, ...
+    pub status: String,
+    /// Its error text, "" for none.
+    pub error: String,
 }
 
 impl Answers {

@@ -541,15 +541,9 @@ fn start_redis(port: u16, persistence: &[&str]) -> RedisGuard {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("redis-server runs (scripts/setup.sh installs it)");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "redis-server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    RedisGuard(child)
+    let mut redis = RedisGuard(child);
+    wait_for_port(&mut redis.0, port, Duration::from_secs(10), "redis-server");
+    redis
 }
 
 /// A tansu broker of the test's own on `port`, keeping its topics, records and
@@ -575,15 +569,26 @@ pub fn tansu_broker_in(port: u16, dir: &std::path::Path) -> Proc {
         .spawn()
         .expect("tansu runs (scripts/setup.sh installs it)");
     let mut broker = Proc(child);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    wait_for_port(
+        &mut broker,
+        port,
+        Duration::from_secs(30),
+        "tansu on SQLite (built with --features libsql?)",
+    );
+    broker
+}
+
+/// Waits until `child`, a server just started, accepts connections on `port`; panics
+/// if it exits first or takes longer than `timeout`.
+fn wait_for_port(child: &mut std::process::Child, port: u16, timeout: Duration, what: &str) {
+    let deadline = std::time::Instant::now() + timeout;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(status)) = broker.try_wait() {
-            panic!("tansu on SQLite exited with {status}: is it built with --features libsql?");
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited with {status}");
         }
-        assert!(std::time::Instant::now() < deadline, "tansu did not start");
+        assert!(std::time::Instant::now() < deadline, "{what} did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    broker
 }
 
 /// Whether a GET of `url` answers with a success status.

@@ -572,11 +572,11 @@ async fn an_overloaded_responder_answers_every_request_by_its_deadline() {
         // answered by the deadline + 50 ms, or refused within 50 ms of reading it.
         let mut late = Vec::new();
         let mut arrived_late = 0;
-        for ((ms, status), error) in answers
-            .latency_ms
-            .iter()
-            .zip(&answers.statuses_in_order)
-            .zip(&answers.errors_in_order)
+        for ledger::Answered {
+            latency_ms: ms,
+            status,
+            error,
+        } in &answers.answered
         {
             let age_when_read = error
                 .strip_prefix("expired: requested ")
@@ -592,7 +592,7 @@ async fn an_overloaded_responder_answers_every_request_by_its_deadline() {
                 _ => {}
             }
         }
-        let mut sorted = answers.latency_ms.clone();
+        let mut sorted: Vec<i64> = answers.answered.iter().map(|a| a.latency_ms).collect();
         sorted.sort_unstable();
         let p99 = sorted.get(sorted.len() * 99 / 100).copied().unwrap_or(0);
         let half = rss.len() / 2;

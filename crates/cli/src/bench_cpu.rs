@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::Args;
 use lanes_common::Settings;
 use lanes_common::kafka::{delivered, enqueue};
+use lanes_common::process;
 use rdkafka::producer::FutureRecord;
 use serde_json::json;
 
@@ -34,46 +35,8 @@ pub struct BenchCpuArgs {
     out: PathBuf,
 }
 
-/// User + system CPU seconds of process `pid` and all its threads, from /proc.
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // Fields after the parenthesised command name; utime and stime are the 14th and
-    // 15th of the whole line.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("malformed /proc stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields
-        .get(11..13)
-        .context("short /proc stat")?
-        .iter()
-        .map(|f| f.parse::<f64>().unwrap_or(0.0))
-        .sum();
-    Ok(ticks / clock_ticks())
-}
-
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// Peak resident memory (VmHWM) of `pid`, in MiB.
-fn peak_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    process::cpu_seconds(pid).with_context(|| format!("no CPU time for process {pid}"))
 }
 
 /// The process named `name`, if exactly one runs.
@@ -235,7 +198,7 @@ async fn measure(
         "events_per_s": args.events as f64 / drain,
         "cpu_us_per_event": {"lanes": us(0), "broker": us(1), "redis": us(2)},
         "goal_us_per_event": {"lanes": GOAL_LANES_US, "redis": GOAL_REDIS_US},
-        "lanes_peak_rss_mib": peak_rss_mib(lanes),
+        "lanes_peak_rss_mib": process::peak_rss_mib(lanes),
         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
     }))
 }

@@ -23,6 +23,7 @@ pub mod kafka;
 pub mod lifecycle;
 pub mod metrics;
 pub mod model;
+pub mod process;
 pub mod records;
 pub mod retry;
 pub mod service;
