@@ -497,11 +497,7 @@ pub fn bin_path(name: &str) -> PathBuf {
 
 /// Sends SIGKILL (crash) or SIGTERM (graceful stop) to a child process.
 pub fn signal(child: &std::process::Child, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{sig}"), &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success(), "kill -{sig} failed");
+    lanes_common::process::signal(child.id(), sig).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// A Redis of the test's own on `port`, so it can be taken away and brought back;

@@ -60,15 +60,6 @@ async fn redis_pid(s: &Settings) -> anyhow::Result<u32> {
         .context("no process_id in Redis INFO")
 }
 
-fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
-    let ok = std::process::Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()?
-        .success();
-    anyhow::ensure!(ok, "kill -{sig} {pid} failed");
-    Ok(())
-}
-
 /// Predictions the cache-writer of `lanes up` has handled (written, stale or
 /// duplicate), from its metrics.
 async fn cache_writes(http: &reqwest::Client, metrics: &str) -> anyhow::Result<f64> {
@@ -105,8 +96,8 @@ pub async fn run(args: BenchCpuArgs, settings: &Settings) -> anyhow::Result<()> 
         .context("starting lanes up")?;
     let lanes = up.id();
     let result = measure(&args, &s, lanes, broker, redis).await;
-    let _ = signal(lanes, "CONT");
-    let _ = signal(lanes, "TERM");
+    let _ = process::signal(lanes, "CONT");
+    let _ = process::signal(lanes, "TERM");
     let _ = up.wait();
     let report = result?;
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")?;
@@ -157,7 +148,7 @@ async fn measure(
     }
     // Let its consumers settle into their groups before they are stopped.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    signal(lanes, "STOP")?;
+    process::signal(lanes, "STOP")?;
     let producer = lanes_common::kafka::producer(&s.kafka, "lanes-bench")?;
     let mut pending = Vec::with_capacity(args.events);
     for (_, line) in events(now_seed(), args.events) {
@@ -178,7 +169,7 @@ async fn measure(
         cpu_seconds(redis)?,
     ];
     let started = Instant::now();
-    signal(lanes, "CONT")?;
+    process::signal(lanes, "CONT")?;
     let metrics = format!("http://127.0.0.1:{}/metrics", s.admin.ports.up);
     let deadline = Instant::now() + Duration::from_secs(300);
     while cache_writes(&http, &metrics).await? < args.events as f64 {

@@ -27,6 +27,18 @@ pub fn rss_mib(pid: u32) -> Option<f64> {
     status_mib(pid, "VmRSS")
 }
 
+/// Sends signal `sig` (`STOP`, `CONT`, `TERM`, `KILL`, ...) to process `pid`.
+pub fn signal(pid: u32, sig: &str) -> std::io::Result<()> {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("kill -{sig} {pid} failed")))
+    }
+}
+
 /// User + system CPU seconds of process `pid` and all its threads.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
