@@ -304,4 +304,6 @@ fn bench_cpu_reports_cpu_per_event_of_a_drain() {
         assert!(us > 0.0 && us.is_finite(), "{process}: {report}");
     }
     assert!(report["lanes_peak_rss_mib"].as_f64().unwrap() > 0.0);
+    let none = lane.lanes(&["bench-cpu", "--events", "0"]);
+    assert_eq!(none.status.code(), Some(2), "no events is a usage error");
 }

@@ -24,8 +24,9 @@ const GOAL_REDIS_US: f64 = 8.0;
 
 #[derive(Debug, Args)]
 pub struct BenchCpuArgs {
-    /// Events drained.
-    #[arg(long, default_value_t = 60_000)]
+    /// Events drained (at least one: the figures are per event).
+    #[arg(long, default_value_t = 60_000,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     events: usize,
     /// The broker's process id (default: the process named `tansu`).
     #[arg(long)]
