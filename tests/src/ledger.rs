@@ -18,7 +18,7 @@ use rdkafka::producer::FutureRecord;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Lane, consumer, producer};
+use crate::{Lane, client_producer, consumer};
 
 /// How a send ended, as the producer saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -98,7 +98,7 @@ async fn drive(
     stop: CancellationToken,
     sent: Arc<AtomicUsize>,
 ) -> Ledger {
-    let producer = producer(&lane.settings);
+    let producer = client_producer(&lane.settings);
     let topic = lane.settings.topics.raw.clone();
     let mut features = Generator::new(7, entities.max(1));
     let mut ledger = Ledger::default();
@@ -497,7 +497,7 @@ impl Requests {
     /// One request per entity, encoded now and sent at once by the returned closure's
     /// future, so they reach the responder within milliseconds of the call.
     pub async fn burst(lane: &Lane, run: &str, entities: usize) -> impl FnOnce() -> Self + use<> {
-        let producer = producer(&lane.settings);
+        let producer = client_producer(&lane.settings);
         let codec = AvroCodec::new(&lane.settings.registry).expect("codec");
         let topic = lane.settings.topics.requests.clone();
         let mut features = Generator::new(9, entities.max(1));
@@ -557,7 +557,7 @@ impl Requests {
         let (lane, id) = (lane.clone(), run.to_string());
         let run = id.clone();
         let task = tokio::spawn(async move {
-            let producer = producer(&lane.settings);
+            let producer = client_producer(&lane.settings);
             let codec = AvroCodec::new(&lane.settings.registry).expect("codec");
             let topic = lane.settings.topics.requests.clone();
             let mut features = Generator::new(8, entities.max(1));

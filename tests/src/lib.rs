@@ -15,8 +15,8 @@ use lanes_common::kafka::LoggingContext;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
+use rdkafka::producer::FutureRecord;
+use lanes_common::producer::Producer;
 
 /// The stack's settings: defaults, overridden by `LANES__...` variables when set.
 pub fn settings() -> Settings {
@@ -55,20 +55,30 @@ pub async fn create_topics(settings: &Settings, topics: &[&str]) {
         .expect("topics are created");
 }
 
-pub fn producer(settings: &Settings) -> FutureProducer {
+pub fn producer(settings: &Settings) -> Producer {
     lanes_common::kafka::producer(&settings.kafka, "lanes-test").expect("producer")
 }
 
+/// A publisher as a client of Lanes would write: rdkafka's own future producer,
+/// idempotent, with the lane's broker settings.
+pub fn client_producer(settings: &Settings) -> rdkafka::producer::FutureProducer {
+    let mut c = rdkafka::ClientConfig::new();
+    c.set("bootstrap.servers", &settings.kafka.bootstrap_servers)
+        .set("client.id", "lanes-test-client")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5");
+    c.create().expect("client producer")
+}
+
 /// Produces one record and waits for its acknowledgement.
-pub async fn produce(producer: &FutureProducer, topic: &str, key: &[u8], value: &[u8]) {
-    producer
-        .send(
-            FutureRecord::to(topic).key(key).payload(value),
-            Timeout::After(Duration::from_secs(30)),
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .expect("record acknowledged");
+pub async fn produce(producer: &Producer, topic: &str, key: &[u8], value: &[u8]) {
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        producer.send(FutureRecord::to(topic).key(key).payload(value)),
+    )
+    .await
+    .expect("acknowledged within 30 s")
+    .expect("record acknowledged");
 }
 
 /// The consumer tests use: the services' own factory, in a fresh group.
@@ -375,7 +385,7 @@ impl Lane {
     }
 
     /// Publishes raw lines to the raw topic, keyed by entity when they name one.
-    pub async fn publish_raw(&self, producer: &FutureProducer, lines: &[String]) {
+    pub async fn publish_raw(&self, producer: &Producer, lines: &[String]) {
         for line in lines {
             let key = serde_json::from_str::<serde_json::Value>(line)
                 .ok()

@@ -139,12 +139,9 @@ async fn a_member_resuming_inside_a_record_batch_gets_the_rest_of_it() {
             let p = p.clone();
             let topic = topic.clone();
             async move {
-                p.send(
-                    FutureRecord::to(&topic).key("k").payload(&value),
-                    Duration::from_secs(10),
-                )
-                .await
-                .expect("delivered")
+                p.send(FutureRecord::to(&topic).key("k").payload(&value))
+                    .await
+                    .expect("delivered")
             }
         });
         join_all(sends).await;

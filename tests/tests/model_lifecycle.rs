@@ -47,7 +47,7 @@ fn add_version(folder: &Path, version: &str, onnx: Option<&[u8]>) {
     std::fs::rename(&staging, folder.join(version)).unwrap();
 }
 
-async fn publish(lane: &Lane, producer: &rdkafka::producer::FutureProducer, samples: &[Sample]) {
+async fn publish(lane: &Lane, producer: &lanes_common::producer::Producer, samples: &[Sample]) {
     let lines: Vec<String> = samples.iter().map(Sample::raw_json).collect();
     lane.publish_raw(producer, &lines).await;
 }

@@ -33,7 +33,7 @@ fn expected_score(f: &BTreeMap<String, f64>) -> f64 {
 struct Client {
     lane: Lane,
     codec: AvroCodec,
-    producer: rdkafka::producer::FutureProducer,
+    producer: lanes_common::producer::Producer,
     responses: TestConsumer,
 }
 

@@ -9,7 +9,8 @@ use clap::Args;
 use lanes_common::Settings;
 use lanes_common::generator::Generator;
 use lanes_common::kafka::{delivered, enqueue};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
+use lanes_common::producer::Producer;
 
 #[derive(Debug, Args)]
 pub struct PublishArgs {
@@ -45,7 +46,7 @@ pub async fn run(args: PublishArgs, settings: &Settings) -> anyhow::Result<()> {
         _ => anyhow::bail!("give --sample N or --file FILE"),
     };
     let topic = args.topic.unwrap_or_else(|| settings.topics.raw.clone());
-    let producer: FutureProducer = lanes_common::kafka::producer(&settings.kafka, "lanes-cli")?;
+    let producer: Producer = lanes_common::kafka::producer(&settings.kafka, "lanes-cli")?;
     let started = Instant::now();
     let sent = publish_lines(&producer, &topic, &lines).await?;
     eprintln!(
@@ -57,7 +58,7 @@ pub async fn run(args: PublishArgs, settings: &Settings) -> anyhow::Result<()> {
 
 /// Produces every line, keyed by its `entity_id` when it has one, and waits for all acks.
 pub async fn publish_lines(
-    producer: &FutureProducer,
+    producer: &Producer,
     topic: &str,
     lines: &[String],
 ) -> anyhow::Result<usize> {

@@ -7,8 +7,9 @@ use std::str::FromStr;
 use prometheus::IntCounterVec;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
+use rdkafka::producer::FutureRecord;
+
+use crate::producer::Producer;
 use tokio_util::sync::CancellationToken;
 
 use crate::records::now_millis;
@@ -109,7 +110,7 @@ pub struct DeadLetter<'a> {
 /// Writes dead letters for one service (`stage`) and counts them by class.
 #[derive(Clone)]
 pub struct DlqWriter {
-    producer: FutureProducer,
+    producer: Producer,
     topic: String,
     stage: String,
     counter: Option<IntCounterVec>,
@@ -126,7 +127,7 @@ const MAX_REASON_BYTES: usize = 4096;
 
 impl DlqWriter {
     pub fn new(
-        producer: FutureProducer,
+        producer: Producer,
         topic: impl Into<String>,
         stage: impl Into<String>,
     ) -> Self {
@@ -217,11 +218,7 @@ impl DlqWriter {
             if let Some(v) = value {
                 record = record.payload(v);
             }
-            self.producer
-                .send(record, Timeout::Never)
-                .await
-                .map(|_| ())
-                .map_err(|(e, _)| e)
+            self.producer.send(record).await.map(|_| ())
         })
         .await?;
         // The reason may quote the input; at info only its class and where it came from.
@@ -295,10 +292,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_letter_that_would_pass_the_limit_is_cut_to_fit() {
-        let producer: FutureProducer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", "127.0.0.1:1")
-            .create()
-            .unwrap();
+        let mut kafka = crate::Settings::load_from(None, Default::default()).unwrap().kafka;
+        kafka.bootstrap_servers = "127.0.0.1:1".into();
+        let producer = crate::kafka::producer(&kafka, "test").unwrap();
         let w = DlqWriter::new(producer, "dlq", "ingest").with_max_bytes(100_000);
         let (key, small, big) = (vec![1u8; 40], vec![2u8; 1000], vec![3u8; 99_000]);
         let (k, v, original) = w.fit(&letter(&key, &small));

@@ -2,7 +2,7 @@
 //! never commit on their own, a topic admin, and the offset bookkeeping that lets a
 //! service commit an input only after everything it produced was acknowledged.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -11,10 +11,11 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::ToBytes;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
+use crate::producer::{Delivery, Producer, Reports};
 
 /// Properties shared by every client, then `kafka.properties` on top.
 fn base_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
@@ -76,38 +77,25 @@ fn apply(c: &mut ClientConfig, props: &BTreeMap<String, String>) {
 
 /// An idempotent producer (`acks=all`, no duplicates on internal retries). Users may
 /// tune it through `kafka.producer_properties`, but not turn idempotence off.
-pub fn producer(cfg: &KafkaConfig, client_id: &str) -> KafkaResult<FutureProducer> {
+pub fn producer(cfg: &KafkaConfig, client_id: &str) -> KafkaResult<Producer> {
     let mut c = base_config(cfg, client_id);
     apply(&mut c, &cfg.producer_properties);
     c.set("enable.idempotence", "true").set("acks", "all");
-    c.create()
+    Ok(Producer::new(c.create_with_context(Reports)?))
 }
 
 /// Hands `record` to the producer without waiting for its acknowledgement, waiting only
-/// while librdkafka's queue is full. Await the returned future for the broker's answer.
+/// while librdkafka's queue is full. Await the returned delivery for the broker's answer.
 pub async fn enqueue<K: ToBytes + ?Sized, P: ToBytes + ?Sized>(
-    producer: &FutureProducer,
-    mut record: FutureRecord<'_, K, P>,
-) -> KafkaResult<DeliveryFuture> {
-    loop {
-        match producer.send_result(record) {
-            Ok(delivery) => return Ok(delivery),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                record = r;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            Err((e, _)) => return Err(e),
-        }
-    }
+    producer: &Producer,
+    record: FutureRecord<'_, K, P>,
+) -> KafkaResult<Delivery> {
+    producer.enqueue_one(record).await
 }
 
 /// The broker's answer to an enqueued record: its partition and offset.
-pub async fn delivered(delivery: DeliveryFuture) -> KafkaResult<(i32, i64)> {
-    match delivery.await {
-        Ok(Ok(d)) => Ok((d.partition, d.offset)),
-        Ok(Err((e, _))) => Err(e),
-        Err(_) => Err(KafkaError::Canceled),
-    }
+pub async fn delivered(delivery: Delivery) -> KafkaResult<(i32, i64)> {
+    delivery.await
 }
 
 /// Logs rebalances and failed commits; services that must act on a rebalance wrap or
@@ -216,20 +204,22 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[&str]) -> KafkaResult<Ve
 /// done), or one past the highest done when nothing is in flight.
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
-    partitions: HashMap<(String, i32), PartitionOffsets>,
+    /// By topic, then partition: looked up by `&str` without allocating per message.
+    topics: HashMap<String, HashMap<i32, PartitionOffsets>>,
 }
 
 #[derive(Debug, Default)]
 struct PartitionOffsets {
     first_tracked: Option<i64>,
-    in_flight: BTreeSet<i64>,
+    /// Ascending: offsets are read in order, and acks come mostly in order too.
+    in_flight: VecDeque<i64>,
     highest_done: Option<i64>,
     committed: Option<i64>,
 }
 
 impl PartitionOffsets {
     fn position(&self) -> Option<i64> {
-        match self.in_flight.first() {
+        match self.in_flight.front() {
             // Everything tracked below `lowest` is done; if nothing was, there is no news.
             Some(&lowest) => self.first_tracked.filter(|&f| f < lowest).map(|_| lowest),
             None => self.highest_done.map(|d| d + 1),
@@ -244,38 +234,68 @@ impl OffsetTracker {
 
     /// An offset was read and its work started.
     pub fn track(&mut self, topic: &str, partition: i32, offset: i64) {
+        if !self.topics.contains_key(topic) {
+            self.topics.insert(topic.to_string(), HashMap::new());
+        }
         let p = self
-            .partitions
-            .entry((topic.to_string(), partition))
+            .topics
+            .get_mut(topic)
+            .expect("inserted above")
+            .entry(partition)
             .or_default();
         p.first_tracked.get_or_insert(offset);
-        p.in_flight.insert(offset);
+        match p.in_flight.back() {
+            Some(&last) if last >= offset => {
+                if let Err(i) = p.in_flight.binary_search(&offset) {
+                    p.in_flight.insert(i, offset);
+                }
+            }
+            _ => p.in_flight.push_back(offset),
+        }
     }
 
     /// The work of an offset is acknowledged downstream (or dead-lettered).
     pub fn ack(&mut self, topic: &str, partition: i32, offset: i64) {
-        if let Some(p) = self.partitions.get_mut(&(topic.to_string(), partition))
-            && p.in_flight.remove(&offset)
-        {
+        let Some(p) = self
+            .topics
+            .get_mut(topic)
+            .and_then(|t| t.get_mut(&partition))
+        else {
+            return;
+        };
+        let found = if p.in_flight.front() == Some(&offset) {
+            p.in_flight.pop_front().is_some()
+        } else if let Ok(i) = p.in_flight.binary_search(&offset) {
+            p.in_flight.remove(i).is_some()
+        } else {
+            false
+        };
+        if found {
             p.highest_done = Some(p.highest_done.map_or(offset, |d| d.max(offset)));
         }
     }
 
     /// Offsets still waiting for acknowledgement, across partitions.
     pub fn in_flight(&self) -> usize {
-        self.partitions.values().map(|p| p.in_flight.len()).sum()
+        self.topics
+            .values()
+            .flat_map(HashMap::values)
+            .map(|p| p.in_flight.len())
+            .sum()
     }
 
     /// Positions that advanced since the last [`OffsetTracker::committed`], as a list
     /// ready for `commit`; `None` when there is nothing new.
     pub fn committable(&self) -> Option<TopicPartitionList> {
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), p) in &self.partitions {
+        for (topic, partitions) in &self.topics {
+            for (partition, p) in partitions {
             if let Some(pos) = p.position()
                 && p.committed.is_none_or(|c| pos > c)
             {
                 tpl.add_partition_offset(topic, *partition, Offset::Offset(pos))
                     .expect("a fresh list accepts any offset");
+            }
             }
         }
         (tpl.count() > 0).then_some(tpl)
@@ -286,8 +306,9 @@ impl OffsetTracker {
         for e in tpl.elements() {
             if let (Offset::Offset(o), Some(p)) = (
                 e.offset(),
-                self.partitions
-                    .get_mut(&(e.topic().to_string(), e.partition())),
+                self.topics
+                    .get_mut(e.topic())
+                    .and_then(|t| t.get_mut(&e.partition())),
             ) {
                 p.committed = Some(p.committed.map_or(o, |c| c.max(o)));
             }
@@ -296,7 +317,9 @@ impl OffsetTracker {
 
     /// Forgets a partition this consumer no longer owns.
     pub fn forget(&mut self, topic: &str, partition: i32) {
-        self.partitions.remove(&(topic.to_string(), partition));
+        if let Some(t) = self.topics.get_mut(topic) {
+            t.remove(&partition);
+        }
     }
 }
 

@@ -24,6 +24,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod model;
 pub mod process;
+pub mod producer;
 pub mod records;
 pub mod retry;
 pub mod service;

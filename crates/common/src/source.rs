@@ -45,6 +45,7 @@ use crate::config::KafkaConfig;
 use crate::dlq::{DeadLetter, DlqWriter, ErrorClass};
 use crate::error::Failure;
 use crate::kafka::{OffsetTracker, describe};
+use crate::producer::Reported;
 
 /// What the polling thread tells the service, in order.
 #[derive(Debug)]
@@ -608,7 +609,8 @@ impl Drop for Source {
     }
 }
 
-type AckFuture = BoxFuture<'static, (Vec<OwnedMessage>, Result<(), Failure>)>;
+/// Inputs and what became of the work they wait for.
+type AckFuture = BoxFuture<'static, Vec<(Vec<OwnedMessage>, Result<(), Failure>)>>;
 
 /// Input offsets waiting for their outputs' acknowledgements, and the bytes they hold.
 pub struct Acks {
@@ -649,7 +651,19 @@ impl Acks {
         F: Future<Output = Result<(), Failure>> + Send + 'static,
     {
         self.pending
-            .push(Box::pin(async move { (inputs, work.await) }));
+            .push(Box::pin(async move { vec![(inputs, work.await)] }));
+    }
+
+    /// Each part's inputs are done once all of that part's outputs are delivered; a
+    /// delivery refused for good dead-letters them.
+    pub fn wait_for_reports(&mut self, reported: Reported<Vec<OwnedMessage>>) {
+        self.pending.push(Box::pin(async move {
+            reported
+                .await
+                .into_iter()
+                .map(|(inputs, r)| (inputs, r.map_err(|e| Failure::from_produce(&e))))
+                .collect()
+        }));
     }
 
     /// Dead-letters `m`; its offset is acknowledged once the dead letter is.
@@ -669,7 +683,7 @@ impl Acks {
                 .send(&letter)
                 .await
                 .map_err(|e| Failure::fatal(format!("dead letter not written: {e}")));
-            (vec![m], sent)
+            vec![(vec![m], sent)]
         }));
     }
 
@@ -693,23 +707,23 @@ impl Acks {
     /// output was not acknowledged after the producer's own retries: the service must
     /// stop without committing it, so a restart replays it.
     pub async fn next(&mut self) -> Option<Result<(), Failure>> {
-        let (inputs, result) = self.pending.next().await?;
-        match result {
-            Ok(()) => {
-                for m in &inputs {
-                    self.done(m);
+        for (inputs, result) in self.pending.next().await? {
+            match result {
+                Ok(()) => {
+                    for m in &inputs {
+                        self.done(m);
+                    }
                 }
-                Some(Ok(()))
-            }
-            Err(Failure::Poison { class, message }) => {
-                tracing::warn!(%class, inputs = inputs.len(), "output refused for good; dead-lettering its inputs");
-                for m in inputs {
-                    self.dead_letter(m, class, message.clone());
+                Err(Failure::Poison { class, message }) => {
+                    tracing::warn!(%class, inputs = inputs.len(), "output refused for good; dead-lettering its inputs");
+                    for m in inputs {
+                        self.dead_letter(m, class, message.clone());
+                    }
                 }
-                Some(Ok(()))
+                Err(e) => return Some(Err(e)),
             }
-            Err(e) => Some(Err(e)),
         }
+        Some(Ok(()))
     }
 
     /// Waits for every pending acknowledgement.

@@ -23,7 +23,7 @@ use anyhow::Context;
 use prometheus::IntCounterVec;
 use rdkafka::Message;
 use rdkafka::message::{OwnedMessage, ToBytes};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -31,7 +31,7 @@ use crate::Settings;
 use crate::avro::{AvroCodec, DecodeError};
 use crate::dlq::{DlqWriter, ErrorClass};
 use crate::error::Failure;
-use crate::kafka::{delivered, enqueue};
+use crate::producer::{Group, Producer};
 use crate::records::Record;
 use crate::retry;
 use crate::service::ServiceContext;
@@ -148,7 +148,7 @@ impl Plan {
 #[derive(Clone)]
 pub struct Io {
     pub codec: AvroCodec,
-    pub producer: FutureProducer,
+    pub producer: Producer,
     pub dlq: DlqWriter,
 }
 
@@ -176,14 +176,26 @@ fn interrupted(e: &anyhow::Error, stop: &CancellationToken) -> bool {
     stop.is_cancelled() && e.downcast_ref::<Interrupted>().is_some()
 }
 
-/// A stage's view of the runner while it handles inputs.
+/// A stage's view of the runner while it handles inputs. Outputs produced through it
+/// are waited for together: when it is dropped, their inputs wait for the last
+/// delivery report of the lot, and are woken once.
 pub struct Out<'a> {
     acks: &'a mut Acks,
     io: &'a Io,
     stop: &'a CancellationToken,
+    outputs: Group<Vec<OwnedMessage>>,
 }
 
-impl Out<'_> {
+impl<'a> Out<'a> {
+    fn new(acks: &'a mut Acks, io: &'a Io, stop: &'a CancellationToken) -> Self {
+        Self {
+            acks,
+            io,
+            stop,
+            outputs: Group::new(),
+        }
+    }
+
     /// Cancelled when the service is stopping.
     pub fn stop(&self) -> &CancellationToken {
         self.stop
@@ -200,29 +212,31 @@ impl Out<'_> {
         }
     }
 
-    /// Hands `record` to the producer (waiting while its queue is full).
+    /// Hands `record` to the producer (waiting while its queue is full) as an output of
+    /// the inputs named by the next [`Out::done_when_delivered`].
     pub async fn produce<K: ToBytes + ?Sized, P: ToBytes + ?Sized>(
         &mut self,
         record: FutureRecord<'_, K, P>,
-    ) -> Result<DeliveryFuture, Failure> {
-        enqueue(&self.io.producer, record)
+    ) -> Result<(), Failure> {
+        self.io
+            .producer
+            .enqueue_part(&mut self.outputs, record)
             .await
             .map_err(|e| Failure::from_produce(&e))
     }
 
-    /// `inputs` are done when every delivery is acknowledged; a delivery refused for good
-    /// dead-letters them.
-    pub fn done_when_delivered(
-        &mut self,
-        inputs: Vec<OwnedMessage>,
-        deliveries: Vec<DeliveryFuture>,
-    ) {
-        self.acks.wait_for(inputs, async move {
-            for d in deliveries {
-                delivered(d).await.map_err(|e| Failure::from_produce(&e))?;
-            }
-            Ok(())
-        });
+    /// `inputs` are done when every output produced since the last call is delivered;
+    /// a delivery refused for good dead-letters them.
+    pub fn done_when_delivered(&mut self, inputs: Vec<OwnedMessage>) {
+        self.outputs.close_part(inputs, true);
+    }
+
+    /// Outputs produced since the last [`Out::done_when_delivered`] decide nothing: their
+    /// inputs are being dead-lettered instead.
+    pub fn abandon_outputs(&mut self) {
+        if self.outputs.open_outputs() > 0 {
+            self.outputs.abandon_part();
+        }
     }
 
     /// `inputs` are done when `work` resolves `Ok` (see [`Acks::wait_for`]).
@@ -239,6 +253,17 @@ impl Out<'_> {
 
     pub fn dead_letter(&mut self, input: OwnedMessage, class: ErrorClass, message: String) {
         self.acks.dead_letter(input, class, message);
+    }
+}
+
+impl Drop for Out<'_> {
+    fn drop(&mut self) {
+        let outputs = std::mem::take(&mut self.outputs);
+        if outputs.is_empty() {
+            drop(outputs.seal());
+        } else {
+            self.acks.wait_for_reports(outputs.seal());
+        }
     }
 }
 
@@ -274,10 +299,7 @@ pub async fn run<S: Stage>(
                 biased;
                 _ = stop.cancelled() => break,
                 Some(result) = acks.next() => result.context("output not acknowledged")?,
-                _ = sleep_until(deadline) => {
-                    let mut out = Out { acks: &mut acks, io: &io, stop };
-                    stage.tick(&mut out).await?;
-                }
+                _ = sleep_until(deadline) => stage.tick(&mut Out::new(&mut acks, &io, stop)).await?,
                 event = source.events.recv(), if room => {
                     let Some(first) = event else { break };
                     let mut batch = Vec::new();
@@ -291,8 +313,7 @@ pub async fn run<S: Stage>(
                             SourceEvent::Assigned(_) => {}
                             SourceEvent::Revoked { partitions, done } => {
                                 handle(&mut stage, std::mem::take(&mut batch), &mut acks, &io, stop).await?;
-                                let mut out = Out { acks: &mut acks, io: &io, stop };
-                                stage.flush(Some(&partitions), &mut out).await?;
+                                stage.flush(Some(&partitions), &mut Out::new(&mut acks, &io, stop)).await?;
                                 acks.release(&source.consumer, &partitions, done).await?;
                             }
                         }
@@ -313,12 +334,7 @@ pub async fn run<S: Stage>(
         Err(e) if interrupted(&e, stop) => tracing::info!(service = plan.service, "{e}"),
         Err(e) => return Err(e),
         Ok(()) => {
-            let mut out = Out {
-                acks: &mut acks,
-                io: &io,
-                stop,
-            };
-            if let Err(e) = stage.flush(None, &mut out).await {
+            if let Err(e) = stage.flush(None, &mut Out::new(&mut acks, &io, stop)).await {
                 if !interrupted(&e, stop) {
                     return Err(e);
                 }
@@ -365,8 +381,7 @@ async fn handle<S: Stage>(
         return Ok(());
     }
     crate::failpoint::hit!(crate::failpoint::AFTER_CONSUME_BEFORE_PRODUCE);
-    let mut out = Out { acks, io, stop };
-    stage.handle(inputs, &mut out).await
+    stage.handle(inputs, &mut Out::new(acks, io, stop)).await
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

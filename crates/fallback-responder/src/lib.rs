@@ -43,7 +43,8 @@ use lanes_common::service::{ServiceContext, ServiceDef};
 use lanes_common::stage::{self, Input, Out, Plan, Stage};
 use rdkafka::Message;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
+use lanes_common::producer::Producer;
 use redis::aio::ConnectionManager;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -145,7 +146,7 @@ pub struct Core {
     breaker: Mutex<Breaker>,
     pub prefix: String,
     codec: AvroCodec,
-    producer: FutureProducer,
+    producer: Producer,
     predictions_topic: String,
     responses_topic: String,
     flights: SingleFlight<Scored>,

@@ -88,9 +88,9 @@ impl Stage for Ingest {
                         .key(event.entity_id.as_str())
                         .payload(&bytes);
                     match out.produce(record).await {
-                        Ok(delivery) => {
+                        Ok(()) => {
                             self.metrics.events.with_label_values(&["valid"]).inc();
-                            out.done_when_delivered(vec![m], vec![delivery]);
+                            out.done_when_delivered(vec![m]);
                         }
                         Err(Failure::Poison { class, message }) => {
                             self.metrics

@@ -176,7 +176,7 @@ impl Batcher {
             .key(&key)
             .payload(&bytes);
         match out.produce(record).await {
-            Ok(delivery) => out.done_when_delivered(inputs, vec![delivery]),
+            Ok(()) => out.done_when_delivered(inputs),
             Err(Failure::Poison { class, message }) => {
                 for m in inputs {
                     out.dead_letter(m, class, message.clone());

@@ -237,24 +237,24 @@ impl Scorer {
         self.metrics.rows.inc_by(rows as u64);
         self.metrics.batches.with_label_values(&["scored"]).inc();
         let batch = Arc::new(batch);
-        let mut deliveries = Vec::with_capacity(rows);
         for p in predictions(&batch, &model, scored) {
             let bytes = out.encode(&self.predictions_topic, &p).await?;
             let record = FutureRecord::to(&self.predictions_topic)
                 .key(p.entity_id.as_str())
                 .payload(&bytes);
             match out.produce(record).await {
-                Ok(d) => deliveries.push(d),
+                Ok(()) => {}
                 Err(Failure::Poison { class, message }) => {
                     // Deliveries already enqueued may land; the batch is replayable from
                     // the dead letter and predictions are idempotent in the cache.
+                    out.abandon_outputs();
                     self.dead_letter(m, class, message, out);
                     return Ok(());
                 }
                 Err(e) => return Err(e).context("producing a prediction"),
             }
         }
-        out.done_when_delivered(vec![m], deliveries);
+        out.done_when_delivered(vec![m]);
         if let Some(shadow) = &self.shadow {
             shadow.spawn(batch, features, rows);
         }
