@@ -1,6 +1,6 @@
 //! The cache's one ordering rule, checked against the real Lua script in Redis: any
-//! order or replay of the same predictions leaves each entity holding its newest by
-//! (event time, scored at).
+//! order or replay of the same predictions, written one per call or many per call as the
+//! cache-writer does, leaves each entity holding its newest by (event time, scored at).
 
 use lanes_common::cache::{self, WRITE_IF_NEWER};
 use lanes_common::records::Prediction;
@@ -29,6 +29,7 @@ proptest! {
     fn any_order_or_replay_keeps_the_newest(
         times in predictions(),
         order in prop::collection::vec(any::<prop::sample::Index>(), 1..40),
+        per_call in 1usize..6,
     ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let (newest, held) = rt.block_on(async {
@@ -44,12 +45,19 @@ proptest! {
             for (k, i) in order.iter().enumerate() {
                 sequence.swap(k % len, i.index(len));
             }
-            for i in sequence {
-                let p = prediction(&entity, times[i]);
-                let _: i64 = cache::write_prediction(&script, &s.cache_writer.key_prefix, &p, 60, false)
-                    .invoke_async(&mut conn)
-                    .await
-                    .unwrap();
+            for call in sequence.chunks(per_call) {
+                let ps: Vec<Prediction> = call.iter().map(|&i| prediction(&entity, times[i])).collect();
+                let reply: redis::Value = cache::write_predictions(
+                    &script,
+                    &s.cache_writer.key_prefix,
+                    ps.iter().map(|p| (p, false)),
+                    60,
+                )
+                .invoke_async(&mut conn)
+                .await
+                .unwrap();
+                let replies = cache::replies(reply, ps.len()).unwrap();
+                assert!(replies.iter().all(Result::is_ok), "{replies:?}");
             }
             let key = cache::key(&s.cache_writer.key_prefix, &entity);
             let h: std::collections::HashMap<String, String> =

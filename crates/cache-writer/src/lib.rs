@@ -20,7 +20,7 @@ mod metrics;
 use std::time::Instant;
 
 use anyhow::Context;
-use lanes_common::cache::{self, Written};
+use lanes_common::cache;
 use lanes_common::dlq::{ErrorClass, header_str};
 use lanes_common::kafka;
 use lanes_common::records::{Event, Prediction, check_client_time, now_millis};
@@ -225,56 +225,58 @@ impl Writer {
             .map_err(|e| (ErrorClass::InvalidEventTime, e))
     }
 
-    /// Writes a chunk in one pipeline, retrying until Redis answers, and marks each input
-    /// done; a key Redis refuses (WRONGTYPE, a script error) is dead-lettered alone.
+    /// Writes a chunk in one script call, retrying until Redis answers, and marks each
+    /// input done; a key Redis refuses (WRONGTYPE) is dead-lettered alone.
     async fn write(
         &mut self,
         good: Vec<(OwnedMessage, Item)>,
         out: &mut Out<'_>,
     ) -> anyhow::Result<()> {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        pipe.load_script(&self.script).ignore();
-        let invocations: Vec<redis::ScriptInvocation<'_>> = good
-            .iter()
-            .map(|(_, item)| match item {
-                Item::Prediction(p, guard) => {
-                    cache::write_prediction(&self.script, &self.prefix, p, self.ttl, *guard)
-                }
-                Item::Event(e) => cache::write_features(
-                    &self.script,
-                    &self.prefix,
-                    &e.entity_id,
-                    &e.features,
-                    e.event_time,
-                    self.ttl,
-                ),
-            })
-            .collect();
-        for inv in &invocations {
-            pipe.invoke_script(inv);
+        if good.is_empty() {
+            return Ok(());
         }
+        let invocation = match good.first().map(|(_, item)| item) {
+            Some(Item::Prediction(..)) => cache::write_predictions(
+                &self.script,
+                &self.prefix,
+                good.iter().filter_map(|(_, item)| match item {
+                    Item::Prediction(p, guard) => Some((p, *guard)),
+                    Item::Event(_) => None,
+                }),
+                self.ttl,
+            ),
+            _ => cache::write_features(
+                &self.script,
+                &self.prefix,
+                good.iter().filter_map(|(_, item)| match item {
+                    Item::Event(e) => Some((e.entity_id.as_str(), &e.features, e.event_time)),
+                    Item::Prediction(..) => None,
+                }),
+                self.ttl,
+            ),
+        };
         let stop = out.stop().clone();
-        let (redis, metrics) = (&mut self.redis, &self.metrics);
-        let results: Vec<redis::RedisResult<i64>> = retry::retrying("redis write", &stop, || {
+        let (redis, metrics, keys) = (&mut self.redis, &self.metrics, good.len());
+        let results = retry::retrying("redis write", &stop, || {
             let started = Instant::now();
             let mut conn = redis.clone();
-            let pipe = &pipe;
+            let invocation = &invocation;
             async move {
-                let replies: Vec<redis::RedisResult<i64>> =
-                    pipe.query_async(&mut conn).await.map_err(|e| {
+                let reply: redis::Value =
+                    invocation.invoke_async(&mut conn).await.map_err(|e| {
                         metrics.redis_errors.inc();
                         cache::classify(&e)
                     })?;
-                // A reply of a passing kind (a flushed script cache, OOM) retries the
-                // whole pipeline: every script is idempotent.
+                let replies = cache::replies(reply, keys)?;
+                // A key's error of a passing kind (out of memory) retries the whole call:
+                // the script is idempotent.
                 if let Some(e) = replies
                     .iter()
                     .filter_map(|r| r.as_ref().err())
-                    .find(|e| cache::classify(e).is_transient())
+                    .find(|e| e.is_transient())
                 {
                     metrics.redis_errors.inc();
-                    return Err(cache::classify(e));
+                    return Err(e.clone());
                 }
                 metrics
                     .pipeline_seconds
@@ -294,7 +296,7 @@ impl Writer {
         let now = now_millis();
         for ((m, item), reply) in good.into_iter().zip(results) {
             let written = match reply {
-                Ok(r) => Written::from_reply(r),
+                Ok(w) => w,
                 Err(e) => {
                     tracing::warn!(key = %cache::key(&self.prefix, item.entity()), error = %e, "redis refused a key");
                     out.dead_letter(m, ErrorClass::CacheWriteError, e.to_string());

@@ -2,9 +2,11 @@
 //! and the tests read it.
 //!
 //! One Redis hash per entity, `<key_prefix><entity_id>`, holding the newest prediction
-//! ([`prediction_fields`], written by [`WRITE_IF_NEWER`]) and the entity's latest online
-//! features (`features`, `features_event_time`, written by [`FEATURES_IF_NEWER`]). Both
-//! scripts run atomically in Redis, so replays and late results never roll an entry back.
+//! (written by [`WRITE_IF_NEWER`]) and the entity's latest online features (`features`,
+//! `features_event_time`, written by [`FEATURES_IF_NEWER`]). Both scripts run atomically
+//! in Redis, so replays and late results never roll an entry back. Each call writes a
+//! whole pipeline of entities, so all keys of a call must live on one Redis server (no
+//! cluster sharding).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -13,38 +15,73 @@ use crate::dlq::ErrorClass;
 use crate::error::Failure;
 use crate::records::Prediction;
 
-/// KEYS[1]: the entity's hash. ARGV: event_time, ttl_seconds, features JSON. Newest
-/// event time wins; equal times keep what is there.
+/// KEYS: one entity hash per item. ARGV[1]: ttl_seconds, then per item its event_time
+/// and features JSON. Newest event time wins; equal times keep what is there. Replies
+/// one entry per key: 1 written, 0 stale, or the error Redis gave for that key alone.
+/// One call per pipeline, not per item: the script call costs Redis more than the
+/// commands inside it.
 pub const FEATURES_IF_NEWER: &str = r"
-local cached = redis.call('HGET', KEYS[1], 'features_event_time')
-if cached and tonumber(ARGV[1]) <= tonumber(cached) then return 0 end
-redis.call('HSET', KEYS[1], 'features_event_time', ARGV[1], 'features', ARGV[3])
-local ttl = tonumber(ARGV[2])
-if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
-return 1
+local ttl = tonumber(ARGV[1])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local t = ARGV[2 * i]
+  local cached = redis.pcall('HGET', key, 'features_event_time')
+  if type(cached) == 'table' and cached.err then
+    out[i] = cached.err
+  elseif cached and tonumber(t) <= tonumber(cached) then
+    out[i] = 0
+  else
+    local w = redis.pcall('HSET', key, 'features_event_time', t, 'features', ARGV[2 * i + 1])
+    if type(w) == 'table' and w.err then
+      out[i] = w.err
+    else
+      if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+      out[i] = 1
+    end
+  end
+end
+return out
 ";
 
-/// KEYS[1]: the entity's hash. ARGV: event_time, scored_at, ttl_seconds, event_id,
-/// model_version, guard, then field/value pairs. Returns 1 when written, 0 when the
-/// cached prediction is as new or newer, 2 when it is this very prediction (a
-/// duplicate). With guard "1" (a prediction from a request's own features) it is also
-/// refused when the entity's online features are newer than it: the entity has moved on.
-/// `written_at` is Redis's own clock, so readers can measure event-to-cache latency.
+/// KEYS: one entity hash per item. ARGV[1]: ttl_seconds, then ten values per item: event_time,
+/// scored_at, event_id, model_version, guard, score, label, model_name, lane,
+/// ingested_at. Replies one entry per key: 1 when written, 0 when the cached prediction
+/// is as new or newer, 2 when it is this very prediction (a duplicate), or the error
+/// Redis gave for that key alone. With guard "1" (a prediction from a request's own
+/// features) it is also refused when the entity's online features are newer than it: the
+/// entity has moved on. `written_at` is Redis's own clock, so readers can measure
+/// event-to-cache latency.
 pub const WRITE_IF_NEWER: &str = r"
-local cached = redis.call('HMGET', KEYS[1], 'event_time', 'scored_at', 'event_id', 'model_version', 'features_event_time')
-local t = tonumber(ARGV[1])
-if cached[1] then
-  if cached[3] == ARGV[4] and cached[4] == ARGV[5] then return 2 end
-  local ct = tonumber(cached[1])
-  if t < ct then return 0 end
-  if t == ct and tonumber(ARGV[2]) <= tonumber(cached[2] or '0') then return 0 end
-end
-if ARGV[6] == '1' and cached[5] and tonumber(cached[5]) > t then return 0 end
+local ttl = tonumber(ARGV[1])
 local now = redis.call('TIME')
-redis.call('HSET', KEYS[1], 'written_at', now[1] * 1000 + math.floor(now[2] / 1000), unpack(ARGV, 7))
-local ttl = tonumber(ARGV[3])
-if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
-return 1
+local written_at = now[1] * 1000 + math.floor(now[2] / 1000)
+local out = {}
+for i, key in ipairs(KEYS) do
+  local a = 1 + (i - 1) * 10
+  local t = tonumber(ARGV[a + 1])
+  local cached = redis.pcall('HMGET', key, 'event_time', 'scored_at', 'event_id', 'model_version', 'features_event_time')
+  if cached.err then
+    out[i] = cached.err
+  elseif cached[1] and cached[3] == ARGV[a + 3] and cached[4] == ARGV[a + 4] then
+    out[i] = 2
+  elseif cached[1] and (t < tonumber(cached[1]) or (t == tonumber(cached[1]) and tonumber(ARGV[a + 2]) <= tonumber(cached[2] or '0'))) then
+    out[i] = 0
+  elseif ARGV[a + 5] == '1' and cached[5] and tonumber(cached[5]) > t then
+    out[i] = 0
+  else
+    local w = redis.pcall('HSET', key, 'written_at', written_at, 'event_time', ARGV[a + 1],
+      'scored_at', ARGV[a + 2], 'event_id', ARGV[a + 3], 'model_version', ARGV[a + 4],
+      'score', ARGV[a + 6], 'label', ARGV[a + 7], 'model_name', ARGV[a + 8],
+      'lane', ARGV[a + 9], 'ingested_at', ARGV[a + 10])
+    if type(w) == 'table' and w.err then
+      out[i] = w.err
+    else
+      if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+      out[i] = 1
+    end
+  end
+end
+return out
 ";
 
 /// A prediction header: present on predictions scored from a request's own features,
@@ -106,58 +143,73 @@ pub fn key(prefix: &str, entity_id: &str) -> String {
     format!("{prefix}{entity_id}")
 }
 
-/// The hash fields a prediction is stored as.
-pub fn prediction_fields(p: &Prediction) -> Vec<(&'static str, String)> {
-    vec![
-        ("score", p.score.to_string()),
-        ("label", p.label.clone().unwrap_or_default()),
-        ("model_name", p.model_name.clone()),
-        ("model_version", p.model_version.clone()),
-        ("event_id", p.event_id.clone()),
-        ("event_time", p.event_time.to_string()),
-        ("scored_at", p.scored_at.to_string()),
-        ("lane", p.lane.as_str().to_string()),
-        (
-            "ingested_at",
-            p.ingested_at.map(|t| t.to_string()).unwrap_or_default(),
-        ),
-    ]
-}
-
-/// The [`WRITE_IF_NEWER`] call for `p`; `guard` for predictions from request features.
-pub fn write_prediction<'a>(
+/// The [`WRITE_IF_NEWER`] call for `items`, each a prediction and whether it is guarded
+/// (scored from a request's own features).
+pub fn write_predictions<'a, 'p>(
     script: &'a redis::Script,
     prefix: &str,
-    p: &Prediction,
+    items: impl IntoIterator<Item = (&'p Prediction, bool)>,
     ttl_seconds: u64,
-    guard: bool,
 ) -> redis::ScriptInvocation<'a> {
-    let mut inv = script.key(key(prefix, &p.entity_id));
-    inv.arg(p.event_time)
-        .arg(p.scored_at)
-        .arg(ttl_seconds)
-        .arg(&p.event_id)
-        .arg(&p.model_version)
-        .arg(if guard { "1" } else { "0" });
-    for (k, v) in prediction_fields(p) {
-        inv.arg(k).arg(v);
+    let mut inv = script.prepare_invoke();
+    inv.arg(ttl_seconds);
+    for (p, guard) in items {
+        inv.key(key(prefix, &p.entity_id));
+        inv.arg(p.event_time)
+            .arg(p.scored_at)
+            .arg(&p.event_id)
+            .arg(&p.model_version)
+            .arg(if guard { "1" } else { "0" })
+            .arg(p.score.to_string())
+            .arg(p.label.as_deref().unwrap_or_default())
+            .arg(&p.model_name)
+            .arg(p.lane.as_str())
+            .arg(p.ingested_at.map(|t| t.to_string()).unwrap_or_default());
     }
     inv
 }
 
-/// The [`FEATURES_IF_NEWER`] call for an entity's features at `event_time`.
-pub fn write_features<'a>(
+/// The [`FEATURES_IF_NEWER`] call for `items`: entity id, features, event time.
+pub fn write_features<'a, 'e>(
     script: &'a redis::Script,
     prefix: &str,
-    entity_id: &str,
-    features: &BTreeMap<String, f64>,
-    event_time: i64,
+    items: impl IntoIterator<Item = (&'e str, &'e BTreeMap<String, f64>, i64)>,
     ttl_seconds: u64,
 ) -> redis::ScriptInvocation<'a> {
-    let mut inv = script.key(key(prefix, entity_id));
-    let json = serde_json::to_string(features).unwrap_or_default();
-    inv.arg(event_time).arg(ttl_seconds).arg(json);
+    let mut inv = script.prepare_invoke();
+    inv.arg(ttl_seconds);
+    for (entity_id, features, event_time) in items {
+        inv.key(key(prefix, entity_id));
+        inv.arg(event_time)
+            .arg(serde_json::to_string(features).unwrap_or_default());
+    }
     inv
+}
+
+/// Each key's reply of a [`WRITE_IF_NEWER`] or [`FEATURES_IF_NEWER`] call, in the
+/// keys' order: what was done, or the failure Redis gave for that key.
+pub fn replies(reply: redis::Value, keys: usize) -> Result<Vec<Result<Written, Failure>>, Failure> {
+    let redis::Value::Array(items) = reply else {
+        return Err(Failure::fatal(format!("cache script replied {reply:?}")));
+    };
+    if items.len() != keys {
+        return Err(Failure::fatal(format!(
+            "cache script replied {} entries for {keys} keys",
+            items.len()
+        )));
+    }
+    Ok(items
+        .into_iter()
+        .map(|v| match v {
+            redis::Value::Int(n) => Ok(Written::from_reply(n)),
+            redis::Value::BulkString(b) => Err(classify_code(&String::from_utf8_lossy(&b))),
+            redis::Value::SimpleString(s) => Err(classify_code(&s)),
+            other => Err(Failure::poison(
+                ErrorClass::CacheWriteError,
+                format!("unexpected reply {other:?}"),
+            )),
+        })
+        .collect())
 }
 
 /// An entity's hash as the cache-writer keeps it.
@@ -218,25 +270,36 @@ pub fn classify(e: &redis::RedisError) -> Failure {
     if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
         return Failure::transient(e.to_string());
     }
-    // Server states that pass: loading, busy, failover, out of memory, a flushed script
-    // cache, or credentials an operator is fixing.
-    const PASSING: [&str; 11] = [
-        "LOADING",
-        "BUSY",
-        "TRYAGAIN",
-        "MASTERDOWN",
-        "READONLY",
-        "OOM",
-        "NOSCRIPT",
-        "CLUSTERDOWN",
-        "NOAUTH",
-        "WRONGPASS",
-        "NOPERM",
-    ];
     match e.code() {
         Some(code) if PASSING.contains(&code) => Failure::transient(e.to_string()),
         Some(_) => Failure::poison(ErrorClass::CacheWriteError, e.to_string()),
         None => Failure::transient(e.to_string()),
+    }
+}
+
+/// Server states that pass: loading, busy, failover, out of memory, a flushed script
+/// cache, or credentials an operator is fixing.
+const PASSING: [&str; 11] = [
+    "LOADING",
+    "BUSY",
+    "TRYAGAIN",
+    "MASTERDOWN",
+    "READONLY",
+    "OOM",
+    "NOSCRIPT",
+    "CLUSTERDOWN",
+    "NOAUTH",
+    "WRONGPASS",
+    "NOPERM",
+];
+
+/// [`classify`] for an error a script returned as text (`CODE message`).
+fn classify_code(message: &str) -> Failure {
+    let code = message.split_whitespace().next().unwrap_or_default();
+    if PASSING.contains(&code) {
+        Failure::transient(message.to_string())
+    } else {
+        Failure::poison(ErrorClass::CacheWriteError, message.to_string())
     }
 }
 
@@ -265,6 +328,31 @@ mod tests {
             None,
             "a NaN score is no prediction"
         );
+    }
+
+    #[test]
+    fn script_replies_are_read_per_key() {
+        use redis::Value;
+        let reply = Value::Array(vec![
+            Value::Int(1),
+            Value::Int(0),
+            Value::Int(2),
+            Value::BulkString(b"WRONGTYPE Operation against a key holding the wrong kind".to_vec()),
+            Value::BulkString(b"OOM command not allowed".to_vec()),
+        ]);
+        let r = replies(reply.clone(), 5).unwrap();
+        assert_eq!(r[0], Ok(Written::Written));
+        assert_eq!(r[1], Ok(Written::Stale));
+        assert_eq!(r[2], Ok(Written::Duplicate));
+        assert!(
+            matches!(&r[3], Err(Failure::Poison { class: ErrorClass::CacheWriteError, message }) if message.starts_with("WRONGTYPE"))
+        );
+        assert!(r[4].as_ref().unwrap_err().is_transient());
+        assert!(
+            matches!(replies(reply, 4), Err(Failure::Fatal(_))),
+            "a reply that does not match the keys is not guessed at"
+        );
+        assert!(replies(Value::Int(1), 1).is_err());
     }
 
     #[test]
