@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use lanes_common::Settings;
 use lanes_common::kafka::LoggingContext;
+use lanes_common::producer::Producer;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureRecord;
-use lanes_common::producer::Producer;
 
 /// The stack's settings: defaults, overridden by `LANES__...` variables when set.
 pub fn settings() -> Settings {

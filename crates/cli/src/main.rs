@@ -9,6 +9,7 @@ mod bench;
 mod bench_batch;
 mod bench_cpu;
 mod bench_serving;
+mod bench_window;
 mod demo;
 mod ops;
 mod publish;
@@ -94,6 +95,9 @@ enum Command {
     /// Measure request -> response latency through the fallback-responder (fresh hits,
     /// misses with features) beside the broker's raw round trip.
     BenchServing(bench_serving::ServingArgs),
+    /// Compare fixed and adaptive micro-batch windows on simulated traffic across a rate
+    /// sweep: p99 event-to-batch latency and batch size against a latency target.
+    BenchWindow(bench_window::BenchWindowArgs),
     /// Publish sample traffic (some invalid) to a running lane, wait until every event
     /// is accounted for, and print a summary.
     Demo(demo::DemoArgs),
@@ -197,6 +201,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Bench(args) => bench::run(args, &settings).await,
         Command::BenchCpu(args) => bench_cpu::run(args, &settings).await,
+        Command::BenchWindow(args) => bench_window::run(args),
         Command::BenchServing(args) => bench_serving::run(args, &settings).await,
         Command::Up => {
             let code = up::run(settings).await;

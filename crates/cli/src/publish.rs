@@ -9,8 +9,8 @@ use clap::Args;
 use lanes_common::Settings;
 use lanes_common::generator::Generator;
 use lanes_common::kafka::{delivered, enqueue};
-use rdkafka::producer::FutureRecord;
 use lanes_common::producer::Producer;
+use rdkafka::producer::FutureRecord;
 
 #[derive(Debug, Args)]
 pub struct PublishArgs {

@@ -143,6 +143,10 @@ pub struct MicroBatcherConfig {
     pub max_delay_ms: u64,
     #[serde(default)]
     pub priority_kinds: Vec<String>,
+    /// Event-to-batch latency to hold: windows then adapt their delay and size within
+    /// `max_delay_ms` and `max_events`.
+    #[serde(default)]
+    pub target_latency_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -413,6 +417,9 @@ impl Settings {
         }
         if self.micro_batcher.max_events == 0 || self.micro_batcher.max_bytes == 0 {
             return invalid("micro_batcher.max_events and max_bytes must be > 0".into());
+        }
+        if self.micro_batcher.target_latency_ms == Some(0) {
+            return invalid("micro_batcher.target_latency_ms must be > 0 when set".into());
         }
         let limit = self.producer_message_max_bytes();
         if self.micro_batcher.max_bytes + BATCH_HEADROOM > limit {

@@ -126,11 +126,7 @@ const RECORD_OVERHEAD: usize = 512;
 const MAX_REASON_BYTES: usize = 4096;
 
 impl DlqWriter {
-    pub fn new(
-        producer: Producer,
-        topic: impl Into<String>,
-        stage: impl Into<String>,
-    ) -> Self {
+    pub fn new(producer: Producer, topic: impl Into<String>, stage: impl Into<String>) -> Self {
         Self {
             producer,
             topic: topic.into(),
@@ -292,7 +288,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_letter_that_would_pass_the_limit_is_cut_to_fit() {
-        let mut kafka = crate::Settings::load_from(None, Default::default()).unwrap().kafka;
+        let mut kafka = crate::Settings::load_from(None, Default::default())
+            .unwrap()
+            .kafka;
         kafka.bootstrap_servers = "127.0.0.1:1".into();
         let producer = crate::kafka::producer(&kafka, "test").unwrap();
         let w = DlqWriter::new(producer, "dlq", "ingest").with_max_bytes(100_000);

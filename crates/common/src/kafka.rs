@@ -290,12 +290,12 @@ impl OffsetTracker {
         let mut tpl = TopicPartitionList::new();
         for (topic, partitions) in &self.topics {
             for (partition, p) in partitions {
-            if let Some(pos) = p.position()
-                && p.committed.is_none_or(|c| pos > c)
-            {
-                tpl.add_partition_offset(topic, *partition, Offset::Offset(pos))
-                    .expect("a fresh list accepts any offset");
-            }
+                if let Some(pos) = p.position()
+                    && p.committed.is_none_or(|c| pos > c)
+                {
+                    tpl.add_partition_offset(topic, *partition, Offset::Offset(pos))
+                        .expect("a fresh list accepts any offset");
+                }
             }
         }
         (tpl.count() > 0).then_some(tpl)

@@ -38,13 +38,13 @@ use lanes_common::config::FallbackResponderConfig;
 use lanes_common::kafka::{self, delivered, enqueue};
 use lanes_common::lifecycle::{self, ModelMetrics, ModelWatch};
 use lanes_common::model::Model;
+use lanes_common::producer::Producer;
 use lanes_common::records::{Lane, Prediction, PredictionRequest, now_millis};
 use lanes_common::service::{ServiceContext, ServiceDef};
 use lanes_common::stage::{self, Input, Out, Plan, Stage};
 use rdkafka::Message;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
-use lanes_common::producer::Producer;
 use redis::aio::ConnectionManager;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 

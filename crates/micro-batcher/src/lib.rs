@@ -6,6 +6,7 @@
 //! partition is revoked, and at shutdown, open windows are flushed, their batches
 //! acknowledged and their offsets committed before the partition is let go.
 
+mod adaptive;
 mod metrics;
 pub mod window;
 
@@ -71,6 +72,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                 max_delay: Duration::from_millis(cfg.max_delay_ms),
                 priority_kinds: cfg.priority_kinds.clone(),
                 features: spec.features.clone(),
+                target_latency: cfg.target_latency_ms.map(Duration::from_millis),
             },
             &s.topics.events,
         ),
@@ -82,8 +84,10 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         max_events = cfg.max_events,
         max_bytes = cfg.max_bytes,
         max_delay_ms = cfg.max_delay_ms,
+        target_latency_ms = ?cfg.target_latency_ms,
         "micro-batcher running"
     );
+    b.publish_window();
     let plan = Plan::new(&ctx, SERVICE, &cfg.group, &[&s.topics.events]);
     stage::run(&ctx, plan, b, io).await
 }
@@ -145,6 +149,16 @@ impl Stage for Batcher {
 }
 
 impl Batcher {
+    /// The windows' current delay and size, as metrics.
+    fn publish_window(&self) {
+        self.metrics
+            .window_delay
+            .set(self.windows.delay().as_secs_f64());
+        self.metrics
+            .window_size
+            .set(self.windows.largest_size() as i64);
+    }
+
     /// The held inputs of a closed window.
     fn take_inputs(&mut self, partition: i32, offsets: &[i64]) -> Vec<OwnedMessage> {
         let Some(held) = self.held.get_mut(&partition) else {
@@ -161,6 +175,7 @@ impl Batcher {
     }
 
     async fn emit(&mut self, closed: Closed, out: &mut Out<'_>) -> anyhow::Result<()> {
+        self.publish_window();
         let batch = &closed.batch;
         let inputs = self.take_inputs(batch.source_partition, &closed.offsets);
         let bytes = out.encode(&self.batches_topic, batch).await?;

@@ -1,7 +1,7 @@
 //! The micro-batcher metrics, named `lanes_micro_batcher_<what>_<unit>`, registered once per
 //! process registry.
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 
 pub(crate) struct Metrics {
     pub(crate) events: IntCounterVec,
@@ -10,6 +10,8 @@ pub(crate) struct Metrics {
     pub(crate) closed: IntCounterVec,
     pub(crate) open_seconds: Histogram,
     pub(crate) dead_letters: IntCounterVec,
+    pub(crate) window_delay: Gauge,
+    pub(crate) window_size: IntGauge,
 }
 
 impl Metrics {
@@ -59,6 +61,14 @@ impl Metrics {
                 ),
                 &["class"],
             )?,
+            window_delay: Gauge::new(
+                "lanes_micro_batcher_window_delay_seconds",
+                "How long a window may stay open now (max_delay_ms, or what target_latency_ms leaves).",
+            )?,
+            window_size: IntGauge::new(
+                "lanes_micro_batcher_window_size_events",
+                "Events a window gathers at most now, on its busiest partition (max_events, or what the rate fills within the delay).",
+            )?,
         };
         lanes_common::metrics::zeroed(&m.events, &["batched", "dead_letter"]);
         lanes_common::metrics::zeroed(&m.closed, &["COUNT", "BYTES", "DELAY", "FLUSH", "PRIORITY"]);
@@ -68,6 +78,8 @@ impl Metrics {
         r.register(Box::new(m.closed.clone()))?;
         r.register(Box::new(m.open_seconds.clone()))?;
         r.register(Box::new(m.dead_letters.clone()))?;
+        r.register(Box::new(m.window_delay.clone()))?;
+        r.register(Box::new(m.window_size.clone()))?;
         Ok(m)
     }
 }

@@ -10,6 +10,8 @@ use std::time::Duration;
 use lanes_common::records::{CloseReason, Event, MicroBatch};
 use tokio::time::Instant;
 
+use crate::adaptive::{Adaptive, Limits};
+
 #[derive(Debug, Clone)]
 pub struct WindowConfig {
     pub max_events: usize,
@@ -20,6 +22,9 @@ pub struct WindowConfig {
     pub priority_kinds: Vec<String>,
     /// The model's features, in column order.
     pub features: Vec<String>,
+    /// Event-to-batch latency to hold: the delay and size then adapt ([`Adaptive`])
+    /// within `max_delay` and `max_events`.
+    pub target_latency: Option<Duration>,
 }
 
 /// A closed window: the batch and the input offsets it covers.
@@ -35,6 +40,8 @@ pub struct Closed {
 struct Window {
     opened: Instant,
     opened_ms: i64,
+    /// The oldest `ingested_at` it holds.
+    oldest_ingested: i64,
     bytes: usize,
     offsets: Vec<i64>,
     batch: MicroBatch,
@@ -55,14 +62,59 @@ pub struct Windows {
     cfg: WindowConfig,
     topic: String,
     open: BTreeMap<i32, Window>,
+    adaptive: Option<Adaptive>,
 }
 
 impl Windows {
     pub fn new(cfg: WindowConfig, topic: impl Into<String>) -> Self {
+        let adaptive = cfg.target_latency.map(|target| {
+            Adaptive::new(Limits {
+                target,
+                max_delay: cfg.max_delay,
+                max_events: cfg.max_events,
+            })
+        });
         Self {
             cfg,
             topic: topic.into(),
             open: BTreeMap::new(),
+            adaptive,
+        }
+    }
+
+    /// How long a window may stay open now.
+    pub fn delay(&self) -> Duration {
+        self.adaptive
+            .as_ref()
+            .map_or(self.cfg.max_delay, Adaptive::delay)
+    }
+
+    /// How many events a window of `partition` gathers at most now.
+    pub fn size(&self, partition: i32) -> usize {
+        self.adaptive
+            .as_ref()
+            .map_or(self.cfg.max_events, |a| a.size(partition))
+    }
+
+    /// The largest [`Windows::size`] among the partitions with open windows.
+    pub fn largest_size(&self) -> usize {
+        self.open
+            .keys()
+            .map(|p| self.size(*p))
+            .max()
+            .unwrap_or_else(|| self.size(-1))
+    }
+
+    /// When the window of `partition` (opened at `opened`) is due to close.
+    fn due(&self, partition: i32, opened: Instant) -> Instant {
+        let by_delay = opened + self.delay();
+        match self
+            .adaptive
+            .as_ref()
+            .and_then(|a| a.idle_deadline(partition))
+        {
+            Some(idle) => by_delay.min(idle),
+            None => by_delay,
         }
     }
 
@@ -81,6 +133,9 @@ impl Windows {
         now_ms: i64,
     ) -> Vec<Closed> {
         let mut closed = Vec::new();
+        if let Some(a) = &mut self.adaptive {
+            a.arrived(partition, now, now_ms.saturating_sub(event.ingested_at));
+        }
         let size = event_bytes(event, self.cfg.features.len());
         if let Some(w) = self.open.get(&partition)
             && w.bytes + size > self.cfg.max_bytes
@@ -90,9 +145,11 @@ impl Windows {
         }
         let base = base_bytes(&self.cfg.features, &self.topic);
         let features = self.cfg.features.clone();
+        let max_events = self.size(partition);
         let w = self.open.entry(partition).or_insert_with(|| Window {
             opened: now,
             opened_ms: now_ms,
+            oldest_ingested: event.ingested_at,
             bytes: base,
             offsets: Vec::new(),
             batch: MicroBatch {
@@ -113,6 +170,7 @@ impl Windows {
             },
         });
         w.bytes += size;
+        w.oldest_ingested = w.oldest_ingested.min(event.ingested_at);
         w.offsets.push(offset);
         let b = &mut w.batch;
         b.last_offset = offset;
@@ -128,7 +186,7 @@ impl Windows {
         b.ingested_ats.push(event.ingested_at);
         let reason = if self.cfg.priority_kinds.contains(&event.kind) {
             Some(CloseReason::Priority)
-        } else if w.offsets.len() >= self.cfg.max_events {
+        } else if w.offsets.len() >= max_events {
             Some(CloseReason::Count)
         } else {
             None
@@ -139,20 +197,17 @@ impl Windows {
         closed
     }
 
-    /// When the oldest open window's delay runs out.
+    /// When the first open window is due to close.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.open
-            .values()
-            .map(|w| w.opened + self.cfg.max_delay)
-            .min()
+        self.open.iter().map(|(p, w)| self.due(*p, w.opened)).min()
     }
 
-    /// Closes every window whose delay has run out.
+    /// Closes every window whose delay has run out (or whose partition went quiet).
     pub fn expire(&mut self, now: Instant, now_ms: i64) -> Vec<Closed> {
         let due: Vec<i32> = self
             .open
             .iter()
-            .filter(|(_, w)| w.opened + self.cfg.max_delay <= now)
+            .filter(|(p, w)| self.due(**p, w.opened) <= now)
             .map(|(p, _)| *p)
             .collect();
         due.into_iter()
@@ -170,6 +225,11 @@ impl Windows {
                 .collect(),
             None => self.open.keys().copied().collect(),
         };
+        if let (Some(a), Some(ps)) = (&mut self.adaptive, partitions) {
+            for p in ps {
+                a.forget(*p);
+            }
+        }
         targets
             .into_iter()
             .filter_map(|p| self.close(p, CloseReason::Flush, now, now_ms))
@@ -184,6 +244,11 @@ impl Windows {
         now_ms: i64,
     ) -> Option<Closed> {
         let w = self.open.remove(&partition)?;
+        if let Some(a) = &mut self.adaptive
+            && reason != CloseReason::Flush
+        {
+            a.closed(now_ms.saturating_sub(w.oldest_ingested));
+        }
         let mut batch = w.batch;
         batch.close_reason = reason;
         batch.closed_at = now_ms.max(w.opened_ms);
@@ -218,7 +283,99 @@ mod tests {
             max_delay: Duration::from_millis(delay_ms),
             priority_kinds: vec!["chargeback".into()],
             features: vec!["a".into(), "b".into()],
+            target_latency: None,
         }
+    }
+
+    /// `n` events on partition 0, one every `gap`, each `age_ms` old on arrival; the
+    /// windows' own deadlines are honoured between arrivals. Returns what closed.
+    fn drive(w: &mut Windows, n: i64, gap: Duration, age_ms: i64) -> Vec<Closed> {
+        let start = Instant::now();
+        let mut closed = Vec::new();
+        for i in 0..n {
+            let now = start + gap * i as u32;
+            while let Some(d) = w.next_deadline().filter(|d| *d <= now) {
+                closed.extend(w.expire(d, ms(start, d)));
+            }
+            let mut e = event(i, "t");
+            e.ingested_at = ms(start, now) - age_ms;
+            closed.extend(w.push(0, i, &e, now, ms(start, now)));
+        }
+        closed
+    }
+
+    fn ms(start: Instant, t: Instant) -> i64 {
+        1_000_000 + t.duration_since(start).as_millis() as i64
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_adaptive_window_fills_under_load_and_closes_early_when_thin() {
+        let adaptive = |target_ms| WindowConfig {
+            target_latency: Some(Duration::from_millis(target_ms)),
+            ..cfg(256, 1 << 20, 100)
+        };
+        // 20k events/s, 5 ms upstream, 50 ms target: windows close full, by count.
+        let mut w = Windows::new(adaptive(50), "events");
+        let busy = drive(&mut w, 4000, Duration::from_micros(50), 5);
+        let full = busy.iter().filter(|c| c.offsets.len() == 256).count();
+        assert!(full >= busy.len() - 2, "{full} of {} full", busy.len());
+        assert!(
+            busy.iter()
+                .skip(2)
+                .all(|c| c.batch.close_reason == CloseReason::Count)
+        );
+        // 50 events/s: a fixed 100 ms window holds each event 100 ms for five per batch
+        // and misses a 50 ms target; the adaptive one sends each at once.
+        let mut fixed = Windows::new(cfg(256, 1 << 20, 100), "events");
+        let thin_fixed = drive(&mut fixed, 200, Duration::from_millis(20), 5);
+        assert!(
+            thin_fixed
+                .iter()
+                .any(|c| c.open_for >= Duration::from_millis(80))
+        );
+        let mut w = Windows::new(adaptive(50), "events");
+        let thin = drive(&mut w, 200, Duration::from_millis(20), 5);
+        let late = thin
+            .iter()
+            .skip(5)
+            .filter(|c| c.open_for + Duration::from_millis(5) > Duration::from_millis(50))
+            .count();
+        assert_eq!(
+            late, 0,
+            "every batch within its target once the rate is known"
+        );
+        // 1k events/s: batches of about the events the 45 ms budget allows.
+        let mut w = Windows::new(adaptive(50), "events");
+        let mid = drive(&mut w, 2000, Duration::from_millis(1), 5);
+        let sizes: Vec<usize> = mid.iter().skip(5).map(|c| c.offsets.len()).collect();
+        assert!(sizes.iter().all(|n| (40..=46).contains(n)), "{sizes:?}");
+        assert!(w.delay() <= Duration::from_millis(45));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_adaptive_window_closes_when_its_partition_goes_quiet() {
+        let mut w = Windows::new(
+            WindowConfig {
+                target_latency: Some(Duration::from_millis(1000)),
+                ..cfg(1000, 1 << 20, 1000)
+            },
+            "events",
+        );
+        // A burst of 10 events 1 ms apart, then silence.
+        let closed = drive(&mut w, 10, Duration::from_millis(1), 0);
+        assert!(
+            closed.is_empty(),
+            "the window waits while events keep coming"
+        );
+        let quiet = w.next_deadline().expect("a window is open");
+        let since = quiet.duration_since(Instant::now());
+        assert!(
+            since <= Duration::from_millis(20),
+            "closes 10 gaps after the last event, not after the 1 s delay: {since:?}"
+        );
+        let closed = w.expire(quiet, 0);
+        assert_eq!(closed[0].offsets.len(), 10);
+        assert_eq!(closed[0].batch.close_reason, CloseReason::Delay);
     }
 
     fn event(i: i64, kind: &str) -> Event {
