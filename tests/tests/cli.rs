@@ -307,3 +307,47 @@ fn bench_cpu_reports_cpu_per_event_of_a_drain() {
     let none = lane.lanes(&["bench-cpu", "--events", "0"]);
     assert_eq!(none.status.code(), Some(2), "no events is a usage error");
 }
+
+/// `lanes bench-window` runs the real window code over a rate sweep: the adaptive
+/// window holds its target at every rate, where a fixed window of twice the target
+/// misses it on thin traffic and gathers more per batch than a short one under load.
+#[test]
+fn bench_window_shows_the_adaptive_window_holding_its_target() {
+    let lane = Lane::new("bench-window");
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("window.json");
+    let printed = ok(&lane.lanes(&[
+        "bench-window",
+        "--seconds",
+        "5",
+        "--rates",
+        "20,500,20000",
+        "--fixed-ms",
+        "10,100",
+        "--out",
+        &json.display().to_string(),
+    ]));
+    assert!(
+        printed.contains("adaptive p99 within target at every rate: yes"),
+        "{printed}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    let at = |rate: u64, policy: &str, what: &str| {
+        rows.iter().find(|r| r["rate"] == rate).unwrap()["policies"][policy][what]
+            .as_f64()
+            .unwrap()
+    };
+    let adaptive = "adaptive, target 50 ms";
+    for rate in [20, 500, 20000] {
+        assert!(at(rate, adaptive, "p99_ms") <= 50.0, "{report}");
+    }
+    assert!(at(20, "fixed 100 ms", "p99_ms") > 50.0, "{report}");
+    assert!(
+        at(500, adaptive, "mean_batch") > at(500, "fixed 10 ms", "mean_batch"),
+        "{report}"
+    );
+    let bad = lane.lanes(&["bench-window", "--target-ms", "0"]);
+    assert!(!bad.status.success(), "a zero target is refused");
+}
