@@ -7,7 +7,7 @@
 //! split into poison (dead-letter the record) and transient (retry, never dead-letter).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -70,6 +70,19 @@ pub struct AvroCodec {
     encoder: Arc<AvroEncoder>,
     decoder: Arc<AvroDecoder>,
     unknown: Arc<Mutex<UnknownIds>>,
+    known: Arc<RwLock<Known>>,
+}
+
+/// What the registry has already answered about our own records, so the hot path skips
+/// the converter: no subject strategy or schema text cloned per record, no generic
+/// Avro value in between, no lock but one read lock.
+#[derive(Default)]
+struct Known {
+    /// The schema id of each record type under each topic's subject.
+    ids: HashMap<String, HashMap<&'static str, u32>>,
+    /// Whether a writer schema id reads as a record type's own schema (same Parsing
+    /// Canonical Form, so the same binary layout).
+    own: HashMap<(u32, &'static str), bool>,
 }
 
 /// For how long after a schema id is first found missing it is asked for again: a
@@ -172,12 +185,57 @@ impl AvroCodec {
             encoder: Arc::new(AvroEncoder::new(settings.clone())),
             decoder: Arc::new(AvroDecoder::new(settings)),
             unknown: Arc::default(),
+            known: Arc::default(),
         })
+    }
+
+    fn known(&self) -> std::sync::RwLockReadGuard<'_, Known> {
+        self.known.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn learn(&self) -> std::sync::RwLockWriteGuard<'_, Known> {
+        self.known.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Encodes `record` for `topic`, registering its schema under `<topic>-value` on
     /// first use.
     pub async fn encode<R: Record>(&self, topic: &str, record: &R) -> Result<Vec<u8>, EncodeError> {
+        let id = self
+            .known()
+            .ids
+            .get(topic)
+            .and_then(|t| t.get(R::NAME))
+            .copied();
+        if let Some(id) = id {
+            let mut out = Vec::with_capacity(128);
+            out.push(0);
+            out.extend_from_slice(&id.to_be_bytes());
+            R::writer()
+                .write_ser(&mut out, record)
+                .map_err(|e| EncodeError {
+                    retriable: false,
+                    message: format!("encode {} for {topic}: {e}", R::NAME),
+                })?;
+            return Ok(out);
+        }
+        let bytes = self.encode_registering(topic, record).await?;
+        if let Ok(id) = check_framing(&bytes) {
+            self.learn()
+                .ids
+                .entry(topic.to_string())
+                .or_default()
+                .insert(R::NAME, id);
+        }
+        Ok(bytes)
+    }
+
+    /// The first encode of a record type for a topic: through the converter, which
+    /// registers the schema under the topic's subject.
+    async fn encode_registering<R: Record>(
+        &self,
+        topic: &str,
+        record: &R,
+    ) -> Result<Vec<u8>, EncodeError> {
         let strategy = SubjectNameStrategy::TopicNameStrategyWithSchema(
             topic.to_string(),
             false,
@@ -215,6 +273,18 @@ impl AvroCodec {
     /// (transient) before the record is poison ([`UnknownIds`]).
     pub async fn decode<R: Record>(&self, bytes: &[u8]) -> Result<Decoded<R>, DecodeError> {
         let schema_id = check_framing(bytes)?;
+        let own = self.known().own.get(&(schema_id, R::NAME)).copied();
+        if own == Some(true) {
+            return R::reader()
+                .read_deser::<R>(&mut &bytes[5..])
+                .map(|record| Decoded { record, schema_id })
+                .map_err(|e| {
+                    DecodeError::poison(
+                        ErrorClass::DecodeError,
+                        format!("schema id {schema_id} does not fit {}: {e}", R::NAME),
+                    )
+                });
+        }
         let unknown = |verdict: Unknown| match verdict {
             Unknown::Recheck => DecodeError::Transient(format!(
                 "schema id {schema_id} is not registered (yet); asking again"
@@ -266,6 +336,12 @@ impl AvroCodec {
                 format!("schema id {schema_id} does not fit {}: {e}", R::NAME),
             )
         })?;
+        if own.is_none()
+            && let Ok(writer) = self.decoder.get_schema(schema_id).await
+        {
+            let same = writer.parsed.canonical_form() == R::schema().canonical_form();
+            self.learn().own.insert((schema_id, R::NAME), same);
+        }
         Ok(Decoded { record, schema_id })
     }
 

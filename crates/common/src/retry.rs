@@ -57,11 +57,15 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    let mut delays = backoff();
+    // Built at the first failure: the hot path (every decode, encode and write) succeeds.
+    let mut delays = None;
     loop {
         match op().await {
             Err(e) if e.is_transient() && !stop.is_cancelled() => {
-                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                let delay = delays
+                    .get_or_insert_with(backoff)
+                    .next()
+                    .unwrap_or(Duration::from_secs(5));
                 tracing::warn!(error = %e, retry_in = ?delay, "{what} failed, retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
