@@ -113,7 +113,7 @@ pub async fn run(
             .await
             .context("creating the predictions topic")?;
         Some((
-            kafka::producer(&settings.kafka, "lanes-batch")?,
+            kafka::producer(&settings.for_service("batch").kafka, "lanes-batch")?,
             AvroCodec::new(&settings.registry)?,
             topic,
         ))

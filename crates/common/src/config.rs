@@ -185,7 +185,31 @@ pub struct KafkaConfig {
     /// librdkafka properties for consumers only.
     #[serde(default)]
     pub consumer_properties: BTreeMap<String, String>,
+    /// Per service (`ingest`, `micro-batcher`, ...): properties over the two above, so
+    /// each stage can trade latency for CPU on its own (linger, fetch wait).
+    #[serde(default)]
+    pub services: BTreeMap<String, ClientProperties>,
 }
+
+/// One service's own librdkafka properties.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientProperties {
+    #[serde(default)]
+    pub producer_properties: BTreeMap<String, String>,
+    #[serde(default)]
+    pub consumer_properties: BTreeMap<String, String>,
+}
+
+/// Services whose clients `kafka.services` may tune.
+pub const CLIENT_SERVICES: [&str; 6] = [
+    "ingest",
+    "micro-batcher",
+    "scorer",
+    "cache-writer",
+    "fallback-responder",
+    "batch",
+];
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -373,14 +397,27 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Environment variables cannot carry dots, so librdkafka keys arrive as
-    /// `sasl_mechanism`; librdkafka property names never contain underscores.
+    /// Environment variables cannot carry dots or dashes, so librdkafka keys arrive as
+    /// `sasl_mechanism` and services as `micro_batcher`; librdkafka property names
+    /// never contain underscores.
     fn normalize(&mut self) {
+        self.kafka.services = std::mem::take(&mut self.kafka.services)
+            .into_iter()
+            .map(|(k, v)| (k.replace('_', "-"), v))
+            .collect();
+        let services = self
+            .kafka
+            .services
+            .values_mut()
+            .flat_map(|c| [&mut c.producer_properties, &mut c.consumer_properties]);
         for map in [
             &mut self.kafka.properties,
             &mut self.kafka.producer_properties,
             &mut self.kafka.consumer_properties,
-        ] {
+        ]
+        .into_iter()
+        .chain(services)
+        {
             *map = std::mem::take(map)
                 .into_iter()
                 .map(|(k, v)| (k.replace('_', "."), v))
@@ -418,10 +455,23 @@ impl Settings {
         if self.micro_batcher.max_events == 0 || self.micro_batcher.max_bytes == 0 {
             return invalid("micro_batcher.max_events and max_bytes must be > 0".into());
         }
+        if let Some(unknown) = self
+            .kafka
+            .services
+            .keys()
+            .find(|k| !CLIENT_SERVICES.contains(&k.as_str()))
+        {
+            return invalid(format!(
+                "kafka.services.{unknown}: no such service (one of {})",
+                CLIENT_SERVICES.join(", ")
+            ));
+        }
         if self.micro_batcher.target_latency_ms == Some(0) {
             return invalid("micro_batcher.target_latency_ms must be > 0 when set".into());
         }
-        let limit = self.producer_message_max_bytes();
+        let limit = self
+            .for_service("micro-batcher")
+            .producer_message_max_bytes();
         if self.micro_batcher.max_bytes + BATCH_HEADROOM > limit {
             return invalid(format!(
                 "micro_batcher.max_bytes ({}) plus {BATCH_HEADROOM} bytes of headroom exceeds the producer's message.max.bytes ({limit})",
@@ -462,6 +512,21 @@ impl Settings {
     }
 
     /// The producer's `message.max.bytes` (librdkafka's default unless configured).
+    /// These settings as `service` uses them: its `kafka.services` properties applied
+    /// over the shared producer and consumer properties.
+    pub fn for_service(&self, service: &str) -> Settings {
+        let mut s = self.clone();
+        if let Some(own) = self.kafka.services.get(service) {
+            s.kafka
+                .producer_properties
+                .extend(own.producer_properties.clone());
+            s.kafka
+                .consumer_properties
+                .extend(own.consumer_properties.clone());
+        }
+        s
+    }
+
     pub fn producer_message_max_bytes(&self) -> usize {
         self.kafka
             .producer_properties
@@ -549,6 +614,41 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(text.as_bytes()).unwrap();
         f
+    }
+
+    #[test]
+    fn a_service_may_tune_its_own_clients() {
+        let env: HashMap<String, String> = [
+            (
+                "LANES__KAFKA__SERVICES__MICRO_BATCHER__PRODUCER_PROPERTIES__LINGER_MS",
+                "0",
+            ),
+            (
+                "LANES__KAFKA__SERVICES__MICRO_BATCHER__CONSUMER_PROPERTIES__FETCH_WAIT_MAX_MS",
+                "2",
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let s = Settings::load_from(None, env).unwrap();
+        let batcher = s.for_service("micro-batcher");
+        assert_eq!(batcher.kafka.producer_properties["linger.ms"], "0");
+        assert_eq!(batcher.kafka.consumer_properties["fetch.wait.max.ms"], "2");
+        let ingest = s.for_service("ingest");
+        assert_eq!(
+            ingest.kafka.producer_properties["linger.ms"], s.kafka.producer_properties["linger.ms"],
+            "other services keep the shared value"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("typo.toml");
+        std::fs::write(
+            &file,
+            "[kafka.services.scorrer.producer_properties]\n\"linger.ms\" = \"0\"\n",
+        )
+        .unwrap();
+        let e = Settings::load_from(Some(&file), HashMap::new()).unwrap_err();
+        assert!(e.to_string().contains("kafka.services.scorrer"), "{e}");
     }
 
     #[test]

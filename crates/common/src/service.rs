@@ -102,7 +102,7 @@ pub fn host(
         .map(|def| {
             let ready = ReadyFlag::new(def.name);
             let ctx = ServiceContext {
-                settings: settings.clone(),
+                settings: settings.for_service(def.name),
                 metrics: metrics.clone(),
                 shutdown: shutdown.clone(),
                 ready: ready.clone(),
