@@ -59,7 +59,7 @@ if [ ! -x "$LANES_VENV/bin/python" ]; then
   say "creating the Python venv in .venv"
   "$PY" -m venv "$LANES_VENV" 2>/dev/null || { apt_install python3-venv; rm -rf "$LANES_VENV"; "$PY" -m venv "$LANES_VENV"; }
 fi
-if ! "$LANES_VENV/bin/python" -c "import onnxruntime, fastavro, sklearn, skl2onnx; from confluent_kafka.schema_registry.avro import AvroSerializer" 2>/dev/null; then
+if ! "$LANES_VENV/bin/python" -c "import onnxruntime, fastavro, redis, sklearn, skl2onnx; from confluent_kafka.schema_registry.avro import AvroSerializer" 2>/dev/null; then
   say "installing Python packages into .venv"
   "$LANES_VENV/bin/pip" install -q --disable-pip-version-check -r "$LANES_ROOT/scripts/requirements.txt"
 fi

@@ -275,7 +275,8 @@ fn help_and_usage_errors() {
 }
 
 /// `lanes bench-cpu` drains its backlog through a child `lanes up` and reports CPU
-/// per event for Lanes, the broker and Redis.
+/// per event for Lanes, the broker and Redis, its idle CPU, and the same drain through
+/// the Python baseline.
 #[test]
 fn bench_cpu_reports_cpu_per_event_of_a_drain() {
     let lane = Lane::new("bench-cpu");
@@ -285,6 +286,9 @@ fn bench_cpu_reports_cpu_per_event_of_a_drain() {
         "bench-cpu".to_string(),
         "--events".into(),
         "3000".into(),
+        "--idle-secs".into(),
+        "2".into(),
+        "--python".into(),
         "--out".into(),
         json.display().to_string(),
     ];
@@ -304,6 +308,18 @@ fn bench_cpu_reports_cpu_per_event_of_a_drain() {
         assert!(us > 0.0 && us.is_finite(), "{process}: {report}");
     }
     assert!(report["lanes_peak_rss_mib"].as_f64().unwrap() > 0.0);
+    let idle = report["lanes_idle_cpu_percent"].as_f64().unwrap();
+    assert!((0.0..200.0).contains(&idle), "{report}");
+    // The Python baseline drained the same events through its own topics.
+    let python = &report["python"][0];
+    assert_eq!(python["events"], 3000, "{report}");
+    assert!(python["events_per_s"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(
+        python["cpu_us_per_event"]["python"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert!(report["drain_ratio"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(printed.contains("drain rate, lanes / python"), "{printed}");
     let none = lane.lanes(&["bench-cpu", "--events", "0"]);
     assert_eq!(none.status.code(), Some(2), "no events is a usage error");
 }
