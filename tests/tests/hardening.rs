@@ -108,12 +108,26 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
     let key = |e: &str| format!("{}{e}", lane.settings.cache_writer.key_prefix);
     // Someone else's string where an entity's hash belongs.
     let _: () = r.set(key("taken"), "not a hash").await.unwrap();
+    // A hash whose times are not numbers: it is rewritten, not a reason to fail the
+    // call the other keys share.
+    let _: () = r
+        .hset_multiple(
+            key("garbled"),
+            &[
+                ("event_time", "soon"),
+                ("scored_at", "x"),
+                ("features_event_time", "later"),
+            ],
+        )
+        .await
+        .unwrap();
     let codec = AvroCodec::new(&lane.settings.registry).unwrap();
     let p = producer(&lane.settings);
     let topic = &lane.settings.topics.predictions;
     for (entity, score) in [
         ("ok-1", 0.1),
         ("taken", 0.2),
+        ("garbled", 0.4),
         ("ok-2", 0.3),
         ("bad-score", f64::NAN),
     ] {
@@ -144,7 +158,7 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
             ("taken".to_string(), ErrorClass::CacheWriteError)
         ]
     );
-    for (entity, score) in [("ok-1", "0.1"), ("ok-2", "0.3")] {
+    for (entity, score) in [("ok-1", "0.1"), ("garbled", "0.4"), ("ok-2", "0.3")] {
         let got: Option<String> = r.hget(key(entity), "score").await.unwrap();
         assert_eq!(
             got.as_deref(),

@@ -20,8 +20,9 @@ mod metrics;
 use std::time::Instant;
 
 use anyhow::Context;
-use lanes_common::cache;
+use lanes_common::cache::{self, Written};
 use lanes_common::dlq::{ErrorClass, header_str};
+use lanes_common::error::Failure;
 use lanes_common::kafka;
 use lanes_common::records::{Event, Prediction, check_client_time, now_millis};
 use lanes_common::retry;
@@ -225,21 +226,18 @@ impl Writer {
             .map_err(|e| (ErrorClass::InvalidEventTime, e))
     }
 
-    /// Writes a chunk in one script call, retrying until Redis answers, and marks each
-    /// input done; a key Redis refuses (WRONGTYPE) is dead-lettered alone.
-    async fn write(
+    /// One script call for `items` (all predictions or all events), retried while
+    /// Redis is away or passing through a state (out of memory): each key's reply.
+    async fn invoke(
         &mut self,
-        good: Vec<(OwnedMessage, Item)>,
-        out: &mut Out<'_>,
-    ) -> anyhow::Result<()> {
-        if good.is_empty() {
-            return Ok(());
-        }
-        let invocation = match good.first().map(|(_, item)| item) {
+        items: &[&Item],
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<Vec<Result<Written, Failure>>, Failure> {
+        let invocation = match items.first() {
             Some(Item::Prediction(..)) => cache::write_predictions(
                 &self.script,
                 &self.prefix,
-                good.iter().filter_map(|(_, item)| match item {
+                items.iter().filter_map(|item| match item {
                     Item::Prediction(p, guard) => Some((p, *guard)),
                     Item::Event(_) => None,
                 }),
@@ -248,16 +246,15 @@ impl Writer {
             _ => cache::write_features(
                 &self.script,
                 &self.prefix,
-                good.iter().filter_map(|(_, item)| match item {
+                items.iter().filter_map(|item| match item {
                     Item::Event(e) => Some((e.entity_id.as_str(), &e.features, e.event_time)),
                     Item::Prediction(..) => None,
                 }),
                 self.ttl,
             ),
         };
-        let stop = out.stop().clone();
-        let (redis, metrics, keys) = (&mut self.redis, &self.metrics, good.len());
-        let results = retry::retrying("redis write", &stop, || {
+        let (redis, metrics, keys) = (&mut self.redis, &self.metrics, items.len());
+        retry::retrying("redis write", stop, || {
             let started = Instant::now();
             let mut conn = redis.clone();
             let invocation = &invocation;
@@ -285,14 +282,38 @@ impl Writer {
             }
         })
         .await
-        .map_err(|e| {
-            let e = format!("{} inputs not written: {e}", good.len());
-            match stop.is_cancelled() {
-                // Stopped while Redis was away: not done, so read again after a restart.
-                true => anyhow::Error::new(Interrupted(e)),
-                false => anyhow::anyhow!(e),
+    }
+
+    /// Writes a chunk in one script call, retrying until Redis answers, and marks each
+    /// input done; a key Redis refuses (WRONGTYPE) is dead-lettered alone.
+    async fn write(
+        &mut self,
+        good: Vec<(OwnedMessage, Item)>,
+        out: &mut Out<'_>,
+    ) -> anyhow::Result<()> {
+        if good.is_empty() {
+            return Ok(());
+        }
+        let items: Vec<&Item> = good.iter().map(|(_, item)| item).collect();
+        let stop = out.stop().clone();
+        let results = match self.invoke(&items, &stop).await {
+            // The whole call refused for good: some item's entry is one the script cannot
+            // read. Write them one by one so only that item is dead-lettered.
+            Err(Failure::Poison { message, .. }) if items.len() > 1 => {
+                tracing::warn!(items = items.len(), error = %message, "a cache write call was refused; writing its items one by one");
+                let mut each = Vec::with_capacity(items.len());
+                for item in &items {
+                    each.push(match self.invoke(std::slice::from_ref(item), &stop).await {
+                        Ok(mut r) => r.pop().expect("one reply per key"),
+                        Err(e @ Failure::Poison { .. }) => Err(e),
+                        Err(e) => return Err(not_written(e, 1, &stop)),
+                    });
+                }
+                each
             }
-        })?;
+            Ok(r) => r,
+            Err(e) => return Err(not_written(e, items.len(), &stop)),
+        };
         let now = now_millis();
         for ((m, item), reply) in good.into_iter().zip(results) {
             let written = match reply {
@@ -324,6 +345,16 @@ impl Writer {
             out.done(&m);
         }
         Ok(())
+    }
+}
+
+/// The error that stops the loop when `n` inputs could not be written.
+fn not_written(e: Failure, n: usize, stop: &tokio_util::sync::CancellationToken) -> anyhow::Error {
+    let e = format!("{n} inputs not written: {e}");
+    match stop.is_cancelled() {
+        // Stopped while Redis was away: not done, so read again after a restart.
+        true => anyhow::Error::new(Interrupted(e)),
+        false => anyhow::anyhow!(e),
     }
 }
 

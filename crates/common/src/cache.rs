@@ -19,7 +19,10 @@ use crate::records::Prediction;
 /// and features JSON. Newest event time wins; equal times keep what is there. Replies
 /// one entry per key: 1 written, 0 stale, or the error Redis gave for that key alone.
 /// One call per pipeline, not per item: the script call costs Redis more than the
-/// commands inside it.
+/// commands inside it. Only a key's first read is a `pcall`: once it answered as a
+/// hash, writing it can only fail for the whole server (out of memory), which fails
+/// the call and retries it whole. A cached time that is not a number counts as none,
+/// so the entry is rewritten rather than the call failing.
 pub const FEATURES_IF_NEWER: &str = r"
 local ttl = tonumber(ARGV[1])
 local out = {}
@@ -28,16 +31,12 @@ for i, key in ipairs(KEYS) do
   local cached = redis.pcall('HGET', key, 'features_event_time')
   if type(cached) == 'table' and cached.err then
     out[i] = cached.err
-  elseif cached and tonumber(t) <= tonumber(cached) then
+  elseif tonumber(cached) and tonumber(t) <= tonumber(cached) then
     out[i] = 0
   else
-    local w = redis.pcall('HSET', key, 'features_event_time', t, 'features', ARGV[2 * i + 1])
-    if type(w) == 'table' and w.err then
-      out[i] = w.err
-    else
-      if ttl > 0 then redis.call('EXPIRE', key, ttl) end
-      out[i] = 1
-    end
+    redis.call('HSET', key, 'features_event_time', t, 'features', ARGV[2 * i + 1])
+    if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+    out[i] = 1
   end
 end
 return out
@@ -60,25 +59,23 @@ for i, key in ipairs(KEYS) do
   local a = 1 + (i - 1) * 10
   local t = tonumber(ARGV[a + 1])
   local cached = redis.pcall('HMGET', key, 'event_time', 'scored_at', 'event_id', 'model_version', 'features_event_time')
+  local ct, cf = nil, nil
+  if not cached.err then ct, cf = tonumber(cached[1]), tonumber(cached[5]) end
   if cached.err then
     out[i] = cached.err
-  elseif cached[1] and cached[3] == ARGV[a + 3] and cached[4] == ARGV[a + 4] then
+  elseif ct and cached[3] == ARGV[a + 3] and cached[4] == ARGV[a + 4] then
     out[i] = 2
-  elseif cached[1] and (t < tonumber(cached[1]) or (t == tonumber(cached[1]) and tonumber(ARGV[a + 2]) <= tonumber(cached[2] or '0'))) then
+  elseif ct and (t < ct or (t == ct and tonumber(ARGV[a + 2]) <= (tonumber(cached[2]) or 0))) then
     out[i] = 0
-  elseif ARGV[a + 5] == '1' and cached[5] and tonumber(cached[5]) > t then
+  elseif ARGV[a + 5] == '1' and cf and cf > t then
     out[i] = 0
   else
-    local w = redis.pcall('HSET', key, 'written_at', written_at, 'event_time', ARGV[a + 1],
+    redis.call('HSET', key, 'written_at', written_at, 'event_time', ARGV[a + 1],
       'scored_at', ARGV[a + 2], 'event_id', ARGV[a + 3], 'model_version', ARGV[a + 4],
       'score', ARGV[a + 6], 'label', ARGV[a + 7], 'model_name', ARGV[a + 8],
       'lane', ARGV[a + 9], 'ingested_at', ARGV[a + 10])
-    if type(w) == 'table' and w.err then
-      out[i] = w.err
-    else
-      if ttl > 0 then redis.call('EXPIRE', key, ttl) end
-      out[i] = 1
-    end
+    if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+    out[i] = 1
   end
 end
 return out
