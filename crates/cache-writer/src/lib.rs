@@ -125,7 +125,7 @@ async fn consume(ctx: ServiceContext, mode: Mode, metrics: Metrics) -> anyhow::R
             cache::FEATURES_IF_NEWER,
         ),
     };
-    let io = stage::io(s, SERVICE, metrics.dead_letters.clone())?;
+    let io = stage::io(&ctx, SERVICE, metrics.dead_letters.clone())?;
     let w = Writer {
         max_clock_skew_ms: s.ingest.max_clock_skew_ms,
         redis,

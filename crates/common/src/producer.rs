@@ -8,6 +8,7 @@
 //! producer's polling thread, and the task waiting for the group is woken once, when the
 //! last report is in. A single record can still be awaited on its own ([`Producer::send`]).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,6 +25,8 @@ use rdkafka::producer::{
     ThreadedProducer,
 };
 use rdkafka::{ClientContext, Statistics};
+
+use crate::config::KafkaConfig;
 
 /// Who waits for a message's delivery report.
 pub struct Ticket(Waiter);
@@ -151,6 +154,41 @@ impl Producer {
     /// Waits up to `timeout` for every queued message to be delivered.
     pub fn flush(&self, timeout: Duration) -> KafkaResult<()> {
         self.inner.flush(timeout)
+    }
+}
+
+/// Producers shared by the services of one process: one per distinct client
+/// configuration, so `lanes up` runs one polling thread, one set of broker connections
+/// and fuller produce requests, not one of each per service. A service whose
+/// `kafka.services` properties differ gets its own.
+#[derive(Clone)]
+pub struct Producers {
+    client_id: String,
+    shared: Arc<Mutex<HashMap<String, Producer>>>,
+}
+
+impl Producers {
+    /// Producers created here identify themselves as `client_id`.
+    pub fn new(client_id: impl Into<String>) -> Self {
+        Self {
+            client_id: client_id.into(),
+            shared: Arc::default(),
+        }
+    }
+
+    /// The producer for `cfg`, created on first use.
+    pub fn get(&self, cfg: &KafkaConfig) -> KafkaResult<Producer> {
+        let key = format!(
+            "{}\n{:?}\n{:?}",
+            cfg.bootstrap_servers, cfg.properties, cfg.producer_properties
+        );
+        let mut shared = self.shared.lock().expect("producers lock");
+        if let Some(p) = shared.get(&key) {
+            return Ok(p.clone());
+        }
+        let p = crate::kafka::producer(cfg, &self.client_id)?;
+        shared.insert(key, p.clone());
+        Ok(p)
     }
 }
 
@@ -358,6 +396,27 @@ mod tests {
             ],
             "only a's refused output fails a; the abandoned output's failure decides nothing"
         );
+    }
+
+    #[test]
+    fn services_with_the_same_client_settings_share_one_producer() {
+        let mut cfg = crate::Settings::load_from(None, Default::default())
+            .unwrap()
+            .kafka;
+        cfg.bootstrap_servers = "127.0.0.1:1".into();
+        let pool = Producers::new("lanes-up");
+        let (a, b) = (pool.get(&cfg).unwrap(), pool.get(&cfg).unwrap());
+        assert!(Arc::ptr_eq(&a.inner, &b.inner));
+        let mut own = cfg.clone();
+        own.producer_properties
+            .insert("linger.ms".into(), "0".into());
+        let c = pool.get(&own).unwrap();
+        assert!(
+            !Arc::ptr_eq(&a.inner, &c.inner),
+            "other properties, own producer"
+        );
+        let other_process = Producers::new("lanes-ingest").get(&cfg).unwrap();
+        assert!(!Arc::ptr_eq(&a.inner, &other_process.inner));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, KafkaCheck, ReadinessCheck, ReadyFlag, RedisCheck, RegistryCheck};
+use crate::producer::Producers;
 use crate::shutdown::{self, EXIT_CONFIG, Supervisor};
 use crate::{Settings, telemetry};
 
@@ -25,6 +26,8 @@ pub struct ServiceContext {
     pub ready: ReadyFlag,
     /// Lag and rebalances, shared by the services of one process.
     pub consumer: ConsumerMetrics,
+    /// Producers, shared by the services of one process.
+    pub producers: Producers,
 }
 
 /// Metrics of every consuming service in a process, labelled by service.
@@ -98,6 +101,10 @@ pub fn host(
     shutdown: &CancellationToken,
     mut spawn: impl FnMut(&'static str, ServiceFuture),
 ) -> Vec<ReadyFlag> {
+    let producers = Producers::new(match defs {
+        [one] => format!("lanes-{}", one.name),
+        _ => "lanes-up".to_string(),
+    });
     defs.iter()
         .map(|def| {
             let ready = ReadyFlag::new(def.name);
@@ -107,6 +114,7 @@ pub fn host(
                 shutdown: shutdown.clone(),
                 ready: ready.clone(),
                 consumer: consumer.clone(),
+                producers: producers.clone(),
             };
             spawn(def.name, (def.run)(ctx));
             ready

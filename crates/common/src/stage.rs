@@ -27,7 +27,6 @@ use rdkafka::producer::FutureRecord;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::Settings;
 use crate::avro::{AvroCodec, DecodeError};
 use crate::dlq::{DlqWriter, ErrorClass};
 use crate::error::Failure;
@@ -152,10 +151,12 @@ pub struct Io {
     pub dlq: DlqWriter,
 }
 
-/// The clients of `service`: its producer, the registry codec, and a dead-letter writer
-/// counting into `dead_letters` and cutting letters to the producer's size limit.
-pub fn io(settings: &Settings, service: &str, dead_letters: IntCounterVec) -> anyhow::Result<Io> {
-    let producer = crate::kafka::producer(&settings.kafka, &format!("lanes-{service}"))?;
+/// The clients of `service`: its producer (shared in the process, see [`crate::producer::Producers`]), the
+/// registry codec, and a dead-letter writer counting into `dead_letters` and cutting
+/// letters to the producer's size limit.
+pub fn io(ctx: &ServiceContext, service: &str, dead_letters: IntCounterVec) -> anyhow::Result<Io> {
+    let settings = &ctx.settings;
+    let producer = ctx.producers.get(&settings.kafka)?;
     Ok(Io {
         codec: AvroCodec::new(&settings.registry)?,
         dlq: DlqWriter::new(producer.clone(), &settings.topics.dlq, service)

@@ -449,7 +449,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         }
     };
     let redis_client = cache::client(&s.redis).context("redis")?;
-    let io = stage::io(s, SERVICE, metrics.dead_letters.clone())?;
+    let io = stage::io(&ctx, SERVICE, metrics.dead_letters.clone())?;
     let core = Arc::new(Core {
         breaker: Mutex::new(Breaker::new(
             cfg.breaker_failures,

@@ -49,7 +49,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     kafka::ensure_topics(&s.kafka, &[&s.topics.raw, &s.topics.events, &s.topics.dlq])
         .await
         .context("creating topics")?;
-    let io = stage::io(s, SERVICE, metrics.dead_letters.clone())?;
+    let io = stage::io(&ctx, SERVICE, metrics.dead_letters.clone())?;
     let ingest = Ingest {
         rules: Rules {
             features: spec.features,

@@ -62,7 +62,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     )
     .await
     .context("creating topics")?;
-    let io = stage::io(s, SERVICE, metrics.dead_letters.clone())?;
+    let io = stage::io(&ctx, SERVICE, metrics.dead_letters.clone())?;
     let cfg = &s.micro_batcher;
     let b = Batcher {
         windows: Windows::new(

@@ -106,7 +106,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     kafka::ensure_topics(&s.kafka, &topics)
         .await
         .context("creating topics")?;
-    let io = stage::io(s, SERVICE, metrics.dead_letters.clone())?;
+    let io = stage::io(&ctx, SERVICE, metrics.dead_letters.clone())?;
     let serving = model.current();
     tracing::info!(model = %serving.spec.name, version = %serving.spec.version, "scorer running");
     drop(serving);
