@@ -266,6 +266,15 @@ pub async fn run(args: ServingArgs, settings: &Settings) -> anyhow::Result<()> {
             r["p99_ms"]
         );
     }
+    let p99 = |i: usize| rows[i]["p99_ms"].as_f64().unwrap_or(f64::NAN);
+    println!();
+    println!("| goal | measured | target |");
+    println!("|---|---:|---:|");
+    println!("| hit p99 / echo p99 | {:.2}x | <= 2.5x |", p99(1) / p99(0));
+    println!(
+        "| miss p99 - hit p99 | {:.1} ms | <= 2 ms |",
+        p99(2) - p99(1)
+    );
     println!();
     println!(
         "{} requests each at {}/s; written to {}",
