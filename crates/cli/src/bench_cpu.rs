@@ -214,7 +214,34 @@ async fn drain_lanes(
     let _ = process::signal(lanes, "CONT");
     let _ = process::signal(lanes, "TERM");
     let _ = up.wait();
+    forget_keys(&s).await?;
     result
+}
+
+/// Deletes the cache entries a drain wrote (its own key prefix), so repeated runs do not
+/// fill the shared Redis.
+async fn forget_keys(s: &Settings) -> anyhow::Result<()> {
+    let client = lanes_common::cache::client(&s.redis)?;
+    let mut c = client.get_multiplexed_async_connection().await?;
+    let pattern = format!("{}*", s.cache_writer.key_prefix);
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut c)
+            .await?;
+        if !keys.is_empty() {
+            let _: i64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut c).await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
 }
 
 /// Publishes `n` generated raw events to `topic` and waits for every acknowledgement.
@@ -275,6 +302,7 @@ async fn drain_python(
     let after = [cpu_seconds(broker)?, cpu_seconds(redis)?];
     let peak = process::peak_rss_mib(pid);
     let _ = child.wait().await;
+    forget_keys(&s).await?;
     let done: serde_json::Value =
         serde_json::from_str(&done).with_context(|| format!("python baseline printed {done:?}"))?;
     let drain = done["drain_s"].as_f64().context("no drain_s")?;

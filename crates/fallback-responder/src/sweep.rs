@@ -25,8 +25,13 @@ pub fn spawn(core: Arc<Core>, stop: CancellationToken) -> tokio::task::JoinHandl
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = sample_tick.tick() => {
-                    if let Err(e) = sample(&core).await {
-                        tracing::warn!(error = %e, "staleness sample failed");
+                    // Read-only, so a stop may cut it short: over a large cache a
+                    // sample takes many SCAN pages and must not hold up shutdown.
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        sampled = sample(&core) => if let Err(e) = sampled {
+                            tracing::warn!(error = %e, "staleness sample failed");
+                        },
                     }
                 }
                 _ = sweep_tick.tick(), if !sweep_every.is_zero() => {
