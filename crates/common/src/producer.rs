@@ -33,9 +33,33 @@ pub struct Ticket(Waiter);
 
 enum Waiter {
     /// A part of a group of outputs.
-    Part(Arc<GroupState>, u32),
+    Part(PartWaiter),
     /// One caller, for one record.
     One(oneshot::Sender<KafkaResult<(i32, i64)>>),
+}
+
+/// An output's claim on its group. Released when dropped: after its report, or with its
+/// record when that never reached librdkafka (refused, or its enqueue was cancelled), so
+/// a group always resolves.
+struct PartWaiter {
+    group: Arc<GroupState>,
+    part: u32,
+}
+
+impl PartWaiter {
+    fn failed(&self, e: KafkaError) {
+        self.group
+            .failures
+            .lock()
+            .expect("group lock")
+            .push((self.part, e));
+    }
+}
+
+impl Drop for PartWaiter {
+    fn drop(&mut self) {
+        self.group.release();
+    }
 }
 
 /// Routes delivery reports to their tickets.
@@ -50,7 +74,11 @@ impl ProducerContext<NoCustomPartitioner> for Reports {
 
     fn delivery(&self, result: &DeliveryResult<'_>, ticket: Box<Ticket>) {
         match ticket.0 {
-            Waiter::Part(group, part) => group.report(part, result),
+            Waiter::Part(waiter) => {
+                if let Err((e, _)) = result {
+                    waiter.failed(e.clone());
+                }
+            }
             Waiter::One(tx) => {
                 let _ = tx.send(match result {
                     Ok(m) => Ok((m.partition(), m.offset())),
@@ -138,17 +166,9 @@ impl Producer {
         P: ToBytes + ?Sized,
     {
         let ticket = group.ticket();
-        match self.enqueue(record, ticket).await {
-            Ok(()) => {
-                group.open_outputs += 1;
-                Ok(())
-            }
-            Err(e) => {
-                // Refused before it was queued: no report will come for it.
-                group.state.release();
-                Err(e)
-            }
-        }
+        self.enqueue(record, ticket).await?;
+        group.open_outputs += 1;
+        Ok(())
     }
 
     /// Waits up to `timeout` for every queued message to be delivered.
@@ -215,17 +235,6 @@ struct GroupState {
 }
 
 impl GroupState {
-    fn report(&self, part: u32, result: &DeliveryResult<'_>) {
-        self.settle(part, result.as_ref().err().map(|(e, _)| e.clone()));
-    }
-
-    fn settle(&self, part: u32, failure: Option<KafkaError>) {
-        if let Some(e) = failure {
-            self.failures.lock().expect("group lock").push((part, e));
-        }
-        self.release();
-    }
-
     fn release(&self) {
         if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.waker.wake();
@@ -265,7 +274,10 @@ impl<T> Group<T> {
     /// The ticket of one more output of the current part: its report is now awaited.
     fn ticket(&mut self) -> Ticket {
         self.state.outstanding.fetch_add(1, Ordering::Relaxed);
-        Ticket(Waiter::Part(self.state.clone(), self.parts.len() as u32))
+        Ticket(Waiter::Part(PartWaiter {
+            group: self.state.clone(),
+            part: self.parts.len() as u32,
+        }))
     }
 
     /// Outputs enqueued since the last part closed.
@@ -346,13 +358,20 @@ mod tests {
     use super::*;
     use futures::FutureExt;
 
-    /// An output queued in `group`'s current part, and the handle its report comes back on.
-    fn output(group: &mut Group<&'static str>) -> (Arc<GroupState>, u32) {
-        let Ticket(Waiter::Part(state, part)) = group.ticket() else {
+    /// An output queued in `group`'s current part: its report is given by dropping it,
+    /// after `failed` for a refusal.
+    fn output(group: &mut Group<&'static str>) -> PartWaiter {
+        let Ticket(Waiter::Part(waiter)) = group.ticket() else {
             unreachable!("a group hands out part tickets")
         };
         group.open_outputs += 1;
-        (state, part)
+        waiter
+    }
+
+    fn report(waiter: PartWaiter, failure: Option<KafkaError>) {
+        if let Some(e) = failure {
+            waiter.failed(e);
+        }
     }
 
     fn refused() -> KafkaError {
@@ -373,16 +392,15 @@ mod tests {
         let d1 = output(&mut g);
         g.close_part("d", true);
         let mut reported = g.seal();
-        for (state, part) in [&a1, &b1] {
-            state.settle(*part, None);
-        }
-        abandoned.0.settle(abandoned.1, Some(refused()));
-        a2.0.settle(a2.1, Some(refused()));
+        report(a1, None);
+        report(b1, None);
+        report(abandoned, Some(refused()));
+        report(a2, Some(refused()));
         assert!(
             (&mut reported).now_or_never().is_none(),
             "d's report is still out"
         );
-        d1.0.settle(d1.1, None);
+        report(d1, None);
         let outcome = reported.now_or_never().expect("every report is in");
         let decided: Vec<(&str, bool)> = outcome.iter().map(|(p, r)| (*p, r.is_ok())).collect();
         assert_eq!(
@@ -420,13 +438,29 @@ mod tests {
     }
 
     #[test]
+    fn an_output_whose_enqueue_never_finished_does_not_hold_its_group() {
+        let mut g: Group<&str> = Group::new();
+        let sent = output(&mut g);
+        // Refused by librdkafka, or its enqueue future dropped while the queue was
+        // full: the ticket goes away with the record, unreported.
+        drop(g.ticket());
+        g.close_part("x", true);
+        let mut reported = g.seal();
+        assert!((&mut reported).now_or_never().is_none());
+        report(sent, None);
+        let outcome = reported
+            .now_or_never()
+            .expect("resolved without the lost one");
+        assert!(outcome[0].1.is_ok());
+    }
+
+    #[test]
     fn an_open_group_waits_for_its_seal_and_an_empty_one_resolves_at_once() {
         let mut g: Group<&str> = Group::new();
-        let (state, part) = output(&mut g);
-        state.settle(part, None);
+        report(output(&mut g), None);
         g.close_part("x", true);
         // Reported before the seal: not resolved until sealed.
-        assert_eq!(state.outstanding.load(Ordering::Acquire), 1);
+        assert_eq!(g.state.outstanding.load(Ordering::Acquire), 1);
         let outcome = g.seal().now_or_never().expect("sealed with nothing out");
         assert_eq!(outcome.len(), 1);
         assert!(
