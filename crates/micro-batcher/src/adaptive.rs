@@ -10,8 +10,13 @@
 //!   arrival rate, capped by `max_events`: under load windows fill up to the cap, and a
 //!   quiet partition closes as soon as it holds what its rate predicts;
 //! - **idle close**: a window also closes once its partition has been silent for ten
-//!   mean arrival gaps (under Poisson arrivals a gap that long comes once in 22,000), so
-//!   when traffic stops, waiting for the rest of the delay gains nothing.
+//!   mean arrival gaps (under Poisson arrivals a gap that long comes once in 22,000),
+//!   and at least [`SAMPLE`] twice over, so when traffic stops, waiting for the rest of
+//!   the delay gains nothing.
+//!
+//! Events reach the batcher in bursts (one fetch, one poll), microseconds apart within
+//! a burst. So the arrival rate is sampled over at least [`SAMPLE`] of time, not from
+//! gaps inside a burst.
 //!
 //! Pure: times come in as arguments, so tests drive it with paused time.
 
@@ -26,6 +31,8 @@ const GAIN: f64 = 0.125;
 const DEVIATION_GAIN: f64 = 0.25;
 /// How many mean arrival gaps of silence close a window early.
 const IDLE_GAPS: f64 = 10.0;
+/// The shortest span an arrival rate is measured over (several fetches).
+pub const SAMPLE: Duration = Duration::from_millis(10);
 /// Ages beyond this many targets are clamped: a hostile or broken `ingested_at` must
 /// not drive the delay to zero for long (nor negative ages lengthen it).
 const MAX_AGE_TARGETS: f64 = 10.0;
@@ -41,7 +48,10 @@ pub struct Limits {
 #[derive(Debug, Clone, Copy)]
 struct Arrivals {
     last: Instant,
-    /// Mean gap between events, seconds; `None` until two have arrived.
+    /// Start of the current sample and the events since.
+    since: Instant,
+    count: u32,
+    /// Mean gap between events, seconds; `None` until a first sample is complete.
     gap: Option<f64>,
 }
 
@@ -85,14 +95,22 @@ impl Adaptive {
                     partition,
                     Arrivals {
                         last: now,
+                        since: now,
+                        count: 0,
                         gap: None,
                     },
                 );
             }
             Some(a) => {
-                let gap = now.saturating_duration_since(a.last).as_secs_f64();
-                a.gap = Some(a.gap.map_or(gap, |g| g + GAIN * (gap - g)));
                 a.last = now;
+                a.count += 1;
+                let span = now.saturating_duration_since(a.since);
+                if span >= SAMPLE {
+                    let gap = span.as_secs_f64() / f64::from(a.count);
+                    a.gap = Some(a.gap.map_or(gap, |g| g + GAIN * (gap - g)));
+                    a.since = now;
+                    a.count = 0;
+                }
             }
         }
     }
@@ -133,7 +151,7 @@ impl Adaptive {
     pub fn idle_deadline(&self, partition: i32) -> Option<Instant> {
         let a = self.arrivals.get(&partition)?;
         let gap = a.gap.filter(|g| *g > 0.0)?;
-        Some(a.last + Duration::from_secs_f64(gap * IDLE_GAPS).max(Duration::from_millis(1)))
+        Some(a.last + Duration::from_secs_f64(gap * IDLE_GAPS).max(2 * SAMPLE))
     }
 
     /// Forgets a partition this member no longer owns.
@@ -229,9 +247,14 @@ mod tests {
         let mut a = Adaptive::new(limits(50));
         let start = Instant::now();
         assert_eq!(a.idle_deadline(0), None);
-        let end = feed(&mut a, start, Duration::from_millis(2), 5, 10);
-        let last = end - Duration::from_millis(2);
-        assert_eq!(a.idle_deadline(0), Some(last + Duration::from_millis(20)));
+        let end = feed(&mut a, start, Duration::from_millis(5), 5, 10);
+        let last = end - Duration::from_millis(5);
+        assert_eq!(a.idle_deadline(0), Some(last + Duration::from_millis(50)));
+        // Faster traffic: never sooner than two samples.
+        let mut fast = Adaptive::new(limits(50));
+        let end = feed(&mut fast, start, Duration::from_millis(1), 5, 30);
+        let last = end - Duration::from_millis(1);
+        assert_eq!(fast.idle_deadline(0), Some(last + 2 * SAMPLE));
         a.forget(0);
         assert_eq!(a.idle_deadline(0), None);
     }
@@ -254,6 +277,27 @@ mod tests {
         // A wild latency cannot trim more than the target itself.
         a.closed(i64::MAX);
         assert_eq!(a.delay(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bursts_are_measured_as_their_average_rate() {
+        // 20 events at once every 10 ms: 2,000/s, not the microseconds inside a burst.
+        let mut a = Adaptive::new(limits(50));
+        let start = Instant::now();
+        for burst in 0..50u32 {
+            let at = start + Duration::from_millis(10) * burst;
+            for i in 0..20u32 {
+                a.arrived(0, at + Duration::from_micros(u64::from(i)), 5);
+            }
+        }
+        let n = a.size(0);
+        assert!((80..=100).contains(&n), "45 ms at 2,000/s: {n}");
+        let last = start + Duration::from_millis(490) + Duration::from_micros(19);
+        let idle = a.idle_deadline(0).unwrap() - last;
+        assert!(
+            idle >= Duration::from_millis(10),
+            "no close between bursts: {idle:?}"
+        );
     }
 
     #[test]
