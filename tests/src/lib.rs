@@ -138,20 +138,14 @@ pub async fn cache_keys(settings: &Settings) -> std::collections::HashSet<String
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let pattern = format!("{}*", settings.cache_writer.key_prefix);
     // SCAN may return a key twice; the set keeps it once.
     let mut seen = std::collections::HashSet::new();
     let mut cursor = 0u64;
     loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut redis)
-            .await
-            .unwrap();
+        let (next, keys) =
+            lanes_common::cache::scan(&mut redis, &settings.cache_writer.key_prefix, cursor, 1000)
+                .await
+                .unwrap();
         seen.extend(keys);
         if next == 0 {
             return seen;

@@ -223,17 +223,10 @@ async fn drain_lanes(
 async fn forget_keys(s: &Settings) -> anyhow::Result<()> {
     let client = lanes_common::cache::client(&s.redis)?;
     let mut c = client.get_multiplexed_async_connection().await?;
-    let pattern = format!("{}*", s.cache_writer.key_prefix);
     let mut cursor = 0u64;
     loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut c)
-            .await?;
+        let (next, keys) =
+            lanes_common::cache::scan(&mut c, &s.cache_writer.key_prefix, cursor, 1000).await?;
         if !keys.is_empty() {
             let _: i64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut c).await?;
         }

@@ -244,6 +244,24 @@ impl Cached {
     }
 }
 
+/// One SCAN step over the entries under `prefix`: the keys it listed (a key may come
+/// twice across steps) and the next cursor, 0 when the walk is done.
+pub async fn scan<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    prefix: &str,
+    cursor: u64,
+    count: usize,
+) -> redis::RedisResult<(u64, Vec<String>)> {
+    redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(format!("{prefix}*"))
+        .arg("COUNT")
+        .arg(count)
+        .query_async(conn)
+        .await
+}
+
 /// Each key's entry in one pipeline, in the keys' order: `None` where the key is gone
 /// (expired or deleted since a SCAN listed it), so no key is paired with another's hash.
 pub async fn entries<C: redis::aio::ConnectionLike>(

@@ -151,9 +151,9 @@ pub struct Io {
     pub dlq: DlqWriter,
 }
 
-/// The clients of `service`: its producer (shared in the process, see [`crate::producer::Producers`]), the
-/// registry codec, and a dead-letter writer counting into `dead_letters` and cutting
-/// letters to the producer's size limit.
+/// The clients of `service`: its producer (shared in the process, see
+/// [`crate::producer::Producers`]), the registry codec, and a dead-letter writer
+/// counting into `dead_letters` and cutting letters to the producer's size limit.
 pub fn io(ctx: &ServiceContext, service: &str, dead_letters: IntCounterVec) -> anyhow::Result<Io> {
     let settings = &ctx.settings;
     let producer = ctx.producers.get(&settings.kafka)?;

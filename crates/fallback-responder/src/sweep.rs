@@ -53,16 +53,9 @@ fn timeout_ms(core: &Core) -> u64 {
 
 /// One SCAN step: keys of the cache and the next cursor.
 async fn scan(core: &Core, cursor: u64, count: usize) -> Result<(u64, Vec<String>), String> {
-    let pattern = format!("{}*", core.prefix);
+    let prefix = core.prefix.clone();
     core.call(timeout_ms(core), move |mut conn| async move {
-        redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut conn)
-            .await
+        cache::scan(&mut conn, &prefix, cursor, count).await
     })
     .await
 }
