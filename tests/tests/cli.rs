@@ -292,10 +292,7 @@ fn bench_cpu_reports_cpu_per_event_of_a_drain() {
         "--out".into(),
         json.display().to_string(),
     ];
-    // The broker scripts/dev-up.sh started, when it did (other tansu processes may run).
-    if let Ok(pid) = std::fs::read_to_string(root().join(".lanes/run/broker.pid")) {
-        args.extend(["--broker-pid".into(), pid.trim().to_string()]);
-    }
+    args.extend(broker_pid_args());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let printed = ok(&lane.lanes(&args));
     assert!(printed.contains("CPU µs/event"), "{printed}");
@@ -322,6 +319,180 @@ fn bench_cpu_reports_cpu_per_event_of_a_drain() {
     assert!(printed.contains("drain rate, lanes / python"), "{printed}");
     let none = lane.lanes(&["bench-cpu", "--events", "0"]);
     assert_eq!(none.status.code(), Some(2), "no events is a usage error");
+}
+
+/// The broker's pid for `bench-cpu`, when scripts/dev-up.sh started it (other tansu
+/// processes may run).
+fn broker_pid_args() -> Vec<String> {
+    std::fs::read_to_string(root().join(".lanes/run/broker.pid"))
+        .map(|pid| vec!["--broker-pid".into(), pid.trim().to_string()])
+        .unwrap_or_default()
+}
+
+/// `lanes bench-cpu --per-service` runs every service as its own binary, the
+/// fallback-responder answering requests during the drain, and reports each one's CPU
+/// and peak memory beside its goal.
+#[test]
+fn bench_cpu_per_service_reports_each_services_peak_memory() {
+    let lane = Lane::new("bench-cpu-svc");
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("cpu.json");
+    let mut args = vec![
+        "bench-cpu".to_string(),
+        "--per-service".into(),
+        "--events".into(),
+        "2000".into(),
+        "--requests".into(),
+        "300".into(),
+        "--idle-secs".into(),
+        "0".into(),
+        "--out".into(),
+        json.display().to_string(),
+    ];
+    args.extend(broker_pid_args());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let printed = ok(&lane.lanes(&args));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["requests"], 300, "{report}");
+    let services = report["services"].as_array().unwrap();
+    let names: Vec<&str> = services
+        .iter()
+        .map(|s| s["service"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "ingest",
+            "micro-batcher",
+            "scorer",
+            "cache-writer",
+            "fallback-responder"
+        ],
+        "{report}"
+    );
+    for svc in services {
+        let name = svc["service"].as_str().unwrap();
+        // Each handled its share: events, or the requests for the responder.
+        assert!(svc["cpu_us_per_item"].as_f64().unwrap() > 0.0, "{report}");
+        assert!(svc["peak_rss_mib"].as_f64().unwrap() > 1.0, "{report}");
+        let goal = if matches!(name, "scorer" | "fallback-responder") {
+            128.0
+        } else {
+            64.0
+        };
+        assert_eq!(svc["goal_peak_rss_mib"].as_f64(), Some(goal), "{report}");
+        assert!(
+            printed.contains(&format!("| peak RSS of {name}, MiB |")),
+            "{printed}"
+        );
+    }
+    let lanes = report["cpu_us_per_event"]["lanes"].as_f64().unwrap();
+    assert!(lanes > 0.0 && lanes.is_finite(), "{report}");
+}
+
+/// `lanes bench` sweeps window settings and rates on the user's own model and sample
+/// events, draws the curves to SVG and recommends the setting that batches most within
+/// the latency target; a sample that ingest would refuse is refused by line.
+#[test]
+fn bench_sweeps_windows_on_the_users_model_and_events() {
+    let lane = Lane::new("bench-sweep");
+    let dir = tempfile::tempdir().unwrap();
+    // The user's model: the served one, copied under another name and version.
+    let model = dir.path().join("mine").join("7");
+    std::fs::create_dir_all(&model).unwrap();
+    let served = lane.settings.model.resolve().unwrap();
+    std::fs::copy(served.join("model.onnx"), model.join("model.onnx")).unwrap();
+    let spec = std::fs::read_to_string(served.join("model.toml")).unwrap();
+    let spec = spec.replace("name = \"fraud\"", "name = \"mine\"");
+    let spec = spec.replace("version = \"1\"", "version = \"7\"");
+    std::fs::write(model.join("model.toml"), spec).unwrap();
+    let samples = dir.path().join("events.jsonl");
+    let sample = ok(&lane.lanes(&["sample", "--count", "50", "--format", "jsonl"]));
+    std::fs::write(&samples, &sample).unwrap();
+    let (json, svg) = (dir.path().join("sweep.json"), dir.path().join("sweep.svg"));
+    let args = |events: &std::path::Path| {
+        vec![
+            "bench".to_string(),
+            "--model".into(),
+            dir.path().join("mine").display().to_string(),
+            "--events".into(),
+            events.display().to_string(),
+            "--burst".into(),
+            "300".into(),
+            "--rates".into(),
+            "50,400".into(),
+            "--seconds".into(),
+            "1".into(),
+            "--delays".into(),
+            "5,60".into(),
+            "--sizes".into(),
+            "64".into(),
+            "--raw-messages".into(),
+            "1000".into(),
+            "--hop-messages".into(),
+            "100".into(),
+            "--target-ms".into(),
+            "1000".into(),
+            "--out".into(),
+            json.display().to_string(),
+            "--plot".into(),
+            svg.display().to_string(),
+        ]
+    };
+    let run = |events: &std::path::Path| {
+        let args = args(events);
+        lane.lanes(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let printed = ok(&run(&samples));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["model"]["name"], "mine", "{report}");
+    assert_eq!(report["model"]["version"], "7", "{report}");
+    assert_eq!(report["events"], samples.display().to_string());
+    let rows = report["lane"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{report}");
+    let batching = |row: &serde_json::Value| -> f64 {
+        let rates = row["rates"].as_array().unwrap();
+        assert_eq!(rates.len(), 2, "{report}");
+        for r in rates {
+            let p99 = r["latency_p99_ms"].as_f64().unwrap();
+            assert!(p99 > 0.0 && p99 < 1000.0, "{report}");
+            assert!(r["mean_batch_events"].as_f64().unwrap() >= 1.0, "{report}");
+        }
+        rates
+            .iter()
+            .map(|r| r["mean_batch_events"].as_f64().unwrap().ln())
+            .sum()
+    };
+    // Both hold the loose target; the recommendation is the one that batches more.
+    let (short, long) = (batching(&rows[0]), batching(&rows[1]));
+    let best = &report["recommended"];
+    assert_eq!(best["meets_target"], true, "{report}");
+    let expected = if long >= short { 60 } else { 5 };
+    assert_eq!(best["max_delay_ms"], expected, "{report}");
+    assert!(
+        printed.contains(&format!(
+            "recommended for p99 <= 1000 ms: micro_batcher.max_delay_ms = {expected}, max_events = 64"
+        )),
+        "{printed}"
+    );
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    assert!(picture.starts_with("<svg"), "{picture}");
+    assert!(picture.contains("5 ms / 64 events"), "{picture}");
+    assert!(picture.contains("60 ms / 64 events"), "{picture}");
+    assert!(picture.contains("(recommended)"), "{picture}");
+    assert!(picture.contains("model mine v7"), "{picture}");
+
+    // A sample event ingest would dead-letter is refused up front, by line.
+    let bad = dir.path().join("bad.jsonl");
+    let first = sample.lines().next().unwrap();
+    std::fs::write(&bad, format!("{first}\n{{\"features\": {{}}}}\n")).unwrap();
+    let refused = run(&bad);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("bad.jsonl line 2"), "{err}");
+    assert!(err.contains("MISSING_FIELD"), "{err}");
 }
 
 /// `lanes bench-window` runs the real window code over a rate sweep: the adaptive

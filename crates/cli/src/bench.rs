@@ -1,10 +1,13 @@
 //! `lanes bench`: the streaming lane's sustained throughput and event-to-prediction
-//! latency under several window settings, beside the raw broker's produce and consume
-//! rates measured in the same run. Each setting gets fresh topics and groups; the four
-//! services run in this process as in `lanes up`.
+//! latency under several window settings across a sweep of offered rates, beside the
+//! raw broker's produce and consume rates measured in the same run. Each setting gets
+//! fresh topics and groups; the four services run in this process as in `lanes up`.
+//! It scores with the user's model (`--model`) on their sample events (`--events`),
+//! draws p99 latency and batch size against the rate (SVG), and recommends the window
+//! that batches most while its p99 stays within the latency target at every rate.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -14,6 +17,7 @@ use lanes_common::admin::ReadyFlag;
 use lanes_common::avro::AvroCodec;
 use lanes_common::generator::Generator;
 use lanes_common::kafka::{delivered, enqueue};
+use lanes_common::model::ModelSpec;
 use lanes_common::records::{Prediction, now_millis};
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -23,18 +27,38 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Events per throughput run.
+    /// Events per throughput run (one burst, all published at once).
     #[arg(long, default_value_t = 20_000)]
-    events: usize,
-    /// Offered rate (events/s) of the latency runs.
-    #[arg(long, default_value_t = 1000)]
-    rate: usize,
+    burst: usize,
+    /// Offered rates (events/s) of the latency runs.
+    #[arg(long, alias = "rate", value_delimiter = ',', default_value = "200,1000,5000",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    rates: Vec<usize>,
+    /// The model to score with: a model folder (one subfolder per version, the latest
+    /// is used) or one version's folder [default: model.dir].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Sample raw events, JSON lines as publishers write them, cycled to drive the
+    /// lane; each copy gets its own event_id, and its send time as its event time
+    /// [default: generated card transactions].
+    #[arg(long)]
+    events: Option<PathBuf>,
+    /// The p99 event-to-prediction latency (ms) the recommended window must hold at
+    /// every rate [default: micro_batcher.target_latency_ms, else 100].
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..))]
+    target_ms: Option<u64>,
+    /// Where to draw the latency and batch-size curves (SVG).
+    #[arg(long, default_value = "bench-stream.svg")]
+    plot: PathBuf,
     /// Length of each latency run, in seconds.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
     /// Messages for the raw broker rates.
     #[arg(long, default_value_t = 100_000)]
     raw_messages: usize,
+    /// Messages for the raw broker's one-hop latency (paced at 200/s).
+    #[arg(long, default_value_t = 1000)]
+    hop_messages: usize,
     /// Window delays to compare (ms).
     #[arg(long, value_delimiter = ',', default_value = "5,20,100")]
     delays: Vec<u64>,
@@ -59,6 +83,25 @@ pub(crate) fn reader(s: &Settings, topic: &str) -> anyhow::Result<StreamConsumer
     let c: StreamConsumer = cfg.create()?;
     c.subscribe(&[topic])?;
     Ok(c)
+}
+
+/// Deletes the cache entries a run wrote (its own key prefix), so repeated runs do not
+/// fill the shared Redis.
+pub(crate) async fn forget_keys(s: &Settings) -> anyhow::Result<()> {
+    let client = lanes_common::cache::client(&s.redis)?;
+    let mut c = client.get_multiplexed_async_connection().await?;
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys) =
+            lanes_common::cache::scan(&mut c, &s.cache_writer.key_prefix, cursor, 1000).await?;
+        if !keys.is_empty() {
+            let _: i64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut c).await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
 }
 
 pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -259,73 +302,421 @@ pub(crate) fn events(seed: u64, n: usize) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Where a run's events come from.
+pub(crate) enum Source {
+    /// The generator's card transactions.
+    Generated,
+    /// A user's sample events, cycled.
+    Sample(Vec<serde_json::Map<String, serde_json::Value>>),
+}
+
+impl Source {
+    /// Reads a JSON-lines sample, refusing (by line number) any event ingest would
+    /// dead-letter under `settings` and the model's features: a refused event would
+    /// never be scored, and the bench would wait for it.
+    pub(crate) fn sample(path: &Path, settings: &Settings) -> anyhow::Result<Self> {
+        use lanes_ingest::validate::{Origin, Rules, validate};
+        let spec = ModelSpec::read(&settings.model.resolve()?)?;
+        let rules = Rules {
+            features: spec.features,
+            max_bytes: settings.ingest.max_event_bytes,
+            default_kind: settings.ingest.default_kind.clone(),
+            max_clock_skew_ms: settings.ingest.max_clock_skew_ms,
+        };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut events = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let at = || format!("{} line {}", path.display(), i + 1);
+            let serde_json::Value::Object(mut event) =
+                serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?
+            else {
+                anyhow::bail!("{}: an event is a JSON object", at());
+            };
+            // Each copy gets its own id and its send time (see `lines`).
+            event.remove("event_id");
+            event.remove("event_time");
+            let raw = serde_json::to_vec(&event)?;
+            let origin = Origin {
+                topic: &settings.topics.raw,
+                partition: 0,
+                offset: 0,
+                timestamp: None,
+            };
+            validate(&raw, &rules, &origin, now_millis()).map_err(|(class, why)| {
+                anyhow::anyhow!("{}: ingest refuses it: {class}: {why}", at())
+            })?;
+            events.push(event);
+        }
+        anyhow::ensure!(!events.is_empty(), "{} holds no events", path.display());
+        Ok(Self::Sample(events))
+    }
+
+    /// `n` events as (event id, raw JSON line).
+    pub(crate) fn lines(&self, seed: u64, n: usize) -> Vec<(String, String)> {
+        match self {
+            Self::Generated => events(seed, n),
+            Self::Sample(sample) => (0..n)
+                .map(|i| {
+                    let mut event = sample[i % sample.len()].clone();
+                    let id = format!("bench-{seed}-{i}");
+                    event.insert("event_id".into(), id.clone().into());
+                    (id, serde_json::Value::Object(event).to_string())
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Count and sum of the micro-batcher's batch-size histogram (events per batch).
+fn batches(registry: &prometheus::Registry) -> (u64, f64) {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "lanes_micro_batcher_batch_size_events")
+        .flat_map(|f| f.get_metric())
+        .map(|m| m.get_histogram())
+        .fold((0, 0.0), |(n, sum), h| {
+            (n + h.get_sample_count(), sum + h.get_sample_sum())
+        })
+}
+
+/// One window setting's results.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Setting {
+    pub(crate) max_delay_ms: u64,
+    pub(crate) max_events: usize,
+    /// Events/s draining a burst.
+    pub(crate) burst_events_per_s: f64,
+    pub(crate) points: Vec<Point>,
+}
+
+/// One offered rate's results under a setting.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Point {
+    pub(crate) rate: usize,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) mean_batch: f64,
+}
+
+impl Setting {
+    pub(crate) fn label(&self) -> String {
+        format!("{} ms / {} events", self.max_delay_ms, self.max_events)
+    }
+
+    fn worst_p99(&self) -> f64 {
+        self.points
+            .iter()
+            .map(|p| p.p99_ms)
+            .fold(f64::NAN, f64::max)
+    }
+
+    /// Geometric mean of the mean batch over the rates: every rate weighs the same,
+    /// whatever its scale.
+    fn batching(&self) -> f64 {
+        let logs: f64 = self.points.iter().map(|p| p.mean_batch.max(1.0).ln()).sum();
+        (logs / self.points.len().max(1) as f64).exp()
+    }
+
+    fn meets(&self, target_ms: f64) -> bool {
+        !self.points.is_empty() && self.points.iter().all(|p| p.p99_ms <= target_ms)
+    }
+}
+
+/// The setting to recommend for `target_ms`, and whether it meets it: of the settings
+/// whose p99 is within the target at every rate, the one that batches most (fewer,
+/// larger batches: less CPU and fewer model calls per event), then the one that drains
+/// a burst fastest; when none meets it, the one with the lowest worst p99.
+pub(crate) fn recommend(settings: &[Setting], target_ms: f64) -> Option<(usize, bool)> {
+    let meeting = settings
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.meets(target_ms))
+        .max_by(|(_, a), (_, b)| {
+            a.batching()
+                .total_cmp(&b.batching())
+                .then(a.burst_events_per_s.total_cmp(&b.burst_events_per_s))
+        });
+    if let Some((i, _)) = meeting {
+        return Some((i, true));
+    }
+    settings
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.points.is_empty())
+        .min_by(|(_, a), (_, b)| a.worst_p99().total_cmp(&b.worst_p99()))
+        .map(|(i, _)| (i, false))
+}
+
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
 pub async fn run(args: BenchArgs, settings: &Settings) -> anyhow::Result<()> {
+    let mut settings = settings.clone();
+    if let Some(model) = &args.model {
+        settings.model.dir = model.clone();
+        settings.model.version = "latest".into();
+        settings.model.shadow_version.clear();
+    }
+    // Refuse a model that does not load before any run starts.
+    let (model, _) = settings
+        .model
+        .load()
+        .with_context(|| format!("loading the model from {}", settings.model.dir.display()))?;
+    let spec = model.spec.clone();
+    let source = match &args.events {
+        Some(path) => Source::sample(path, &settings)?,
+        None => Source::Generated,
+    };
+    let target_ms = args
+        .target_ms
+        .or(settings.micro_batcher.target_latency_ms)
+        .unwrap_or(100) as f64;
+    let settings = &settings;
     eprintln!(
         "raw broker rates ({} messages of 200 bytes) ...",
         args.raw_messages
     );
     let (produce, consume) = raw_rates(settings, args.raw_messages).await?;
-    let hop = one_hop(settings, 1000).await?;
+    let hop = one_hop(settings, args.hop_messages).await?;
     let (hop50, hop99) = (percentile(&hop, 0.5), percentile(&hop, 0.99));
-    let mut rows = Vec::new();
+    let mut results = Vec::new();
     let mut seed = now_millis() as u64;
     for &delay in &args.delays {
         for &size in &args.sizes {
             let mut s = unique(settings, &format!("d{delay}-n{size}"));
             s.micro_batcher.max_delay_ms = delay;
             s.micro_batcher.max_events = size;
+            s.micro_batcher.target_latency_ms = None;
             eprintln!("window max_delay {delay} ms, max_events {size} ...");
             let lane = Lane::start(s, &lanes_services::all()).await?;
             seed += 1;
-            let (secs, _) = drive(&lane, events(seed, args.events), None).await?;
-            seed += 1;
-            let paced = events(seed, args.rate * args.seconds as usize);
-            let (_, lat) = drive(&lane, paced, Some(args.rate)).await?;
+            let (secs, _) = drive(&lane, source.lines(seed, args.burst), None).await?;
+            let mut points = Vec::new();
+            for &rate in &args.rates {
+                seed += 1;
+                let before = batches(&lane.metrics);
+                let paced = source.lines(seed, rate * args.seconds as usize);
+                let (_, lat) = drive(&lane, paced, Some(rate)).await?;
+                let after = batches(&lane.metrics);
+                points.push(Point {
+                    rate,
+                    p50_ms: round1(percentile(&lat, 0.5)),
+                    p99_ms: round1(percentile(&lat, 0.99)),
+                    mean_batch: round1(
+                        (after.1 - before.1) / after.0.saturating_sub(before.0).max(1) as f64,
+                    ),
+                });
+            }
+            let s = lane.settings.clone();
             lane.stop().await?;
-            rows.push(json!({
-                "max_delay_ms": delay,
-                "max_events": size,
-                "throughput_events_per_s": (args.events as f64 / secs).round(),
-                "latency_rate_events_per_s": args.rate,
-                "latency_p50_ms": (percentile(&lat, 0.5) * 10.0).round() / 10.0,
-                "latency_p99_ms": (percentile(&lat, 0.99) * 10.0).round() / 10.0,
-            }));
+            forget_keys(&s).await?;
+            results.push(Setting {
+                max_delay_ms: delay,
+                max_events: size,
+                burst_events_per_s: (args.burst as f64 / secs).round(),
+                points,
+            });
         }
     }
+    let best = recommend(&results, target_ms);
+    let rows: Vec<_> = results
+        .iter()
+        .map(|r| {
+            json!({
+                "max_delay_ms": r.max_delay_ms,
+                "max_events": r.max_events,
+                "throughput_events_per_s": r.burst_events_per_s,
+                "rates": r.points.iter().map(|p| json!({
+                    "rate_events_per_s": p.rate,
+                    "latency_p50_ms": p.p50_ms,
+                    "latency_p99_ms": p.p99_ms,
+                    "mean_batch_events": p.mean_batch,
+                })).collect::<Vec<_>>(),
+                "meets_target": r.meets(target_ms),
+            })
+        })
+        .collect();
+    let title = format!(
+        "lanes bench: model {} v{}, {} events",
+        spec.name,
+        spec.version,
+        match &args.events {
+            Some(p) => format!(
+                "from {}",
+                p.file_name().map_or(p.display().to_string(), |f| f
+                    .to_string_lossy()
+                    .into_owned())
+            ),
+            None => "generated".into(),
+        }
+    );
+    crate::bench_plot::draw(&args.plot, &title, &results, target_ms, best)?;
     let report = json!({
         "raw_broker": {
             "produce_msgs_per_s": produce.round(),
             "consume_msgs_per_s": consume.round(),
             "message_bytes": 200,
-            "one_hop_p50_ms": (hop50 * 10.0).round() / 10.0,
-            "one_hop_p99_ms": (hop99 * 10.0).round() / 10.0,
+            "one_hop_p50_ms": round1(hop50),
+            "one_hop_p99_ms": round1(hop99),
         },
+        "model": {"name": spec.name, "version": spec.version, "dir": model.dir},
+        "events": args.events.as_ref().map_or("generated".into(), |p| p.display().to_string()),
+        "target_p99_ms": target_ms,
         "lane": rows,
-        "events_per_throughput_run": args.events,
+        "recommended": best.map(|(i, meets)| json!({
+            "max_delay_ms": results[i].max_delay_ms,
+            "max_events": results[i].max_events,
+            "meets_target": meets,
+        })),
+        "events_per_throughput_run": args.burst,
+        "plot": args.plot,
         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
     });
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")?;
 
+    println!("{title}");
     println!(
-        "raw broker, one client, 200-byte messages: produce {produce:.0} msg/s, consume {consume:.0} msg/s"
+        "raw broker, one client, 200-byte messages: produce {produce:.0} msg/s, consume {consume:.0} msg/s, one hop p50 {hop50:.1} ms, p99 {hop99:.1} ms"
     );
     println!();
     println!(
-        "| max_delay_ms | max_events | events/s (burst of {}) | p50 ms @ {}/s | p99 ms @ {}/s |",
-        args.events, args.rate, args.rate
+        "| max_delay_ms | max_events | events/s (burst of {}) | rate/s | p50 ms | p99 ms | events/batch |",
+        args.burst
     );
-    println!("|---:|---:|---:|---:|---:|");
-    for r in &rows {
-        println!(
-            "| {} | {} | {} | {} | {} |",
-            r["max_delay_ms"],
-            r["max_events"],
-            r["throughput_events_per_s"],
-            r["latency_p50_ms"],
-            r["latency_p99_ms"]
-        );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &results {
+        for p in &r.points {
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                r.max_delay_ms,
+                r.max_events,
+                r.burst_events_per_s,
+                p.rate,
+                p.p50_ms,
+                p.p99_ms,
+                p.mean_batch
+            );
+        }
     }
     println!();
-    println!("written to {}", args.out.display());
+    match best {
+        Some((i, true)) => println!(
+            "recommended for p99 <= {target_ms} ms: micro_batcher.max_delay_ms = {}, max_events = {}",
+            results[i].max_delay_ms, results[i].max_events
+        ),
+        Some((i, false)) => println!(
+            "no setting holds p99 <= {target_ms} ms at every rate; closest: max_delay_ms = {}, max_events = {} (worst p99 {} ms)",
+            results[i].max_delay_ms,
+            results[i].max_events,
+            results[i].worst_p99()
+        ),
+        None => println!("no setting was measured"),
+    }
+    println!(
+        "written to {} and {}",
+        args.out.display(),
+        args.plot.display()
+    );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setting(delay: u64, size: usize, burst: f64, points: &[(usize, f64, f64)]) -> Setting {
+        Setting {
+            max_delay_ms: delay,
+            max_events: size,
+            burst_events_per_s: burst,
+            points: points
+                .iter()
+                .map(|&(rate, p99_ms, mean_batch)| Point {
+                    rate,
+                    p50_ms: p99_ms / 2.0,
+                    p99_ms,
+                    mean_batch,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_setting_that_batches_most_within_the_target_is_recommended() {
+        let sweep = [
+            // Short window: within the target, small batches.
+            setting(5, 64, 30_000.0, &[(200, 30.0, 1.2), (5000, 35.0, 20.0)]),
+            // Longer window: within the target, larger batches.
+            setting(20, 512, 28_000.0, &[(200, 45.0, 4.0), (5000, 48.0, 90.0)]),
+            // Long window: the largest batches, but over the target at low rate.
+            setting(
+                100,
+                512,
+                31_000.0,
+                &[(200, 120.0, 20.0), (5000, 60.0, 400.0)],
+            ),
+        ];
+        assert_eq!(recommend(&sweep, 50.0), Some((1, true)));
+        // A tighter target leaves only the short window.
+        assert_eq!(recommend(&sweep, 40.0), Some((0, true)));
+        // A loose one admits the long window, which batches most.
+        assert_eq!(recommend(&sweep, 150.0), Some((2, true)));
+    }
+
+    #[test]
+    fn with_no_setting_within_the_target_the_closest_is_named_as_missing_it() {
+        let sweep = [
+            setting(20, 64, 30_000.0, &[(200, 45.0, 4.0), (5000, 70.0, 30.0)]),
+            setting(5, 64, 30_000.0, &[(200, 31.0, 1.2), (5000, 52.0, 20.0)]),
+        ];
+        assert_eq!(recommend(&sweep, 10.0), Some((1, false)));
+        assert_eq!(recommend(&[], 10.0), None);
+    }
+
+    #[test]
+    fn equal_batching_goes_to_the_faster_burst() {
+        let sweep = [
+            setting(5, 64, 20_000.0, &[(1000, 20.0, 8.0)]),
+            setting(5, 512, 35_000.0, &[(1000, 20.0, 8.0)]),
+        ];
+        assert_eq!(recommend(&sweep, 50.0), Some((1, true)));
+    }
+
+    #[test]
+    fn the_plot_has_a_curve_per_setting_and_marks_the_recommendation() {
+        let sweep = [
+            setting(5, 64, 30_000.0, &[(200, 30.0, 1.2), (5000, 35.0, 20.0)]),
+            setting(20, 512, 28_000.0, &[(200, 45.0, 4.0), (5000, 48.0, 90.0)]),
+        ];
+        let svg = crate::bench_plot::render("sweep", &sweep, 50.0, Some((1, true))).unwrap();
+        assert!(svg.starts_with("<svg"), "{svg}");
+        assert!(svg.contains("5 ms / 64 events"), "{svg}");
+        assert!(svg.contains("20 ms / 512 events (recommended)"), "{svg}");
+        assert!(svg.contains("target 50 ms"), "{svg}");
+        // Two curves in each panel, and the target line.
+        assert!(svg.matches("<polyline").count() >= 5, "{svg}");
+    }
+
+    #[test]
+    fn sample_events_get_their_own_ids_and_no_event_time() {
+        let mut event = serde_json::Map::new();
+        event.insert("entity_id".into(), "card-1".into());
+        let source = Source::Sample(vec![event]);
+        let lines = source.lines(7, 3);
+        assert_eq!(lines.len(), 3);
+        let ids: std::collections::HashSet<_> = lines.iter().map(|(id, _)| id).collect();
+        assert_eq!(ids.len(), 3, "{lines:?}");
+        for (id, line) in &lines {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["event_id"], id.as_str());
+            assert_eq!(v["entity_id"], "card-1");
+            assert!(v.get("event_time").is_none());
+        }
+    }
 }

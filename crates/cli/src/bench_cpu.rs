@@ -3,6 +3,10 @@
 //! own topics and groups; it is stopped (SIGSTOP) while the events are published, so
 //! the figure is the drain alone: process CPU (user + system, every thread) from
 //! SIGCONT until the cache-writer has handled every prediction (its metrics).
+//!
+//! With `--per-service` each service runs as its own binary instead (the release
+//! binaries beside this one), the fallback-responder too, answering requests published
+//! beside the events, so the peak memory of every service is read under the same drain.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -16,7 +20,7 @@ use rdkafka::producer::FutureRecord;
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 
-use crate::bench::{events, unique};
+use crate::bench::{events, forget_keys, unique};
 
 /// Goal of the performance work: streaming services' CPU per event.
 const GOAL_LANES_US: f64 = 15.0;
@@ -47,6 +51,36 @@ pub struct BenchCpuArgs {
     #[arg(long, default_value_t = 1,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     rounds: usize,
+    /// Run each service as its own process (`lanes-ingest`, ... beside this binary),
+    /// with the fallback-responder answering `--requests` requests during the drain,
+    /// and report each one's CPU and peak memory.
+    #[arg(long)]
+    per_service: bool,
+    /// Requests to the fallback-responder during a `--per-service` drain (with features,
+    /// for entities of the drained events: hits once cached, real-time scores before).
+    #[arg(long, default_value_t = 6_000)]
+    requests: usize,
+}
+
+/// Goal: peak RSS of the services without a model, MiB.
+const GOAL_RSS_PLAIN_MIB: f64 = 64.0;
+/// Goal: peak RSS of the services that hold ONNX Runtime (scorer, responder), MiB.
+const GOAL_RSS_MODEL_MIB: f64 = 128.0;
+/// Goal: peak RSS of `lanes up`, MiB.
+const GOAL_RSS_UP_MIB: f64 = 256.0;
+
+/// A service of the pipeline under test, as its own process or all in `lanes up`.
+struct Proc {
+    name: &'static str,
+    child: std::process::Child,
+    admin_port: u16,
+    goal_rss_mib: f64,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 /// Goal: idle CPU of `lanes up`, percent of one core.
@@ -77,17 +111,6 @@ async fn redis_pid(s: &Settings) -> anyhow::Result<u32> {
         .find_map(|l| l.strip_prefix("process_id:"))
         .and_then(|v| v.trim().parse().ok())
         .context("no process_id in Redis INFO")
-}
-
-/// Predictions the cache-writer of `lanes up` has handled (written, stale or
-/// duplicate), from its metrics.
-async fn cache_writes(http: &reqwest::Client, metrics: &str) -> anyhow::Result<f64> {
-    let text = http.get(metrics).send().await?.text().await?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with("lanes_cache_writer_writes_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
 }
 
 pub async fn run(args: BenchCpuArgs, settings: &Settings) -> anyhow::Result<()> {
@@ -137,8 +160,13 @@ pub async fn run(args: BenchCpuArgs, settings: &Settings) -> anyhow::Result<()> 
     println!("|---|---|---:|---:|---:|---:|");
     for (i, r) in lanes_runs.iter().enumerate() {
         println!(
-            "| {} | lanes up | {:.0} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} |",
             i + 1,
+            if args.per_service {
+                "lanes, one process per service"
+            } else {
+                "lanes up"
+            },
             rate(r),
             per(r, "lanes"),
             per(r, "broker"),
@@ -160,7 +188,7 @@ pub async fn run(args: BenchCpuArgs, settings: &Settings) -> anyhow::Result<()> 
     println!("| goal | measured | target |");
     println!("|---|---:|---:|");
     println!(
-        "| lanes up CPU µs/event | {:.1} | <= {GOAL_LANES_US} |",
+        "| streaming services' CPU µs/event | {:.1} | <= {GOAL_LANES_US} |",
         per(first, "lanes")
     );
     println!(
@@ -168,7 +196,14 @@ pub async fn run(args: BenchCpuArgs, settings: &Settings) -> anyhow::Result<()> 
         per(first, "redis")
     );
     if let Some(idle) = first["lanes_idle_cpu_percent"].as_f64() {
-        println!("| lanes up idle CPU, % of one core | {idle:.1} | <= {GOAL_IDLE_PERCENT} |");
+        println!(
+            "| idle CPU of {}, % of one core | {idle:.1} | <= {GOAL_IDLE_PERCENT} |",
+            if args.per_service {
+                "the five services"
+            } else {
+                "lanes up"
+            }
+        );
     }
     if args.python {
         println!(
@@ -176,16 +211,33 @@ pub async fn run(args: BenchCpuArgs, settings: &Settings) -> anyhow::Result<()> 
             mean(&lanes_runs) / mean(&python_runs)
         );
     }
+    for svc in first["services"].as_array().into_iter().flatten() {
+        println!(
+            "| peak RSS of {}, MiB | {:.0} | <= {} |",
+            svc["service"].as_str().unwrap_or("?"),
+            svc["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
+            svc["goal_peak_rss_mib"]
+        );
+    }
+    if args.per_service {
+        println!();
+        println!("| service | CPU µs per event (responder: per request) |");
+        println!("|---|---:|");
+        for svc in first["services"].as_array().into_iter().flatten() {
+            println!(
+                "| {} | {:.1} |",
+                svc["service"].as_str().unwrap_or("?"),
+                svc["cpu_us_per_item"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+    }
     println!();
-    println!(
-        "peak RSS of lanes up: {:.0} MiB; written to {}",
-        first["lanes_peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
-        args.out.display()
-    );
+    println!("written to {}", args.out.display());
     Ok(())
 }
 
-/// One drain through a child `lanes up` with its own topics and groups.
+/// One drain through a child `lanes up` (or, with `--per-service`, one child per
+/// service) with its own topics and groups.
 async fn drain_lanes(
     args: &BenchCpuArgs,
     settings: &Settings,
@@ -193,47 +245,93 @@ async fn drain_lanes(
     redis: u32,
 ) -> anyhow::Result<serde_json::Value> {
     let mut s = unique(settings, "cpu");
-    s.admin.ports.up = {
+    let free_port = || -> anyhow::Result<u16> {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?.port()
+        Ok(l.local_addr()?.port())
     };
+    let ports = &mut s.admin.ports;
+    for port in [
+        &mut ports.up,
+        &mut ports.ingest,
+        &mut ports.micro_batcher,
+        &mut ports.scorer,
+        &mut ports.cache_writer,
+        &mut ports.fallback_responder,
+    ] {
+        *port = free_port()?;
+    }
+    // Requests wait in the topic while the services are stopped; none may expire.
+    s.fallback_responder.max_request_age_ms = 0;
     lanes_common::kafka::ensure_topics(&s.kafka, &s.topics.all()).await?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("lanes.toml");
     std::fs::write(&config, toml::to_string(&s)?)?;
 
-    let mut up = std::process::Command::new(std::env::current_exe()?)
-        .arg("up")
-        .env(lanes_common::config::CONFIG_FILE_ENV, &config)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .context("starting lanes up")?;
-    let lanes = up.id();
-    let result = measure(args, &s, lanes, broker, redis).await;
-    let _ = process::signal(lanes, "CONT");
-    let _ = process::signal(lanes, "TERM");
-    let _ = up.wait();
+    let exe = std::env::current_exe()?;
+    let spawn = |program: &std::path::Path, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .env(lanes_common::config::CONFIG_FILE_ENV, &config)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))
+    };
+    let ports = &s.admin.ports;
+    let mut procs = Vec::new();
+    if args.per_service {
+        for (name, port, goal) in [
+            ("ingest", ports.ingest, GOAL_RSS_PLAIN_MIB),
+            ("micro-batcher", ports.micro_batcher, GOAL_RSS_PLAIN_MIB),
+            ("scorer", ports.scorer, GOAL_RSS_MODEL_MIB),
+            ("cache-writer", ports.cache_writer, GOAL_RSS_PLAIN_MIB),
+            (
+                "fallback-responder",
+                ports.fallback_responder,
+                GOAL_RSS_MODEL_MIB,
+            ),
+        ] {
+            let bin = exe.with_file_name(format!("lanes-{name}"));
+            anyhow::ensure!(
+                bin.is_file(),
+                "{} not built: run `cargo build --release --bins`",
+                bin.display()
+            );
+            match spawn(&bin, &[]) {
+                Ok(child) => procs.push(Proc {
+                    name,
+                    child,
+                    admin_port: port,
+                    goal_rss_mib: goal,
+                }),
+                Err(e) => {
+                    stop_all(&mut procs);
+                    return Err(e);
+                }
+            }
+        }
+    } else {
+        procs.push(Proc {
+            name: "lanes up",
+            child: spawn(&exe, &["up"])?,
+            admin_port: ports.up,
+            goal_rss_mib: GOAL_RSS_UP_MIB,
+        });
+    }
+    let result = measure(args, &s, &procs, broker, redis).await;
+    stop_all(&mut procs);
     forget_keys(&s).await?;
     result
 }
 
-/// Deletes the cache entries a drain wrote (its own key prefix), so repeated runs do not
-/// fill the shared Redis.
-async fn forget_keys(s: &Settings) -> anyhow::Result<()> {
-    let client = lanes_common::cache::client(&s.redis)?;
-    let mut c = client.get_multiplexed_async_connection().await?;
-    let mut cursor = 0u64;
-    loop {
-        let (next, keys) =
-            lanes_common::cache::scan(&mut c, &s.cache_writer.key_prefix, cursor, 1000).await?;
-        if !keys.is_empty() {
-            let _: i64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut c).await?;
-        }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
+/// Resumes and stops every process of a drain, and waits for each.
+fn stop_all(procs: &mut [Proc]) {
+    for p in procs.iter() {
+        let _ = process::signal(p.pid(), "CONT");
+        let _ = process::signal(p.pid(), "TERM");
+    }
+    for p in procs.iter_mut() {
+        let _ = p.child.wait();
     }
 }
 
@@ -313,66 +411,185 @@ async fn drain_python(
     }))
 }
 
+/// The sum of the samples of metric family `family` at `metrics`.
+async fn metric_sum(http: &reqwest::Client, metrics: &str, family: &str) -> anyhow::Result<f64> {
+    let text = http.get(metrics).send().await?.text().await?;
+    let prefix = format!("{family}{{");
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(&prefix) || l.starts_with(&format!("{family} ")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// Publishes `n` prediction requests with features (entities of the generator's cards)
+/// to the requests topic and waits for every acknowledgement.
+async fn publish_requests(s: &Settings, n: usize) -> anyhow::Result<()> {
+    use lanes_common::records::{PredictionRequest, now_millis};
+    let codec = lanes_common::avro::AvroCodec::new(&s.registry)?;
+    let producer = lanes_common::kafka::producer(&s.kafka, "lanes-bench")?;
+    let mut pending = Vec::with_capacity(n);
+    for (i, sample) in lanes_common::generator::Generator::new(now_seed(), 10_000)
+        .take(n)
+        .enumerate()
+    {
+        let req = PredictionRequest {
+            request_id: format!("bench-cpu-{i}"),
+            entity_id: sample.entity_id.clone(),
+            features: Some(sample.feature_map()),
+            max_age_ms: None,
+            reply_topic: None,
+            requested_at: now_millis(),
+        };
+        let payload = codec.encode(&s.topics.requests, &req).await?;
+        pending.push(
+            enqueue(
+                &producer,
+                FutureRecord::to(&s.topics.requests)
+                    .key(&req.entity_id)
+                    .payload(&payload),
+            )
+            .await?,
+        );
+    }
+    for d in pending {
+        delivered(d).await?;
+    }
+    Ok(())
+}
+
 async fn measure(
     args: &BenchCpuArgs,
     s: &Settings,
-    lanes: u32,
+    procs: &[Proc],
     broker: u32,
     redis: u32,
 ) -> anyhow::Result<serde_json::Value> {
-    let ready = format!("http://127.0.0.1:{}/readyz", s.admin.ports.up);
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !http
-        .get(&ready)
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        anyhow::ensure!(Instant::now() < deadline, "lanes up not ready within 60 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    for p in procs {
+        let ready = format!("http://127.0.0.1:{}/readyz", p.admin_port);
+        while !http
+            .get(&ready)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} not ready within 60 s",
+                p.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
-    // Let its consumers settle into their groups before they are stopped.
+    // Let the consumers settle into their groups before they are stopped.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    process::signal(lanes, "STOP")?;
+    for p in procs {
+        process::signal(p.pid(), "STOP")?;
+    }
     publish(s, &s.topics.raw, args.events).await?;
-    let before = [
-        cpu_seconds(lanes)?,
-        cpu_seconds(broker)?,
-        cpu_seconds(redis)?,
-    ];
+    let responder = procs.iter().find(|p| p.name == "fallback-responder");
+    let requests = if responder.is_some() {
+        args.requests
+    } else {
+        0
+    };
+    if requests > 0 {
+        publish_requests(s, requests).await?;
+    }
+    let cpu = |pid| cpu_seconds(pid);
+    let before: Vec<f64> = procs
+        .iter()
+        .map(|p| cpu(p.pid()))
+        .collect::<Result<_, _>>()?;
+    let outside = [cpu(broker)?, cpu(redis)?];
     let started = Instant::now();
-    process::signal(lanes, "CONT")?;
-    let metrics = format!("http://127.0.0.1:{}/metrics", s.admin.ports.up);
+    for p in procs {
+        process::signal(p.pid(), "CONT")?;
+    }
+    let port_of = |name: &str| {
+        procs
+            .iter()
+            .find(|p| p.name == name)
+            .or(procs.first())
+            .map_or(0, |p| p.admin_port)
+    };
+    let writer = format!("http://127.0.0.1:{}/metrics", port_of("cache-writer"));
+    let answers = format!("http://127.0.0.1:{}/metrics", port_of("fallback-responder"));
     let deadline = Instant::now() + Duration::from_secs(300);
-    while cache_writes(&http, &metrics).await? < args.events as f64 {
+    while metric_sum(&http, &writer, "lanes_cache_writer_writes_total").await? < args.events as f64
+        || (requests > 0
+            && metric_sum(&http, &answers, "lanes_fallback_responder_responses_total").await?
+                < requests as f64)
+    {
         anyhow::ensure!(Instant::now() < deadline, "not drained within 300 s");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let drain = started.elapsed().as_secs_f64();
-    let after = [
-        cpu_seconds(lanes)?,
-        cpu_seconds(broker)?,
-        cpu_seconds(redis)?,
-    ];
-    let peak = process::peak_rss_mib(lanes);
+    let after: Vec<f64> = procs
+        .iter()
+        .map(|p| cpu(p.pid()))
+        .collect::<Result<_, _>>()?;
+    let outside_after = [cpu(broker)?, cpu(redis)?];
+    let peaks: Vec<Option<f64>> = procs
+        .iter()
+        .map(|p| process::peak_rss_mib(p.pid()))
+        .collect();
+    let streaming = |v: &[f64]| -> f64 {
+        procs
+            .iter()
+            .zip(v)
+            .filter(|(p, _)| p.name != "fallback-responder")
+            .map(|(_, c)| c)
+            .sum()
+    };
     let idle_percent = if args.idle_secs > 0 {
         // Let the last commits and window closes pass first.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let (cpu, at) = (cpu_seconds(lanes)?, Instant::now());
+        let total = || -> anyhow::Result<f64> {
+            procs
+                .iter()
+                .map(|p| cpu(p.pid()))
+                .sum::<anyhow::Result<f64>>()
+        };
+        let (cpu, at) = (total()?, Instant::now());
         tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
-        Some((cpu_seconds(lanes)? - cpu) * 100.0 / at.elapsed().as_secs_f64())
+        Some((total()? - cpu) * 100.0 / at.elapsed().as_secs_f64())
     } else {
         None
     };
-    let us = |i: usize| (after[i] - before[i]) * 1e6 / args.events as f64;
+    let n = args.events as f64;
+    let services: Vec<serde_json::Value> = procs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let handled = if p.name == "fallback-responder" {
+                requests as f64
+            } else {
+                n
+            };
+            json!({
+                "service": p.name,
+                "cpu_us_per_item": (after[i] - before[i]) * 1e6 / handled,
+                "peak_rss_mib": peaks[i],
+                "goal_peak_rss_mib": p.goal_rss_mib,
+            })
+        })
+        .collect();
     Ok(json!({
         "events": args.events,
+        "requests": requests,
         "drain_s": drain,
-        "events_per_s": args.events as f64 / drain,
-        "cpu_us_per_event": {"lanes": us(0), "broker": us(1), "redis": us(2)},
+        "events_per_s": n / drain,
+        "cpu_us_per_event": {
+            "lanes": (streaming(&after) - streaming(&before)) * 1e6 / n,
+            "broker": (outside_after[0] - outside[0]) * 1e6 / n,
+            "redis": (outside_after[1] - outside[1]) * 1e6 / n,
+        },
         "goal_us_per_event": {"lanes": GOAL_LANES_US, "redis": GOAL_REDIS_US},
-        "lanes_peak_rss_mib": peak,
+        "services": services,
+        "lanes_peak_rss_mib": if args.per_service { None } else { peaks[0] },
         "lanes_idle_cpu_percent": idle_percent,
         "goal_idle_cpu_percent": GOAL_IDLE_PERCENT,
         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },

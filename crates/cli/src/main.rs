@@ -8,6 +8,7 @@ mod batch;
 mod bench;
 mod bench_batch;
 mod bench_cpu;
+mod bench_plot;
 mod bench_serving;
 mod bench_window;
 mod demo;
@@ -86,11 +87,13 @@ enum Command {
     },
     /// Publish raw JSON events to the raw topic: generated ones or a JSON-lines file.
     Publish(publish::PublishArgs),
-    /// Measure the streaming lane's throughput and latency under several window
-    /// settings, beside the raw broker rates (build with --release).
+    /// Sweep window settings and offered rates on your model and events: throughput,
+    /// p99 latency and batch size, drawn to SVG, with the window recommended for a
+    /// latency target; beside the raw broker rates (build with --release).
     Bench(bench::BenchArgs),
-    /// Measure the CPU time per event of `lanes up` draining a backlog, beside the
-    /// broker's and Redis's on the same drain (build with --release).
+    /// Measure the CPU time per event of `lanes up` (or of each service as its own
+    /// process, with peak memory) draining a backlog, beside the broker's and Redis's on
+    /// the same drain (build with --release).
     BenchCpu(bench_cpu::BenchCpuArgs),
     /// Measure request -> response latency through the fallback-responder (fresh hits,
     /// misses with features) beside the broker's raw round trip.
