@@ -70,9 +70,12 @@ pub struct BenchArgs {
     out: PathBuf,
 }
 
+/// Settings with topics, groups and cache keys of their own: two benchmarks started in
+/// the same millisecond (in parallel tests) must not share them.
 pub(crate) fn unique(settings: &Settings, tag: &str) -> Settings {
     let mut s = settings.clone();
-    lanes_services::namespace(&mut s, &format!("bench-{tag}-{}", now_millis()));
+    let id = format!("bench-{tag}-{}-{}", std::process::id(), now_millis());
+    lanes_services::namespace(&mut s, &id);
     s
 }
 

@@ -2,7 +2,8 @@
 //! broker's and Redis's on the same drain. `lanes up` runs as a child process with its
 //! own topics and groups; it is stopped (SIGSTOP) while the events are published, so
 //! the figure is the drain alone: process CPU (user + system, every thread) from
-//! SIGCONT until the cache-writer has handled every prediction (its metrics).
+//! SIGCONT until the cache-writer has handled the prediction of every event (its
+//! metrics).
 //!
 //! With `--per-service` each service runs as its own binary instead (the release
 //! binaries beside this one), the fallback-responder too, answering requests published
@@ -518,7 +519,15 @@ async fn measure(
     let writer = format!("http://127.0.0.1:{}/metrics", port_of("cache-writer"));
     let answers = format!("http://127.0.0.1:{}/metrics", port_of("fallback-responder"));
     let deadline = Instant::now() + Duration::from_secs(300);
-    while metric_sum(&http, &writer, "lanes_cache_writer_writes_total").await? < args.events as f64
+    // Predictions of the drained events only: the responder's real-time scores reach
+    // the cache-writer too, without an ingestion time.
+    while metric_sum(
+        &http,
+        &writer,
+        "lanes_cache_writer_ingest_to_cache_seconds_count",
+    )
+    .await?
+        < args.events as f64
         || (requests > 0
             && metric_sum(&http, &answers, "lanes_fallback_responder_responses_total").await?
                 < requests as f64)
