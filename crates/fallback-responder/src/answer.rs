@@ -268,7 +268,9 @@ pub async fn respond(
         match refusal {
             Some(refused) => refused,
             None => match core.slot(&req).await {
-                Some(slot) => answer(core, &req, slot).await,
+                // Boxed: requests read ahead wait here by the thousand, and each would
+                // otherwise carry the whole answer's state while it waits.
+                Some(slot) => Box::pin(answer(core, &req, slot)).await,
                 None => {
                     core.metrics.refused.with_label_values(&["no_slot"]).inc();
                     core.metrics.outcome("error");
@@ -289,10 +291,10 @@ pub async fn respond(
             .inc();
         core.metrics.outcome("error");
         let e = error_response(&req, format!("reply_topic {topic:?} is not allowed"));
-        return send(core, &core.responses_topic, e, headers, started).await;
+        return Box::pin(send(core, &core.responses_topic, e, headers, started)).await;
     };
     resp.responded_at = now_millis();
-    match send(core, &topic, resp.clone(), headers.clone(), started).await {
+    match Box::pin(send(core, &topic, resp.clone(), headers.clone(), started)).await {
         Err(Failure::Poison { message, .. }) if topic != core.responses_topic => {
             core.metrics
                 .refused
@@ -303,7 +305,7 @@ pub async fn respond(
                 &req,
                 format!("reply_topic {topic:?} refused the response: {message}"),
             );
-            send(core, &core.responses_topic, e, headers, started).await
+            Box::pin(send(core, &core.responses_topic, e, headers, started)).await
         }
         other => other,
     }
@@ -351,6 +353,24 @@ async fn send(
 
 #[cfg(test)]
 mod tests {
+
+    /// The size of the future `f` returns, without running it.
+    fn future_size<'a, F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(&'a Arc<Core>, PredictionRequest, Option<OwnedHeaders>) -> Fut,
+        Fut: std::future::Future,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    #[test]
+    fn a_request_waiting_for_a_slot_holds_little_memory() {
+        // Thousands of read-ahead requests wait for a slot at once; the answer's own
+        // state is allocated only when its slot is free.
+        let size = future_size(respond);
+        eprintln!("respond future: {size} bytes");
+        assert!(size < 1024, "{size} bytes");
+    }
     use super::*;
 
     #[test]
