@@ -493,6 +493,11 @@ fn bench_sweeps_windows_on_the_users_model_and_events() {
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("bad.jsonl line 2"), "{err}");
     assert!(err.contains("MISSING_FIELD"), "{err}");
+    // Settings that measure nothing are usage errors.
+    for (flag, value) in [("--sizes", "0"), ("--seconds", "0"), ("--rates", "0")] {
+        let usage = lane.lanes(&["bench", flag, value]);
+        assert_eq!(usage.status.code(), Some(2), "{flag} {value}");
+    }
 }
 
 /// `lanes bench-window` runs the real window code over a rate sweep: the adaptive

@@ -51,7 +51,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "bench-stream.svg")]
     plot: PathBuf,
     /// Length of each latency run, in seconds.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5,
+          value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..))]
     seconds: u64,
     /// Messages for the raw broker rates.
     #[arg(long, default_value_t = 100_000)]
@@ -63,7 +64,8 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "5,20,100")]
     delays: Vec<u64>,
     /// Window sizes to compare (events).
-    #[arg(long, value_delimiter = ',', default_value = "64,512")]
+    #[arg(long, value_delimiter = ',', default_value = "64,512",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     sizes: Vec<usize>,
     /// Where to write the results as JSON.
     #[arg(long, default_value = "bench-stream.json")]
