@@ -322,12 +322,7 @@ impl Source {
     pub(crate) fn sample(path: &Path, settings: &Settings) -> anyhow::Result<Self> {
         use lanes_ingest::validate::{Origin, Rules, validate};
         let spec = ModelSpec::read(&settings.model.resolve()?)?;
-        let rules = Rules {
-            features: spec.features,
-            max_bytes: settings.ingest.max_event_bytes,
-            default_kind: settings.ingest.default_kind.clone(),
-            max_clock_skew_ms: settings.ingest.max_clock_skew_ms,
-        };
+        let rules = Rules::new(spec.features, &settings.ingest);
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let mut events = Vec::new();

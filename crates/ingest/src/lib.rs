@@ -51,12 +51,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         .context("creating topics")?;
     let io = stage::io(&ctx, SERVICE, metrics.dead_letters.clone())?;
     let ingest = Ingest {
-        rules: Rules {
-            features: spec.features,
-            max_bytes: s.ingest.max_event_bytes,
-            default_kind: s.ingest.default_kind.clone(),
-            max_clock_skew_ms: s.ingest.max_clock_skew_ms,
-        },
+        rules: Rules::new(spec.features, &s.ingest),
         events_topic: s.topics.events.clone(),
         metrics,
     };

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use lanes_common::config::IngestConfig;
 use lanes_common::dlq::ErrorClass;
 use lanes_common::records::{Event, check_client_time, model_value};
 use serde_json::{Map, Value};
@@ -24,6 +25,18 @@ pub struct Rules {
     pub default_kind: String,
     /// How far ahead of ingest's clock an event time may be.
     pub max_clock_skew_ms: u64,
+}
+
+impl Rules {
+    /// The rules ingest applies: the served model's `features` and `ingest`'s limits.
+    pub fn new(features: Vec<String>, ingest: &IngestConfig) -> Self {
+        Self {
+            features,
+            max_bytes: ingest.max_event_bytes,
+            default_kind: ingest.default_kind.clone(),
+            max_clock_skew_ms: ingest.max_clock_skew_ms,
+        }
+    }
 }
 
 pub type Rejection = (ErrorClass, String);
