@@ -412,15 +412,10 @@ async fn drain_python(
     }))
 }
 
-/// The sum of the samples of metric family `family` at `metrics`.
+/// The sum of the samples of metric family `family` at `metrics` (0 before any).
 async fn metric_sum(http: &reqwest::Client, metrics: &str, family: &str) -> anyhow::Result<f64> {
     let text = http.get(metrics).send().await?.text().await?;
-    let prefix = format!("{family}{{");
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(&prefix) || l.starts_with(&format!("{family} ")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+    Ok(crate::ops::sum_samples(&text, family).unwrap_or(0.0))
 }
 
 /// Publishes `n` prediction requests with features (entities of the generator's cards)

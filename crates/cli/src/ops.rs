@@ -428,6 +428,11 @@ async fn metric(http: &reqwest::Client, host: &str, port: u16, name: &str) -> Op
         .text()
         .await
         .ok()?;
+    sum_samples(&text, name)
+}
+
+/// The sum of the samples of metric `name` in Prometheus text; `None` if it has none.
+pub(crate) fn sum_samples(text: &str, name: &str) -> Option<f64> {
     let values: Vec<f64> = text
         .lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
