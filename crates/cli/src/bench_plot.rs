@@ -5,6 +5,9 @@
 use std::path::Path;
 
 use anyhow::Context;
+use plotters::coord::Shift;
+use plotters::coord::combinators::{LogCoord, WithKeyPoints};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::bench::Setting;
@@ -53,36 +56,13 @@ pub fn render(
         let x_axis = || (lo..hi).log_scale().with_key_points(rates.clone());
         let top_ms = points().map(|p| p.p99_ms).fold(target_ms, f64::max) * 1.15;
         let top_batch = points().map(|p| p.mean_batch).fold(1.0, f64::max) * 1.15;
-        let colour = |i: usize| Palette99::pick(i).to_rgba();
-        let style = |i: usize| {
-            let width = if best.is_some_and(|(b, _)| b == i) {
-                4
-            } else {
-                2
-            };
-            colour(i).stroke_width(width)
-        };
-        let label = |i: usize, s: &Setting| match best {
-            Some((b, true)) if b == i => format!("{} (recommended)", s.label()),
-            Some((b, false)) if b == i => format!("{} (closest)", s.label()),
-            _ => s.label(),
-        };
-
-        let mut latency = ChartBuilder::on(&left)
-            .caption("p99 event -> prediction", ("sans-serif", 16))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(56)
-            .build_cartesian_2d(x_axis(), 0.0..top_ms)
-            .map_err(plot_err)?;
-        latency
-            .configure_mesh()
-            .x_desc("offered rate, events/s")
-            .x_label_formatter(&|v| format!("{v:.0}"))
-            .y_label_formatter(&|v| format!("{v:.0}"))
-            .y_desc("p99 latency, ms")
-            .draw()
-            .map_err(plot_err)?;
+        let mut latency = panel(
+            &left,
+            "p99 event -> prediction",
+            "p99 latency, ms",
+            x_axis(),
+            top_ms,
+        )?;
         latency
             .draw_series(LineSeries::new(
                 [(lo, target_ms), (hi, target_ms)],
@@ -91,23 +71,7 @@ pub fn render(
             .map_err(plot_err)?
             .label(format!("target {target_ms} ms"))
             .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLACK.stroke_width(2)));
-        for (i, s) in settings.iter().enumerate() {
-            let line: Vec<(f64, f64)> =
-                s.points.iter().map(|p| (p.rate as f64, p.p99_ms)).collect();
-            latency
-                .draw_series(LineSeries::new(line.clone(), style(i)))
-                .map_err(plot_err)?
-                .label(label(i, s))
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 16, y)], colour(i).stroke_width(3))
-                });
-            latency
-                .draw_series(
-                    line.into_iter()
-                        .map(|p| Circle::new(p, 3, colour(i).filled())),
-                )
-                .map_err(plot_err)?;
-        }
+        curves(&mut latency, settings, best, |p| p.p99_ms)?;
         latency
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperLeft)
@@ -116,40 +80,84 @@ pub fn render(
             .draw()
             .map_err(plot_err)?;
 
-        let mut batch = ChartBuilder::on(&right)
-            .caption("events per batch", ("sans-serif", 16))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(56)
-            .build_cartesian_2d(x_axis(), 0.0..top_batch)
-            .map_err(plot_err)?;
-        batch
-            .configure_mesh()
-            .x_desc("offered rate, events/s")
-            .x_label_formatter(&|v| format!("{v:.0}"))
-            .y_label_formatter(&|v| format!("{v:.0}"))
-            .y_desc("mean events per micro-batch")
-            .draw()
-            .map_err(plot_err)?;
-        for (i, s) in settings.iter().enumerate() {
-            let line: Vec<(f64, f64)> = s
-                .points
-                .iter()
-                .map(|p| (p.rate as f64, p.mean_batch))
-                .collect();
-            batch
-                .draw_series(LineSeries::new(line.clone(), style(i)))
-                .map_err(plot_err)?;
-            batch
-                .draw_series(
-                    line.into_iter()
-                        .map(|p| Circle::new(p, 3, colour(i).filled())),
-                )
-                .map_err(plot_err)?;
-        }
+        let mut batch = panel(
+            &right,
+            "events per batch",
+            "mean events per micro-batch",
+            x_axis(),
+            top_batch,
+        )?;
+        curves(&mut batch, settings, best, |p| p.mean_batch)?;
         root.present().map_err(plot_err)?;
     }
     Ok(svg)
+}
+
+type Panel<'a, DB> =
+    ChartContext<'a, DB, Cartesian2d<WithKeyPoints<LogCoord<f64>>, RangedCoordf64>>;
+
+/// One panel over the rate axis `x`, from 0 to `top`, its mesh drawn.
+fn panel<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    caption: &str,
+    y_desc: &str,
+    x: WithKeyPoints<LogCoord<f64>>,
+    top: f64,
+) -> anyhow::Result<Panel<'a, DB>> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(x, 0.0..top)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("offered rate, events/s")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .y_desc(y_desc)
+        .draw()
+        .map_err(plot_err)?;
+    Ok(chart)
+}
+
+/// One curve per setting of `value` against the rate, labelled for the legend; the
+/// recommended (or closest) setting `best` drawn thicker.
+fn curves<DB: DrawingBackend>(
+    chart: &mut Panel<'_, DB>,
+    settings: &[Setting],
+    best: Option<(usize, bool)>,
+    value: fn(&crate::bench::Point) -> f64,
+) -> anyhow::Result<()> {
+    let colour = |i: usize| Palette99::pick(i).to_rgba();
+    for (i, s) in settings.iter().enumerate() {
+        let width = if best.is_some_and(|(b, _)| b == i) {
+            4
+        } else {
+            2
+        };
+        let label = match best {
+            Some((b, true)) if b == i => format!("{} (recommended)", s.label()),
+            Some((b, false)) if b == i => format!("{} (closest)", s.label()),
+            _ => s.label(),
+        };
+        let line: Vec<(f64, f64)> = s.points.iter().map(|p| (p.rate as f64, value(p))).collect();
+        chart
+            .draw_series(LineSeries::new(line.clone(), colour(i).stroke_width(width)))
+            .map_err(plot_err)?
+            .label(label)
+            .legend(move |(x, y)| {
+                PathElement::new([(x, y), (x + 16, y)], colour(i).stroke_width(3))
+            });
+        chart
+            .draw_series(
+                line.into_iter()
+                    .map(|p| Circle::new(p, 3, colour(i).filled())),
+            )
+            .map_err(plot_err)?;
+    }
+    Ok(())
 }
 
 fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
