@@ -510,6 +510,7 @@ impl Requests {
                 max_age_ms: None,
                 reply_topic: None,
                 requested_at: now_millis(),
+                stale_while_refresh: None,
             };
             let bytes = codec
                 .encode(&topic, &request)
@@ -583,6 +584,7 @@ impl Requests {
                                 max_age_ms: None,
                                 reply_topic: None,
                                 requested_at: now_millis(),
+                                stale_while_refresh: None,
                             };
                             let bytes = codec.encode(&topic, &request).await.expect("request encodes");
                             let record = FutureRecord::to(&topic)

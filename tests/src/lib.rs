@@ -4,6 +4,7 @@
 
 pub mod fleet;
 pub mod ledger;
+pub mod prom;
 pub mod proxy;
 
 use std::future::Future;

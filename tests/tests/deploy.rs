@@ -30,6 +30,7 @@ fn promtool_accepts_the_prometheus_config_and_rules() {
     for args in [
         vec!["check", "config", "deploy/prometheus/prometheus.yml"],
         vec!["check", "rules", "deploy/prometheus/alerts.yml"],
+        vec!["test", "rules", "deploy/prometheus/alerts_test.yml"],
     ] {
         let out = tool("promtool")
             .args(&args)
@@ -43,6 +44,49 @@ fn promtool_accepts_the_prometheus_config_and_rules() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// Alert names of `alerts.yml`.
+fn alert_names() -> BTreeSet<String> {
+    let rules: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root().join("deploy/prometheus/alerts.yml")).unwrap(),
+    )
+    .unwrap();
+    rules["groups"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().unwrap())
+        .filter_map(|r| r["alert"].as_str().map(String::from))
+        .collect()
+}
+
+#[test]
+fn every_alert_has_unit_tests_where_it_fires_and_where_it_does_not() {
+    let tests: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root().join("deploy/prometheus/alerts_test.yml")).unwrap(),
+    )
+    .unwrap();
+    let (mut fires, mut quiet) = (BTreeSet::new(), BTreeSet::new());
+    for case in tests["tests"].as_sequence().unwrap() {
+        for check in case["alert_rule_test"].as_sequence().unwrap() {
+            let name = check["alertname"].as_str().unwrap().to_string();
+            match check["exp_alerts"].as_sequence() {
+                Some(expected) if !expected.is_empty() => fires.insert(name),
+                _ => quiet.insert(name),
+            };
+        }
+    }
+    let alerts = alert_names();
+    assert!(alerts.len() >= 8, "{alerts:?}");
+    let untested: Vec<&String> = alerts
+        .iter()
+        .filter(|a| !fires.contains(*a) || !quiet.contains(*a))
+        .collect();
+    assert!(
+        untested.is_empty(),
+        "alerts without a firing and a quiet promtool case in alerts_test.yml: {untested:?}"
+    );
 }
 
 /// The Compose file as docker-compose resolves it (anchors and merges applied).

@@ -98,6 +98,7 @@ async fn ask(lane: &Lane, features: BTreeMap<String, f64>) -> PredictionResponse
         max_age_ms: None,
         reply_topic: None,
         requested_at: now_millis(),
+        stale_while_refresh: None,
     };
     let bytes = codec.encode(&s.topics.requests, &req).await.unwrap();
     let record = FutureRecord::to(&s.topics.requests)
@@ -423,4 +424,210 @@ fn model_outputs_lanes_cannot_read_are_refused_and_non_finite_scores_are_errors(
         .expect_err("NaN scores are refused")
         .to_string();
     assert!(e.contains("non-finite"), "{e}");
+}
+
+/// What a rollout under request load looked like, window by window.
+struct Rollout {
+    /// The lowest share of fresh answers in any window of at least 20 lookups after
+    /// the deploy.
+    min_fresh_share: f64,
+    /// The most requests per second answered by real-time scoring after the deploy.
+    max_realtime_per_s: f64,
+    /// The most model runs per second (requests and the sweep) after the deploy.
+    max_scorings_per_s: f64,
+    /// Whether every sampled cache entry was on version 2 by the end.
+    came_over: bool,
+}
+
+const ROLLOUT_ENTITIES: usize = 300;
+const ROLLOUT_RATE: usize = 200;
+const SWEEP_PER_S: u64 = 100;
+
+/// Deploys version 2 under `ROLLOUT_RATE` requests/s over a cache of version-1 entries,
+/// with the responder and the cache-writer running and `grace_ms` of rollout grace.
+async fn roll_out(grace_ms: u64, watch_for: Duration) -> Rollout {
+    let (_models, folder) = models();
+    let mut lane = Lane::new("rollout");
+    lane.settings.model.dir = folder.clone();
+    lane.settings.model.watch_interval_ms = 200;
+    let r = &mut lane.settings.fallback_responder;
+    r.freshness_ms = 600_000;
+    r.refresh_after_ms = 600_000;
+    r.rollout_grace_ms = grace_ms;
+    r.sweep_interval_ms = 500;
+    r.sweep_max_per_second = SWEEP_PER_S;
+    r.sample_interval_ms = 300;
+    r.realtime_deadline_ms = 5_000;
+    lane.create_topics().await;
+
+    // A warm cache of version-1 entries, each with the online features it was scored from.
+    let mut redis = redis(&lane.settings)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let now = now_millis();
+    let entities: Vec<String> = (0..ROLLOUT_ENTITIES).map(|i| format!("ro-{i}")).collect();
+    for (e, sample) in entities.iter().zip(Generator::new(31, ROLLOUT_ENTITIES)) {
+        let key = format!("{}{e}", lane.settings.cache_writer.key_prefix);
+        let t = (now - 5_000).to_string();
+        let fields = [
+            ("score", "0.5".to_string()),
+            ("model_name", "fraud".into()),
+            ("model_version", "1".into()),
+            ("event_id", unique("seed")),
+            ("event_time", t.clone()),
+            ("scored_at", (now - 1_000).to_string()),
+            ("lane", "STREAM".into()),
+            (
+                "features",
+                serde_json::to_string(&sample.feature_map()).unwrap(),
+            ),
+            ("features_event_time", t),
+        ];
+        let _: () = redis.hset_multiple(&key, &fields).await.unwrap();
+    }
+    let running = lane.start(&[lanes_fallback_responder::def(), lanes_cache_writer::def()]);
+    running.ready().await;
+
+    // Requests at ROLLOUT_RATE per second over the entities, until told to stop.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = {
+        let (lane, stop, entities) = (lane.clone(), stop.clone(), entities.clone());
+        tokio::spawn(async move {
+            let s = &lane.settings;
+            let codec = AvroCodec::new(&s.registry).unwrap();
+            let producer = producer(s);
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut n = 0usize;
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let mut pending = Vec::new();
+                for _ in 0..ROLLOUT_RATE / 10 {
+                    let req = PredictionRequest {
+                        request_id: unique("ro"),
+                        entity_id: entities[n * 7919 % entities.len()].clone(),
+                        features: None,
+                        max_age_ms: None,
+                        reply_topic: None,
+                        requested_at: now_millis(),
+                        stale_while_refresh: None,
+                    };
+                    n += 1;
+                    let bytes = codec.encode(&s.topics.requests, &req).await.unwrap();
+                    let record = FutureRecord::to(&s.topics.requests)
+                        .key(req.entity_id.as_str())
+                        .payload(&bytes);
+                    pending.push(enqueue(&producer, record).await.unwrap());
+                }
+                for d in pending {
+                    delivered(d).await.unwrap();
+                }
+            }
+        })
+    };
+    let lookups = |result: &str| {
+        running.metric(
+            "lanes_fallback_responder_cache_lookups_total",
+            &[("result", result)],
+        )
+    };
+    let all_lookups = || running.metric("lanes_fallback_responder_cache_lookups_total", &[]);
+    let realtime = || {
+        running.metric(
+            "lanes_fallback_responder_outcomes_total",
+            &[("outcome", "realtime")],
+        )
+    };
+    let scorings = || running.metric("lanes_fallback_responder_scorings_total", &[]);
+    wait_for(
+        "answers from the warm cache",
+        Duration::from_secs(60),
+        || async { (lookups("fresh") >= 200.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(realtime(), 0.0, "a warm cache needs no real-time scoring");
+
+    add_version(&folder, "2", None);
+    let mut rollout = Rollout {
+        min_fresh_share: 1.0,
+        max_realtime_per_s: 0.0,
+        max_scorings_per_s: 0.0,
+        came_over: false,
+    };
+    let window = Duration::from_secs(1);
+    let until = tokio::time::Instant::now() + watch_for;
+    let mut last = (all_lookups(), lookups("fresh"), realtime(), scorings());
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(window).await;
+        let now = (all_lookups(), lookups("fresh"), realtime(), scorings());
+        let looked = now.0 - last.0;
+        if looked >= 20.0 {
+            rollout.min_fresh_share = rollout.min_fresh_share.min((now.1 - last.1) / looked);
+        }
+        rollout.max_realtime_per_s = rollout.max_realtime_per_s.max(now.2 - last.2);
+        rollout.max_scorings_per_s = rollout.max_scorings_per_s.max(now.3 - last.3);
+        last = now;
+        rollout.came_over = running.metric("lanes_fallback_responder_serving_version_share", &[])
+            == 1.0
+            && running.metric("lanes_fallback_responder_model_info", &[("version", "2")]) == 1.0;
+        if rollout.came_over {
+            break;
+        }
+    }
+    stop.cancel();
+    load.await.unwrap();
+    running.stop().await;
+    eprintln!(
+        "rollout with grace {grace_ms} ms: lowest fresh share {:.3}, at most {} real-time answers/s and {} model runs/s, cache came over: {}",
+        rollout.min_fresh_share,
+        rollout.max_realtime_per_s,
+        rollout.max_scorings_per_s,
+        rollout.came_over
+    );
+    rollout
+}
+
+/// A deploy under request load is no stale storm: while version 2 takes over, version
+/// 1's entries are answered fresh (with their version) for the grace period, the sweep
+/// brings the cache over at its rate, the share of fresh answers never drops under the
+/// hit-ratio floor, and real-time scoring stays within its bound. Without the grace the
+/// same deploy sends every request to real-time scoring, which the check catches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollout_under_load_keeps_answers_fresh_and_real_time_bounded() {
+    let floor = lanes_common::Settings::load_from(None, HashMap::new())
+        .unwrap()
+        .fallback_responder
+        .hit_ratio_floor;
+    let graced = roll_out(120_000, Duration::from_secs(60)).await;
+    assert!(
+        graced.came_over,
+        "the sweep brought the cache over to version 2"
+    );
+    assert!(
+        graced.min_fresh_share >= floor,
+        "fresh share fell to {:.2} during the rollout, under the floor {floor}",
+        graced.min_fresh_share
+    );
+    let realtime_bound = (1.0 - floor) * ROLLOUT_RATE as f64;
+    assert!(
+        graced.max_realtime_per_s <= realtime_bound,
+        "{} requests/s scored in real time, over {realtime_bound}",
+        graced.max_realtime_per_s
+    );
+    // The sweep's rate, allowing for a pass that ends inside one window and the next
+    // one starting in it.
+    let scoring_bound = 2.0 * SWEEP_PER_S as f64 + realtime_bound;
+    assert!(
+        graced.max_scorings_per_s <= scoring_bound,
+        "{} model runs/s, over {scoring_bound}",
+        graced.max_scorings_per_s
+    );
+
+    let storm = roll_out(0, Duration::from_secs(5)).await;
+    assert!(
+        storm.min_fresh_share < floor && storm.max_realtime_per_s > realtime_bound,
+        "without grace the deploy is a stale storm: fresh share {:.2}, {} real-time/s",
+        storm.min_fresh_share,
+        storm.max_realtime_per_s
+    );
 }

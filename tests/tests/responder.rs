@@ -60,6 +60,7 @@ impl Client {
             max_age_ms,
             reply_topic: None,
             requested_at: now_millis(),
+            stale_while_refresh: None,
         }
     }
 
@@ -231,6 +232,28 @@ async fn every_path_answers_as_documented() {
         (ResponseSource::Realtime, Some("1"))
     );
 
+    // Online features newer than the event the entry was scored from: the entity moved
+    // on since, so the young entry is stale and is scored again from those features.
+    let f4 = features(4);
+    c.seed("moved-on", &prediction_fields(0.3, "1", 1_000))
+        .await;
+    let moved_at = now_millis();
+    c.seed("moved-on", &feature_fields(&f4, moved_at)).await;
+    let r = c.one(Client::request("moved-on", None, None)).await;
+    assert_eq!(
+        (r.status, r.source),
+        (ResponseStatus::Ok, ResponseSource::Realtime)
+    );
+    assert!((r.score.unwrap() - expected_score(&f4)).abs() < 1e-9);
+    let p = next_prediction(&c, &predictions, "moved-on")
+        .await
+        .remove(0);
+    assert_eq!(
+        (p.event_time, p.lane),
+        (moved_at, LaneKind::Realtime),
+        "cached as of the newer features"
+    );
+
     // Miss with features in the request.
     let f2 = features(2);
     let r = c
@@ -265,14 +288,55 @@ async fn every_path_answers_as_documented() {
 
     let outcome = |o| running.metric("lanes_fallback_responder_outcomes_total", &[("outcome", o)]);
     assert_eq!(outcome("fresh_hit"), 1.0);
-    assert_eq!(outcome("stale_hit"), 3.0);
+    assert_eq!(outcome("stale_hit"), 4.0);
     assert_eq!(outcome("miss"), 4.0);
-    assert_eq!(outcome("realtime"), 5.0);
+    assert_eq!(outcome("realtime"), 6.0);
     assert_eq!(outcome("not_found"), 1.0);
     assert_eq!(outcome("stale_served"), 1.0);
     assert_eq!(
         running.metric("lanes_fallback_responder_cache_age_seconds", &[]),
-        4.0
+        5.0
+    );
+    let lookups = |r| {
+        running.metric(
+            "lanes_fallback_responder_cache_lookups_total",
+            &[("result", r)],
+        )
+    };
+    assert_eq!(
+        [
+            "fresh",
+            "miss",
+            "stale_age",
+            "stale_version",
+            "stale_features",
+            "unavailable"
+        ]
+        .map(lookups),
+        [1.0, 4.0, 2.0, 1.0, 1.0, 0.0]
+    );
+    let ratio = running.metric("lanes_fallback_responder_hit_ratio", &[]);
+    assert!(
+        (ratio - 1.0 / 9.0).abs() < 1e-9,
+        "1 fresh answer in 9 lookups: {ratio}"
+    );
+
+    // Stale-while-refresh is off here, but a request may ask for it: the stale entry at
+    // once, and a refresh behind it.
+    let mut swr = Client::request("stale", None, None);
+    swr.stale_while_refresh = Some(true);
+    let r = c.one(swr).await;
+    assert_eq!(
+        (r.status, r.source, r.score),
+        (ResponseStatus::Ok, ResponseSource::StaleCache, Some(0.5))
+    );
+    assert!(r.cache_age_ms.unwrap() >= 120_000);
+    assert_eq!(
+        running.metric(
+            "lanes_fallback_responder_refreshes_total",
+            &[("trigger", "stale")]
+        ),
+        1.0
     );
     assert_eq!(
         running.metric(
@@ -733,7 +797,21 @@ async fn hostile_requests_get_errors_and_the_responder_stays_up() {
 
 /// A model with the fraud model's inputs and outputs that takes tens of milliseconds a
 /// row: 60 chained 2048x2048 matrix products (one shared zero weight, so scores are 0).
-fn slow_model(dir: &std::path::Path) {
+/// A responder lane serving [`slow_model`] from a folder that lives as long as the
+/// returned guard.
+fn slow_lane(what: &str, layers: usize) -> (tempfile::TempDir, Lane) {
+    let dir = tempfile::tempdir().unwrap();
+    let version = dir.path().join("1");
+    std::fs::create_dir(&version).unwrap();
+    slow_model(&version, layers);
+    let mut lane = responder_lane(what);
+    lane.settings.model.dir = version;
+    (dir, lane)
+}
+
+/// A model with the fraud model's features whose every run does `layers` 2048x2048
+/// matrix products.
+fn slow_model(dir: &std::path::Path, layers: usize) {
     let script = r#"
 import sys, numpy as np, onnx
 from onnx import helper, TensorProto, numpy_helper
@@ -745,9 +823,10 @@ inits = [
     numpy_helper.from_array(np.zeros((2048, 2), dtype=np.float32), "w_out"),
 ]
 nodes = [helper.make_node("MatMul", ["input", "w_in"], ["h0"])]
-for i in range(60):
+layers = int(sys.argv[2])
+for i in range(layers):
     nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]))
-nodes.append(helper.make_node("MatMul", ["h60", "w_out"], ["probabilities"]))
+nodes.append(helper.make_node("MatMul", [f"h{layers}", "w_out"], ["probabilities"]))
 out = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 2])
 m = helper.make_model(helper.make_graph(nodes, "slow", [x], [out], inits),
                       opset_imports=[helper.make_opsetid("", 13)])
@@ -755,7 +834,12 @@ m.ir_version = 8
 onnx.save(m, path)
 "#;
     let out = std::process::Command::new(python())
-        .args(["-c", script, dir.join("model.onnx").to_str().unwrap()])
+        .args([
+            "-c",
+            script,
+            dir.join("model.onnx").to_str().unwrap(),
+            &layers.to_string(),
+        ])
         .output()
         .unwrap();
     assert!(
@@ -772,12 +856,7 @@ onnx.save(m, path)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scorings_past_their_deadline_count_against_the_in_flight_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    let version = dir.path().join("1");
-    std::fs::create_dir(&version).unwrap();
-    slow_model(&version);
-    let mut lane = responder_lane("background-bound");
-    lane.settings.model.dir = version;
+    let (_model, mut lane) = slow_lane("background-bound", 60);
     lane.settings.fallback_responder.max_in_flight = 3;
     // Every scoring outlives its request: it goes on in the background, warming the cache.
     lane.settings.fallback_responder.realtime_deadline_ms = 1;
@@ -806,6 +885,192 @@ async fn scorings_past_their_deadline_count_against_the_in_flight_limit() {
     assert!(
         peak <= 3,
         "background work stays within max_in_flight: peak {peak}"
+    );
+    running.stop().await;
+}
+
+/// Sends `batch` requests for `entities` (cycled from `from`), waiting for their
+/// delivery but not their answers.
+async fn send_for(c: &Client, entities: &[String], from: usize, batch: usize) {
+    let reqs: Vec<PredictionRequest> = (from..from + batch)
+        .map(|i| Client::request(&entities[i % entities.len()], None, None))
+        .collect();
+    c.send(&reqs).await;
+}
+
+/// A real Prometheus scraping a running responder (its own process) with the deployed
+/// rule: LanesCacheHitRatioLow stays quiet while requests hit, fires once misses drive
+/// the hit ratio under the configured floor, and clears when hits return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_real_prometheus_fires_the_hit_ratio_alert_on_misses_and_clears_it() {
+    use lanes_tests::prom::{self, Prometheus};
+    const ALERT: &str = "LanesCacheHitRatioLow";
+    let mut lane = responder_lane("hit-ratio");
+    lane.settings.fallback_responder.hit_ratio_window_s = 3;
+    lane.settings.fallback_responder.hit_ratio_floor = 0.8;
+    lane.create_topics().await;
+    let c = Client::new(&lane).await;
+    let hits: Vec<String> = (0..10).map(|i| format!("hit-{i}")).collect();
+    for e in &hits {
+        c.seed(e, &prediction_fields(0.2, "1", 1_000)).await;
+    }
+    let misses: Vec<String> = (0..10).map(|i| format!("never-cached-{i}")).collect();
+    let _responder = lane.spawn("lanes-fallback-responder", &[]);
+    let port = lane.settings.admin.ports.fallback_responder;
+    wait_for("the responder ready", Duration::from_secs(60), || async {
+        answers_ok(&format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .then_some(())
+    })
+    .await;
+    let rules = prom::rules_with_for(
+        &root().join("deploy/prometheus/alerts.yml"),
+        &[(ALERT, "3s")],
+    );
+    let prom = Prometheus::start(&[format!("127.0.0.1:{port}")], &rules).await;
+
+    // Hits only: the scraped ratio reaches 1 and the alert never leaves inactive.
+    let mut sent = 0;
+    let healthy_until = tokio::time::Instant::now() + Duration::from_secs(8);
+    let mut scraped = None;
+    while tokio::time::Instant::now() < healthy_until {
+        send_for(&c, &hits, sent, 5).await;
+        sent += 5;
+        assert_eq!(
+            prom.alert_state(ALERT).await,
+            None,
+            "quiet while requests hit"
+        );
+        scraped = prom
+            .query("lanes_fallback_responder_hit_ratio")
+            .await
+            .or(scraped);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        scraped,
+        Some(1.0),
+        "Prometheus scraped the responder's hit ratio"
+    );
+    assert_eq!(
+        prom.query("lanes_fallback_responder_hit_ratio_floor").await,
+        Some(0.8)
+    );
+
+    // Misses: the ratio falls under the floor and, held for the rule's `for`, fires.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let mut states = Vec::new();
+    loop {
+        send_for(&c, &misses, sent, 5).await;
+        sent += 5;
+        let state = prom.alert_state(ALERT).await;
+        if states.last() != Some(&state) {
+            states.push(state.clone());
+        }
+        if state.as_deref() == Some("firing") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{ALERT} did not fire under misses: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        states.contains(&Some("pending".into())),
+        "pending for its `for` before firing: {states:?}"
+    );
+    let ratio = prom
+        .query("lanes_fallback_responder_hit_ratio")
+        .await
+        .unwrap();
+    assert!(ratio < 0.8, "{ratio}");
+
+    // Hits again: the ratio recovers and the alert clears.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        send_for(&c, &hits, sent, 5).await;
+        sent += 5;
+        if prom.alert_state(ALERT).await.is_none() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{ALERT} did not clear once requests hit again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ratio = prom
+        .query("lanes_fallback_responder_hit_ratio")
+        .await
+        .unwrap();
+    assert!(ratio >= 0.8, "{ratio}");
+}
+
+/// Stale-while-refresh by config: a stale entry is answered at once (STALE_CACHE with its
+/// age), before any scoring ends, and one background scoring shared by every request for
+/// the entity refreshes it. A request can turn the policy off for itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_while_refresh_answers_at_once_and_refreshes_once_per_entity() {
+    // About a second a run, far longer than answering from the cache takes.
+    let (_model, mut lane) = slow_lane("swr", 2400);
+    lane.settings.fallback_responder.stale_while_refresh = true;
+    lane.settings.fallback_responder.max_in_flight = 16;
+    lane.settings.fallback_responder.realtime_deadline_ms = 10_000;
+    lane.create_topics().await;
+    let c = Client::new(&lane).await;
+    let f = features(21);
+    c.seed("swr", &prediction_fields(0.4, "1", 120_000)).await;
+    c.seed("swr", &feature_fields(&f, 1234)).await;
+    let predictions = consumer(&lane.settings, &[&lane.settings.topics.predictions]);
+    let running = lane.start(&[lanes_fallback_responder::def()]);
+    running.ready().await;
+
+    let reqs: Vec<PredictionRequest> = (0..5).map(|_| Client::request("swr", None, None)).collect();
+    let answers = c.ask(&reqs).await;
+    assert_eq!(
+        running.metric("lanes_fallback_responder_scoring_seconds", &[]),
+        0.0,
+        "answered before any scoring ended"
+    );
+    for r in answers.values() {
+        assert_eq!(
+            (r.status, r.source, r.score),
+            (ResponseStatus::Ok, ResponseSource::StaleCache, Some(0.4)),
+            "{r:?}"
+        );
+        assert!(r.cache_age_ms.unwrap() >= 120_000, "{r:?}");
+    }
+    // One scoring refreshes the entry from its online features, for all five.
+    let p = next_prediction(&c, &predictions, "swr").await.remove(0);
+    assert_eq!((p.event_time, p.lane), (1234, LaneKind::Realtime));
+    running
+        .wait_metric("lanes_fallback_responder_scoring_seconds", &[], 1.0)
+        .await;
+    assert_eq!(
+        running.metric("lanes_fallback_responder_scorings_total", &[]),
+        1.0,
+        "coalesced"
+    );
+    assert_eq!(
+        running.metric(
+            "lanes_fallback_responder_refreshes_total",
+            &[("trigger", "stale")]
+        ),
+        5.0
+    );
+
+    // The request's own choice wins: this one waits for a real-time score.
+    let mut wait = Client::request("swr", None, None);
+    wait.stale_while_refresh = Some(false);
+    let r = c.one(wait).await;
+    assert_eq!(
+        (r.status, r.source),
+        (ResponseStatus::Ok, ResponseSource::Realtime)
+    );
+    assert_eq!(
+        running.metric("lanes_fallback_responder_scorings_total", &[]),
+        2.0
     );
     running.stop().await;
 }

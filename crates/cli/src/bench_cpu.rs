@@ -436,6 +436,7 @@ async fn publish_requests(s: &Settings, n: usize) -> anyhow::Result<()> {
             max_age_ms: None,
             reply_topic: None,
             requested_at: now_millis(),
+            stale_while_refresh: None,
         };
         let payload = codec.encode(&s.topics.requests, &req).await?;
         pending.push(

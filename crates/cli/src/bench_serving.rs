@@ -159,6 +159,7 @@ async fn responder_round_trips(
             max_age_ms: None,
             reply_topic: None,
             requested_at: now_millis(),
+            stale_while_refresh: None,
         };
         payloads.push((
             req.request_id.clone(),

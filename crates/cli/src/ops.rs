@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use lanes_common::Settings;
 use lanes_common::avro::AvroCodec;
+use lanes_common::cache::{Cached, Staleness};
 use lanes_common::dlq::{self, ErrorClass};
 use lanes_common::kafka::{delivered, enqueue, group_lag, watermarks};
 use lanes_common::model::ModelSpec;
@@ -177,24 +178,26 @@ pub async fn cache(action: CacheAction, s: &Settings) -> anyhow::Result<()> {
         .and_then(|d| ModelSpec::read(&d))
         .ok()
         .map(|m| m.version);
-    let scored_at = h.get("scored_at").and_then(|v| v.parse::<i64>().ok());
-    let age_ms = scored_at.map(|t| now_millis() - t);
-    let version = h.get("model_version").cloned();
-    let verdict = match (age_ms, &version, &serving) {
-        (None, _, _) => "no prediction (online features only)".to_string(),
-        (Some(_), Some(v), Some(now)) if v != now => {
-            format!("stale: scored by model version {v}, {now} is serving")
-        }
-        (Some(a), _, _) if a > s.fallback_responder.freshness_ms => {
-            format!(
-                "stale: {a} ms old, freshness is {} ms",
-                s.fallback_responder.freshness_ms
-            )
-        }
-        (Some(a), _, _) => format!(
-            "fresh: {a} ms old, freshness is {} ms",
-            s.fallback_responder.freshness_ms
-        ),
+    let now = now_millis();
+    let cached = Cached::from_hash(&h).filter(|c| c.prediction().is_some());
+    let age_ms = cached.as_ref().and_then(|c| c.scored_at).map(|t| now - t);
+    let freshness = s.fallback_responder.freshness_ms;
+    let verdict = match (&cached, age_ms) {
+        (Some(c), Some(a)) => match c.staleness(freshness, serving.as_deref(), now) {
+            Some(Staleness::ModelVersion) => format!(
+                "stale: scored by model version {}, {} is serving",
+                c.model_version.as_deref().unwrap_or("?"),
+                serving.as_deref().unwrap_or("?")
+            ),
+            Some(Staleness::Features) => format!(
+                "stale: online features of {} are newer than the scored event of {}",
+                c.features_event_time.unwrap_or_default(),
+                c.event_time.unwrap_or_default()
+            ),
+            Some(Staleness::Age) => format!("stale: {a} ms old, freshness is {freshness} ms"),
+            None => format!("fresh: {a} ms old, freshness is {freshness} ms"),
+        },
+        _ => "no prediction (online features only)".to_string(),
     };
     let fields: BTreeMap<String, Value> = h
         .into_iter()
@@ -419,16 +422,77 @@ async fn readiness(http: &reqwest::Client, host: &str, port: u16) -> Option<Valu
     resp.json().await.ok()
 }
 
-async fn metric(http: &reqwest::Client, host: &str, port: u16, name: &str) -> Option<f64> {
-    let text = http
-        .get(format!("http://{host}:{port}/metrics"))
+async fn metrics_text(http: &reqwest::Client, host: &str, port: u16) -> Option<String> {
+    http.get(format!("http://{host}:{port}/metrics"))
         .send()
         .await
         .ok()?
         .text()
         .await
-        .ok()?;
-    sum_samples(&text, name)
+        .ok()
+}
+
+/// The sum of the samples of metric `name` whose label `label` is `value`.
+fn labelled_sum(text: &str, name: &str, label: &str, value: &str) -> f64 {
+    let pair = format!("{label}=\"{value}\"");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(&pair))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        // Not `sum`: the sum of no floats is -0.
+        .fold(0.0, |a, b| a + b)
+}
+
+/// What `lanes status` says of the cache, from the responder's metrics: the hit ratio
+/// against its floor, lookups by result, and the sampled stale share.
+fn cache_lines(text: &str, s: &Settings) -> Vec<String> {
+    let r = &s.fallback_responder;
+    let mut lines = Vec::new();
+    let ratio = sum_samples(text, "lanes_fallback_responder_hit_ratio");
+    let floor = sum_samples(text, "lanes_fallback_responder_hit_ratio_floor");
+    if let (Some(ratio), Some(floor)) = (ratio, floor) {
+        lines.push(if ratio.is_nan() {
+            format!("cache: no lookups in the last {} s", r.hit_ratio_window_s)
+        } else {
+            format!(
+                "cache: hit ratio {:.1}% over the last {} s (floor {:.1}%){}",
+                ratio * 100.0,
+                r.hit_ratio_window_s,
+                floor * 100.0,
+                if ratio < floor {
+                    ": UNDER THE FLOOR"
+                } else {
+                    ""
+                }
+            )
+        });
+        let counts: Vec<String> = lanes_fallback_responder::LOOKUP_RESULTS
+            .iter()
+            .map(|result| {
+                let n = labelled_sum(
+                    text,
+                    "lanes_fallback_responder_cache_lookups_total",
+                    "result",
+                    result,
+                );
+                format!("{result} {n}")
+            })
+            .collect();
+        lines.push(format!("cache: lookups since start: {}", counts.join(", ")));
+    }
+    if let Some(share) = sum_samples(text, "lanes_fallback_responder_stale_share") {
+        lines.push(format!(
+            "cache: {:.1}% of sampled entries are stale (older than {} ms, another model version, or newer online features)",
+            share * 100.0,
+            r.freshness_ms
+        ));
+    }
+    if let Some(share) = sum_samples(text, "lanes_fallback_responder_serving_version_share") {
+        lines.push(format!(
+            "cache: {:.1}% of sampled entries are on the serving model version",
+            share * 100.0
+        ));
+    }
+    lines
 }
 
 /// The sum of the samples of metric `name` in Prometheus text; `None` if it has none.
@@ -484,19 +548,50 @@ pub async fn status(s: &Settings) -> anyhow::Result<i32> {
     } else {
         s.admin.ports.fallback_responder
     };
-    if let Some(share) = metric(
-        &http,
-        host,
-        responder_port,
-        "lanes_fallback_responder_stale_share",
-    )
-    .await
-    {
-        println!(
-            "cache: {:.1}% of sampled entries are stale (older than {} ms or another model version)",
-            share * 100.0,
-            s.fallback_responder.freshness_ms
-        );
+    if let Some(text) = metrics_text(&http, host, responder_port).await {
+        for line in cache_lines(&text, s) {
+            println!("{line}");
+        }
     }
     Ok(if healthy { 0 } else { EXIT_UNHEALTHY })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_tells_the_hit_ratio_against_its_floor_and_lookups_by_result() {
+        let s = Settings::load_from(None, HashMap::new()).unwrap();
+        let text = "\
+lanes_fallback_responder_hit_ratio 0.8
+lanes_fallback_responder_hit_ratio_floor 0.9
+lanes_fallback_responder_cache_lookups_total{result=\"fresh\"} 8
+lanes_fallback_responder_cache_lookups_total{result=\"miss\"} 1
+lanes_fallback_responder_cache_lookups_total{result=\"stale_features\"} 1
+lanes_fallback_responder_stale_share 0.25
+lanes_fallback_responder_serving_version_share 0.5
+";
+        let lines = cache_lines(text, &s);
+        assert_eq!(
+            lines[0],
+            "cache: hit ratio 80.0% over the last 60 s (floor 90.0%): UNDER THE FLOOR"
+        );
+        assert_eq!(
+            lines[1],
+            "cache: lookups since start: fresh 8, miss 1, stale_age 0, stale_version 0, stale_features 1, unavailable 0"
+        );
+        assert!(lines[2].starts_with("cache: 25.0% of sampled entries are stale"));
+        assert_eq!(
+            lines[3],
+            "cache: 50.0% of sampled entries are on the serving model version"
+        );
+        let idle = text.replace("hit_ratio 0.8", "hit_ratio NaN");
+        assert_eq!(
+            cache_lines(&idle, &s)[0],
+            "cache: no lookups in the last 60 s"
+        );
+        let healthy = text.replace("hit_ratio 0.8", "hit_ratio 0.95");
+        assert!(cache_lines(&healthy, &s)[0].ends_with("(floor 90.0%)"));
+    }
 }

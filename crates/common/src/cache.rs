@@ -242,6 +242,47 @@ impl Cached {
     pub fn prediction(&self) -> Option<(f64, i64)> {
         Some((self.score?, self.scored_at?))
     }
+
+    /// Why the prediction is not fresh at `now` (epoch ms) for a reader allowing
+    /// `max_age_ms` and serving `serving`; `None` when it is fresh or there is none.
+    /// Scored by another version beats online features newer than the scored event
+    /// (the entity moved on since), which beats age.
+    pub fn staleness(&self, max_age_ms: i64, serving: Option<&str>, now: i64) -> Option<Staleness> {
+        let scored_at = self.scored_at?;
+        if let (Some(serving), Some(scored_by)) = (serving, &self.model_version)
+            && serving != scored_by
+        {
+            return Some(Staleness::ModelVersion);
+        }
+        if let (Some(features), Some(scored)) = (self.features_event_time, self.event_time)
+            && features > scored
+        {
+            return Some(Staleness::Features);
+        }
+        (now - scored_at > max_age_ms).then_some(Staleness::Age)
+    }
+}
+
+/// Why a cached prediction is stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staleness {
+    /// Older than the freshness bound.
+    Age,
+    /// Scored by another model version than the one serving.
+    ModelVersion,
+    /// The entity's online features are newer than the event its score came from.
+    Features,
+}
+
+impl Staleness {
+    /// The metric label: `stale_age`, `stale_version`, `stale_features`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Age => "stale_age",
+            Self::ModelVersion => "stale_version",
+            Self::Features => "stale_features",
+        }
+    }
 }
 
 /// One SCAN step over the entries under `prefix`: the keys it listed (a key may come
@@ -342,6 +383,47 @@ mod tests {
             Cached::from_hash(&nan).unwrap().prediction(),
             None,
             "a NaN score is no prediction"
+        );
+    }
+
+    #[test]
+    fn staleness_by_version_then_features_then_age() {
+        let c = Cached {
+            score: Some(0.5),
+            model_version: Some("2".into()),
+            event_time: Some(900),
+            scored_at: Some(1_000),
+            features: None,
+            features_event_time: Some(900),
+        };
+        assert_eq!(c.staleness(500, Some("2"), 1_400), None);
+        assert_eq!(c.staleness(500, None, 1_400), None, "no version to compare");
+        assert_eq!(c.staleness(500, Some("2"), 1_501), Some(Staleness::Age));
+        assert_eq!(
+            c.staleness(500, Some("3"), 1_400),
+            Some(Staleness::ModelVersion)
+        );
+        let moved_on = Cached {
+            features_event_time: Some(901),
+            ..c.clone()
+        };
+        assert_eq!(
+            moved_on.staleness(500, Some("2"), 1_001),
+            Some(Staleness::Features),
+            "young, but the entity moved on since"
+        );
+        assert_eq!(
+            moved_on.staleness(500, Some("3"), 1_001),
+            Some(Staleness::ModelVersion)
+        );
+        assert_eq!(
+            Cached {
+                scored_at: None,
+                ..c
+            }
+            .staleness(500, Some("2"), 1_400),
+            None,
+            "no prediction, nothing to judge"
         );
     }
 

@@ -88,16 +88,24 @@ pub struct FallbackResponderConfig {
     pub group: String,
     pub freshness_ms: i64,
     pub refresh_after_ms: i64,
+    /// Answer stale entries at once and refresh them in the background.
+    pub stale_while_refresh: bool,
     pub realtime_deadline_ms: u64,
     pub on_deadline: OnDeadline,
     pub max_in_flight: usize,
     pub redis_timeout_ms: u64,
     pub breaker_failures: u32,
     pub breaker_open_ms: u64,
+    /// How long the previous model version's entries stay servable after a switch.
+    pub rollout_grace_ms: u64,
     pub sweep_interval_ms: u64,
     pub sweep_max_per_second: u64,
     pub sample_interval_ms: u64,
     pub sample_keys: usize,
+    /// The hit ratio's sliding window, in seconds.
+    pub hit_ratio_window_s: u64,
+    /// The hit ratio under which the LanesCacheHitRatioLow alert fires, in [0, 1].
+    pub hit_ratio_floor: f64,
     /// A `requested_at` more than this ahead of the responder's clock, or before 2000,
     /// is answered ERROR.
     pub max_clock_skew_ms: u64,
@@ -466,6 +474,23 @@ impl Settings {
                 CLIENT_SERVICES.join(", ")
             ));
         }
+        let r = &self.fallback_responder;
+        if r.hit_ratio_window_s == 0 {
+            return invalid("fallback_responder.hit_ratio_window_s must be > 0".into());
+        }
+        if !(0.0..=1.0).contains(&r.hit_ratio_floor) {
+            return invalid(format!(
+                "fallback_responder.hit_ratio_floor must be within 0 and 1, got {}",
+                r.hit_ratio_floor
+            ));
+        }
+        let work = r.redis_timeout_ms.saturating_add(r.realtime_deadline_ms);
+        if r.max_request_age_ms > 0 && work >= r.max_request_age_ms {
+            return invalid(format!(
+                "fallback_responder.max_request_age_ms ({}) must exceed redis_timeout_ms + realtime_deadline_ms ({work}): no request could start in time and every one would be answered expired",
+                r.max_request_age_ms
+            ));
+        }
         if self.micro_batcher.target_latency_ms == Some(0) {
             return invalid("micro_batcher.target_latency_ms must be > 0 when set".into());
         }
@@ -649,6 +674,41 @@ mod tests {
         .unwrap();
         let e = Settings::load_from(Some(&file), HashMap::new()).unwrap_err();
         assert!(e.to_string().contains("kafka.services.scorrer"), "{e}");
+    }
+
+    #[test]
+    fn responder_settings_that_cannot_work_are_refused() {
+        for (key, value, says) in [
+            (
+                "HIT_RATIO_FLOOR",
+                "1.5",
+                "hit_ratio_floor must be within 0 and 1",
+            ),
+            (
+                "HIT_RATIO_FLOOR",
+                "-0.1",
+                "hit_ratio_floor must be within 0 and 1",
+            ),
+            ("HIT_RATIO_WINDOW_S", "0", "hit_ratio_window_s must be > 0"),
+            (
+                "REALTIME_DEADLINE_MS",
+                "30000",
+                "max_request_age_ms (30000) must exceed",
+            ),
+        ] {
+            let e = Settings::load_from(
+                None,
+                env(&[(&format!("LANES__FALLBACK_RESPONDER__{key}"), value)]),
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains(says), "{key}={value}: {e}");
+        }
+        let s = Settings::load_from(
+            None,
+            env(&[("LANES__FALLBACK_RESPONDER__HIT_RATIO_FLOOR", "0.75")]),
+        )
+        .unwrap();
+        assert_eq!(s.fallback_responder.hit_ratio_floor, 0.75);
     }
 
     #[test]

@@ -181,6 +181,10 @@ pub struct PredictionRequest {
     pub max_age_ms: Option<i64>,
     pub reply_topic: Option<String>,
     pub requested_at: i64,
+    /// Answer a stale entry at once and refresh it in the background; `None` follows
+    /// `fallback_responder.stale_while_refresh`.
+    #[serde(default)]
+    pub stale_while_refresh: Option<bool>,
 }
 record!(PredictionRequest, "PredictionRequest.avsc");
 
@@ -382,6 +386,7 @@ mod tests {
             max_age_ms: Some(500),
             reply_topic: None,
             requested_at: 3,
+            stale_while_refresh: None,
         });
         for (status, source) in [
             (ResponseStatus::Ok, ResponseSource::StaleCache),

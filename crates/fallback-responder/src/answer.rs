@@ -111,20 +111,31 @@ pub async fn answer(
         Ok(c) => (c, None),
         Err(e) => (None, Some(e)),
     };
-    let decision = decide::decide(req, cached.as_ref(), &core.policy(), now);
+    let policy = core.policy();
+    let decision = decide::decide(req, cached.as_ref(), &policy, now);
     match &decision {
-        Decision::Fresh { age_ms, .. } => {
+        Decision::Fresh {
+            age_ms,
+            model_version,
+            ..
+        } => {
             m.outcome("fresh_hit");
+            m.lookup("fresh");
+            if model_version.is_some() && *model_version == policy.previous_version {
+                m.grace_answers.inc();
+            }
             m.cache_age.observe(*age_ms as f64 / 1000.0);
         }
         Decision::Score { stale: Some(s), .. } | Decision::StaleOnly(s) => {
             m.outcome("stale_hit");
+            m.lookup(s.cause.label());
             m.cache_age.observe(s.age_ms as f64 / 1000.0);
         }
         Decision::Score { stale: None, .. } | Decision::NotFound if cache_error.is_none() => {
-            m.outcome("miss")
+            m.outcome("miss");
+            m.lookup("miss");
         }
-        _ => {}
+        _ => m.lookup("unavailable"),
     }
     match decision {
         Decision::Fresh {
@@ -137,23 +148,13 @@ pub async fn answer(
                 && let Some(c) = &cached
                 && let Some(f) = &c.features
             {
-                if let Some(refresh_slot) = core.try_slot() {
-                    m.refreshes.with_label_values(&["read"]).inc();
-                    let event_time = c.features_event_time.unwrap_or(now);
-                    drop(core.score(
-                        core,
-                        &req.entity_id,
-                        f,
-                        Some(Warm {
-                            event_time,
-                            event_id: refresh_event_id(&req.entity_id, event_time),
-                            guard: false,
-                        }),
-                        refresh_slot,
-                    ));
-                } else {
-                    m.refreshes.with_label_values(&["skipped"]).inc();
-                }
+                let event_time = c.features_event_time.unwrap_or(now);
+                let warm = Warm {
+                    event_time,
+                    event_id: refresh_event_id(&req.entity_id, event_time),
+                    guard: false,
+                };
+                refresh_in_background(core, &req.entity_id, f, warm, "read");
             }
             PredictionResponse {
                 score: Some(score),
@@ -169,7 +170,6 @@ pub async fn answer(
             warm,
             stale,
         } => {
-            m.outcome("realtime");
             let warm = warm.then(|| Warm {
                 // Request features are as of now by this clock, never the client's.
                 event_time: if from_request { now } else { event_time },
@@ -180,6 +180,19 @@ pub async fn answer(
                 },
                 guard: from_request,
             });
+            if let Some(s) = &stale
+                && req
+                    .stale_while_refresh
+                    .unwrap_or(core.cfg.stale_while_refresh)
+            {
+                // Only an entry the service itself finds stale is worth re-scoring.
+                if let Some(warm) = warm {
+                    refresh_in_background(core, &req.entity_id, &features, warm, "stale");
+                }
+                m.outcome("stale_served");
+                return stale_response(req, s);
+            }
+            m.outcome("realtime");
             let deadline = Duration::from_millis(core.cfg.realtime_deadline_ms);
             // A zero deadline is cache-only: nothing is scored, every miss falls back.
             let scored = if deadline.is_zero() {
@@ -236,6 +249,26 @@ pub async fn answer(
                 response(req, ResponseStatus::NotFound, ResponseSource::None)
             }
         },
+    }
+}
+
+/// Re-scores `features` for `entity` into the cache without anyone waiting, if there is
+/// room under `max_in_flight`; coalesced with other scorings of the same entity and
+/// features. Counted under `trigger`, or `skipped` when there is no room.
+fn refresh_in_background(
+    core: &Arc<Core>,
+    entity: &str,
+    features: &std::collections::BTreeMap<String, f64>,
+    warm: Warm,
+    trigger: &str,
+) {
+    let refreshes = &core.metrics.refreshes;
+    match core.try_slot() {
+        Some(slot) => {
+            refreshes.with_label_values(&[trigger]).inc();
+            drop(core.score(core, entity, features, Some(warm), slot));
+        }
+        None => refreshes.with_label_values(&["skipped"]).inc(),
     }
 }
 

@@ -1,8 +1,9 @@
 //! What to answer a request with, given what the cache holds. Pure.
 //!
 //! A cached prediction is fresh when its age (now - `scored_at`) is within the request's
-//! `max_age_ms` (else the configured freshness) and it was scored by the model version
-//! now serving; otherwise it is stale. Fresh: serve it. Stale or missing: score now from
+//! `max_age_ms` (else the configured freshness), it was scored by the model version now
+//! serving, and the entity's online features are no newer than the event it was scored
+//! from ([`Cached::staleness`]); otherwise it is stale. Fresh: serve it. Stale or missing: score now from
 //! the request's features or else the entity's online features. Neither features nor a
 //! prediction: NOT_FOUND.
 
@@ -10,7 +11,7 @@ use std::collections::BTreeMap;
 
 use lanes_common::records::PredictionRequest;
 
-pub use lanes_common::cache::Cached;
+pub use lanes_common::cache::{Cached, Staleness};
 
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -18,6 +19,61 @@ pub struct Policy {
     pub refresh_after_ms: i64,
     /// The version now serving; entries scored by another count as stale.
     pub model_version: Option<String>,
+    /// The version served before, while its rollout grace lasts: its entries are judged
+    /// as if it still served.
+    pub previous_version: Option<String>,
+}
+
+impl Policy {
+    /// Why `c` is stale for a reader allowing `max_age_ms`, entries of the previous
+    /// version in their grace judged by age and features alone.
+    fn staleness(&self, c: &Cached, max_age_ms: i64, now: i64) -> Option<Staleness> {
+        match c.staleness(max_age_ms, self.model_version.as_deref(), now) {
+            Some(Staleness::ModelVersion)
+                if self.previous_version.is_some() && c.model_version == self.previous_version =>
+            {
+                c.staleness(max_age_ms, self.previous_version.as_deref(), now)
+            }
+            other => other,
+        }
+    }
+}
+
+/// Which version serves, which served before it, and since when: the previous version's
+/// entries stay servable for `grace` after a switch.
+#[derive(Debug)]
+pub struct Rollout {
+    serving: Option<String>,
+    previous: Option<String>,
+    since: tokio::time::Instant,
+}
+
+impl Rollout {
+    pub fn new(now: tokio::time::Instant) -> Self {
+        Self {
+            serving: None,
+            previous: None,
+            since: now,
+        }
+    }
+
+    /// Notes the version serving at `now`; returns the previous one while in its grace.
+    pub fn observe(
+        &mut self,
+        serving: Option<String>,
+        now: tokio::time::Instant,
+        grace: std::time::Duration,
+    ) -> Option<String> {
+        if serving != self.serving {
+            self.previous = std::mem::replace(&mut self.serving, serving);
+            self.since = now;
+        }
+        if now.saturating_duration_since(self.since) < grace {
+            self.previous.clone()
+        } else {
+            None
+        }
+    }
 }
 
 /// A stale cached prediction, kept to answer with if scoring cannot.
@@ -26,6 +82,7 @@ pub struct Stale {
     pub score: f64,
     pub model_version: Option<String>,
     pub age_ms: i64,
+    pub cause: Staleness,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -66,23 +123,20 @@ pub fn decide(
     let stale = match cached.and_then(|c| c.prediction().map(|p| (c, p))) {
         Some((c, (score, scored_at))) => {
             let age_ms = (now - scored_at).max(0);
-            let same_model = match (&policy.model_version, &c.model_version) {
-                (Some(now_serving), Some(scored_by)) => now_serving == scored_by,
-                _ => true,
-            };
-            fresh_for_service = age_ms <= policy.freshness_ms && same_model;
-            if age_ms <= max_age && same_model {
+            fresh_for_service = policy.staleness(c, policy.freshness_ms, now).is_none();
+            let Some(cause) = policy.staleness(c, max_age, now) else {
                 return Decision::Fresh {
                     score,
                     model_version: c.model_version.clone(),
                     age_ms,
                     refresh: age_ms > policy.refresh_after_ms,
                 };
-            }
+            };
             Some(Stale {
                 score,
                 model_version: c.model_version.clone(),
                 age_ms,
+                cause,
             })
         }
         None => None,
@@ -124,6 +178,7 @@ mod tests {
             freshness_ms: 60_000,
             refresh_after_ms: 30_000,
             model_version: Some("2".into()),
+            previous_version: None,
         }
     }
 
@@ -135,6 +190,7 @@ mod tests {
             max_age_ms,
             reply_topic: None,
             requested_at: NOW,
+            stale_while_refresh: None,
         }
     }
 
@@ -145,7 +201,7 @@ mod tests {
             event_time: Some(NOW - age_ms - 5),
             scored_at: Some(NOW - age_ms),
             features: features.then(|| BTreeMap::from([("a".to_string(), 1.0)])),
-            features_event_time: features.then_some(NOW - 7),
+            features_event_time: features.then_some(NOW - age_ms - 5),
         }
     }
 
@@ -192,10 +248,10 @@ mod tests {
             } => {
                 assert_eq!(
                     event_time,
-                    NOW - 7,
+                    NOW - 1_005,
                     "online features keep their own event time"
                 );
-                assert_eq!(s.age_ms, 1_000);
+                assert_eq!((s.age_ms, s.cause), (1_000, Staleness::Age));
             }
             other => panic!("{other:?}"),
         }
@@ -209,7 +265,110 @@ mod tests {
             &policy(),
             NOW,
         );
-        assert!(matches!(d, Decision::Score { stale: Some(_), .. }), "{d:?}");
+        assert!(
+            matches!(
+                d,
+                Decision::Score {
+                    stale: Some(Stale {
+                        cause: Staleness::ModelVersion,
+                        ..
+                    }),
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn entries_of_the_previous_version_are_fresh_during_its_grace_only() {
+        let rolling = Policy {
+            previous_version: Some("1".into()),
+            ..policy()
+        };
+        let d = decide(
+            &req(None, None),
+            Some(&cached(10, "1", true)),
+            &rolling,
+            NOW,
+        );
+        assert!(
+            matches!(&d, Decision::Fresh { model_version: Some(v), .. } if v == "1"),
+            "answered with its own version: {d:?}"
+        );
+        // Grace covers the version, not age or newer features, nor older versions.
+        for c in [
+            cached(120_000, "1", true),
+            Cached {
+                features_event_time: Some(NOW - 2),
+                ..cached(10, "1", true)
+            },
+            cached(10, "0", true),
+        ] {
+            let d = decide(&req(None, None), Some(&c), &rolling, NOW);
+            assert!(
+                matches!(d, Decision::Score { stale: Some(_), .. }),
+                "{c:?}: {d:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rollout_grace_starts_at_the_switch_and_ends() {
+        let grace = std::time::Duration::from_secs(60);
+        let t0 = tokio::time::Instant::now();
+        let mut r = Rollout::new(t0);
+        assert_eq!(
+            r.observe(Some("1".into()), t0, grace),
+            None,
+            "first version: none before"
+        );
+        let switch = t0 + std::time::Duration::from_secs(600);
+        assert_eq!(r.observe(Some("2".into()), switch, grace), Some("1".into()));
+        let later = switch + std::time::Duration::from_secs(59);
+        assert_eq!(r.observe(Some("2".into()), later, grace), Some("1".into()));
+        let over = switch + grace;
+        assert_eq!(r.observe(Some("2".into()), over, grace), None);
+        assert_eq!(
+            r.observe(Some("3".into()), over, grace),
+            Some("2".into()),
+            "the next switch grants the version it replaces"
+        );
+        assert_eq!(
+            r.observe(Some("3".into()), over, std::time::Duration::ZERO),
+            None
+        );
+    }
+
+    #[test]
+    fn online_features_newer_than_the_scored_event_make_a_young_entry_stale() {
+        let moved_on = Cached {
+            features_event_time: Some(NOW - 2),
+            ..cached(10, "2", true)
+        };
+        match decide(&req(None, None), Some(&moved_on), &policy(), NOW) {
+            Decision::Score {
+                from_request: false,
+                event_time,
+                warm: true,
+                stale: Some(s),
+                ..
+            } => {
+                assert_eq!(event_time, NOW - 2, "scored as of the newer features");
+                assert_eq!((s.cause, s.age_ms), (Staleness::Features, 10));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Features at the scored event's own time leave it fresh.
+        assert!(matches!(
+            decide(
+                &req(None, None),
+                Some(&cached(10, "2", true)),
+                &policy(),
+                NOW
+            ),
+            Decision::Fresh { age_ms: 10, .. }
+        ));
     }
 
     #[test]

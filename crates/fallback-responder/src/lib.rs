@@ -23,7 +23,9 @@ pub mod answer;
 pub mod breaker;
 pub mod coalesce;
 pub mod decide;
+pub mod hits;
 mod metrics;
+pub use metrics::LOOKUP_RESULTS;
 pub mod sweep;
 
 use std::collections::{BTreeMap, HashMap};
@@ -50,7 +52,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::breaker::Breaker;
 use crate::coalesce::SingleFlight;
-use crate::decide::Policy;
+use crate::decide::{Policy, Rollout};
 use crate::metrics::Metrics;
 
 pub const SERVICE: &str = "fallback-responder";
@@ -155,16 +157,25 @@ pub struct Core {
     /// `max_in_flight` slots: an answer holds one while it works, and a scoring it
     /// starts carries it on until the scoring and its cache warming are done.
     slots: Arc<Semaphore>,
+    /// The version served before the current one, for `rollout_grace_ms`.
+    rollout: Mutex<Rollout>,
     pub metrics: Metrics,
     stop: tokio_util::sync::CancellationToken,
 }
 
 impl Core {
     pub fn policy(&self) -> Policy {
+        let model_version = self.model_version();
+        let previous_version = self.rollout.lock().expect("rollout").observe(
+            model_version.clone(),
+            tokio::time::Instant::now(),
+            Duration::from_millis(self.cfg.rollout_grace_ms),
+        );
         Policy {
             freshness_ms: self.cfg.freshness_ms,
             refresh_after_ms: self.cfg.refresh_after_ms,
-            model_version: self.model_version(),
+            model_version,
+            previous_version,
         }
     }
 
@@ -426,7 +437,7 @@ impl Core {
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let s = &ctx.settings;
     let cfg = s.fallback_responder.clone();
-    let metrics = Metrics::new(&ctx.metrics)?;
+    let metrics = Metrics::new(&ctx.metrics, &cfg)?;
     kafka::ensure_topics(
         &s.kafka,
         &[
@@ -469,6 +480,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         flights: SingleFlight::default(),
         background: Arc::new(AtomicUsize::new(0)),
         slots: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
+        rollout: Mutex::new(Rollout::new(tokio::time::Instant::now())),
         metrics,
         stop: ctx.shutdown.clone(),
     });

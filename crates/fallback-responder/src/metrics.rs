@@ -1,8 +1,15 @@
 //! The responder's metrics, `lanes_fallback_responder_*`.
 
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lanes_common::config::FallbackResponderConfig;
 use prometheus::{
     Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
+use tokio::time::Instant;
+
+use crate::hits::HitWindow;
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -22,12 +29,30 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     pub refused: IntCounterVec,
     pub background: IntGauge,
+    /// Requests that read the cache, by result: fresh, miss, stale_age, stale_version,
+    /// stale_features, unavailable (the cache could not be read).
+    pub lookups: IntCounterVec,
+    pub hit_ratio: Gauge,
+    pub hit_ratio_floor: Gauge,
+    pub serving_share: Gauge,
+    pub grace_answers: IntCounter,
+    hits: Arc<Mutex<HitWindow>>,
 }
+
+/// The results a lookup counts under.
+pub const LOOKUP_RESULTS: [&str; 6] = [
+    "fresh",
+    "miss",
+    "stale_age",
+    "stale_version",
+    "stale_features",
+    "unavailable",
+];
 
 const NS: &str = "lanes_fallback_responder";
 
 impl Metrics {
-    pub fn new(r: &Registry) -> anyhow::Result<Self> {
+    pub fn new(r: &Registry, cfg: &FallbackResponderConfig) -> anyhow::Result<Self> {
         let name = |n: &str| format!("{NS}_{n}");
         let m = Self {
             outcomes: IntCounterVec::new(
@@ -71,7 +96,7 @@ impl Metrics {
             refreshes: IntCounterVec::new(
                 Opts::new(
                     name("refreshes_total"),
-                    "Background re-scores of old entries, by trigger (read, sweep; skipped: no room under max_in_flight).",
+                    "Background re-scores of old entries, by trigger (read: a fresh entry past refresh_after_ms was read, stale: a stale entry was answered under stale-while-refresh, sweep; skipped: no room under max_in_flight).",
                 ),
                 &["trigger"],
             )?,
@@ -108,7 +133,37 @@ impl Metrics {
                 name("background_tasks"),
                 "Scorings and cache warmings running beside the requests; with them, at most max_in_flight.",
             )?,
+            lookups: IntCounterVec::new(
+                Opts::new(
+                    name("cache_lookups_total"),
+                    "Requests that read the cache, by result: fresh (answered from the cache), miss, stale_age, stale_version, stale_features, unavailable (the cache could not be read).",
+                ),
+                &["result"],
+            )?,
+            hit_ratio: Gauge::new(
+                name("hit_ratio"),
+                "Share of cache lookups answered from a fresh entry over the last hit_ratio_window_s seconds; NaN when there were none.",
+            )?,
+            hit_ratio_floor: Gauge::new(
+                name("hit_ratio_floor"),
+                "The configured hit_ratio_floor: LanesCacheHitRatioLow fires while the hit ratio stays under it.",
+            )?,
+            serving_share: Gauge::new(
+                name("serving_version_share"),
+                "Share of sampled cached predictions scored by the model version now serving.",
+            )?,
+            grace_answers: IntCounter::new(
+                name("grace_answers_total"),
+                "Fresh answers from entries of the previous model version, within rollout_grace_ms of a switch.",
+            )?,
+            hits: Arc::new(Mutex::new(HitWindow::new(
+                Duration::from_secs(cfg.hit_ratio_window_s),
+                Instant::now(),
+            ))),
         };
+        m.hit_ratio.set(f64::NAN);
+        m.hit_ratio_floor.set(cfg.hit_ratio_floor);
+        lanes_common::metrics::zeroed(&m.lookups, &LOOKUP_RESULTS);
         lanes_common::metrics::zeroed(
             &m.refused,
             &["requested_at", "expired", "no_slot", "reply_topic"],
@@ -123,7 +178,7 @@ impl Metrics {
             "error",
         ];
         lanes_common::metrics::zeroed(&m.outcomes, &outcomes);
-        lanes_common::metrics::zeroed(&m.refreshes, &["read", "sweep", "skipped"]);
+        lanes_common::metrics::zeroed(&m.refreshes, &["read", "stale", "sweep", "skipped"]);
         for (source, status) in [
             ("CACHE", "OK"),
             ("REALTIME", "OK"),
@@ -148,7 +203,28 @@ impl Metrics {
         r.register(Box::new(m.dead_letters.clone()))?;
         r.register(Box::new(m.refused.clone()))?;
         r.register(Box::new(m.background.clone()))?;
+        r.register(Box::new(m.lookups.clone()))?;
+        r.register(Box::new(m.hit_ratio.clone()))?;
+        r.register(Box::new(m.hit_ratio_floor.clone()))?;
+        r.register(Box::new(m.serving_share.clone()))?;
+        r.register(Box::new(m.grace_answers.clone()))?;
         Ok(m)
+    }
+
+    /// Counts one cache lookup under `result` (one of [`LOOKUP_RESULTS`]) and moves the
+    /// hit ratio.
+    pub fn lookup(&self, result: &str) {
+        self.lookups.with_label_values(&[result]).inc();
+        let mut hits = self.hits.lock().expect("hit window");
+        let now = Instant::now();
+        hits.record(now, result == "fresh");
+        self.hit_ratio.set(hits.ratio(now).unwrap_or(f64::NAN));
+    }
+
+    /// Ages the hit ratio's window when no lookup does.
+    pub fn age_hit_ratio(&self) {
+        let ratio = self.hits.lock().expect("hit window").ratio(Instant::now());
+        self.hit_ratio.set(ratio.unwrap_or(f64::NAN));
     }
 
     pub fn outcome(&self, outcome: &str) {

@@ -1,7 +1,7 @@
 //! Background work over the whole cache: a staleness sampler reporting the share of
-//! entries past the freshness bound, and a rate-limited sweep re-scoring entries older
-//! than `refresh_after_ms` (or scored by another model version) from their online
-//! features.
+//! stale entries, and a rate-limited sweep re-scoring entries older than
+//! `refresh_after_ms` (or scored by another model version, or with newer online
+//! features) from their online features. It also ages the hit ratio's window.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,9 +21,11 @@ pub fn spawn(core: Arc<Core>, stop: CancellationToken) -> tokio::task::JoinHandl
         let mut sample_tick = tokio::time::interval(sample_every);
         let mut sweep_tick = tokio::time::interval(sweep_every.max(Duration::from_millis(100)));
         let mut cursor = 0u64;
+        let mut age_tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
+                _ = age_tick.tick() => core.metrics.age_hit_ratio(),
                 _ = sample_tick.tick() => {
                     // Read-only, so a stop may cut it short: over a large cache a
                     // sample takes many SCAN pages and must not hold up shutdown.
@@ -69,17 +71,22 @@ async fn entries(core: &Core, keys: &[String]) -> Result<Vec<Option<Cached>>, St
     .await
 }
 
+/// Whether `c`'s prediction is stale for `bound_ms` ([`Cached::staleness`]); `None`
+/// when it holds none.
 fn is_stale(core: &Core, c: &Cached, bound_ms: i64, now: i64) -> Option<bool> {
-    let scored_at = c.scored_at?;
-    let other_model =
-        matches!((&core.model_version(), &c.model_version), (Some(a), Some(b)) if a != b);
-    Some(other_model || now - scored_at > bound_ms)
+    c.scored_at?;
+    Some(
+        c.staleness(bound_ms, core.model_version().as_deref(), now)
+            .is_some(),
+    )
 }
 
-/// Samples up to `sample_keys` entries and sets the stale-share gauge.
+/// Samples up to `sample_keys` entries and sets the stale-share and serving-version
+/// gauges.
 pub async fn sample(core: &Core) -> Result<f64, String> {
-    let (mut cursor, mut seen, mut stale) = (0u64, 0usize, 0usize);
+    let (mut cursor, mut seen, mut stale, mut serving) = (0u64, 0usize, 0usize, 0usize);
     let now = now_millis();
+    let version = core.model_version();
     loop {
         let (next, keys) = scan(core, cursor, 1000).await?;
         for c in entries(core, &keys).await?.into_iter().flatten() {
@@ -89,6 +96,7 @@ pub async fn sample(core: &Core) -> Result<f64, String> {
             if let Some(s) = is_stale(core, &c, core.cfg.freshness_ms, now) {
                 seen += 1;
                 stale += s as usize;
+                serving += usize::from(version.is_some() && c.model_version == version);
             }
         }
         cursor = next;
@@ -96,12 +104,16 @@ pub async fn sample(core: &Core) -> Result<f64, String> {
             break;
         }
     }
-    let share = if seen == 0 {
-        0.0
-    } else {
-        stale as f64 / seen as f64
+    let of_seen = |n: usize| {
+        if seen == 0 {
+            0.0
+        } else {
+            n as f64 / seen as f64
+        }
     };
+    let share = of_seen(stale);
     core.metrics.stale_share.set(share);
+    core.metrics.serving_share.set(of_seen(serving));
     core.metrics.sampled.set(seen as i64);
     Ok(share)
 }
