@@ -182,6 +182,9 @@ pub struct Report {
     pub phantom: usize,
     /// Predictions beyond the first per id.
     pub duplicates: usize,
+    /// Duplicates by the second their events were sent (ms since the Unix epoch, to the
+    /// second): which fault replayed them.
+    pub duplicates_by_send_s: BTreeMap<i64, usize>,
     /// Predictions or cache entries under another entity than their event's.
     pub misrouted: usize,
     /// Entities whose cache entry is not their newest acknowledged event.
@@ -290,6 +293,16 @@ pub async fn check(
         if scored_requests.contains(&p.event_id) {
             continue;
         }
+        // The responder re-scoring an entity from its online features (a stale entry,
+        // or a refresh) publishes `refresh-<entity>-...`: no event of the ledger, but
+        // it must be the entity's own.
+        if p.event_id.starts_with("refresh-") {
+            if !is_refresh_of(&p.event_id, &p.entity_id) || m.key() != Some(p.entity_id.as_bytes())
+            {
+                misrouted.push(p.event_id.clone());
+            }
+            continue;
+        }
         match by_id.get(p.event_id.as_str()) {
             None => phantom.push(p.event_id.clone()),
             Some(send) => {
@@ -307,6 +320,14 @@ pub async fn check(
         .collect();
     report.lost = lost.len();
     report.duplicates = predictions.values().map(|n| n - 1).sum();
+    for (id, n) in predictions.iter().filter(|(_, n)| **n > 1) {
+        if let Some(send) = by_id.get(id.as_str()) {
+            *report
+                .duplicates_by_send_s
+                .entry(send.at_ms / 1000 * 1000)
+                .or_default() += n - 1;
+        }
+    }
     report.dead_letters = lettered.len();
 
     // The cache: each entity's entry must be its newest acknowledged event (or a newer
@@ -333,8 +354,12 @@ pub async fn check(
             let id = h.get("event_id").map(String::as_str).unwrap_or_default();
             match by_id.get(id) {
                 Some(c) if c.entity != *entity => wrong.push(format!("{entity}: {id}")),
-                // A request's own score may be newer than the entity's last event.
-                None if !id.is_empty() && !scored_requests.contains(id) => {
+                // A request's own score may be newer than the entity's last event, and
+                // a refresh from online features may hold the newest event's time.
+                None if !id.is_empty()
+                    && !scored_requests.contains(id)
+                    && !is_refresh_of(id, entity) =>
+                {
                     wrong.push(format!("{entity}: unknown {id}"))
                 }
                 _ => {}
@@ -371,6 +396,15 @@ pub async fn check(
         }
     }
     report
+}
+
+/// Whether `event_id` is the responder's re-score of `entity` from its online features
+/// (`answer::refresh_event_id`).
+fn is_refresh_of(event_id: &str, entity: &str) -> bool {
+    event_id
+        .strip_prefix("refresh-")
+        .and_then(|rest| rest.strip_prefix(entity))
+        .is_some_and(|rest| rest.starts_with('-'))
 }
 
 fn count(ledger: &Ledger, status: Sent) -> usize {

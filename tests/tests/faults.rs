@@ -12,6 +12,7 @@
 use std::time::{Duration, Instant};
 
 use lanes_common::failpoint;
+use lanes_common::records::now_millis;
 use lanes_common::service::ServiceDef;
 use lanes_tests::fleet::Fleet;
 use lanes_tests::ledger::{self, Driver, LagWatch, Report, Requests};
@@ -146,6 +147,8 @@ async fn sigkill_of_each_service_loses_nothing() {
         ];
         for name in names {
             tokio::time::sleep(jitter(300, 1500)).await;
+            // When, to match against the report's duplicates by send time.
+            eprintln!("fault kill {name} at {} ms", now_millis());
             s.fleet.kill(name, 0);
             s.fleet.restart(name, 0, &[]).await;
         }
