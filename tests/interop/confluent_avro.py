@@ -3,6 +3,9 @@
 produce BOOTSTRAP REGISTRY TOPIC SCHEMA_FILE RECORD_JSON
     AvroSerializer registers SCHEMA_FILE under TOPIC-value and encodes RECORD_JSON;
     prints {"schema_id": N} once the broker acknowledged it.
+produce-each BOOTSTRAP REGISTRY TOPIC PAIRS_JSON
+    the same for each [schema_file, record] of the JSON array PAIRS_JSON, in order
+    (records may hold NaN); prints {"schema_ids": [...]}.
 consume BOOTSTRAP REGISTRY TOPIC
     reads one record from the start of TOPIC with AvroDeserializer and prints it as
     JSON (timestamps as epoch milliseconds).
@@ -25,19 +28,30 @@ def to_json(value):
     raise TypeError(f"cannot encode {type(value)}")
 
 
-def produce(bootstrap, registry, topic, schema_file, record_json):
+def produce_all(bootstrap, registry, topic, pairs):
     registry_client = SchemaRegistryClient({"url": registry})
-    with open(schema_file) as f:
-        serializer = AvroSerializer(registry_client, f.read())
-    record = json.loads(record_json)
-    value = serializer(record, SerializationContext(topic, MessageField.VALUE))
     producer = Producer({"bootstrap.servers": bootstrap})
-    errors = []
-    producer.produce(topic, key=record["entity_id"].encode(), value=value,
-                     on_delivery=lambda err, _msg: err and errors.append(err))
+    errors, ids = [], []
+    for schema_file, record in pairs:
+        with open(schema_file) as f:
+            serializer = AvroSerializer(registry_client, f.read())
+        value = serializer(record, SerializationContext(topic, MessageField.VALUE))
+        producer.produce(topic, key=record["entity_id"].encode(), value=value,
+                         on_delivery=lambda err, _msg: err and errors.append(err))
+        ids.append(int.from_bytes(value[1:5], "big"))
     if producer.flush(30) != 0 or errors:
         sys.exit(f"produce failed: {errors or 'not flushed'}")
-    print(json.dumps({"schema_id": int.from_bytes(value[1:5], "big")}))
+    return ids
+
+
+def produce(bootstrap, registry, topic, schema_file, record_json):
+    ids = produce_all(bootstrap, registry, topic, [(schema_file, json.loads(record_json))])
+    print(json.dumps({"schema_id": ids[0]}))
+
+
+def produce_each(bootstrap, registry, topic, pairs_json):
+    ids = produce_all(bootstrap, registry, topic, json.loads(pairs_json))
+    print(json.dumps({"schema_ids": ids}))
 
 
 def consume(bootstrap, registry, topic):
@@ -67,4 +81,4 @@ def consume(bootstrap, registry, topic):
 
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
-    {"produce": produce, "consume": consume}[mode](*args)
+    {"produce": produce, "produce-each": produce_each, "consume": consume}[mode](*args)

@@ -96,3 +96,139 @@ async fn confluent_python_decodes_what_rust_encoded() {
         .unwrap();
     assert_eq!(got, serde_json::to_value(&sent).unwrap());
 }
+
+/// `schemas/Event.avsc` as another writer has it, changed by `edit`, saved in `dir`.
+fn event_schema(
+    dir: &std::path::Path,
+    name: &str,
+    edit: impl FnOnce(&mut Vec<serde_json::Value>),
+) -> String {
+    let mut schema: serde_json::Value = serde_json::from_str(Event::SCHEMA_JSON).unwrap();
+    edit(schema["fields"].as_array_mut().unwrap());
+    let path = dir.join(name);
+    std::fs::write(&path, schema.to_string()).unwrap();
+    path.display().to_string()
+}
+
+fn without(fields: &mut Vec<serde_json::Value>, names: &[&str]) {
+    fields.retain(|f| !names.contains(&f["name"].as_str().unwrap()));
+}
+
+/// Confluent's Python serializer writes the `[schema file, record]` pairs of the JSON
+/// array `pairs` to `topic`, in order (Python reads `NaN` in it too).
+async fn python_produce(s: &lanes_common::Settings, topic: &str, pairs: String) {
+    let args = [
+        "produce-each".to_string(),
+        s.kafka.bootstrap_servers.clone(),
+        s.registry.url.clone(),
+        topic.to_string(),
+        pairs,
+    ];
+    tokio::task::spawn_blocking(move || {
+        python(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap();
+}
+
+/// Predictions on the lane's topic until every id in `ids` has one.
+async fn predictions_for(
+    lane: &Lane,
+    ids: &[&str],
+) -> BTreeMap<String, lanes_common::records::Prediction> {
+    let s = &lane.settings;
+    let reader = consumer(s, &[&s.topics.predictions]);
+    let codec = AvroCodec::new(&s.registry).unwrap();
+    let mut seen = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while !ids.iter().all(|id| seen.contains_key(*id)) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let m = tokio::time::timeout(left, reader.recv())
+            .await
+            .unwrap_or_else(|_| panic!("predictions for {ids:?}, got {:?}", seen.keys()))
+            .unwrap();
+        let p = codec
+            .decode::<lanes_common::records::Prediction>(payload(&m.detach()))
+            .await
+            .unwrap()
+            .record;
+        seen.insert(p.event_id.clone(), p);
+    }
+    seen
+}
+
+fn event_json(id: &str, features: &BTreeMap<String, f64>) -> serde_json::Value {
+    serde_json::json!({
+        "event_id": id,
+        "entity_id": format!("entity-{id}"),
+        "kind": "transaction",
+        "event_time": lanes_common::records::now_millis() - 1_000,
+        "ingested_at": 0,
+        "features": features,
+    })
+}
+
+/// Schema evolution on a stream Lanes consumes: with the events subject at FULL
+/// compatibility, Confluent's Python serializer writes an `Event` from an older writer
+/// (no `kind`, which Lanes' reader schema defaults) and one from a newer writer (an
+/// optional field Lanes does not know) to the same topic as Lanes' own. Every consumer
+/// resolves each writer's schema to its own: all three are scored, none dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_compatible_event_changes_are_processed_not_dead_lettered() {
+    let lane = Lane::new("evolve");
+    let s = lane.settings.clone();
+    lane.create_topics().await;
+    let subject = format!("{}-value", s.topics.events);
+    let set = http()
+        .put(format!("{}/config/{subject}", s.registry.url))
+        .json(&serde_json::json!({"compatibility": "FULL"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(set.status().is_success(), "{:?}", set.text().await);
+    let running = lane.start(&streaming_services());
+    running.ready().await;
+
+    let features = lanes_common::generator::Generator::new(3, 10)
+        .next_sample()
+        .feature_map();
+    let codec = AvroCodec::new(&s.registry).unwrap();
+    let current: Event =
+        serde_json::from_value(event_json("current", &features)).expect("an Event");
+    let bytes = codec.encode(&s.topics.events, &current).await.unwrap();
+    produce(&producer(&s), &s.topics.events, b"entity-current", &bytes).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let newer = event_schema(dir.path(), "newer.avsc", |f| {
+        f.push(serde_json::json!({"name": "channel", "type": ["null", "string"], "default": null}))
+    });
+    let older = event_schema(dir.path(), "older.avsc", |f| without(f, &["kind"]));
+    let mut with_channel = event_json("newer", &features);
+    with_channel["channel"] = "web".into();
+    let mut no_kind = event_json("older", &features);
+    no_kind.as_object_mut().unwrap().remove("kind");
+    python_produce(
+        &s,
+        &s.topics.events,
+        serde_json::json!([[newer, with_channel], [older, no_kind]]).to_string(),
+    )
+    .await;
+
+    let scored = predictions_for(&lane, &["current", "newer", "older"]).await;
+    assert_eq!(scored.len(), 3);
+    assert_eq!(
+        running.metric("lanes_micro_batcher_dead_letters_total", &[]),
+        0.0
+    );
+    // A reader of the topic gets the writer's fields resolved to Lanes' schema.
+    let reader = consumer(&s, &[&s.topics.events]);
+    let mut kinds = BTreeMap::new();
+    for m in consume_n(&reader, 3, Duration::from_secs(30)).await {
+        let e = codec.decode::<Event>(payload(&m)).await.unwrap().record;
+        assert_eq!(e.features, features);
+        kinds.insert(e.event_id, e.kind);
+    }
+    assert_eq!(kinds["older"], "event", "the reader's default");
+    assert_eq!(kinds["newer"], "transaction");
+    running.stop().await;
+}

@@ -330,12 +330,18 @@ impl AvroCodec {
             }
         };
         self.unknown.lock().expect("unknown ids").found(schema_id);
-        let record = apache_avro::from_value::<R>(&decoded.value).map_err(|e| {
-            DecodeError::poison(
-                ErrorClass::DecodeError,
-                format!("schema id {schema_id} does not fit {}: {e}", R::NAME),
-            )
-        })?;
+        // Avro schema resolution of the writer's schema to this reader's: fields it lacks
+        // take their defaults, fields it adds are dropped, numbers are promoted.
+        let record = decoded
+            .value
+            .resolve(R::schema())
+            .and_then(|v| apache_avro::from_value::<R>(&v))
+            .map_err(|e| {
+                DecodeError::poison(
+                    ErrorClass::DecodeError,
+                    format!("schema id {schema_id} does not resolve to {}: {e}", R::NAME),
+                )
+            })?;
         if own.is_none()
             && let Ok(writer) = self.decoder.get_schema(schema_id).await
         {
