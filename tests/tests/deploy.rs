@@ -420,3 +420,56 @@ async fn the_dashboard_and_alerts_use_only_exported_metrics() {
     );
     running.stop().await;
 }
+
+/// The README's "Choosing a lane" names each lane and each pitfall, and the commands and
+/// settings it tells a user to reach for exist: a renamed one fails here.
+#[test]
+fn choosing_a_lane_cites_commands_and_settings_that_exist() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let start = readme.find("## Choosing a lane").expect("the section");
+    let rest = &readme[start + 3..];
+    let section = &rest[..rest.find("\n## ").unwrap_or(rest.len())];
+    for needed in [
+        "**batch**",
+        "**micro-batch / streaming**",
+        "**cache + real-time fallback**",
+        "**Real-time for everything.**",
+        "**The feature pipeline's own latency.**",
+        "**Cache staleness.**",
+        "**Window sizing.**",
+    ] {
+        assert!(section.contains(needed), "{needed} missing");
+    }
+    let mut commands = BTreeSet::new();
+    for quoted in section.split('`').skip(1).step_by(2) {
+        if let Some(sub) = quoted.strip_prefix("lanes ") {
+            commands.insert(sub.split_whitespace().next().unwrap().to_string());
+        }
+    }
+    assert!(commands.len() >= 4, "{commands:?}");
+    for sub in &commands {
+        let out = Command::new(bin("lanes"))
+            .args([sub.as_str(), "--help"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "lanes {sub} is no command");
+    }
+    let settings =
+        serde_json::to_value(Settings::load_from(None, HashMap::new()).unwrap()).unwrap();
+    let known = |key: &str| match key.split_once('.') {
+        Some((section, key)) => settings[section].get(key).is_some(),
+        None => settings["fallback_responder"].get(key).is_some(),
+    };
+    for key in [
+        "freshness_ms",
+        "refresh_after_ms",
+        "stale_while_refresh",
+        "rollout_grace_ms",
+        "max_in_flight",
+        "micro_batcher.target_latency_ms",
+    ] {
+        let quoted = format!("`{key}`");
+        assert!(section.contains(&quoted), "{quoted} not cited");
+        assert!(known(key), "{key} is no setting");
+    }
+}
