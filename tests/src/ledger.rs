@@ -12,6 +12,7 @@ use futures::stream::FuturesUnordered;
 use lanes_common::avro::AvroCodec;
 use lanes_common::generator::Generator;
 use lanes_common::records::{Prediction, now_millis};
+use lanes_fallback_responder::answer::is_refresh_of;
 use rdkafka::Message;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::FutureRecord;
@@ -396,15 +397,6 @@ pub async fn check(
         }
     }
     report
-}
-
-/// Whether `event_id` is the responder's re-score of `entity` from its online features
-/// (`answer::refresh_event_id`).
-fn is_refresh_of(event_id: &str, entity: &str) -> bool {
-    event_id
-        .strip_prefix("refresh-")
-        .and_then(|rest| rest.strip_prefix(entity))
-        .is_some_and(|rest| rest.starts_with('-'))
 }
 
 fn count(ledger: &Ledger, status: Sent) -> usize {

@@ -435,11 +435,10 @@ async fn metrics_text(http: &reqwest::Client, host: &str, port: u16) -> Option<S
 /// The sum of the samples of metric `name` whose label `label` is `value`.
 fn labelled_sum(text: &str, name: &str, label: &str, value: &str) -> f64 {
     let pair = format!("{label}=\"{value}\"");
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(&pair))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    samples(text, name)
+        .filter(|(line, _)| line.contains(&pair))
         // Not `sum`: the sum of no floats is -0.
-        .fold(0.0, |a, b| a + b)
+        .fold(0.0, |a, (_, v)| a + v)
 }
 
 /// What `lanes status` says of the cache, from the responder's metrics: the hit ratio
@@ -495,13 +494,16 @@ fn cache_lines(text: &str, s: &Settings) -> Vec<String> {
     lines
 }
 
+/// The sample lines of metric `name` in Prometheus text, with their values.
+fn samples<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+    text.lines()
+        .filter(move |l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| Some((l, l.rsplit(' ').next()?.parse().ok()?)))
+}
+
 /// The sum of the samples of metric `name` in Prometheus text; `None` if it has none.
 pub(crate) fn sum_samples(text: &str, name: &str) -> Option<f64> {
-    let values: Vec<f64> = text
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
+    let values: Vec<f64> = samples(text, name).map(|(_, v)| v).collect();
     (!values.is_empty()).then(|| values.iter().sum())
 }
 

@@ -282,6 +282,27 @@ pub fn refresh_event_id(entity: &str, event_time: i64) -> String {
     )
 }
 
+/// Whether `event_id` is a [`refresh_event_id`] of `entity`: exactly the entity, then
+/// the event time and the uuid (an entity id may itself hold dashes).
+pub fn is_refresh_of(event_id: &str, entity: &str) -> bool {
+    let Some(rest) = event_id
+        .strip_prefix("refresh-")
+        .and_then(|rest| rest.strip_prefix(entity))
+        .and_then(|rest| rest.strip_prefix('-'))
+    else {
+        return false;
+    };
+    match rest.split_once('-') {
+        Some((time, uuid)) => {
+            !time.is_empty()
+                && time.bytes().all(|b| b.is_ascii_digit())
+                && uuid.len() == 32
+                && uuid.bytes().all(|b| b.is_ascii_hexdigit())
+        }
+        None => false,
+    }
+}
+
 /// Answers one request and waits for the response's acknowledgement. A reply topic off
 /// the allow-list, or one the broker refuses for good, gets an ERROR response on the
 /// default topic instead.
@@ -405,6 +426,18 @@ mod tests {
         assert!(size < 1024, "{size} bytes");
     }
     use super::*;
+
+    #[test]
+    fn a_refresh_id_names_its_entity_and_no_other() {
+        let id = refresh_event_id("card-4", 17);
+        assert!(is_refresh_of(&id, "card-4"));
+        assert!(
+            !is_refresh_of(&id, "card"),
+            "a prefix of the entity is another entity"
+        );
+        assert!(!is_refresh_of(&id, "card-42"));
+        assert!(!is_refresh_of("card-4-17", "card-4"));
+    }
 
     #[test]
     fn reply_topics_are_allowed_by_name_or_prefix() {
