@@ -295,6 +295,42 @@ impl Lane {
         Self { settings: s, id }
     }
 
+    /// Every prediction on `topic` until each of `ids` has one (three minutes at most),
+    /// with its partition and offset, in the order read.
+    pub async fn predictions_until(
+        &self,
+        topic: &str,
+        ids: &std::collections::HashSet<String>,
+    ) -> Vec<(i32, i64, lanes_common::records::Prediction)> {
+        let reader = consumer(&self.settings, &[topic]);
+        let codec = lanes_common::avro::AvroCodec::new(&self.settings.registry).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        let mut all = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+        while !ids.iter().all(|id| seen.contains(id)) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let m = tokio::time::timeout(left, reader.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "{} of {} predictions on {topic} in time; missing {:?}",
+                        seen.len(),
+                        ids.len(),
+                        ids.difference(&seen).take(5).collect::<Vec<_>>()
+                    )
+                })
+                .unwrap();
+            let p = codec
+                .decode::<lanes_common::records::Prediction>(m.payload().unwrap_or_default())
+                .await
+                .unwrap()
+                .record;
+            seen.insert(p.event_id.clone());
+            all.push((m.partition(), m.offset(), p));
+        }
+        all
+    }
+
     /// Writes the full settings to a config file for service processes (`LANES_CONFIG`),
     /// so a spawned binary runs with exactly what an in-process service would.
     pub fn config_file(&self) -> PathBuf {

@@ -256,8 +256,13 @@ async fn lag_series_of_partitions_that_moved_are_removed() {
             .gather()
             .iter()
             .filter(|f| f.name() == "lanes_consumer_lag_messages")
-            .map(|f| f.get_metric().len())
-            .sum::<usize>()
+            .flat_map(|f| f.get_metric().to_vec())
+            .filter(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "topic" && l.value() == lane.settings.topics.raw)
+            })
+            .count()
     };
     wait_for(
         "lag of all 3 partitions",

@@ -136,25 +136,12 @@ async fn predictions_for(
     lane: &Lane,
     ids: &[&str],
 ) -> BTreeMap<String, lanes_common::records::Prediction> {
-    let s = &lane.settings;
-    let reader = consumer(s, &[&s.topics.predictions]);
-    let codec = AvroCodec::new(&s.registry).unwrap();
-    let mut seen = BTreeMap::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    while !ids.iter().all(|id| seen.contains_key(*id)) {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let m = tokio::time::timeout(left, reader.recv())
-            .await
-            .unwrap_or_else(|_| panic!("predictions for {ids:?}, got {:?}", seen.keys()))
-            .unwrap();
-        let p = codec
-            .decode::<lanes_common::records::Prediction>(payload(&m.detach()))
-            .await
-            .unwrap()
-            .record;
-        seen.insert(p.event_id.clone(), p);
-    }
-    seen
+    let wanted = ids.iter().map(|id| id.to_string()).collect();
+    lane.predictions_until(&lane.settings.topics.predictions, &wanted)
+        .await
+        .into_iter()
+        .map(|(_, _, p)| (p.event_id.clone(), p))
+        .collect()
 }
 
 fn event_json(id: &str, features: &BTreeMap<String, f64>) -> serde_json::Value {
@@ -230,5 +217,137 @@ async fn full_compatible_event_changes_are_processed_not_dead_lettered() {
     }
     assert_eq!(kinds["older"], "event", "the reader's default");
     assert_eq!(kinds["newer"], "transaction");
+    running.stop().await;
+}
+
+/// Publishers that already speak Avro write `Event`s with Confluent's serializer
+/// (TopicNameStrategy, subject `<avro_events>-value`) to `topics.avro_events`, and
+/// ingest takes them without the raw-JSON step: good ones are scored (with ingest's
+/// own `ingested_at`), bad ones go to the dead-letter topic with the classes raw JSON
+/// gets, and neither kind holds up the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn avro_publishers_events_are_validated_like_raw_json_and_scored() {
+    use lanes_common::dlq::{self, ErrorClass};
+    let lane = Lane::new("avropub");
+    let s = lane.settings.clone();
+    lane.create_topics().await;
+    let running = lane.start(&streaming_services());
+    running.ready().await;
+
+    let features = lanes_common::generator::Generator::new(5, 10)
+        .next_sample()
+        .feature_map();
+    let now = lanes_common::records::now_millis();
+    let schema = root().join("schemas/Event.avsc").display().to_string();
+    let event = |id: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut e = event_json(id, &features);
+        edit(&mut e);
+        serde_json::json!([schema, e])
+    };
+    let first_feature = features.keys().next().unwrap().clone();
+    let good = [
+        event("pub-ok", &|_| {}),
+        // Publishers may leave ingested_at out: its default, replaced by ingest.
+        event("pub-no-ingested-at", &|e| {
+            e.as_object_mut().unwrap().remove("ingested_at");
+        }),
+    ];
+    let bad = [
+        (
+            event("pub-unknown", &|e| e["features"]["age"] = 1.0.into()),
+            ErrorClass::UnknownFeature,
+        ),
+        (
+            event("pub-missing", &|e| {
+                e["features"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove(&first_feature);
+            }),
+            ErrorClass::MissingField,
+        ),
+        (
+            event("pub-nan", &|e| {
+                e["features"][&first_feature] = "__nan__".into()
+            }),
+            ErrorClass::NonFinite,
+        ),
+        (
+            event("pub-future", &|e| {
+                e["event_time"] = (now + 3_600_000).into()
+            }),
+            ErrorClass::InvalidEventTime,
+        ),
+        (
+            event("pub-no-entity", &|e| e["entity_id"] = "".into()),
+            ErrorClass::MissingField,
+        ),
+        (
+            event("pub-large", &|e| e["kind"] = "k".repeat(70_000).into()),
+            ErrorClass::TooLarge,
+        ),
+    ];
+    let mut pairs: Vec<serde_json::Value> = bad.iter().map(|(p, _)| p.clone()).collect();
+    pairs.extend(good.iter().cloned());
+    let pairs = serde_json::Value::from(pairs)
+        .to_string()
+        .replace("\"__nan__\"", "NaN");
+    python_produce(&s, &s.topics.avro_events, pairs).await;
+    // Bytes without Confluent framing on the Avro topic.
+    let raw = br#"{"entity_id":"pub-json","features":{}}"#;
+    produce(&producer(&s), &s.topics.avro_events, b"pub-json", raw).await;
+
+    let scored = predictions_for(&lane, &["pub-ok", "pub-no-ingested-at"]).await;
+    assert_eq!(scored.len(), 2);
+
+    let codec = AvroCodec::new(&s.registry).unwrap();
+    let reader = consumer(&s, &[&s.topics.dlq]);
+    let mut classes = BTreeMap::new();
+    for m in consume_n(&reader, bad.len() + 1, Duration::from_secs(60)).await {
+        let h = rdkafka::message::Message::headers(&m).expect("dead letters carry headers");
+        let class: ErrorClass = dlq::header_str(h, dlq::HEADER_CLASS)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(dlq::header_str(h, dlq::HEADER_STAGE), Some("ingest"));
+        assert_eq!(
+            dlq::header_str(h, dlq::HEADER_SOURCE_TOPIC),
+            Some(s.topics.avro_events.as_str())
+        );
+        let id = match codec.decode::<Event>(payload(&m)).await {
+            Ok(d) => d.record.event_id,
+            Err(_) => String::from_utf8_lossy(payload(&m)).into_owned(),
+        };
+        classes.insert(id, class);
+    }
+    for (pair, class) in &bad {
+        let id = pair[1]["event_id"].as_str().unwrap();
+        assert_eq!(classes.get(id), Some(class), "{id}: {classes:?}");
+    }
+    let json = String::from_utf8_lossy(raw).into_owned();
+    assert_eq!(classes.get(&json), Some(&ErrorClass::InvalidMagicByte));
+
+    // What reaches `events` is ingest's: its arrival time, not the publisher's.
+    let events = consumer(&s, &[&s.topics.events]);
+    for m in consume_n(&events, 2, Duration::from_secs(30)).await {
+        let e = codec.decode::<Event>(payload(&m)).await.unwrap().record;
+        assert!(e.ingested_at >= now, "{e:?}");
+        assert_eq!(e.features, features);
+    }
+    let avro = |outcome| {
+        running.metric(
+            "lanes_ingest_events_total",
+            &[("format", "avro"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(avro("valid"), 2.0);
+    assert_eq!(avro("dead_letter"), (bad.len() + 1) as f64);
+    assert_eq!(
+        running.metric(
+            "lanes_ingest_events_total",
+            &[("format", "json"), ("outcome", "valid")]
+        ),
+        0.0
+    );
     running.stop().await;
 }

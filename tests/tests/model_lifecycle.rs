@@ -11,9 +11,7 @@ use lanes_common::avro::AvroCodec;
 use lanes_common::generator::{Generator, Sample};
 use lanes_common::kafka::{delivered, enqueue};
 use lanes_common::model::Model;
-use lanes_common::records::{
-    Lane as LaneKind, Prediction, PredictionRequest, PredictionResponse, now_millis,
-};
+use lanes_common::records::{Lane as LaneKind, PredictionRequest, PredictionResponse, now_millis};
 use lanes_tests::*;
 use rdkafka::Message;
 use rdkafka::producer::FutureRecord;
@@ -50,40 +48,6 @@ fn add_version(folder: &Path, version: &str, onnx: Option<&[u8]>) {
 async fn publish(lane: &Lane, producer: &lanes_common::producer::Producer, samples: &[Sample]) {
     let lines: Vec<String> = samples.iter().map(Sample::raw_json).collect();
     lane.publish_raw(producer, &lines).await;
-}
-
-/// Every prediction on `topic` until each of `ids` has one, with its partition and offset.
-async fn read_until(
-    lane: &Lane,
-    topic: &str,
-    ids: &HashSet<String>,
-) -> Vec<(i32, i64, Prediction)> {
-    let reader = consumer(&lane.settings, &[topic]);
-    let codec = AvroCodec::new(&lane.settings.registry).unwrap();
-    let mut seen = HashSet::new();
-    let mut all = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    while !ids.iter().all(|id| seen.contains(id)) {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let m = tokio::time::timeout(left, reader.recv())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "{} of {} predictions on {topic} in time",
-                    seen.len(),
-                    ids.len()
-                )
-            })
-            .unwrap();
-        let p = codec
-            .decode::<Prediction>(m.payload().unwrap_or_default())
-            .await
-            .unwrap()
-            .record;
-        seen.insert(p.event_id.clone());
-        all.push((m.partition(), m.offset(), p));
-    }
-    all
 }
 
 /// The fallback-responder's answer to a miss carrying features.
@@ -171,7 +135,8 @@ async fn a_new_version_is_picked_up_mid_stream_and_a_corrupt_one_is_refused() {
 
     // The scorer's predictions; the responder also re-scores old-version cache entries
     // (REALTIME) on its own schedule.
-    let all: Vec<_> = read_until(&lane, &lane.settings.topics.predictions, &ids)
+    let all: Vec<_> = lane
+        .predictions_until(&lane.settings.topics.predictions, &ids)
         .await
         .into_iter()
         .filter(|(_, _, p)| p.lane == LaneKind::Stream)
@@ -262,8 +227,12 @@ async fn a_shadow_version_scores_every_batch_and_never_reaches_the_cache() {
     let ids: HashSet<String> = samples.iter().map(|s| s.event_id.clone()).collect();
     publish(&lane, &producer(&lane.settings), &samples).await;
 
-    let served = read_until(&lane, &lane.settings.topics.predictions, &ids).await;
-    let shadow = read_until(&lane, &lane.settings.topics.shadow_predictions, &ids).await;
+    let served = lane
+        .predictions_until(&lane.settings.topics.predictions, &ids)
+        .await;
+    let shadow = lane
+        .predictions_until(&lane.settings.topics.shadow_predictions, &ids)
+        .await;
     assert!(served.iter().all(|(_, _, p)| p.model_version == "1"));
     assert!(shadow.iter().all(|(_, _, p)| p.model_version == "2"));
     // The same graph: the shadow agrees with the served model row for row.
@@ -332,7 +301,9 @@ async fn a_shadow_that_cannot_publish_never_holds_up_the_served_predictions() {
     let samples: Vec<Sample> = Generator::new(23, 50).take(300).collect();
     let ids: HashSet<String> = samples.iter().map(|s| s.event_id.clone()).collect();
     publish(&lane, &producer(&lane.settings), &samples).await;
-    let served = read_until(&lane, &lane.settings.topics.predictions, &ids).await;
+    let served = lane
+        .predictions_until(&lane.settings.topics.predictions, &ids)
+        .await;
     assert!(served.iter().all(|(_, _, p)| p.model_version == "1"));
     running
         .wait_metric(

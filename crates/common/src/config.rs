@@ -245,6 +245,9 @@ pub struct RedisConfig {
 #[serde(deny_unknown_fields)]
 pub struct Topics {
     pub raw: String,
+    /// `Event`s written by publishers that speak Avro (Confluent framing); ingest
+    /// validates them like raw JSON and forwards them to `events`.
+    pub avro_events: String,
     pub events: String,
     pub batches: String,
     pub predictions: String,
@@ -257,9 +260,10 @@ pub struct Topics {
 
 impl Topics {
     /// Every topic Lanes owns, for the topic admin.
-    pub fn all(&self) -> [&str; 8] {
+    pub fn all(&self) -> [&str; 9] {
         [
             &self.raw,
+            &self.avro_events,
             &self.events,
             &self.batches,
             &self.predictions,
@@ -522,6 +526,7 @@ impl Settings {
         let t = &mut self.topics;
         for (topic, suffix) in [
             (&mut t.raw, "raw"),
+            (&mut t.avro_events, "events.avro"),
             (&mut t.events, "events"),
             (&mut t.batches, "batches"),
             (&mut t.predictions, "predictions"),

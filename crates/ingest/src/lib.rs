@@ -1,26 +1,31 @@
-//! `lanes-ingest`: raw JSON events from `lanes.events.raw` become validated Avro
-//! `Event`s on `lanes.events`, keyed by entity id.
+//! `lanes-ingest`: events become validated Avro `Event`s on `lanes.events`, keyed by
+//! entity id. Two consumer loops, each in its own group: raw JSON from
+//! `lanes.events.raw`, and `Event`s that publishers already write in Avro (Confluent
+//! framing) from `lanes.events.avro`.
 //!
-//! Each record is validated against the model's feature list ([`validate`]); a record
-//! that fails goes to the dead-letter topic with its class. An input offset is committed
-//! only after its `Event` (or its dead letter) is acknowledged by the broker.
+//! Each record is validated against the model's feature list ([`validate`]), by the
+//! same rules whatever its format; a record that fails goes to the dead-letter topic
+//! with its class. An input offset is committed only after its `Event` (or its dead
+//! letter) is acknowledged by the broker.
 
 mod metrics;
 pub mod validate;
 
 use anyhow::Context;
+use lanes_common::Settings;
+use lanes_common::dlq::ErrorClass;
 use lanes_common::error::Failure;
 use lanes_common::kafka;
 use lanes_common::model::ModelSpec;
-use lanes_common::records::now_millis;
+use lanes_common::records::{Event, now_millis};
 use lanes_common::service::{ServiceContext, ServiceDef};
 use lanes_common::stage::{self, Input, Out, Plan, Raw, Stage};
 use rdkafka::Message;
+use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureRecord;
 
-use crate::validate::{Origin, Rules};
-
 use crate::metrics::Metrics;
+use crate::validate::{Origin, Rejection, Rules};
 
 pub const SERVICE: &str = "ingest";
 
@@ -29,13 +34,41 @@ pub fn def() -> ServiceDef {
         name: SERVICE,
         admin_port: |s| s.admin.ports.ingest,
         needs_redis: false,
-        inputs: |s| vec![(s.ingest.group.clone(), s.topics.raw.clone())],
+        inputs: |s| {
+            vec![
+                (s.ingest.group.clone(), s.topics.raw.clone()),
+                (avro_group(s), s.topics.avro_events.clone()),
+            ]
+        },
         group: |s| &mut s.ingest.group,
         run: |ctx| Box::pin(run(ctx)),
     }
 }
 
+/// The consumer group of the Avro loop.
+fn avro_group(s: &Settings) -> String {
+    format!("{}-avro", s.ingest.group)
+}
+
+/// The wire format of an input topic, as the `format` label has it.
+#[derive(Debug, Clone, Copy)]
+enum Format {
+    Json,
+    Avro,
+}
+
+impl Format {
+    fn label(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Avro => "avro",
+        }
+    }
+}
+
+/// What both loops share: the rules, the output topic, the metrics.
 struct Ingest {
+    format: Format,
     rules: Rules,
     events_topic: String,
     metrics: Metrics,
@@ -46,66 +79,125 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let s = &ctx.settings;
     let spec = ModelSpec::read(&s.model.resolve()?)?;
     let metrics = Metrics::new(&ctx.metrics)?;
-    kafka::ensure_topics(&s.kafka, &[&s.topics.raw, &s.topics.events, &s.topics.dlq])
-        .await
-        .context("creating topics")?;
-    let io = stage::io(&ctx, SERVICE, metrics.dead_letters.clone())?;
-    let ingest = Ingest {
-        rules: Rules::new(spec.features, &s.ingest),
+    kafka::ensure_topics(
+        &s.kafka,
+        &[
+            &s.topics.raw,
+            &s.topics.avro_events,
+            &s.topics.events,
+            &s.topics.dlq,
+        ],
+    )
+    .await
+    .context("creating topics")?;
+    let rules = Rules::new(spec.features, &s.ingest);
+    let ingest = |format| Ingest {
+        format,
+        rules: rules.clone(),
         events_topic: s.topics.events.clone(),
-        metrics,
+        metrics: metrics.clone(),
     };
-    let plan = Plan::new(&ctx, SERVICE, &s.ingest.group, &[&s.topics.raw]);
-    tracing::info!(from = %s.topics.raw, to = %s.topics.events, "ingest running");
-    stage::run(&ctx, plan, ingest, io).await
+    let json = async {
+        let io = stage::io(&ctx, SERVICE, metrics.dead_letters.clone())?;
+        let plan = Plan::new(&ctx, SERVICE, &s.ingest.group, &[&s.topics.raw]);
+        tracing::info!(from = %s.topics.raw, to = %s.topics.events, "ingest running (JSON)");
+        stage::run(&ctx, plan, Json(ingest(Format::Json)), io).await
+    };
+    let avro = async {
+        let io = stage::io(&ctx, SERVICE, metrics.dead_letters.clone())?;
+        let group = avro_group(s);
+        let plan = Plan::new(&ctx, SERVICE, &group, &[&s.topics.avro_events]);
+        tracing::info!(from = %s.topics.avro_events, to = %s.topics.events, "ingest running (Avro)");
+        stage::run(&ctx, plan, Avro(ingest(Format::Avro)), io).await
+    };
+    tokio::try_join!(json, avro)?;
+    Ok(())
 }
 
-impl Stage for Ingest {
+impl Ingest {
+    fn count(&self, outcome: &str) {
+        self.metrics
+            .events
+            .with_label_values(&[self.format.label(), outcome])
+            .inc();
+    }
+
+    /// Writes a validated event to `events`, or dead-letters its input.
+    async fn forward(
+        &mut self,
+        m: OwnedMessage,
+        checked: Result<Event, Rejection>,
+        out: &mut Out<'_>,
+    ) -> anyhow::Result<()> {
+        let event = match checked {
+            Ok(event) => event,
+            Err((class, message)) => {
+                self.count("dead_letter");
+                out.dead_letter(m, class, message);
+                return Ok(());
+            }
+        };
+        let bytes = out.encode(&self.events_topic, &event).await?;
+        let record = FutureRecord::to(&self.events_topic)
+            .key(event.entity_id.as_str())
+            .payload(&bytes);
+        match out.produce(record).await {
+            Ok(()) => {
+                self.count("valid");
+                out.done_when_delivered(vec![m]);
+            }
+            Err(Failure::Poison { class, message }) => {
+                self.count("dead_letter");
+                out.dead_letter(m, class, message);
+            }
+            Err(e) => return Err(e).context("producing an event"),
+        }
+        Ok(())
+    }
+}
+
+fn origin(m: &OwnedMessage) -> Origin<'_> {
+    Origin {
+        topic: m.topic(),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp: m.timestamp().to_millis(),
+    }
+}
+
+/// Raw JSON, parsed and validated here.
+struct Json(Ingest);
+
+impl Stage for Json {
     type Input = Raw;
 
     async fn handle(&mut self, inputs: Vec<Input<Raw>>, out: &mut Out<'_>) -> anyhow::Result<()> {
         for Input { message: m, .. } in inputs {
-            let origin = Origin {
-                topic: m.topic(),
-                partition: m.partition(),
-                offset: m.offset(),
-                timestamp: m.timestamp().to_millis(),
-            };
-            match validate::validate(
-                m.payload().unwrap_or_default(),
-                &self.rules,
-                &origin,
-                now_millis(),
-            ) {
-                Ok(event) => {
-                    let bytes = out.encode(&self.events_topic, &event).await?;
-                    let record = FutureRecord::to(&self.events_topic)
-                        .key(event.entity_id.as_str())
-                        .payload(&bytes);
-                    match out.produce(record).await {
-                        Ok(()) => {
-                            self.metrics.events.with_label_values(&["valid"]).inc();
-                            out.done_when_delivered(vec![m]);
-                        }
-                        Err(Failure::Poison { class, message }) => {
-                            self.metrics
-                                .events
-                                .with_label_values(&["dead_letter"])
-                                .inc();
-                            out.dead_letter(m, class, message);
-                        }
-                        Err(e) => return Err(e).context("producing an event"),
-                    }
-                }
-                Err((class, message)) => {
-                    self.metrics
-                        .events
-                        .with_label_values(&["dead_letter"])
-                        .inc();
-                    out.dead_letter(m, class, message);
-                }
-            }
+            let payload = m.payload().unwrap_or_default();
+            let checked = validate::validate(payload, &self.0.rules, &origin(&m), now_millis());
+            self.0.forward(m, checked, out).await?;
         }
         Ok(())
+    }
+}
+
+/// Avro `Event`s, decoded by the runner with the writer's schema resolved to ours.
+struct Avro(Ingest);
+
+impl Stage for Avro {
+    type Input = Event;
+
+    async fn handle(&mut self, inputs: Vec<Input<Event>>, out: &mut Out<'_>) -> anyhow::Result<()> {
+        for Input { message: m, record } in inputs {
+            let len = m.payload().map_or(0, <[u8]>::len);
+            let checked =
+                validate::validate_event(record, len, &self.0.rules, &origin(&m), now_millis());
+            self.0.forward(m, checked, out).await?;
+        }
+        Ok(())
+    }
+
+    fn rejected(&mut self, _class: ErrorClass) {
+        self.0.count("dead_letter");
     }
 }

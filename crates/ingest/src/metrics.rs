@@ -3,6 +3,7 @@
 
 use prometheus::{IntCounterVec, Opts, Registry};
 
+#[derive(Clone)]
 pub(crate) struct Metrics {
     pub(crate) events: IntCounterVec,
     pub(crate) dead_letters: IntCounterVec,
@@ -13,18 +14,22 @@ impl Metrics {
         let events = IntCounterVec::new(
             Opts::new(
                 "lanes_ingest_events_total",
-                "Raw events read, by outcome (valid, dead_letter).",
+                "Events read, by wire format (json, avro) and outcome (valid, dead_letter).",
             ),
-            &["outcome"],
+            &["format", "outcome"],
         )?;
         let dead_letters = IntCounterVec::new(
             Opts::new(
                 "lanes_ingest_dead_letters_total",
-                "Raw events dead-lettered, by error class.",
+                "Events dead-lettered, by error class.",
             ),
             &["class"],
         )?;
-        lanes_common::metrics::zeroed(&events, &["valid", "dead_letter"]);
+        for format in ["json", "avro"] {
+            for outcome in ["valid", "dead_letter"] {
+                events.with_label_values(&[format, outcome]);
+            }
+        }
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(dead_letters.clone()))?;
         Ok(Self {

@@ -139,15 +139,7 @@ fn features(v: Option<&Value>, rules: &Rules) -> Result<BTreeMap<String, f64>, R
             "features must be an object of numbers",
         );
     };
-    if let Some(unknown) = given.keys().find(|k| !rules.features.contains(k)) {
-        return reject(
-            ErrorClass::UnknownFeature,
-            format!(
-                "unknown feature {unknown:?}; the model takes {:?}",
-                rules.features
-            ),
-        );
-    }
+    no_unknown_feature(given.keys(), rules)?;
     let mut out = BTreeMap::new();
     for name in &rules.features {
         let value = match given.get(name) {
@@ -171,12 +163,45 @@ fn features(v: Option<&Value>, rules: &Rules) -> Result<BTreeMap<String, f64>, R
                 );
             }
         };
-        if let Err(e) = model_value(name, value) {
-            return reject(ErrorClass::NonFinite, e);
-        }
-        out.insert(name.clone(), value);
+        out.insert(name.clone(), finite(name, value)?);
     }
     Ok(out)
+}
+
+fn no_unknown_feature<'a>(
+    mut given: impl Iterator<Item = &'a String>,
+    rules: &Rules,
+) -> Result<(), Rejection> {
+    match given.find(|k| !rules.features.contains(k)) {
+        Some(unknown) => reject(
+            ErrorClass::UnknownFeature,
+            format!(
+                "unknown feature {unknown:?}; the model takes {:?}",
+                rules.features
+            ),
+        ),
+        None => Ok(()),
+    }
+}
+
+fn finite(name: &str, value: f64) -> Result<f64, Rejection> {
+    match model_value(name, value) {
+        Ok(_) => Ok(value),
+        Err(e) => reject(ErrorClass::NonFinite, e),
+    }
+}
+
+fn within_limit(len: usize, rules: &Rules) -> Result<(), Rejection> {
+    if len > rules.max_bytes {
+        return reject(
+            ErrorClass::TooLarge,
+            format!(
+                "{len} bytes exceed ingest.max_event_bytes ({})",
+                rules.max_bytes
+            ),
+        );
+    }
+    Ok(())
 }
 
 fn text(obj: &Map<String, Value>, name: &str) -> Result<Option<String>, Rejection> {
@@ -202,16 +227,7 @@ pub fn validate(
     origin: &Origin<'_>,
     now: i64,
 ) -> Result<Event, Rejection> {
-    if raw.len() > rules.max_bytes {
-        return reject(
-            ErrorClass::TooLarge,
-            format!(
-                "{} bytes exceed ingest.max_event_bytes ({})",
-                raw.len(),
-                rules.max_bytes
-            ),
-        );
-    }
+    within_limit(raw.len(), rules)?;
     let Value::Object(obj) = parse(raw)? else {
         return reject(ErrorClass::InvalidJson, "the event must be a JSON object");
     };
@@ -231,6 +247,47 @@ pub fn validate(
         ingested_at: now,
         features,
     })
+}
+
+/// Validates an `Event` a publisher wrote in Avro (`len` bytes on the wire) by the
+/// rules raw JSON meets, with the same classes. Avro cannot leave a string out, so an
+/// empty `event_id` is derived and an empty `kind` takes the default; `ingested_at` is
+/// ingest's own.
+pub fn validate_event(
+    mut event: Event,
+    len: usize,
+    rules: &Rules,
+    origin: &Origin<'_>,
+    now: i64,
+) -> Result<Event, Rejection> {
+    within_limit(len, rules)?;
+    if event.entity_id.is_empty() {
+        return reject(ErrorClass::MissingField, "entity_id is empty");
+    }
+    if event.event_id.is_empty() {
+        event.event_id = derived_event_id(origin);
+    }
+    if event.kind.is_empty() {
+        event.kind.clone_from(&rules.default_kind);
+    }
+    check_client_time("event_time", event.event_time, now, rules.max_clock_skew_ms)
+        .map_err(|e| (ErrorClass::InvalidEventTime, e))?;
+    no_unknown_feature(event.features.keys(), rules)?;
+    for name in &rules.features {
+        match event.features.get(name) {
+            None => {
+                return reject(
+                    ErrorClass::MissingField,
+                    format!("feature {name:?} is missing"),
+                );
+            }
+            Some(&v) => {
+                finite(name, v)?;
+            }
+        }
+    }
+    event.ingested_at = now;
+    Ok(event)
 }
 
 #[cfg(test)]
@@ -408,6 +465,89 @@ mod tests {
         assert_eq!(
             class(r#"{"entity_id":"say \"NaN\"","features":{"amount":NaN,"hour":2}}"#),
             ErrorClass::NonFinite
+        );
+    }
+
+    fn published() -> Event {
+        Event {
+            event_id: "e-9".into(),
+            entity_id: "card-7".into(),
+            kind: "transaction".into(),
+            event_time: KAFKA_TIME,
+            ingested_at: 12,
+            features: BTreeMap::from([("amount".into(), 3.5), ("hour".into(), 9.0)]),
+        }
+    }
+
+    fn avro_class(edit: impl FnOnce(&mut Event)) -> ErrorClass {
+        let mut e = published();
+        edit(&mut e);
+        validate_event(e, 100, &rules(), &ORIGIN, NOW)
+            .expect_err("rejected")
+            .0
+    }
+
+    #[test]
+    fn a_published_event_keeps_its_fields_and_gets_ingests_time() {
+        let e = validate_event(published(), 100, &rules(), &ORIGIN, NOW).unwrap();
+        assert_eq!(
+            e,
+            Event {
+                ingested_at: NOW,
+                ..published()
+            }
+        );
+        let mut blank = published();
+        blank.event_id.clear();
+        blank.kind.clear();
+        let e = validate_event(blank, 100, &rules(), &ORIGIN, NOW).unwrap();
+        assert_eq!(e.event_id, "raw-2-17", "derived like a raw event's");
+        assert_eq!(e.kind, "event");
+    }
+
+    #[test]
+    fn a_published_event_fails_with_the_classes_raw_json_gets() {
+        assert_eq!(
+            avro_class(|e| e.entity_id.clear()),
+            ErrorClass::MissingField
+        );
+        assert_eq!(
+            avro_class(|e| {
+                e.features.remove("hour");
+            }),
+            ErrorClass::MissingField
+        );
+        assert_eq!(
+            avro_class(|e| {
+                e.features.insert("age".into(), 1.0);
+            }),
+            ErrorClass::UnknownFeature
+        );
+        assert_eq!(
+            avro_class(|e| {
+                e.features.insert("amount".into(), f64::NAN);
+            }),
+            ErrorClass::NonFinite
+        );
+        assert_eq!(
+            avro_class(|e| {
+                e.features.insert("amount".into(), 1e39);
+            }),
+            ErrorClass::NonFinite
+        );
+        assert_eq!(
+            avro_class(|e| e.event_time = NOW + 301_000),
+            ErrorClass::InvalidEventTime
+        );
+        assert_eq!(
+            avro_class(|e| e.event_time = 0),
+            ErrorClass::InvalidEventTime
+        );
+        assert_eq!(
+            validate_event(published(), 301, &rules(), &ORIGIN, NOW)
+                .unwrap_err()
+                .0,
+            ErrorClass::TooLarge
         );
     }
 }

@@ -50,6 +50,6 @@ mod tests {
                 groups.insert(group);
             }
         }
-        assert_eq!(groups.len(), 6, "every input has its own group: {groups:?}");
+        assert_eq!(groups.len(), 7, "every input has its own group: {groups:?}");
     }
 }
