@@ -484,11 +484,19 @@ impl Running {
     }
 }
 
-/// Sums the samples of `name` whose labels include `labels` (histograms: their counts).
+/// Sums the samples of `name` whose labels include `labels` (histograms: their counts;
+/// `<histogram>_sum`, as Prometheus exposes it: their sums).
 pub fn metric_value(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
     use prometheus::proto::MetricType;
+    let families = registry.gather();
+    let histogram_sum = name.strip_suffix("_sum").filter(|base| {
+        families
+            .iter()
+            .any(|f| f.name() == *base && f.get_field_type() == MetricType::HISTOGRAM)
+    });
+    let name = histogram_sum.unwrap_or(name);
     let mut total = 0.0;
-    for family in registry.gather().iter().filter(|f| f.name() == name) {
+    for family in families.iter().filter(|f| f.name() == name) {
         for m in family.get_metric() {
             let matches = labels.iter().all(|(k, v)| {
                 m.get_label()
@@ -499,6 +507,9 @@ pub fn metric_value(registry: &prometheus::Registry, name: &str, labels: &[(&str
                 total += match family.get_field_type() {
                     MetricType::COUNTER => m.get_counter().get_value(),
                     MetricType::GAUGE => m.get_gauge().get_value(),
+                    MetricType::HISTOGRAM if histogram_sum.is_some() => {
+                        m.get_histogram().get_sample_sum()
+                    }
                     MetricType::HISTOGRAM => m.get_histogram().get_sample_count() as f64,
                     _ => 0.0,
                 };
