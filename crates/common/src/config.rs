@@ -140,6 +140,8 @@ pub struct IngestConfig {
     /// Event times (and producers' Kafka timestamps) further ahead of ingest's clock
     /// than this, or before 2000-01-01, are dead-lettered as INVALID_EVENT_TIME.
     pub max_clock_skew_ms: u64,
+    /// Whether the Avro loop runs: `Event`s from `topics.avro_events`.
+    pub avro: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

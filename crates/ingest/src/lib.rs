@@ -35,10 +35,11 @@ pub fn def() -> ServiceDef {
         admin_port: |s| s.admin.ports.ingest,
         needs_redis: false,
         inputs: |s| {
-            vec![
-                (s.ingest.group.clone(), s.topics.raw.clone()),
-                (avro_group(s), s.topics.avro_events.clone()),
-            ]
+            let mut inputs = vec![(s.ingest.group.clone(), s.topics.raw.clone())];
+            if s.ingest.avro {
+                inputs.push((avro_group(s), s.topics.avro_events.clone()));
+            }
+            inputs
         },
         group: |s| &mut s.ingest.group,
         run: |ctx| Box::pin(run(ctx)),
@@ -97,20 +98,25 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         events_topic: s.topics.events.clone(),
         metrics: metrics.clone(),
     };
+    // One codec (and schema cache) and one dead-letter writer for both loops.
+    let io = stage::io(&ctx, SERVICE, metrics.dead_letters.clone())?;
+    let avro_io = io.clone();
     let json = async {
-        let io = stage::io(&ctx, SERVICE, metrics.dead_letters.clone())?;
         let plan = Plan::new(&ctx, SERVICE, &s.ingest.group, &[&s.topics.raw]);
         tracing::info!(from = %s.topics.raw, to = %s.topics.events, "ingest running (JSON)");
         stage::run(&ctx, plan, Json(ingest(Format::Json)), io).await
     };
     let avro = async {
-        let io = stage::io(&ctx, SERVICE, metrics.dead_letters.clone())?;
         let group = avro_group(s);
         let plan = Plan::new(&ctx, SERVICE, &group, &[&s.topics.avro_events]);
         tracing::info!(from = %s.topics.avro_events, to = %s.topics.events, "ingest running (Avro)");
-        stage::run(&ctx, plan, Avro(ingest(Format::Avro)), io).await
+        stage::run(&ctx, plan, Avro(ingest(Format::Avro)), avro_io).await
     };
-    tokio::try_join!(json, avro)?;
+    if s.ingest.avro {
+        tokio::try_join!(json, avro)?;
+    } else {
+        json.await?;
+    }
     Ok(())
 }
 

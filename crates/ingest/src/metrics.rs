@@ -25,11 +25,10 @@ impl Metrics {
             ),
             &["class"],
         )?;
-        for format in ["json", "avro"] {
-            for outcome in ["valid", "dead_letter"] {
-                events.with_label_values(&[format, outcome]);
-            }
-        }
+        lanes_common::metrics::zeroed_product(
+            &events,
+            &[&["json", "avro"], &["valid", "dead_letter"]],
+        );
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(dead_letters.clone()))?;
         Ok(Self {

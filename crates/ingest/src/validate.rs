@@ -140,30 +140,35 @@ fn features(v: Option<&Value>, rules: &Rules) -> Result<BTreeMap<String, f64>, R
         );
     };
     no_unknown_feature(given.keys(), rules)?;
+    required_features(rules, |name| match given.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s == NON_FINITE => reject(
+            ErrorClass::NonFinite,
+            format!("feature {name:?} is not finite"),
+        ),
+        Some(Value::Number(n)) => Ok(Some(n.as_f64().unwrap_or(f64::NAN))),
+        Some(other) => reject(
+            ErrorClass::NonNumeric,
+            format!("feature {name:?} is not a number: {other}"),
+        ),
+    })
+}
+
+/// The model's features, each looked up by `value` (`None`: not given), present and
+/// finite. The same checks, in the same order, for every wire format.
+fn required_features(
+    rules: &Rules,
+    mut value: impl FnMut(&str) -> Result<Option<f64>, Rejection>,
+) -> Result<BTreeMap<String, f64>, Rejection> {
     let mut out = BTreeMap::new();
     for name in &rules.features {
-        let value = match given.get(name) {
-            None | Some(Value::Null) => {
-                return reject(
-                    ErrorClass::MissingField,
-                    format!("feature {name:?} is missing"),
-                );
-            }
-            Some(Value::String(s)) if s == NON_FINITE => {
-                return reject(
-                    ErrorClass::NonFinite,
-                    format!("feature {name:?} is not finite"),
-                );
-            }
-            Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
-            Some(other) => {
-                return reject(
-                    ErrorClass::NonNumeric,
-                    format!("feature {name:?} is not a number: {other}"),
-                );
-            }
+        let Some(v) = value(name)? else {
+            return reject(
+                ErrorClass::MissingField,
+                format!("feature {name:?} is missing"),
+            );
         };
-        out.insert(name.clone(), finite(name, value)?);
+        out.insert(name.clone(), finite(name, v)?);
     }
     Ok(out)
 }
@@ -273,19 +278,8 @@ pub fn validate_event(
     check_client_time("event_time", event.event_time, now, rules.max_clock_skew_ms)
         .map_err(|e| (ErrorClass::InvalidEventTime, e))?;
     no_unknown_feature(event.features.keys(), rules)?;
-    for name in &rules.features {
-        match event.features.get(name) {
-            None => {
-                return reject(
-                    ErrorClass::MissingField,
-                    format!("feature {name:?} is missing"),
-                );
-            }
-            Some(&v) => {
-                finite(name, v)?;
-            }
-        }
-    }
+    let features = required_features(rules, |name| Ok(event.features.get(name).copied()))?;
+    event.features = features;
     event.ingested_at = now;
     Ok(event)
 }

@@ -52,4 +52,18 @@ mod tests {
         }
         assert_eq!(groups.len(), 7, "every input has its own group: {groups:?}");
     }
+
+    #[test]
+    fn ingest_reads_the_avro_topic_only_while_its_loop_is_on() {
+        let mut s = Settings::load_from(None, HashMap::new()).unwrap();
+        let topics = |s: &Settings| -> Vec<String> {
+            (lanes_ingest::def().inputs)(s)
+                .into_iter()
+                .map(|(_, t)| t)
+                .collect()
+        };
+        assert_eq!(topics(&s), ["lanes.events.raw", "lanes.events.avro"]);
+        s.ingest.avro = false;
+        assert_eq!(topics(&s), ["lanes.events.raw"]);
+    }
 }
