@@ -140,7 +140,8 @@ fn features(v: Option<&Value>, rules: &Rules) -> Result<BTreeMap<String, f64>, R
         );
     };
     no_unknown_feature(given.keys(), rules)?;
-    required_features(rules, |name| match given.get(name) {
+    let mut out = BTreeMap::new();
+    let value = |name: &str| match given.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s == NON_FINITE => reject(
             ErrorClass::NonFinite,
@@ -151,16 +152,21 @@ fn features(v: Option<&Value>, rules: &Rules) -> Result<BTreeMap<String, f64>, R
             ErrorClass::NonNumeric,
             format!("feature {name:?} is not a number: {other}"),
         ),
-    })
+    };
+    required_features(rules, value, |name, v| {
+        out.insert(name.to_string(), v);
+    })?;
+    Ok(out)
 }
 
-/// The model's features, each looked up by `value` (`None`: not given), present and
-/// finite. The same checks, in the same order, for every wire format.
+/// Checks the model's features, each looked up by `value` (`None`: not given), are
+/// present and finite, handing each to `keep`. The same checks, in the same order,
+/// for every wire format.
 fn required_features(
     rules: &Rules,
     mut value: impl FnMut(&str) -> Result<Option<f64>, Rejection>,
-) -> Result<BTreeMap<String, f64>, Rejection> {
-    let mut out = BTreeMap::new();
+    mut keep: impl FnMut(&str, f64),
+) -> Result<(), Rejection> {
     for name in &rules.features {
         let Some(v) = value(name)? else {
             return reject(
@@ -168,9 +174,9 @@ fn required_features(
                 format!("feature {name:?} is missing"),
             );
         };
-        out.insert(name.clone(), finite(name, v)?);
+        keep(name, finite(name, v)?);
     }
-    Ok(out)
+    Ok(())
 }
 
 fn no_unknown_feature<'a>(
@@ -278,8 +284,12 @@ pub fn validate_event(
     check_client_time("event_time", event.event_time, now, rules.max_clock_skew_ms)
         .map_err(|e| (ErrorClass::InvalidEventTime, e))?;
     no_unknown_feature(event.features.keys(), rules)?;
-    let features = required_features(rules, |name| Ok(event.features.get(name).copied()))?;
-    event.features = features;
+    // The event's own map is kept: checking it needs no copy.
+    required_features(
+        rules,
+        |name| Ok(event.features.get(name).copied()),
+        |_, _| {},
+    )?;
     event.ingested_at = now;
     Ok(event)
 }
