@@ -458,9 +458,9 @@ impl Running {
     }
 
     /// Stops the services gracefully and checks each returned `Ok`.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.token.cancel();
-        for (name, _, task) in self.tasks {
+        for (name, _, task) in std::mem::take(&mut self.tasks) {
             match tokio::time::timeout(Duration::from_secs(30), task).await {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => panic!("{name} failed: {e:#}"),
@@ -481,6 +481,14 @@ impl Running {
     /// The value of a counter or gauge sample, summed over labels matching `labels`.
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric_value(&self.metrics, name, labels)
+    }
+}
+
+impl Drop for Running {
+    /// A test that failed before `stop` still stops its services, so they do not run on
+    /// into the runtime's shutdown.
+    fn drop(&mut self) {
+        self.token.cancel();
     }
 }
 

@@ -438,10 +438,14 @@ pub type SourceConsumer = BaseConsumer<SourceContext>;
 
 /// A subscribed consumer polled on its own thread.
 pub struct Source {
-    pub consumer: Arc<SourceConsumer>,
+    /// Taken by `close` (or `drop`), which hands it to a thread of its own: librdkafka's
+    /// close serves rebalances and waits on the group coordinator without a limit, and
+    /// must never hold a runtime worker or the runtime's shutdown.
+    consumer: Option<Arc<SourceConsumer>>,
     pub events: mpsc::Receiver<SourceEvent>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    close_timeout: Duration,
 }
 
 impl Source {
@@ -492,24 +496,63 @@ impl Source {
                 .expect("poll thread starts")
         };
         Ok(Self {
-            consumer,
+            consumer: Some(consumer),
             events: rx,
             stop,
             thread: Some(thread),
+            close_timeout: revoke_timeout,
         })
     }
 
-    /// Stops polling and leaves the group. Commit before calling this.
+    pub fn consumer(&self) -> &Arc<SourceConsumer> {
+        self.consumer.as_ref().expect("source is open")
+    }
+
+    /// Stops polling and leaves the group, waiting at most the drain timeout: past it the
+    /// close goes on in the background and the group expires the member if it must.
+    /// Commit before calling this.
     pub async fn close(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         self.events.close();
-        if let Some(t) = self.thread.take() {
-            let consumer = self.consumer.clone();
-            let _ = tokio::task::spawn_blocking(move || {
+        let service = self.consumer().context().service.clone();
+        let (closed, wait) = tokio::sync::oneshot::channel();
+        self.close_in_background(move || {
+            let _ = closed.send(());
+        });
+        if tokio::time::timeout(self.close_timeout, wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!(service = %service, timeout = ?self.close_timeout, "consumer did not leave its group in time; closing it in the background");
+        }
+    }
+
+    /// Joins the polling thread, leaves the group and drops the last reference to the
+    /// consumer (librdkafka's close) on a thread of its own, then calls `done`.
+    fn close_in_background(&mut self, done: impl FnOnce() + Send + 'static) {
+        let Some(consumer) = self.consumer.take() else {
+            return;
+        };
+        let poll = self.thread.take();
+        let closing = move || {
+            if let Some(t) = poll {
                 let _ = t.join();
-                consumer.unsubscribe();
-            })
-            .await;
+            }
+            consumer.unsubscribe();
+            // A commit in flight holds a clone for a moment; the close runs where the
+            // last reference goes, so wait for it here.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while Arc::strong_count(&consumer) > 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            drop(consumer);
+            done();
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("source-close".into())
+            .spawn(closing)
+        {
+            tracing::warn!(error = %e, "no thread to close a consumer on");
         }
     }
 }
@@ -604,8 +647,10 @@ fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, sto
 }
 
 impl Drop for Source {
+    /// Dropped without `close` (a failed stage): stop polling, and close off the runtime.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.close_in_background(|| {});
     }
 }
 
@@ -780,7 +825,7 @@ impl Acks {
     /// At shutdown: waits for every acknowledgement, commits, and leaves the group.
     pub async fn finish(mut self, source: Source) -> anyhow::Result<()> {
         self.drain().await?;
-        self.commit(&source.consumer).await;
+        self.commit(source.consumer()).await;
         source.close().await;
         Ok(())
     }

@@ -315,7 +315,7 @@ pub async fn run<S: Stage>(
                             SourceEvent::Revoked { partitions, done } => {
                                 handle(&mut stage, std::mem::take(&mut batch), &mut acks, &io, stop).await?;
                                 stage.flush(Some(&partitions), &mut Out::new(&mut acks, &io, stop)).await?;
-                                acks.release(&source.consumer, &partitions, done).await?;
+                                acks.release(source.consumer(), &partitions, done).await?;
                             }
                         }
                         if batch.len() < plan.max_batch && plan.has_room(&acks, &stage) {
@@ -324,7 +324,7 @@ pub async fn run<S: Stage>(
                     }
                     handle(&mut stage, batch, &mut acks, &io, stop).await?;
                 }
-                _ = commit_tick.tick() => acks.commit(&source.consumer).await,
+                _ = commit_tick.tick() => acks.commit(source.consumer()).await,
             }
         }
         Ok(())
