@@ -49,3 +49,23 @@ redis_ping() {
 registry_ok() {
   curl -fsS -o /dev/null --max-time 2 http://127.0.0.1:8081/subjects 2>/dev/null
 }
+
+# test_watchdog LIMIT DEPS_DIR: every 10 s, a test binary from DEPS_DIR that has run for
+# more than LIMIT seconds has every thread's stack printed (libtest names each thread
+# after its test) and is killed. A hung test then fails the suite with the place it
+# hangs instead of stalling CI until its own timeout.
+test_watchdog() {
+  local limit=$1 deps=$2 pid age
+  while sleep 10; do
+    for pid in $(pgrep -f "^$deps/" || true); do
+      age=$(ps -o etimes= -p "$pid" 2>/dev/null | tr -d ' ') || continue
+      [ -n "$age" ] && [ "$age" -gt "$limit" ] || continue
+      say "watchdog: $(ps -o args= -p "$pid" | cut -c1-200) has run ${age}s (limit ${limit}s, LANES_TEST_LIMIT_S); its threads:"
+      if command -v gdb >/dev/null; then
+        timeout 120 gdb -p "$pid" -batch -ex "thread apply all bt 30" 2>/dev/null \
+          | grep -E '^(Thread |#)' >&2 || true
+      fi
+      kill -KILL "$pid" 2>/dev/null || true
+    done
+  done
+}

@@ -15,4 +15,9 @@ cargo fmt --all --check
 say "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 say "cargo test"
+# A test binary still running after LANES_TEST_LIMIT_S is hung: its stacks are printed
+# and it is killed (the longest, the fault suite, takes about 6 minutes).
+test_watchdog "${LANES_TEST_LIMIT_S:-1200}" "${CARGO_TARGET_DIR:-$LANES_ROOT/target}/debug/deps" &
+watchdog=$!
+trap 'kill $watchdog 2>/dev/null; scripts/dev-down.sh' EXIT
 cargo test --workspace --no-fail-fast
