@@ -9,6 +9,7 @@ use std::time::Duration;
 use lanes_common::avro::AvroCodec;
 use lanes_common::records::{Event, Record};
 use lanes_tests::*;
+use rdkafka::consumer::Consumer;
 
 fn python(args: &[&str]) -> serde_json::Value {
     let script = root().join("tests/interop/confluent_avro.py");
@@ -348,6 +349,29 @@ async fn avro_publishers_events_are_validated_like_raw_json_and_scored() {
             &[("format", "json"), ("outcome", "valid")]
         ),
         0.0
+    );
+    running.stop().await;
+}
+
+/// With `ingest.avro = false` ingest neither reads nor creates the Avro topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_without_its_avro_loop_creates_no_avro_topic() {
+    let mut lane = Lane::new("no-avro");
+    lane.settings.ingest.avro = false;
+    let running = lane.start(&[lanes_ingest::def()]);
+    running.ready().await;
+    let s = &lane.settings;
+    let probe = consumer(s, &[&s.topics.raw]);
+    let md = probe.fetch_metadata(None, Duration::from_secs(10)).unwrap();
+    let names: Vec<&str> = md.topics().iter().map(|t| t.name()).collect();
+    assert!(
+        names.contains(&s.topics.raw.as_str()),
+        "ingest created its input"
+    );
+    assert!(
+        !names.contains(&s.topics.avro_events.as_str()),
+        "{} was created with the Avro loop off",
+        s.topics.avro_events
     );
     running.stop().await;
 }

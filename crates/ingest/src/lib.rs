@@ -80,17 +80,13 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let s = &ctx.settings;
     let spec = ModelSpec::read(&s.model.resolve()?)?;
     let metrics = Metrics::new(&ctx.metrics)?;
-    kafka::ensure_topics(
-        &s.kafka,
-        &[
-            &s.topics.raw,
-            &s.topics.avro_events,
-            &s.topics.events,
-            &s.topics.dlq,
-        ],
-    )
-    .await
-    .context("creating topics")?;
+    // The Avro topic only while its loop is on: a lane that turned it off owns none.
+    let inputs = (def().inputs)(s);
+    let mut topics: Vec<&str> = inputs.iter().map(|(_, t)| t.as_str()).collect();
+    topics.extend([s.topics.events.as_str(), s.topics.dlq.as_str()]);
+    kafka::ensure_topics(&s.kafka, &topics)
+        .await
+        .context("creating topics")?;
     let rules = Rules::new(spec.features, &s.ingest);
     let ingest = |format| Ingest {
         format,
