@@ -450,6 +450,24 @@ pub async fn cache_hashes(lane: &Lane, entities: &[&str]) -> Vec<HashMap<String,
     out
 }
 
+/// The committed lag of each input (group and topic) of `defs`, in their order; `None`
+/// where it is not known (no commit yet, or the broker did not answer).
+pub async fn input_lags(
+    settings: &lanes_common::Settings,
+    defs: &[lanes_common::service::ServiceDef],
+) -> Vec<Option<i64>> {
+    let inputs: Vec<(String, String)> = defs.iter().flat_map(|d| (d.inputs)(settings)).collect();
+    let kafka = settings.kafka.clone();
+    tokio::task::spawn_blocking(move || {
+        inputs
+            .iter()
+            .map(|(g, t)| lanes_common::kafka::group_lag(&kafka, g, t).ok())
+            .collect()
+    })
+    .await
+    .expect("lag task")
+}
+
 /// Samples the lane's total committed lag every 200 ms until stopped; answers how long
 /// after a moment the lag first came back to its level before the fault.
 pub struct LagWatch {
@@ -459,25 +477,17 @@ pub struct LagWatch {
 
 impl LagWatch {
     pub fn start(lane: &Lane, defs: &[lanes_common::service::ServiceDef]) -> Self {
-        let inputs: Vec<(String, String)> = defs
-            .iter()
-            .flat_map(|d| (d.inputs)(&lane.settings))
-            .collect();
-        let kafka = lane.settings.kafka.clone();
+        let (settings, defs) = (lane.settings.clone(), defs.to_vec());
         let stop = CancellationToken::new();
         let token = stop.clone();
         let task = tokio::spawn(async move {
             let mut samples = Vec::new();
             while !token.is_cancelled() {
-                let (kafka, inputs) = (kafka.clone(), inputs.clone());
-                let lag = tokio::task::spawn_blocking(move || {
-                    inputs
-                        .iter()
-                        .map(|(g, t)| lanes_common::kafka::group_lag(&kafka, g, t).unwrap_or(0))
-                        .sum::<i64>()
-                })
-                .await
-                .unwrap_or(0);
+                let lag: i64 = input_lags(&settings, &defs)
+                    .await
+                    .into_iter()
+                    .map(|l| l.unwrap_or(0))
+                    .sum();
                 samples.push((Instant::now(), lag));
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }

@@ -59,24 +59,17 @@ fn max_duplicates(faults: usize) -> usize {
 
 /// Waits until every input of `defs` is at most a second of traffic behind.
 async fn caught_up(lane: &Lane, defs: &[ServiceDef]) {
-    let inputs: Vec<(String, String)> = defs
-        .iter()
-        .flat_map(|d| (d.inputs)(&lane.settings))
-        .collect();
-    wait_for("every group to catch up", Duration::from_secs(60), || {
-        let (kafka, inputs) = (lane.settings.kafka.clone(), inputs.clone());
-        async move {
-            tokio::task::spawn_blocking(move || {
-                inputs.iter().all(|(g, t)| {
-                    lanes_common::kafka::group_lag(&kafka, g, t)
-                        .is_ok_and(|lag| lag <= i64::from(RATE))
-                })
-            })
-            .await
-            .unwrap()
-            .then_some(())
-        }
-    })
+    wait_for(
+        "every group to catch up",
+        Duration::from_secs(60),
+        || async {
+            ledger::input_lags(&lane.settings, defs)
+                .await
+                .iter()
+                .all(|lag| lag.is_some_and(|lag| lag <= i64::from(RATE)))
+                .then_some(())
+        },
+    )
     .await;
 }
 
@@ -510,22 +503,13 @@ async fn a_full_replay_leaves_the_cache_byte_for_byte() {
         }
         let replay = Fleet::start(&lane, &[writer]).await;
         let total = report.sent as i64;
-        wait_for("the replay to finish", Duration::from_secs(120), || {
-            let lane = lane.clone();
-            async move {
-                let lag = tokio::task::spawn_blocking(move || {
-                    (writer.inputs)(&lane.settings)
-                        .iter()
-                        .map(|(g, t)| {
-                            lanes_common::kafka::group_lag(&lane.settings.kafka, g, t)
-                                .unwrap_or(total)
-                        })
-                        .sum::<i64>()
-                })
+        wait_for("the replay to finish", Duration::from_secs(120), || async {
+            let lag: i64 = ledger::input_lags(&lane.settings, &[writer])
                 .await
-                .unwrap();
-                (lag <= 0).then_some(())
-            }
+                .into_iter()
+                .map(|lag| lag.unwrap_or(total))
+                .sum();
+            (lag <= 0).then_some(())
         })
         .await;
         replay.stop().await;
