@@ -65,6 +65,8 @@ test_watchdog() {
         timeout 120 gdb -p "$pid" -batch -ex "thread apply all bt 30" 2>/dev/null \
           | grep -E '^(Thread |#)' >&2 || true
       fi
+      # Its service processes too: killed, it cannot stop them itself.
+      pkill -KILL -P "$pid" 2>/dev/null || true
       kill -KILL "$pid" 2>/dev/null || true
     done
   done
