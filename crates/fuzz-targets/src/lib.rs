@@ -10,7 +10,7 @@ use lanes_common::avro::{check_framing, limit_allocations};
 use lanes_common::records::{
     Event, MicroBatch, Prediction, PredictionRequest, PredictionResponse, Record,
 };
-use lanes_ingest::validate::{Origin, Rules, validate};
+use lanes_ingest::validate::{Origin, Rules, validate, validate_by_tree};
 use lanes_schema_registry::compat::{self, Level};
 use lanes_schema_registry::store::canonical;
 
@@ -107,7 +107,8 @@ fn same(a: &Value, b: &Value) -> bool {
     }
 }
 
-/// Ingest's validation of a raw event: an `Event` that obeys the rules, or a class.
+/// Ingest's validation of a raw event: an `Event` that obeys the rules, or a class; the
+/// same by either read.
 pub fn raw_event(data: &[u8]) {
     let rules = Rules {
         features: ["amount", "hour", "merchant_risk"]
@@ -124,7 +125,10 @@ pub fn raw_event(data: &[u8]) {
         timestamp: Some(1_800_000_000_000),
     };
     let now = 1_800_000_000_000;
-    if let Ok(event) = validate(data, &rules, &origin, now) {
+    let checked = validate(data, &rules, &origin, now);
+    // The one-pass read and the whole tree agree on every input, accepted or not.
+    assert_eq!(checked, validate_by_tree(data, &rules, &origin, now));
+    if let Ok(event) = checked {
         assert!(data.len() <= rules.max_bytes);
         assert!(
             event.event_time <= now + 60_000,

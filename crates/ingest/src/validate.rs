@@ -1,11 +1,19 @@
 //! Raw JSON event -> `Event`, or the dead-letter class saying why not. Pure.
+//!
+//! A well-formed event is read in one pass that keeps only the fields ingest uses
+//! (no JSON tree, no map of every key). Anything that pass refuses — malformed JSON,
+//! `NaN`, a top level that is not an object, escaped keys — is read again as a whole
+//! tree ([`validate_by_tree`]), which gives the rejection its class and message; both
+//! reads end in the same checks, so they agree on every input (fuzzed).
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use lanes_common::config::IngestConfig;
 use lanes_common::dlq::ErrorClass;
 use lanes_common::records::{Event, check_client_time, model_value};
-use serde_json::{Map, Value};
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::Value;
 
 /// Where a raw record came from, for the derived event id and the fallback time.
 #[derive(Debug, Clone, Copy)]
@@ -102,8 +110,141 @@ fn replace_non_finite(text: &str) -> String {
     out
 }
 
-fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
-    obj.get(name).filter(|v| !v.is_null())
+/// What ingest reads of a raw event; a field that is absent or `null` is `None`.
+#[derive(Debug, Default, PartialEq)]
+struct Fields {
+    entity_id: Option<Value>,
+    event_id: Option<Value>,
+    kind: Option<Value>,
+    event_time: Option<Value>,
+    /// `None` unless `features` is an object.
+    features: Option<Given>,
+}
+
+/// An event's `features` object read against the model's feature list.
+#[derive(Debug, PartialEq)]
+struct Given {
+    /// Each model feature's value, in the model's order (`None`: absent or `null`).
+    values: Vec<Option<Value>>,
+    /// The first name the model does not take, in sorted order.
+    unknown: Option<String>,
+}
+
+/// The whole JSON tree: the reference read, and the one a rejection is described by.
+fn read_tree(raw: &[u8], rules: &Rules) -> Result<Fields, Rejection> {
+    let Value::Object(mut obj) = parse(raw)? else {
+        return reject(ErrorClass::InvalidJson, "the event must be a JSON object");
+    };
+    let features = match obj.remove("features") {
+        Some(Value::Object(given)) => Some(Given {
+            values: rules
+                .features
+                .iter()
+                .map(|name| given.get(name).filter(|v| !v.is_null()).cloned())
+                .collect(),
+            unknown: given.keys().find(|k| !rules.features.contains(k)).cloned(),
+        }),
+        _ => None,
+    };
+    let mut take = |name| obj.remove(name).filter(|v: &Value| !v.is_null());
+    Ok(Fields {
+        entity_id: take("entity_id"),
+        event_id: take("event_id"),
+        kind: take("kind"),
+        event_time: take("event_time"),
+        features,
+    })
+}
+
+/// One pass over the bytes, keeping only [`Fields`]. Fails on anything unusual, which
+/// then takes [`read_tree`].
+fn read_streaming(raw: &[u8], rules: &Rules) -> serde_json::Result<Fields> {
+    let mut de = serde_json::Deserializer::from_slice(raw);
+    let fields = EventSeed(&rules.features).deserialize(&mut de)?;
+    de.end()?;
+    Ok(fields)
+}
+
+struct EventSeed<'r>(&'r [String]);
+
+impl<'de> DeserializeSeed<'de> for EventSeed<'_> {
+    type Value = Fields;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Fields, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EventSeed<'_> {
+    type Value = Fields;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an event object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+        let mut fields = Fields::default();
+        // Borrowed keys only: an escaped key fails here and takes the tree.
+        while let Some(key) = map.next_key::<&'de str>()? {
+            let slot = match key {
+                "entity_id" => &mut fields.entity_id,
+                "event_id" => &mut fields.event_id,
+                "kind" => &mut fields.kind,
+                "event_time" => &mut fields.event_time,
+                "features" => {
+                    fields.features = Some(map.next_value_seed(FeaturesSeed(self.0))?);
+                    continue;
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            *slot = Some(map.next_value::<Value>()?).filter(|v| !v.is_null());
+        }
+        Ok(fields)
+    }
+}
+
+/// Reads a `features` object straight into the model's order; anything else fails.
+struct FeaturesSeed<'r>(&'r [String]);
+
+impl<'de> DeserializeSeed<'de> for FeaturesSeed<'_> {
+    type Value = Given;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Given, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FeaturesSeed<'_> {
+    type Value = Given;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object of features")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Given, A::Error> {
+        let mut given = Given {
+            values: vec![None; self.0.len()],
+            unknown: None,
+        };
+        while let Some(key) = map.next_key::<&'de str>()? {
+            let value = Some(map.next_value::<Value>()?).filter(|v| !v.is_null());
+            let mut known = false;
+            // Every match, not the first: a repeated key keeps its last value, as in a map.
+            for (slot, name) in given.values.iter_mut().zip(self.0) {
+                if name == key {
+                    slot.clone_from(&value);
+                    known = true;
+                }
+            }
+            if !known && given.unknown.as_deref().is_none_or(|u| key < u) {
+                given.unknown = Some(key.to_string());
+            }
+        }
+        Ok(given)
+    }
 }
 
 /// Event time in epoch milliseconds: RFC 3339 text or an integer.
@@ -132,17 +273,21 @@ fn event_time(v: Option<&Value>, origin: &Origin<'_>, now: i64) -> Result<i64, R
     }
 }
 
-fn features(v: Option<&Value>, rules: &Rules) -> Result<BTreeMap<String, f64>, Rejection> {
-    let Some(Value::Object(given)) = v else {
+fn features(given: Option<Given>, rules: &Rules) -> Result<BTreeMap<String, f64>, Rejection> {
+    let Some(given) = given else {
         return reject(
             ErrorClass::MissingField,
             "features must be an object of numbers",
         );
     };
-    no_unknown_feature(given.keys(), rules)?;
+    if let Some(unknown) = given.unknown {
+        return Err(unknown_feature(&unknown, rules));
+    }
     let mut out = BTreeMap::new();
-    let value = |name: &str| match given.get(name) {
-        None | Some(Value::Null) => Ok(None),
+    // Asked once per model feature, in the model's order: the order of `values`.
+    let mut values = given.values.into_iter();
+    let value = |name: &str| match values.next().flatten() {
+        None => Ok(None),
         Some(Value::String(s)) if s == NON_FINITE => reject(
             ErrorClass::NonFinite,
             format!("feature {name:?} is not finite"),
@@ -179,18 +324,22 @@ fn required_features(
     Ok(())
 }
 
+fn unknown_feature(name: &str, rules: &Rules) -> Rejection {
+    (
+        ErrorClass::UnknownFeature,
+        format!(
+            "unknown feature {name:?}; the model takes {:?}",
+            rules.features
+        ),
+    )
+}
+
 fn no_unknown_feature<'a>(
     mut given: impl Iterator<Item = &'a String>,
     rules: &Rules,
 ) -> Result<(), Rejection> {
     match given.find(|k| !rules.features.contains(k)) {
-        Some(unknown) => reject(
-            ErrorClass::UnknownFeature,
-            format!(
-                "unknown feature {unknown:?}; the model takes {:?}",
-                rules.features
-            ),
-        ),
+        Some(unknown) => Err(unknown_feature(unknown, rules)),
         None => Ok(()),
     }
 }
@@ -215,10 +364,10 @@ fn within_limit(len: usize, rules: &Rules) -> Result<(), Rejection> {
     Ok(())
 }
 
-fn text(obj: &Map<String, Value>, name: &str) -> Result<Option<String>, Rejection> {
-    match field(obj, name) {
+fn text(v: Option<Value>, name: &str) -> Result<Option<String>, Rejection> {
+    match v {
         None => Ok(None),
-        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s)),
         Some(other) => reject(
             ErrorClass::MissingField,
             format!("{name} must be non-empty text, got {other}"),
@@ -239,17 +388,34 @@ pub fn validate(
     now: i64,
 ) -> Result<Event, Rejection> {
     within_limit(raw.len(), rules)?;
-    let Value::Object(obj) = parse(raw)? else {
-        return reject(ErrorClass::InvalidJson, "the event must be a JSON object");
+    let fields = match read_streaming(raw, rules) {
+        Ok(fields) => fields,
+        Err(_) => read_tree(raw, rules)?,
     };
-    let entity_id = text(&obj, "entity_id")?
+    check(fields, rules, origin, now)
+}
+
+/// [`validate`] by the whole JSON tree alone: what it falls back to, and the reference
+/// it is fuzzed against.
+pub fn validate_by_tree(
+    raw: &[u8],
+    rules: &Rules,
+    origin: &Origin<'_>,
+    now: i64,
+) -> Result<Event, Rejection> {
+    within_limit(raw.len(), rules)?;
+    check(read_tree(raw, rules)?, rules, origin, now)
+}
+
+fn check(fields: Fields, rules: &Rules, origin: &Origin<'_>, now: i64) -> Result<Event, Rejection> {
+    let entity_id = text(fields.entity_id, "entity_id")?
         .ok_or((ErrorClass::MissingField, "entity_id is missing".to_string()))?;
-    let event_id = text(&obj, "event_id")?.unwrap_or_else(|| derived_event_id(origin));
-    let kind = text(&obj, "kind")?.unwrap_or_else(|| rules.default_kind.clone());
-    let event_time = event_time(field(&obj, "event_time"), origin, now)?;
+    let event_id = text(fields.event_id, "event_id")?.unwrap_or_else(|| derived_event_id(origin));
+    let kind = text(fields.kind, "kind")?.unwrap_or_else(|| rules.default_kind.clone());
+    let event_time = event_time(fields.event_time.as_ref(), origin, now)?;
     check_client_time("event_time", event_time, now, rules.max_clock_skew_ms)
         .map_err(|e| (ErrorClass::InvalidEventTime, e))?;
-    let features = features(obj.get("features"), rules)?;
+    let features = features(fields.features, rules)?;
     Ok(Event {
         event_id,
         entity_id,
@@ -470,6 +636,81 @@ mod tests {
             class(r#"{"entity_id":"say \"NaN\"","features":{"amount":NaN,"hour":2}}"#),
             ErrorClass::NonFinite
         );
+    }
+
+    /// Inputs where a one-pass read could differ from the tree: repeated keys, `null`s,
+    /// escapes, nesting, wrong types at every level, unknown names in either order.
+    const TRICKY: &[&str] = &[
+        r#"{"entity_id":"a","features":{"amount":1,"hour":2}}"#,
+        r#"{"entity_id":"a","entity_id":"b","features":{"amount":1,"hour":2}}"#,
+        r#"{"entity_id":"a","entity_id":null,"features":{"amount":1,"hour":2}}"#,
+        r#"{"entity_id":"a","kind":null,"event_id":null,"event_time":null,"features":{"amount":1,"hour":2}}"#,
+        r#"{"entity_id":"a","features":{"amount":1,"amount":"x","hour":2}}"#,
+        r#"{"entity_id":"a","features":{"amount":"x","amount":1,"hour":2}}"#,
+        r#"{"entity_id":"a","features":{"amount":1,"hour":null}}"#,
+        r#"{"entity_id":"a","features":{"amount":1,"hour":2},"features":null}"#,
+        r#"{"entity_id":"a","features":{"amount":1,"hour":2},"features":[1,2]}"#,
+        r#"{"entity_id":"a","features":[1,2],"features":{"amount":1,"hour":2}}"#,
+        r#"{"entity_id":"a","features":{"zz":1,"amount":1,"hour":2,"b":3}}"#,
+        r#"{"entity_id":"a","features":{"amount":1,"hour":2,"\u0062":3}}"#,
+        r#"{"entity_\u0069d":"a","features":{"amount":1,"hour":2}}"#,
+        r#"{"entity_id":"\u00e9\"","features":{"am\u006funt":1,"hour":2}}"#,
+        r#"{"entity_id":"a","x":{"y":[1,{"z":NaN}]},"features":{"amount":1,"hour":2}}"#,
+        r#"{"entity_id":"a","x":[1,2,{"features":{}}],"features":{"amount":1,"hour":2}}"#,
+        r#"{"entity_id":7,"features":{"amount":1,"hour":2}}"#,
+        r#"{"entity_id":"a","event_time":1.5,"features":{"amount":1,"hour":2}}"#,
+        r#"{"entity_id":"a","event_time":{"t":1},"features":{"amount":1,"hour":2}}"#,
+        r#"{"entity_id":"a","features":{"amount":1e39,"hour":2}}"#,
+        r#"{"entity_id":"a","features":{"amount":Infinity,"hour":2}}"#,
+        r#"{"entity_id":"a","features":{"amount":1,"hour":2}} trailing"#,
+        r#"{"entity_id":"a","features":{"amount":1,"hour":2}}  "#,
+        r#"{"entity_id":"a","features":{"amount":1,"hour":2}"#,
+        r#"{"entity_id":"a","features":{"amount":1,"hour":2},}"#,
+        r#"{"entity_id":"a","features":"amount"}"#,
+        r#"{"entity_id":"a","features":7}"#,
+        r#"{"entity_id":"a"}"#,
+        r#"["entity_id","a"]"#,
+        r#""entity_id""#,
+        r#"null"#,
+        r#"{}"#,
+        "",
+        "\u{feff}{}",
+    ];
+
+    #[test]
+    fn the_one_pass_read_agrees_with_the_tree() {
+        for raw in TRICKY {
+            assert_eq!(
+                validate(raw.as_bytes(), &rules(), &ORIGIN, NOW),
+                validate_by_tree(raw.as_bytes(), &rules(), &ORIGIN, NOW),
+                "{raw}"
+            );
+        }
+    }
+
+    #[test]
+    fn plain_events_take_the_one_pass_read() {
+        // The fast read must not fall back for everyday input (or it saves nothing).
+        for raw in [
+            r#"{"event_id":"e-1","entity_id":"card-42","kind":"transaction","event_time":"2026-11-29T10:00:00Z","features":{"amount":12.5,"hour":10}}"#,
+            r#"{"entity_id":"c","source":{"pos":[7,8]},"features":{"hour":2,"amount":1,"zip":3}}"#,
+            r#"{"entity_id":"c","features":{"amount":"1","hour":null}}"#,
+        ] {
+            let fast = read_streaming(raw.as_bytes(), &rules()).expect(raw);
+            assert_eq!(fast, read_tree(raw.as_bytes(), &rules()).unwrap(), "{raw}");
+        }
+        let zip = read_streaming(
+            br#"{"entity_id":"c","features":{"zz":1,"amount":1,"b":2}}"#,
+            &rules(),
+        )
+        .unwrap();
+        let given = zip.features.unwrap();
+        assert_eq!(
+            given.unknown.as_deref(),
+            Some("b"),
+            "the first in sorted order"
+        );
+        assert_eq!(given.values, vec![Some(Value::from(1)), None]);
     }
 
     fn published() -> Event {
