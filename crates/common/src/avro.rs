@@ -21,6 +21,7 @@ use schema_registry_converter::schema_registry_common::{
 
 use tokio_util::sync::CancellationToken;
 
+use crate::FastMap;
 use crate::config::RegistryConfig;
 use crate::dlq::ErrorClass;
 use crate::records::Record;
@@ -79,10 +80,10 @@ pub struct AvroCodec {
 #[derive(Default)]
 struct Known {
     /// The schema id of each record type under each topic's subject.
-    ids: HashMap<String, HashMap<&'static str, u32>>,
+    ids: FastMap<String, FastMap<&'static str, u32>>,
     /// Whether a writer schema id reads as a record type's own schema (same Parsing
     /// Canonical Form, so the same binary layout).
-    own: HashMap<(u32, &'static str), bool>,
+    own: FastMap<(u32, &'static str), bool>,
 }
 
 /// For how long after a schema id is first found missing it is asked for again: a

@@ -2,7 +2,7 @@
 //! never commit on their own, a topic admin, and the offset bookkeeping that lets a
 //! service commit an input only after everything it produced was acknowledged.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -14,6 +14,7 @@ use rdkafka::message::ToBytes;
 use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use crate::FastMap;
 use crate::config::KafkaConfig;
 use crate::producer::{Delivery, Producer, Reports};
 
@@ -205,7 +206,7 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[&str]) -> KafkaResult<Ve
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
     /// By topic, then partition: looked up by `&str` without allocating per message.
-    topics: HashMap<String, HashMap<i32, PartitionOffsets>>,
+    topics: FastMap<String, FastMap<i32, PartitionOffsets>>,
 }
 
 #[derive(Debug, Default)]
@@ -234,15 +235,11 @@ impl OffsetTracker {
 
     /// An offset was read and its work started.
     pub fn track(&mut self, topic: &str, partition: i32, offset: i64) {
-        if !self.topics.contains_key(topic) {
-            self.topics.insert(topic.to_string(), HashMap::new());
-        }
-        let p = self
-            .topics
-            .get_mut(topic)
-            .expect("inserted above")
-            .entry(partition)
-            .or_default();
+        let partitions = match self.topics.get_mut(topic) {
+            Some(partitions) => partitions,
+            None => self.topics.entry(topic.to_string()).or_default(),
+        };
+        let p = partitions.entry(partition).or_default();
         p.first_tracked.get_or_insert(offset);
         match p.in_flight.back() {
             Some(&last) if last >= offset => {
@@ -279,7 +276,7 @@ impl OffsetTracker {
     pub fn in_flight(&self) -> usize {
         self.topics
             .values()
-            .flat_map(HashMap::values)
+            .flat_map(FastMap::values)
             .map(|p| p.in_flight.len())
             .sum()
     }

@@ -40,3 +40,8 @@ pub use config::Settings;
 /// (`lanes bench-cpu`).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A map looked up once or more per message (offsets, schema ids, held inputs): keyed
+/// by topics, partitions and ids of our own, hashed with aHash, which costs a fraction
+/// of the standard SipHash on such keys.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;

@@ -10,10 +10,11 @@ mod adaptive;
 mod metrics;
 pub mod window;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use anyhow::Context;
+use lanes_common::FastMap;
 use lanes_common::dlq::ErrorClass;
 use lanes_common::error::Failure;
 use lanes_common::kafka;
@@ -47,7 +48,7 @@ struct Batcher {
     windows: Windows,
     /// The inputs of open windows, per partition in offset order, until their batch is
     /// acknowledged (or refused, then they are dead-lettered).
-    held: HashMap<i32, VecDeque<OwnedMessage>>,
+    held: FastMap<i32, VecDeque<OwnedMessage>>,
     batches_topic: String,
     metrics: Metrics,
 }
@@ -76,7 +77,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             },
             &s.topics.events,
         ),
-        held: HashMap::new(),
+        held: FastMap::default(),
         batches_topic: s.topics.batches.clone(),
         metrics,
     };
