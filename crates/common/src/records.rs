@@ -9,8 +9,8 @@ use std::sync::LazyLock;
 use apache_avro::Schema;
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::writer::datum::GenericDatumWriter;
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::de::{DeserializeOwned, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// A record with its Avro schema.
 pub trait Record: Serialize + DeserializeOwned + Send + Sync + 'static {
@@ -68,9 +68,38 @@ pub struct Event {
     pub kind: String,
     pub event_time: i64,
     pub ingested_at: i64,
+    #[serde(deserialize_with = "features_in_bulk")]
     pub features: BTreeMap<String, f64>,
 }
 record!(Event, "Event.avsc");
+
+/// Reads a feature map by collecting its entries and building the tree in one pass
+/// (they come sorted from every Lanes writer), rather than searching it once per key:
+/// an event is decoded by two services on its way.
+fn features_in_bulk<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
+    struct Entries;
+
+    impl<'de> Visitor<'de> for Entries {
+        type Value = BTreeMap<String, f64>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map of features")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            // The hint comes off the wire: a capacity, not a promise.
+            let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
+            while let Some(entry) = map.next_entry::<String, f64>()? {
+                entries.push(entry);
+            }
+            // Sorted stably, then deduplicated keeping the last: a repeated key ends as
+            // it would by inserts.
+            Ok(entries.into_iter().collect())
+        }
+    }
+
+    d.deserialize_map(Entries)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -405,6 +434,32 @@ mod tests {
                 responded_at: 4,
             });
         }
+    }
+
+    #[test]
+    fn feature_maps_in_any_order_read_as_by_inserts() {
+        let json = r#"{"event_id":"e","entity_id":"c","kind":"k","event_time":1,"ingested_at":2,
+            "features":{"zeta":1.0,"amount":2.0,"hour":3.0,"amount":4.0}}"#;
+        let read: Event = serde_json::from_str(json).unwrap();
+        let mut by_inserts = BTreeMap::new();
+        for (k, v) in [
+            ("zeta", 1.0),
+            ("amount", 2.0),
+            ("hour", 3.0),
+            ("amount", 4.0),
+        ] {
+            by_inserts.insert(k.to_string(), v);
+        }
+        assert_eq!(
+            read.features, by_inserts,
+            "sorted, the last of a repeated key"
+        );
+        let mut many = event();
+        many.features = (0..100)
+            .rev()
+            .map(|i| (format!("f{i}"), f64::from(i)))
+            .collect();
+        roundtrip(&many);
     }
 
     #[test]
