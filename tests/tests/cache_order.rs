@@ -53,7 +53,7 @@ proptest! {
                     ps.iter().map(|p| (p, false)),
                     60,
                 )
-                .invoke_async(&mut conn)
+                .invoke(&mut conn)
                 .await
                 .unwrap();
                 let replies = cache::replies(reply, ps.len()).unwrap();
@@ -83,4 +83,70 @@ proptest! {
         });
         prop_assert_eq!(held, newest);
     }
+}
+
+/// A script Redis no longer holds (a restart, `SCRIPT FLUSH`) is loaded again by the
+/// call itself, and every field of both calls lands where readers look for it.
+#[tokio::test]
+async fn a_flushed_script_is_loaded_again_by_the_call() {
+    let s = settings();
+    let entity = unique("noscript");
+    let mut conn = redis(&s).get_multiplexed_async_connection().await.unwrap();
+    let prefix = &s.cache_writer.key_prefix;
+    let mut p = prediction(&entity, (3, 1));
+    p.ingested_at = Some(1_800_000_000_001);
+    let features = std::collections::BTreeMap::from([("amount".to_string(), 2.5)]);
+    for round in 0..2 {
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let script = redis::Script::new(WRITE_IF_NEWER);
+        let reply = cache::write_predictions(&script, prefix, [(&p, false)], 60)
+            .invoke(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(cache::replies(reply, 1).unwrap().len(), 1);
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let script = redis::Script::new(cache::FEATURES_IF_NEWER);
+        let reply = cache::write_features(
+            &script,
+            prefix,
+            [(entity.as_str(), &features, p.event_time)],
+            60,
+        )
+        .invoke(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(cache::replies(reply, 1).unwrap().len(), 1);
+    }
+    let key = cache::key(prefix, &entity);
+    let h: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let cached = cache::Cached::from_hash(&h).expect("a cached prediction");
+    assert_eq!(cached.score, Some(p.score));
+    assert_eq!(h.get("event_id"), Some(&p.event_id));
+    assert_eq!(h.get("model_version"), Some(&p.model_version));
+    assert_eq!(h.get("ingested_at"), Some(&"1800000000001".to_string()));
+    assert_eq!(
+        h.get("features").map(String::as_str),
+        Some(r#"{"amount":2.5}"#)
+    );
+    assert_eq!(
+        h.get("features_event_time"),
+        Some(&p.event_time.to_string())
+    );
 }

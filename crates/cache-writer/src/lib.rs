@@ -259,11 +259,10 @@ impl Writer {
             let mut conn = redis.clone();
             let invocation = &invocation;
             async move {
-                let reply: redis::Value =
-                    invocation.invoke_async(&mut conn).await.map_err(|e| {
-                        metrics.redis_errors.inc();
-                        cache::classify(&e)
-                    })?;
+                let reply: redis::Value = invocation.invoke(&mut conn).await.map_err(|e| {
+                    metrics.redis_errors.inc();
+                    cache::classify(&e)
+                })?;
                 let replies = cache::replies(reply, keys)?;
                 // A key's error of a passing kind (out of memory) retries the whole call:
                 // the script is idempotent.

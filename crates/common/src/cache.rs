@@ -140,6 +140,56 @@ pub fn key(prefix: &str, entity_id: &str) -> String {
     format!("{prefix}{entity_id}")
 }
 
+/// One call of a cache script. Keys and arguments go straight into one command
+/// buffer: redis' `ScriptInvocation` allocates per argument and copies them all again
+/// per call, about a dozen allocations per cached prediction.
+pub struct ScriptCall<'a> {
+    script: &'a redis::Script,
+    cmd: redis::Cmd,
+}
+
+impl ScriptCall<'_> {
+    /// Runs the call by the script's hash, loading the script first if Redis lost it
+    /// (a restart, `SCRIPT FLUSH`), as `ScriptInvocation` does.
+    pub async fn invoke<C: redis::aio::ConnectionLike>(
+        &self,
+        conn: &mut C,
+    ) -> redis::RedisResult<redis::Value> {
+        match self.cmd.query_async(conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.script.load_async(conn).await?;
+                self.cmd.query_async(conn).await
+            }
+            reply => reply,
+        }
+    }
+}
+
+/// `EVALSHA hash n key1..keyn ttl args(item1).. args(itemn)`: one key per item.
+fn script_call<'a, T>(
+    script: &'a redis::Script,
+    prefix: &str,
+    ttl_seconds: u64,
+    items: impl IntoIterator<Item = T>,
+    entity_id: impl Fn(&T) -> &str,
+    args: impl Fn(&mut redis::Cmd, &T),
+) -> ScriptCall<'a> {
+    use redis::RedisWrite;
+    // Keys come before all arguments: two passes.
+    let items: Vec<T> = items.into_iter().collect();
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(items.len());
+    for item in &items {
+        // The same text as [`key`], written in place.
+        cmd.write_arg_fmt(format_args!("{prefix}{}", entity_id(item)));
+    }
+    cmd.arg(ttl_seconds);
+    for item in &items {
+        args(&mut cmd, item);
+    }
+    ScriptCall { script, cmd }
+}
+
 /// The [`WRITE_IF_NEWER`] call for `items`, each a prediction and whether it is guarded
 /// (scored from a request's own features).
 pub fn write_predictions<'a, 'p>(
@@ -147,23 +197,31 @@ pub fn write_predictions<'a, 'p>(
     prefix: &str,
     items: impl IntoIterator<Item = (&'p Prediction, bool)>,
     ttl_seconds: u64,
-) -> redis::ScriptInvocation<'a> {
-    let mut inv = script.prepare_invoke();
-    inv.arg(ttl_seconds);
-    for (p, guard) in items {
-        inv.key(key(prefix, &p.entity_id));
-        inv.arg(p.event_time)
-            .arg(p.scored_at)
-            .arg(&p.event_id)
-            .arg(&p.model_version)
-            .arg(if guard { "1" } else { "0" })
-            .arg(p.score.to_string())
-            .arg(p.label.as_deref().unwrap_or_default())
-            .arg(&p.model_name)
-            .arg(p.lane.as_str())
-            .arg(p.ingested_at.map(|t| t.to_string()).unwrap_or_default());
-    }
-    inv
+) -> ScriptCall<'a> {
+    use redis::RedisWrite;
+    script_call(
+        script,
+        prefix,
+        ttl_seconds,
+        items,
+        |(p, _)| &p.entity_id,
+        |cmd, &(p, guard)| {
+            cmd.arg(p.event_time)
+                .arg(p.scored_at)
+                .arg(&p.event_id)
+                .arg(&p.model_version)
+                .arg(if guard { "1" } else { "0" });
+            // `Display`, as the scripts and readers of the hash expect (`NaN` included).
+            cmd.write_arg_fmt(p.score);
+            cmd.arg(p.label.as_deref().unwrap_or_default())
+                .arg(&p.model_name)
+                .arg(p.lane.as_str());
+            match p.ingested_at {
+                Some(t) => cmd.arg(t),
+                None => cmd.arg(""),
+            };
+        },
+    )
 }
 
 /// The [`FEATURES_IF_NEWER`] call for `items`: entity id, features, event time.
@@ -172,15 +230,21 @@ pub fn write_features<'a, 'e>(
     prefix: &str,
     items: impl IntoIterator<Item = (&'e str, &'e BTreeMap<String, f64>, i64)>,
     ttl_seconds: u64,
-) -> redis::ScriptInvocation<'a> {
-    let mut inv = script.prepare_invoke();
-    inv.arg(ttl_seconds);
-    for (entity_id, features, event_time) in items {
-        inv.key(key(prefix, entity_id));
-        inv.arg(event_time)
-            .arg(serde_json::to_string(features).unwrap_or_default());
-    }
-    inv
+) -> ScriptCall<'a> {
+    use redis::RedisWrite;
+    script_call(
+        script,
+        prefix,
+        ttl_seconds,
+        items,
+        |(entity_id, _, _)| entity_id,
+        |cmd, (_, features, event_time)| {
+            cmd.arg(*event_time);
+            let mut w = cmd.writer_for_next_arg();
+            // A map of strings to floats always serialises; an error would leave "".
+            let _ = serde_json::to_writer(&mut w, features);
+        },
+    )
 }
 
 /// Each key's reply of a [`WRITE_IF_NEWER`] or [`FEATURES_IF_NEWER`] call, in the
