@@ -283,7 +283,7 @@ fn features(given: Option<Given>, rules: &Rules) -> Result<BTreeMap<String, f64>
     if let Some(unknown) = given.unknown {
         return Err(unknown_feature(&unknown, rules));
     }
-    let mut out = BTreeMap::new();
+    let mut out = Vec::with_capacity(rules.features.len());
     // Asked once per model feature, in the model's order: the order of `values`.
     let mut values = given.values.into_iter();
     let value = |name: &str| match values.next().flatten() {
@@ -298,10 +298,9 @@ fn features(given: Option<Given>, rules: &Rules) -> Result<BTreeMap<String, f64>
             format!("feature {name:?} is not a number: {other}"),
         ),
     };
-    required_features(rules, value, |name, v| {
-        out.insert(name.to_string(), v);
-    })?;
-    Ok(out)
+    required_features(rules, value, |name, v| out.push((name.to_string(), v)))?;
+    // Built in one pass from the entries, not searched once per name.
+    Ok(out.into_iter().collect())
 }
 
 /// Checks the model's features, each looked up by `value` (`None`: not given), are

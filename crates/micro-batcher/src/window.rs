@@ -143,14 +143,14 @@ impl Windows {
         {
             closed.extend(self.close(partition, CloseReason::Bytes, now, now_ms));
         }
-        let base = base_bytes(&self.cfg.features, &self.topic);
-        let features = self.cfg.features.clone();
         let max_events = self.size(partition);
+        let (features, topic) = (&self.cfg.features, &self.topic);
+        // Only a new window needs the names and the base size: not once per event.
         let w = self.open.entry(partition).or_insert_with(|| Window {
             opened: now,
             opened_ms: now_ms,
             oldest_ingested: event.ingested_at,
-            bytes: base,
+            bytes: base_bytes(features, topic),
             offsets: Vec::new(),
             batch: MicroBatch {
                 batch_id: String::new(),
@@ -160,7 +160,7 @@ impl Windows {
                 opened_at: now_ms,
                 closed_at: now_ms,
                 close_reason: CloseReason::Flush,
-                feature_names: features,
+                feature_names: features.clone(),
                 features: Vec::new(),
                 event_ids: Vec::new(),
                 entity_ids: Vec::new(),
