@@ -12,7 +12,7 @@ use std::fmt;
 use lanes_common::config::IngestConfig;
 use lanes_common::dlq::ErrorClass;
 use lanes_common::records::{Event, check_client_time, model_value};
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::Value;
 
 /// Where a raw record came from, for the derived event id and the fallback time.
@@ -196,7 +196,9 @@ impl<'de> Visitor<'de> for EventSeed<'_> {
                     continue;
                 }
                 _ => {
-                    map.next_value::<IgnoredAny>()?;
+                    // Parsed, not skipped: serde_json skips a value without checking its
+                    // UTF-8 or escapes, and the tree refuses what that would let by.
+                    map.next_value::<Value>()?;
                     continue;
                 }
             };
@@ -678,11 +680,32 @@ mod tests {
 
     #[test]
     fn the_one_pass_read_agrees_with_the_tree() {
-        for raw in TRICKY {
+        let invalid: &[&[u8]] = &[
+            // Inside a field ingest does not use: still not JSON.
+            b"{\"x\":\"\xff\",\"entity_id\":\"a\",\"features\":{\"amount\":1,\"hour\":2}}",
+            br#"{"x":"\ud800","entity_id":"a","features":{"amount":1,"hour":2}}"#,
+            br#"{"x":["\udc00"],"entity_id":"a","features":{"amount":1,"hour":2}}"#,
+            b"{\"x\":\"a\x01b\",\"entity_id\":\"a\",\"features\":{\"amount\":1,\"hour\":2}}",
+            b"{\"entity_id\":\"\xc3\",\"features\":{\"amount\":1,\"hour\":2}}",
+        ];
+        for raw in TRICKY
+            .iter()
+            .map(|r| r.as_bytes())
+            .chain(invalid.iter().copied())
+        {
             assert_eq!(
-                validate(raw.as_bytes(), &rules(), &ORIGIN, NOW),
-                validate_by_tree(raw.as_bytes(), &rules(), &ORIGIN, NOW),
-                "{raw}"
+                validate(raw, &rules(), &ORIGIN, NOW),
+                validate_by_tree(raw, &rules(), &ORIGIN, NOW),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        for raw in invalid {
+            assert_eq!(
+                validate(raw, &rules(), &ORIGIN, NOW).unwrap_err().0,
+                ErrorClass::InvalidJson,
+                "{}",
+                String::from_utf8_lossy(raw)
             );
         }
     }
