@@ -86,12 +86,19 @@ proptest! {
 }
 
 /// A script Redis no longer holds (a restart, `SCRIPT FLUSH`) is loaded again by the
-/// call itself, and every field of both calls lands where readers look for it.
+/// call itself, and every field of both calls lands where readers look for it. On a
+/// Redis of its own: a flush is server-wide, and the test beside it uses the scripts.
 #[tokio::test]
 async fn a_flushed_script_is_loaded_again_by_the_call() {
     let s = settings();
     let entity = unique("noscript");
-    let mut conn = redis(&s).get_multiplexed_async_connection().await.unwrap();
+    let port = free_port();
+    let _own = redis_server(port);
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
     let prefix = &s.cache_writer.key_prefix;
     let mut p = prediction(&entity, (3, 1));
     p.ingested_at = Some(1_800_000_000_001);
