@@ -241,7 +241,7 @@ pub fn write_features<'a, 'e>(
         |cmd, (_, features, event_time)| {
             cmd.arg(*event_time);
             let mut w = cmd.writer_for_next_arg();
-            // A map of strings to floats always serialises; an error would leave "".
+            // A map of strings to floats cannot fail to serialise.
             let _ = serde_json::to_writer(&mut w, features);
         },
     )
