@@ -94,7 +94,7 @@ fn simulate(cfg: WindowConfig, rate: u64, args: &BenchWindowArgs) -> (f64, f64) 
             ingested_at: now_ms - age.round() as i64,
             features: Default::default(),
         };
-        record(w.push(0, offset, &event, now, now_ms));
+        record(w.push(0, offset, event, now, now_ms));
         offset += 1;
     }
     let end = start + Duration::from_secs_f64(t);

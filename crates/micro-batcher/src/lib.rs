@@ -107,7 +107,7 @@ impl Stage for Batcher {
             self.held.entry(partition).or_default().push_back(m);
             for closed in self
                 .windows
-                .push(partition, offset, &event, Instant::now(), now_millis())
+                .push(partition, offset, event, Instant::now(), now_millis())
             {
                 self.emit(closed, out).await?;
             }

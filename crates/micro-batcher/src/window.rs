@@ -122,13 +122,14 @@ impl Windows {
         self.open.len()
     }
 
-    /// Adds one event read at `offset` of `partition`; returns the windows it closed
-    /// (at most two: the full one it could not join, and its own if that closes at once).
+    /// Adds one event read at `offset` of `partition`, its strings moved into the
+    /// batch's columns; returns the windows it closed (at most two: the full one it
+    /// could not join, and its own if that closes at once).
     pub fn push(
         &mut self,
         partition: i32,
         offset: i64,
-        event: &Event,
+        event: Event,
         now: Instant,
         now_ms: i64,
     ) -> Vec<Closed> {
@@ -136,7 +137,8 @@ impl Windows {
         if let Some(a) = &mut self.adaptive {
             a.arrived(partition, now, now_ms.saturating_sub(event.ingested_at));
         }
-        let size = event_bytes(event, self.cfg.features.len());
+        let size = event_bytes(&event, self.cfg.features.len());
+        let priority = self.cfg.priority_kinds.contains(&event.kind);
         if let Some(w) = self.open.get(&partition)
             && w.bytes + size > self.cfg.max_bytes
             && !w.offsets.is_empty()
@@ -179,12 +181,12 @@ impl Windows {
             b.features
                 .push(event.features.get(name).copied().unwrap_or(0.0) as f32);
         }
-        b.event_ids.push(event.event_id.clone());
-        b.entity_ids.push(event.entity_id.clone());
-        b.kinds.push(event.kind.clone());
+        b.event_ids.push(event.event_id);
+        b.entity_ids.push(event.entity_id);
+        b.kinds.push(event.kind);
         b.event_times.push(event.event_time);
         b.ingested_ats.push(event.ingested_at);
-        let reason = if self.cfg.priority_kinds.contains(&event.kind) {
+        let reason = if priority {
             Some(CloseReason::Priority)
         } else if w.offsets.len() >= max_events {
             Some(CloseReason::Count)
@@ -299,7 +301,7 @@ mod tests {
             }
             let mut e = event(i, "t");
             e.ingested_at = ms(start, now) - age_ms;
-            closed.extend(w.push(0, i, &e, now, ms(start, now)));
+            closed.extend(w.push(0, i, e, now, ms(start, now)));
         }
         closed
     }
@@ -393,9 +395,9 @@ mod tests {
     async fn closes_on_count_with_columns_in_model_order() {
         let mut w = Windows::new(cfg(3, 1 << 20, 1000), "events");
         let t = Instant::now();
-        assert!(w.push(0, 10, &event(1, "t"), t, 5).is_empty());
-        assert!(w.push(0, 11, &event(2, "t"), t, 6).is_empty());
-        let closed = w.push(0, 12, &event(3, "t"), t, 7);
+        assert!(w.push(0, 10, event(1, "t"), t, 5).is_empty());
+        assert!(w.push(0, 11, event(2, "t"), t, 6).is_empty());
+        let closed = w.push(0, 12, event(3, "t"), t, 7);
         assert_eq!(closed.len(), 1);
         let b = &closed[0].batch;
         assert_eq!(b.close_reason, CloseReason::Count);
@@ -414,9 +416,9 @@ mod tests {
     async fn closes_on_delay_since_the_window_opened() {
         let mut w = Windows::new(cfg(100, 1 << 20, 20), "events");
         let t0 = Instant::now();
-        w.push(1, 0, &event(1, "t"), t0, 0);
+        w.push(1, 0, event(1, "t"), t0, 0);
         tokio::time::advance(Duration::from_millis(15)).await;
-        w.push(1, 1, &event(2, "t"), Instant::now(), 15);
+        w.push(1, 1, event(2, "t"), Instant::now(), 15);
         assert_eq!(w.next_deadline(), Some(t0 + Duration::from_millis(20)));
         assert!(w.expire(Instant::now(), 15).is_empty(), "not due yet");
         tokio::time::advance(Duration::from_millis(5)).await;
@@ -432,10 +434,10 @@ mod tests {
     async fn partitions_have_their_own_windows() {
         let mut w = Windows::new(cfg(2, 1 << 20, 50), "events");
         let t = Instant::now();
-        w.push(0, 5, &event(1, "t"), t, 0);
-        w.push(1, 9, &event(2, "t"), t, 0);
+        w.push(0, 5, event(1, "t"), t, 0);
+        w.push(1, 9, event(2, "t"), t, 0);
         assert_eq!(w.open_windows(), 2);
-        let closed = w.push(1, 10, &event(3, "t"), t, 0);
+        let closed = w.push(1, 10, event(3, "t"), t, 0);
         assert_eq!(closed[0].batch.source_partition, 1);
         assert_eq!(closed[0].offsets, vec![9, 10]);
         assert_eq!(w.open_windows(), 1);
@@ -450,7 +452,7 @@ mod tests {
         let t = Instant::now();
         let mut closed = Vec::new();
         for i in 0..7 {
-            closed.extend(w.push(0, i, &event(i, "t"), t, 0));
+            closed.extend(w.push(0, i, event(i, "t"), t, 0));
         }
         closed.extend(w.flush(None, t, 0));
         assert_eq!(
@@ -474,7 +476,7 @@ mod tests {
                 w.push(
                     3,
                     1_000_000 + i,
-                    &event(i, "transaction"),
+                    event(i, "transaction"),
                     t,
                     1_795_000_000_000,
                 )
@@ -503,8 +505,8 @@ mod tests {
     async fn significant_events_close_their_window_at_once() {
         let mut w = Windows::new(cfg(100, 1 << 20, 1000), "events");
         let t = Instant::now();
-        w.push(0, 1, &event(1, "t"), t, 0);
-        let closed = w.push(0, 2, &event(2, "chargeback"), t, 0);
+        w.push(0, 1, event(1, "t"), t, 0);
+        let closed = w.push(0, 2, event(2, "chargeback"), t, 0);
         assert_eq!(closed.len(), 1);
         assert_eq!(closed[0].batch.close_reason, CloseReason::Priority);
         assert_eq!(closed[0].offsets, vec![1, 2]);
@@ -514,9 +516,9 @@ mod tests {
     async fn flush_closes_only_the_named_partitions() {
         let mut w = Windows::new(cfg(100, 1 << 20, 1000), "events");
         let t = Instant::now();
-        w.push(0, 1, &event(1, "t"), t, 0);
-        w.push(1, 1, &event(2, "t"), t, 0);
-        w.push(2, 1, &event(3, "t"), t, 0);
+        w.push(0, 1, event(1, "t"), t, 0);
+        w.push(1, 1, event(2, "t"), t, 0);
+        w.push(2, 1, event(3, "t"), t, 0);
         let closed = w.flush(Some(&[0, 2, 7]), t, 0);
         let parts: Vec<i32> = closed.iter().map(|c| c.batch.source_partition).collect();
         assert_eq!(parts, vec![0, 2]);
@@ -577,7 +579,7 @@ mod tests {
                             next_offset[partition as usize] += 1;
                             let e = event(offset * 4 + i64::from(partition), if priority { "chargeback" } else { "t" });
                             pushed.push((partition, offset, e.event_id.clone()));
-                            closed.extend(w.push(partition, offset, &e, now, now_ms));
+                            closed.extend(w.push(partition, offset, e, now, now_ms));
                         }
                         Step::Wait(ms) => elapsed += ms,
                         Step::Expire => closed.extend(w.expire(now, now_ms)),
