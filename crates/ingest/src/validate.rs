@@ -234,7 +234,7 @@ impl<'de> Visitor<'de> for FeaturesSeed<'_> {
         while let Some(key) = map.next_key::<&'de str>()? {
             let value = Some(map.next_value::<Value>()?).filter(|v| !v.is_null());
             let mut known = false;
-            // Every match, not the first: a repeated key keeps its last value, as in a map.
+            // A later value overwrites: a repeated key keeps its last, as in a map.
             for (slot, name) in given.values.iter_mut().zip(self.0) {
                 if name == key {
                     slot.clone_from(&value);
