@@ -102,6 +102,7 @@ async fn a_batch_run_fills_the_cache_once_and_a_rerun_changes_nothing() {
         assert_eq!(h["model_version"], "1");
         assert_eq!(h["event_time"], as_of.to_string());
         assert_eq!(h["event_id"], format!("batch-{entity}-{as_of}"));
+        assert_eq!(h["model_name"], "fraud");
         let scored_at: i64 = h["scored_at"].parse().unwrap();
         assert!(
             scored_at >= started && now - scored_at < freshness,
@@ -118,6 +119,7 @@ async fn a_batch_run_fills_the_cache_once_and_a_rerun_changes_nothing() {
             (cached - expected).abs() < 1e-6,
             "{entity}: {cached} vs {expected}"
         );
+        assert_eq!(before[&entity]["label"], model.label(cached), "{entity}");
     }
     // The scored rows were also written to Parquet, one per entity.
     let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&scored).unwrap())
@@ -135,9 +137,15 @@ async fn a_batch_run_fills_the_cache_once_and_a_rerun_changes_nothing() {
             .column_by_name("score")
             .unwrap()
             .as_primitive::<Float64Type>();
+        let text = |name| batch.column_by_name(name).unwrap().as_string::<i32>();
+        let (event_ids, labels, versions) =
+            (text("event_id"), text("label"), text("model_version"));
         for i in 0..batch.num_rows() {
-            let cached: f64 = before[ids.value(i)]["score"].parse().unwrap();
-            assert_eq!(scores.value(i), cached);
+            let cached = &before[ids.value(i)];
+            assert_eq!(scores.value(i), cached["score"].parse::<f64>().unwrap());
+            assert_eq!(event_ids.value(i), cached["event_id"]);
+            assert_eq!(labels.value(i), cached["label"]);
+            assert_eq!(versions.value(i), cached["model_version"]);
         }
         rows += batch.num_rows();
     }

@@ -7,6 +7,10 @@
 //! [`IN_FLIGHT_CHUNKS`] chunks wait for delivery reports, which bounds memory whatever
 //! the file's size. The run succeeds only when every prediction is acknowledged.
 //!
+//! A row costs no allocation of its own on the way out: each prediction is a view over
+//! the chunk's columns, written into one reused buffer (librdkafka copies it), and a
+//! chunk's delivery reports are counted down as one group.
+//!
 //! Ids are deterministic (`batch-<entity>-<event time>`), so a re-run of the same
 //! snapshot with the same version is a duplicate the cache ignores, and one with a new
 //! version replaces the old scores.
@@ -21,11 +25,12 @@ use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use lanes_common::Settings;
-use lanes_common::avro::AvroCodec;
-use lanes_common::kafka::{self, delivered, enqueue};
+use lanes_common::avro::{AvroCodec, write_framed};
+use lanes_common::kafka;
 use lanes_common::model::Model;
-use lanes_common::records::{Lane, Prediction, check_client_time, now_millis};
-use rdkafka::producer::FutureRecord;
+use lanes_common::producer::{Group, Producer, Reported};
+use lanes_common::records::{Lane, Prediction, PredictionView, check_client_time, now_millis};
+use rdkafka::producer::{FutureRecord, Producer as _};
 use tokio_util::sync::CancellationToken;
 
 use crate::progress::Progress;
@@ -69,7 +74,9 @@ impl Report {
 
 /// The deterministic id of a snapshot row's prediction.
 pub fn event_id(entity: &str, event_time: i64) -> String {
-    format!("batch-{entity}-{event_time}")
+    let mut id = String::new();
+    write_event_id(&mut id, entity, event_time);
+    id
 }
 
 /// Scores one snapshot, publishes its predictions and waits for every acknowledgement.
@@ -80,6 +87,11 @@ pub async fn run(
     stop: &CancellationToken,
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
+    let producer = if job.publish {
+        Some(connected_producer(settings)?)
+    } else {
+        None
+    };
     let cfg = settings.model.clone();
     let (model, refused) = tokio::task::spawn_blocking(move || cfg.load())
         .await?
@@ -107,16 +119,19 @@ pub async fn run(
         ),
         None => None,
     };
-    let publisher = if job.publish {
+    let mut publisher = if let Some(producer) = producer {
         let topic = settings.topics.predictions.clone();
         kafka::ensure_topics(&settings.kafka, &[&topic])
             .await
             .context("creating the predictions topic")?;
-        Some((
-            kafka::producer(&settings.for_service("batch").kafka, "lanes-batch")?,
-            AvroCodec::new(&settings.registry)?,
+        Some(Publisher {
+            producer,
+            codec: AvroCodec::new(&settings.registry)?,
             topic,
-        ))
+            schema_id: None,
+            event_id: String::new(),
+            buf: Vec::with_capacity(256),
+        })
     } else {
         None
     };
@@ -130,7 +145,7 @@ pub async fn run(
         "batch run started"
     );
     let mut progress = Progress::new(snapshot.total_rows, interactive);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Prediction>>(2);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Scored>(2);
     let stem = job
         .input
         .file_stem()
@@ -142,33 +157,16 @@ pub async fn run(
     });
     let mut pending = FuturesUnordered::new();
     let mut rows = 0u64;
-    while let Some(predictions) = rx.recv().await {
+    while let Some(scored) = rx.recv().await {
         if stop.is_cancelled() {
             anyhow::bail!("stopped after {rows} rows were published");
         }
-        let n = predictions.len() as u64;
-        match &publisher {
-            Some((producer, codec, topic)) => {
-                let mut deliveries = Vec::with_capacity(predictions.len());
-                for p in &predictions {
-                    let bytes = codec.encode_retrying(topic, p, stop).await?;
-                    let record = FutureRecord::to(topic)
-                        .key(p.entity_id.as_str())
-                        .payload(&bytes);
-                    deliveries.push(enqueue(producer, record).await?);
-                }
-                pending.push(async move {
-                    for d in deliveries {
-                        delivered(d).await?;
-                    }
-                    Ok::<u64, rdkafka::error::KafkaError>(n)
-                });
+        let n = scored.chunk.rows() as u64;
+        match publisher.as_mut() {
+            Some(publisher) => {
+                pending.push(publisher.publish(&scored, &model, stop).await?);
                 while pending.len() >= IN_FLIGHT_CHUNKS {
-                    let acked = pending
-                        .next()
-                        .await
-                        .expect("not empty")
-                        .context("publishing predictions")?;
+                    let acked = acknowledged(pending.next().await.expect("not empty"))?;
                     progress.advance(acked);
                 }
             }
@@ -176,8 +174,8 @@ pub async fn run(
         }
         rows += n;
     }
-    while let Some(acked) = pending.next().await {
-        progress.advance(acked.context("publishing predictions")?);
+    while let Some(reports) = pending.next().await {
+        progress.advance(acknowledged(reports)?);
     }
     let (chunks, scoring) = scoring.await??;
     progress.finish();
@@ -198,6 +196,26 @@ pub async fn run(
         "batch run finished"
     );
     Ok(report)
+}
+
+/// The run's producer, already connecting. An idempotent producer asks for its
+/// producer id on a 500 ms timer, and only once a broker connection is up; left to
+/// itself it connects on the first tick and has its id on the second, a second after
+/// it was created. Connected now, it has the id while the model loads and the snapshot
+/// is checked.
+fn connected_producer(settings: &Settings) -> anyhow::Result<Producer> {
+    let producer = kafka::producer(&settings.for_service("batch").kafka, "lanes-batch")?;
+    let client = producer.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = client
+            .inner()
+            .client()
+            .fetch_metadata(None, Duration::from_secs(10))
+        {
+            tracing::debug!(error = %e, "early metadata request failed; producing will retry");
+        }
+    });
+    Ok(producer)
 }
 
 /// Reads every row of the snapshot as the run will, and checks its event times as the
@@ -222,14 +240,118 @@ fn check_all(job: &Job, features: &[String], max_skew_ms: u64) -> anyhow::Result
     Ok(rows)
 }
 
-/// The blocking half: read, score, write `out`, hand predictions over. Returns the
+/// A chunk and its scores, handed from the blocking half to the publisher.
+struct Scored {
+    chunk: Chunk,
+    scores: Vec<f64>,
+    batch_id: String,
+    scored_at: i64,
+}
+
+impl Scored {
+    /// Row `i`'s prediction, its event id written into `event_id`.
+    fn view<'a>(
+        &'a self,
+        i: usize,
+        model: &'a Model,
+        event_id: &'a mut String,
+    ) -> PredictionView<'a> {
+        let (entity, time, score) = (
+            &self.chunk.entity_ids[i],
+            self.chunk.event_times[i],
+            self.scores[i],
+        );
+        event_id.clear();
+        write_event_id(event_id, entity, time);
+        PredictionView {
+            event_id,
+            entity_id: entity,
+            score,
+            label: Some(model.label(score)),
+            model_name: &model.spec.name,
+            model_version: &model.spec.version,
+            lane: Lane::Batch,
+            event_time: time,
+            ingested_at: None,
+            scored_at: self.scored_at,
+            batch_id: Some(&self.batch_id),
+        }
+    }
+}
+
+fn write_event_id(out: &mut String, entity: &str, event_time: i64) {
+    use std::fmt::Write;
+    let _ = write!(out, "batch-{entity}-{event_time}");
+}
+
+/// Encodes and produces predictions for one run.
+struct Publisher {
+    producer: Producer,
+    codec: AvroCodec,
+    topic: String,
+    /// The registry's id of `Prediction` under the topic's subject, once known.
+    schema_id: Option<u32>,
+    event_id: String,
+    buf: Vec<u8>,
+}
+
+impl Publisher {
+    /// Enqueues one prediction per row of `scored`; the returned future resolves when
+    /// the broker has answered for all of them.
+    async fn publish(
+        &mut self,
+        scored: &Scored,
+        model: &Model,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Reported<u64>> {
+        let mut group = Group::new();
+        for i in 0..scored.chunk.rows() {
+            let view = scored.view(i, model, &mut self.event_id);
+            let id = match self.schema_id {
+                Some(id) => id,
+                None => {
+                    // The first record registers the schema (or finds it registered).
+                    self.codec
+                        .encode_retrying(&self.topic, &view.to_prediction(), stop)
+                        .await?;
+                    let id = self
+                        .codec
+                        .known_id::<Prediction>(&self.topic)
+                        .context("the registry answered without a schema id")?;
+                    *self.schema_id.insert(id)
+                }
+            };
+            self.buf.clear();
+            write_framed::<Prediction, _>(id, &view, &mut self.buf)
+                .context("encoding a prediction")?;
+            let record = FutureRecord::to(&self.topic)
+                .key(view.entity_id)
+                .payload(&self.buf);
+            self.producer.enqueue_part(&mut group, record).await?;
+        }
+        group.close_part(scored.chunk.rows() as u64, true);
+        Ok(group.seal())
+    }
+}
+
+/// Rows of a chunk once all its reports are in, or the first refusal.
+fn acknowledged(reports: Vec<(u64, rdkafka::error::KafkaResult<()>)>) -> anyhow::Result<u64> {
+    let mut rows = 0;
+    for (n, result) in reports {
+        result.context("publishing predictions")?;
+        rows += n;
+    }
+    Ok(rows)
+}
+
+/// The blocking half: read, score, write `out`, hand scored chunks over. Returns the
 /// number of chunks and the time spent in ONNX Runtime.
 fn score_all(
     snapshot: Snapshot,
     model: &Model,
     stem: &str,
     mut out: Option<Sink>,
-    tx: tokio::sync::mpsc::Sender<Vec<Prediction>>,
+    tx: tokio::sync::mpsc::Sender<Scored>,
 ) -> anyhow::Result<(u64, Duration)> {
     let (mut chunks, mut scoring) = (0u64, Duration::ZERO);
     for chunk in snapshot {
@@ -240,17 +362,17 @@ fn score_all(
             .score(&chunk.features, rows)
             .with_context(|| format!("scoring rows {}..", chunk.first_row))?;
         scoring += started.elapsed();
-        let predictions = predictions(
-            &chunk,
-            &scores,
-            model,
-            &format!("batch-{stem}-{}-{chunks}", model.spec.version),
-        );
+        let scored = Scored {
+            chunk,
+            scores,
+            batch_id: format!("batch-{stem}-{}-{chunks}", model.spec.version),
+            scored_at: now_millis(),
+        };
         if let Some(sink) = out.as_mut() {
-            sink.write(&scored_batch(&predictions)?)?;
+            sink.write(&scored_batch(&scored, model)?)?;
         }
         chunks += 1;
-        if tx.blocking_send(predictions).is_err() {
+        if tx.blocking_send(scored).is_err() {
             // The publishing side stopped; its error is the one to report.
             return Ok((chunks, scoring));
         }
@@ -259,29 +381,6 @@ fn score_all(
         sink.finish()?;
     }
     Ok((chunks, scoring))
-}
-
-fn predictions(chunk: &Chunk, scores: &[f64], model: &Model, batch_id: &str) -> Vec<Prediction> {
-    let scored_at = now_millis();
-    chunk
-        .entity_ids
-        .iter()
-        .zip(&chunk.event_times)
-        .zip(scores)
-        .map(|((entity, time), score)| Prediction {
-            event_id: event_id(entity, *time),
-            entity_id: entity.clone(),
-            score: *score,
-            label: Some(model.label(*score).to_string()),
-            model_name: model.spec.name.clone(),
-            model_version: model.spec.version.clone(),
-            lane: Lane::Batch,
-            event_time: *time,
-            ingested_at: None,
-            scored_at,
-            batch_id: Some(batch_id.to_string()),
-        })
-        .collect()
 }
 
 /// The columns of `--out`.
@@ -299,31 +398,29 @@ pub fn scored_schema() -> Arc<Schema> {
     ]))
 }
 
-fn scored_batch(p: &[Prediction]) -> anyhow::Result<RecordBatch> {
-    let text = |f: fn(&Prediction) -> &str| -> ArrayRef {
-        Arc::new(StringArray::from(p.iter().map(f).collect::<Vec<_>>()))
+fn scored_batch(s: &Scored, model: &Model) -> anyhow::Result<RecordBatch> {
+    let rows = s.chunk.rows();
+    let ts = |t: Vec<i64>| -> ArrayRef {
+        Arc::new(TimestampMillisecondArray::from(t).with_timezone("UTC"))
     };
-    let ts = |f: fn(&Prediction) -> i64| -> ArrayRef {
-        Arc::new(
-            TimestampMillisecondArray::from(p.iter().map(f).collect::<Vec<_>>())
-                .with_timezone("UTC"),
-        )
-    };
+    let repeat = |v: &str| -> ArrayRef { Arc::new(StringArray::from(vec![v; rows])) };
+    let mut event_id = String::new();
+    let event_ids: Vec<String> = (0..rows)
+        .map(|i| s.view(i, model, &mut event_id).event_id.to_string())
+        .collect();
     Ok(RecordBatch::try_new(
         scored_schema(),
         vec![
-            text(|p| &p.entity_id),
-            ts(|p| p.event_time),
-            text(|p| &p.event_id),
-            Arc::new(Float64Array::from(
-                p.iter().map(|p| p.score).collect::<Vec<_>>(),
+            Arc::new(StringArray::from_iter_values(&s.chunk.entity_ids)),
+            ts(s.chunk.event_times.clone()),
+            Arc::new(StringArray::from(event_ids)),
+            Arc::new(Float64Array::from(s.scores.clone())),
+            Arc::new(StringArray::from_iter_values(
+                s.scores.iter().map(|v| model.label(*v)),
             )),
-            Arc::new(StringArray::from(
-                p.iter().map(|p| p.label.as_deref()).collect::<Vec<_>>(),
-            )),
-            text(|p| &p.model_name),
-            text(|p| &p.model_version),
-            ts(|p| p.scored_at),
+            repeat(&model.spec.name),
+            repeat(&model.spec.version),
+            ts(vec![s.scored_at; rows]),
         ],
     )?)
 }

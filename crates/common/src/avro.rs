@@ -209,14 +209,10 @@ impl AvroCodec {
             .copied();
         if let Some(id) = id {
             let mut out = Vec::with_capacity(128);
-            out.push(0);
-            out.extend_from_slice(&id.to_be_bytes());
-            R::writer()
-                .write_ser(&mut out, record)
-                .map_err(|e| EncodeError {
-                    retriable: false,
-                    message: format!("encode {} for {topic}: {e}", R::NAME),
-                })?;
+            write_framed::<R, R>(id, record, &mut out).map_err(|e| EncodeError {
+                retriable: false,
+                message: format!("encode {} for {topic}: {e}", R::NAME),
+            })?;
             return Ok(out);
         }
         let bytes = self.encode_registering(topic, record).await?;
@@ -228,6 +224,16 @@ impl AvroCodec {
                 .insert(R::NAME, id);
         }
         Ok(bytes)
+    }
+
+    /// The schema id `R` is written with under `topic`'s subject, once an
+    /// [`AvroCodec::encode`] has registered or found it.
+    pub fn known_id<R: Record>(&self, topic: &str) -> Option<u32> {
+        self.known()
+            .ids
+            .get(topic)
+            .and_then(|t| t.get(R::NAME))
+            .copied()
     }
 
     /// The first encode of a record type for a topic: through the converter, which
@@ -375,6 +381,20 @@ impl AvroCodec {
     ) -> Result<Decoded<R>, DecodeError> {
         crate::retry::retrying("schema registry", stop, || self.decode(bytes)).await
     }
+}
+
+/// Appends `record` to `out` in Confluent framing: magic byte, schema `id`, then the
+/// Avro binary written with `R`'s schema. `T` is `R` or a view of it that serializes the
+/// same fields in the same order (see [`crate::records::PredictionView`]), so a caller
+/// that writes many records can borrow their strings and reuse one buffer.
+pub fn write_framed<R: Record, T: serde::Serialize>(
+    id: u32,
+    record: &T,
+    out: &mut Vec<u8>,
+) -> Result<(), apache_avro::Error> {
+    out.push(0);
+    out.extend_from_slice(&id.to_be_bytes());
+    R::writer().write_ser(out, record).map(drop)
 }
 
 /// The magic byte and schema id, before any registry call.

@@ -202,6 +202,42 @@ pub struct Prediction {
 }
 record!(Prediction, "Prediction.avsc");
 
+/// A [`Prediction`] that borrows its strings, for writing many without an allocation
+/// per field (see [`crate::avro::write_framed`]). Same fields, same order, same bytes.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename = "Prediction")]
+pub struct PredictionView<'a> {
+    pub event_id: &'a str,
+    pub entity_id: &'a str,
+    pub score: f64,
+    pub label: Option<&'a str>,
+    pub model_name: &'a str,
+    pub model_version: &'a str,
+    pub lane: Lane,
+    pub event_time: i64,
+    pub ingested_at: Option<i64>,
+    pub scored_at: i64,
+    pub batch_id: Option<&'a str>,
+}
+
+impl PredictionView<'_> {
+    pub fn to_prediction(&self) -> Prediction {
+        Prediction {
+            event_id: self.event_id.to_string(),
+            entity_id: self.entity_id.to_string(),
+            score: self.score,
+            label: self.label.map(str::to_string),
+            model_name: self.model_name.to_string(),
+            model_version: self.model_version.to_string(),
+            lane: self.lane,
+            event_time: self.event_time,
+            ingested_at: self.ingested_at,
+            scored_at: self.scored_at,
+            batch_id: self.batch_id.map(str::to_string),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PredictionRequest {
     pub request_id: String,
@@ -433,6 +469,41 @@ mod tests {
                 error: None,
                 responded_at: 4,
             });
+        }
+    }
+
+    #[test]
+    fn a_prediction_view_writes_the_bytes_of_its_prediction() {
+        for p in [
+            prediction(None, None),
+            prediction(Some("fraud"), Some("p0-1-2")),
+        ] {
+            let view = PredictionView {
+                event_id: &p.event_id,
+                entity_id: &p.entity_id,
+                score: p.score,
+                label: p.label.as_deref(),
+                model_name: &p.model_name,
+                model_version: &p.model_version,
+                lane: p.lane,
+                event_time: p.event_time,
+                ingested_at: p.ingested_at,
+                scored_at: p.scored_at,
+                batch_id: p.batch_id.as_deref(),
+            };
+            let (mut owned, mut viewed) = (Vec::new(), vec![9]);
+            crate::avro::write_framed::<Prediction, _>(7, &p, &mut owned).unwrap();
+            crate::avro::write_framed::<Prediction, _>(7, &view, &mut viewed).unwrap();
+            assert_eq!(viewed[0], 9, "appends");
+            assert_eq!(owned, viewed[1..]);
+            assert_eq!(owned[..5], [0, 0, 0, 0, 7]);
+            assert_eq!(view.to_prediction(), p);
+            assert_eq!(
+                Prediction::reader()
+                    .read_deser::<Prediction>(&mut &owned[5..])
+                    .unwrap(),
+                p
+            );
         }
     }
 
