@@ -15,8 +15,10 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Args)]
 pub struct BenchBatchArgs {
-    /// Rows in the generated snapshot.
-    #[arg(long, default_value_t = 100_000)]
+    /// Rows in the generated snapshot. A run's fixed costs (loading the model, the
+    /// producer's first connection) are about half a second: far fewer rows measure
+    /// those rather than the rate.
+    #[arg(long, default_value_t = 1_000_000)]
     entities: usize,
     /// Batch sizes to compare.
     #[arg(long, value_delimiter = ',', default_value = "1024,4096,16384")]

@@ -203,9 +203,11 @@ pub struct Prediction {
 record!(Prediction, "Prediction.avsc");
 
 /// A [`Prediction`] that borrows its strings, for writing many without an allocation
-/// per field (see [`crate::avro::write_framed`]). Same fields, same order, same bytes.
-#[derive(Debug, Clone, Copy, Serialize)]
-#[serde(rename = "Prediction")]
+/// per field (see [`crate::avro::write_framed`]). Same fields, same bytes. For Avro
+/// only: it serializes as a tuple struct, its fields by position in the schema's order,
+/// which apache-avro writes without looking each field up by name (two hashes per
+/// field, more than the encoding itself).
+#[derive(Debug, Clone, Copy)]
 pub struct PredictionView<'a> {
     pub event_id: &'a str,
     pub entity_id: &'a str,
@@ -218,6 +220,25 @@ pub struct PredictionView<'a> {
     pub ingested_at: Option<i64>,
     pub scored_at: i64,
     pub batch_id: Option<&'a str>,
+}
+
+impl Serialize for PredictionView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTupleStruct;
+        let mut t = s.serialize_tuple_struct("Prediction", 11)?;
+        t.serialize_field(self.event_id)?;
+        t.serialize_field(self.entity_id)?;
+        t.serialize_field(&self.score)?;
+        t.serialize_field(&self.label)?;
+        t.serialize_field(self.model_name)?;
+        t.serialize_field(self.model_version)?;
+        t.serialize_field(&self.lane)?;
+        t.serialize_field(&self.event_time)?;
+        t.serialize_field(&self.ingested_at)?;
+        t.serialize_field(&self.scored_at)?;
+        t.serialize_field(&self.batch_id)?;
+        t.end()
+    }
 }
 
 impl PredictionView<'_> {
