@@ -209,7 +209,9 @@ impl AvroCodec {
             .copied();
         if let Some(id) = id {
             let mut out = Vec::with_capacity(128);
-            write_framed::<R, R>(id, record, &mut out).map_err(|e| EncodeError {
+            out.push(0);
+            out.extend_from_slice(&id.to_be_bytes());
+            record.write_avro(&mut out).map_err(|e| EncodeError {
                 retriable: false,
                 message: format!("encode {} for {topic}: {e}", R::NAME),
             })?;

@@ -24,11 +24,22 @@ pub trait Record: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn writer() -> &'static GenericDatumWriter<'static>;
     /// Avro binary written with [`Record::schema`] straight to serde.
     fn reader() -> &'static GenericDatumReader<'static>;
+    /// Appends the Avro binary of `self`, written with [`Record::writer`]. Records on
+    /// every event's path are handed to it as a view that serializes by position
+    /// (see [`PredictionView`]); the bytes are the same.
+    fn write_avro(&self, out: &mut Vec<u8>) -> Result<usize, apache_avro::Error>;
 }
 
 macro_rules! record {
     ($ty:ident, $file:literal) => {
+        record!($ty, $file, |r| r);
+    };
+    ($ty:ident, $file:literal, |$r:ident| $written:expr) => {
         impl Record for $ty {
+            fn write_avro(&self, out: &mut Vec<u8>) -> Result<usize, apache_avro::Error> {
+                let $r = self;
+                Self::writer().write_ser(out, &$written)
+            }
             const SCHEMA_JSON: &'static str = include_str!(concat!("../../../schemas/", $file));
             const NAME: &'static str = concat!("lanes.v1.", stringify!($ty));
             fn schema() -> &'static Schema {
@@ -71,7 +82,25 @@ pub struct Event {
     #[serde(deserialize_with = "features_in_bulk")]
     pub features: BTreeMap<String, f64>,
 }
-record!(Event, "Event.avsc");
+record!(Event, "Event.avsc", |e| EventByPosition(e));
+
+/// An [`Event`] serialized by position, for Avro only (see [`PredictionView`]).
+struct EventByPosition<'a>(&'a Event);
+
+impl Serialize for EventByPosition<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTupleStruct;
+        let e = self.0;
+        let mut t = s.serialize_tuple_struct("Event", 6)?;
+        t.serialize_field(&e.event_id)?;
+        t.serialize_field(&e.entity_id)?;
+        t.serialize_field(&e.kind)?;
+        t.serialize_field(&e.event_time)?;
+        t.serialize_field(&e.ingested_at)?;
+        t.serialize_field(&e.features)?;
+        t.end()
+    }
+}
 
 /// Reads a feature map by collecting its entries and building the tree in one pass
 /// (they come sorted from every Lanes writer), rather than searching it once per key:
@@ -200,7 +229,25 @@ pub struct Prediction {
     pub scored_at: i64,
     pub batch_id: Option<String>,
 }
-record!(Prediction, "Prediction.avsc");
+record!(Prediction, "Prediction.avsc", |p| p.view());
+
+impl Prediction {
+    pub fn view(&self) -> PredictionView<'_> {
+        PredictionView {
+            event_id: &self.event_id,
+            entity_id: &self.entity_id,
+            score: self.score,
+            label: self.label.as_deref(),
+            model_name: &self.model_name,
+            model_version: &self.model_version,
+            lane: self.lane,
+            event_time: self.event_time,
+            ingested_at: self.ingested_at,
+            scored_at: self.scored_at,
+            batch_id: self.batch_id.as_deref(),
+        }
+    }
+}
 
 /// A [`Prediction`] that borrows its strings, for writing many without an allocation
 /// per field (see [`crate::avro::write_framed`]). Same fields, same bytes. For Avro
@@ -443,6 +490,9 @@ mod tests {
             .unwrap();
         assert_eq!(&from_value::<R>(&back).unwrap(), r);
         let direct = R::writer().write_ser_to_vec(r).unwrap();
+        let mut written = Vec::new();
+        r.write_avro(&mut written).unwrap();
+        assert_eq!(written, direct, "{}: by position as by name", R::NAME);
         assert_eq!(
             &R::reader().read_deser::<R>(&mut direct.as_slice()).unwrap(),
             r
@@ -499,19 +549,7 @@ mod tests {
             prediction(None, None),
             prediction(Some("fraud"), Some("p0-1-2")),
         ] {
-            let view = PredictionView {
-                event_id: &p.event_id,
-                entity_id: &p.entity_id,
-                score: p.score,
-                label: p.label.as_deref(),
-                model_name: &p.model_name,
-                model_version: &p.model_version,
-                lane: p.lane,
-                event_time: p.event_time,
-                ingested_at: p.ingested_at,
-                scored_at: p.scored_at,
-                batch_id: p.batch_id.as_deref(),
-            };
+            let view = p.view();
             let (mut owned, mut viewed) = (Vec::new(), vec![9]);
             crate::avro::write_framed::<Prediction, _>(7, &p, &mut owned).unwrap();
             crate::avro::write_framed::<Prediction, _>(7, &view, &mut viewed).unwrap();
