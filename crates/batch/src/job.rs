@@ -206,15 +206,17 @@ pub async fn run(
 fn connected_producer(settings: &Settings) -> anyhow::Result<Producer> {
     let producer = kafka::producer(&settings.for_service("batch").kafka, "lanes-batch")?;
     let client = producer.clone();
-    tokio::task::spawn_blocking(move || {
-        if let Err(e) = client
-            .inner()
-            .client()
-            .fetch_metadata(None, Duration::from_secs(10))
-        {
-            tracing::debug!(error = %e, "early metadata request failed; producing will retry");
-        }
-    });
+    // A thread of its own, not a blocking task: with the broker down, a run that fails
+    // on its snapshot must not wait for this request when the runtime shuts down.
+    std::thread::Builder::new()
+        .name("lanes-batch-connect".into())
+        .spawn(move || {
+            let metadata = client.inner().client();
+            if let Err(e) = metadata.fetch_metadata(None, Duration::from_secs(5)) {
+                tracing::debug!(error = %e, "early metadata request failed; producing will retry");
+            }
+        })
+        .context("starting a thread")?;
     Ok(producer)
 }
 
