@@ -211,6 +211,8 @@ fn connected_producer(settings: &Settings) -> anyhow::Result<Producer> {
     std::thread::Builder::new()
         .name("lanes-batch-connect".into())
         .spawn(move || {
+            // Every topic's: asked for by name, the predictions topic could be created
+            // by the broker's auto-creation before ensure_topics gives it partitions.
             let metadata = client.inner().client();
             if let Err(e) = metadata.fetch_metadata(None, Duration::from_secs(5)) {
                 tracing::debug!(error = %e, "early metadata request failed; producing will retry");
@@ -406,9 +408,9 @@ fn scored_batch(s: &Scored, model: &Model) -> anyhow::Result<RecordBatch> {
         Arc::new(TimestampMillisecondArray::from(t).with_timezone("UTC"))
     };
     let repeat = |v: &str| -> ArrayRef { Arc::new(StringArray::from(vec![v; rows])) };
-    let mut event_id = String::new();
-    let event_ids: Vec<String> = (0..rows)
-        .map(|i| s.view(i, model, &mut event_id).event_id.to_string())
+    let event_ids: Vec<String> = (s.chunk.entity_ids.iter())
+        .zip(&s.chunk.event_times)
+        .map(|(entity, time)| event_id(entity, *time))
         .collect();
     Ok(RecordBatch::try_new(
         scored_schema(),
