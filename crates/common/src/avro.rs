@@ -201,13 +201,7 @@ impl AvroCodec {
     /// Encodes `record` for `topic`, registering its schema under `<topic>-value` on
     /// first use.
     pub async fn encode<R: Record>(&self, topic: &str, record: &R) -> Result<Vec<u8>, EncodeError> {
-        let id = self
-            .known()
-            .ids
-            .get(topic)
-            .and_then(|t| t.get(R::NAME))
-            .copied();
-        if let Some(id) = id {
+        if let Some(id) = self.known_id::<R>(topic) {
             let mut out = Vec::with_capacity(128);
             out.push(0);
             out.extend_from_slice(&id.to_be_bytes());
