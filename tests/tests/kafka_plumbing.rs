@@ -183,3 +183,122 @@ async fn a_member_resuming_inside_a_record_batch_gets_the_rest_of_it() {
     assert_eq!(payload(&first), b"150");
     source.close().await;
 }
+
+/// A consumer whose statistics record the most bytes its partition's prefetch held.
+#[derive(Default)]
+struct Prefetch {
+    most: std::sync::atomic::AtomicU64,
+}
+
+impl rdkafka::ClientContext for Prefetch {
+    fn stats(&self, stats: rdkafka::Statistics) {
+        let held = stats
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.values())
+            .map(|p| p.fetchq_size)
+            .sum();
+        self.most
+            .fetch_max(held, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Prefetch {}
+
+/// The most bytes a consumer with the services' settings (and `kbytes` as
+/// `queued.max.messages.kbytes`, when given) prefetches from a backlog while nothing
+/// is read, and how long it then takes to read `n` messages.
+fn prefetch_then_drain(
+    s: &lanes_common::Settings,
+    topic: &str,
+    kbytes: Option<&str>,
+    n: usize,
+) -> (u64, Duration) {
+    use rdkafka::consumer::BaseConsumer;
+    let mut config = lanes_common::kafka::consumer_config(&s.kafka, "test", &unique("prefetch"));
+    config.set("statistics.interval.ms", "100");
+    if let Some(kbytes) = kbytes {
+        config.set("queued.max.messages.kbytes", kbytes);
+    }
+    let c: std::sync::Arc<BaseConsumer<Prefetch>> =
+        std::sync::Arc::new(config.create_with_context(Prefetch::default()).unwrap());
+    // As a service's source reads: the partition's own queue, the consumer's for events.
+    let queue = c.split_partition_queue(topic, 0).expect("partition queue");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    c.assign(&tpl).unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        assert!(
+            c.poll(Duration::from_millis(50)).is_none(),
+            "messages stay in their queue"
+        );
+    }
+    let most = c.context().most.load(std::sync::atomic::Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let mut read = 0;
+    while read < n && started.elapsed() < Duration::from_secs(60) {
+        let _ = c.poll(Duration::ZERO);
+        if let Some(m) = queue.poll(Duration::from_millis(50)) {
+            m.expect("message");
+            read += 1;
+        }
+    }
+    assert_eq!(read, n, "the whole backlog is read");
+    (most, started.elapsed())
+}
+
+#[tokio::test]
+async fn a_consumer_behind_a_backlog_prefetches_a_megabyte_and_keeps_its_rate() {
+    use futures::future::join_all;
+    use rdkafka::producer::FutureRecord;
+
+    let mut s = settings();
+    s.kafka.partitions = 1;
+    let topic = unique("prefetch");
+    create_topics(&s, &[&topic]).await;
+    // 24 MiB of 4 KiB records.
+    let (n, value) = (6_000, vec![b'x'; 4096]);
+    let p = producer(&s);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        join_all(chunk.iter().map(|i| {
+            let (p, topic, value) = (p.clone(), topic.clone(), value.clone());
+            async move {
+                let key = i.to_string();
+                p.send(FutureRecord::to(&topic).key(&key).payload(&value))
+                    .await
+            }
+        }))
+        .await
+        .into_iter()
+        .for_each(|r| {
+            r.expect("delivered");
+        });
+    }
+    let (s2, t2) = (s.clone(), topic.clone());
+    let (held, drained) =
+        tokio::task::spawn_blocking(move || prefetch_then_drain(&s2, &t2, None, n))
+            .await
+            .unwrap();
+    const MIB: u64 = 1 << 20;
+    // A megabyte queued, plus the one fetch that went over it.
+    assert!(
+        held > 0 && held <= 3 * MIB,
+        "prefetched {held} bytes of a 24 MiB backlog"
+    );
+    // librdkafka's 1 s fetch.queue.backoff.ms would take over 20 s: a megabyte a second.
+    assert!(
+        drained < Duration::from_secs(10),
+        "24 MiB read in {drained:?}"
+    );
+    // The bound is the setting's: the old 16 MiB lets the prefetch take far more.
+    let (held_16, _) =
+        tokio::task::spawn_blocking(move || prefetch_then_drain(&s, &topic, Some("16384"), n))
+            .await
+            .unwrap();
+    assert!(
+        held_16 >= 8 * MIB,
+        "with 16 MiB allowed, prefetched only {held_16} bytes"
+    );
+}
