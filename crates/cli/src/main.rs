@@ -119,6 +119,7 @@ enum TopicsAction {
 
 #[tokio::main]
 async fn main() {
+    lanes_common::tune_allocator();
     let cli = Cli::parse();
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,

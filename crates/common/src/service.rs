@@ -144,8 +144,10 @@ struct Args {
     config: Option<PathBuf>,
 }
 
-/// Loads config and logging for a binary; exits with code 2 on bad configuration.
+/// Tunes the allocator, loads config and logging for a binary; exits with code 2 on bad
+/// configuration.
 pub fn load_or_exit(binary: &str, config: Option<&std::path::Path>) -> Settings {
+    crate::tune_allocator();
     let settings = Settings::load(config).unwrap_or_else(|e| {
         eprintln!("{binary}: {e}");
         std::process::exit(EXIT_CONFIG);

@@ -64,6 +64,7 @@ impl fmt::Debug for Hidden {
 
 #[tokio::main]
 async fn main() {
+    lanes_common::tune_allocator();
     let args = Args::parse();
     let settings = match Settings::load(args.config.as_deref()) {
         Ok(s) => s,
