@@ -82,8 +82,11 @@ pub(crate) fn unique(settings: &Settings, tag: &str) -> Settings {
 }
 
 pub(crate) fn reader(s: &Settings, topic: &str) -> anyhow::Result<StreamConsumer> {
-    let mut cfg =
-        lanes_common::kafka::consumer_config(&s.kafka, "lanes-bench", &format!("{topic}-reader"));
+    let mut cfg = lanes_common::kafka::quiet_consumer_config(
+        &s.kafka,
+        "lanes-bench",
+        &format!("{topic}-reader"),
+    );
     cfg.set("enable.auto.commit", "false");
     let c: StreamConsumer = cfg.create()?;
     c.subscribe(&[topic])?;

@@ -166,6 +166,15 @@ pub fn consumer_config(cfg: &KafkaConfig, client_id: &str, group: &str) -> Clien
     c
 }
 
+/// [`consumer_config`] without librdkafka's statistics, for a consumer that feeds no
+/// metrics (committed offsets, a benchmark's reader). With them on, a context that does
+/// not take them has rdkafka log the whole report at INFO every interval.
+pub fn quiet_consumer_config(cfg: &KafkaConfig, client_id: &str, group: &str) -> ClientConfig {
+    let mut c = consumer_config(cfg, client_id, group);
+    c.set("statistics.interval.ms", "0");
+    c
+}
+
 /// Creates each missing topic with the configured partitions and replication factor.
 /// Returns the topics it created; existing topics are left as they are.
 pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[&str]) -> KafkaResult<Vec<String>> {

@@ -472,7 +472,7 @@ impl Source {
             rewind: rewind_records,
             offsets: if rewind_records > 0 {
                 Some(
-                    crate::kafka::consumer_config(cfg, &format!("{service}-offsets"), group)
+                    crate::kafka::quiet_consumer_config(cfg, &format!("{service}-offsets"), group)
                         .create()?,
                 )
             } else {
