@@ -349,37 +349,20 @@ async fn the_admin_server_listens_on_loopback_only_by_default() {
 #[tokio::test]
 async fn services_and_the_cli_run_without_transparent_huge_pages() {
     let lane = Lane::new("no-thp");
-    let thp = |pid: u32| {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("THP_enabled:"))
-            .map(|v| v.trim().to_string())
-    };
-    for binary in ["lanes-ingest", "lanes-cache-writer"] {
-        let proc = lane.spawn(binary, &[]);
+    let ports = &lane.settings.admin.ports;
+    for (binary, args, port, secs) in [
+        ("lanes-ingest", &[][..], ports.ingest, 30),
+        ("lanes-cache-writer", &[], ports.cache_writer, 30),
+        ("lanes", &["up"], ports.up, 60),
+    ] {
+        let proc = lane.spawn(binary, args);
         let pid = proc.id();
-        let seen = wait_for(binary, std::time::Duration::from_secs(30), || async {
+        let seen = wait_for(binary, std::time::Duration::from_secs(secs), || async {
             // Ready means main has long run.
-            let port = if binary == "lanes-ingest" {
-                lane.settings.admin.ports.ingest
-            } else {
-                lane.settings.admin.ports.cache_writer
-            };
             readyz(port).await.filter(|(ready, _)| *ready)?;
-            thp(pid)
+            lanes_common::process::status_field(pid, "THP_enabled")
         })
         .await;
-        assert_eq!(seen, "0", "{binary}: THP_enabled");
+        assert_eq!(seen, "0", "{binary} {args:?}: THP_enabled");
     }
-    let up = lane.spawn("lanes", &["up"]);
-    let pid = up.id();
-    let seen = wait_for("lanes up", std::time::Duration::from_secs(60), || async {
-        readyz(lane.settings.admin.ports.up)
-            .await
-            .filter(|(ready, _)| *ready)?;
-        thp(pid)
-    })
-    .await;
-    assert_eq!(seen, "0", "lanes up: THP_enabled");
 }

@@ -82,13 +82,12 @@ pub(crate) fn unique(settings: &Settings, tag: &str) -> Settings {
 }
 
 pub(crate) fn reader(s: &Settings, topic: &str) -> anyhow::Result<StreamConsumer> {
-    let mut cfg = lanes_common::kafka::quiet_consumer_config(
+    let c: StreamConsumer = lanes_common::kafka::quiet_consumer_config(
         &s.kafka,
         "lanes-bench",
         &format!("{topic}-reader"),
-    );
-    cfg.set("enable.auto.commit", "false");
-    let c: StreamConsumer = cfg.create()?;
+    )
+    .create()?;
     c.subscribe(&[topic])?;
     Ok(c)
 }

@@ -85,11 +85,7 @@ mod tests {
         // SAFETY: reads an integer option.
         let get = || unsafe { libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY) };
         let thp = || {
-            let status = std::fs::read_to_string("/proc/self/status").unwrap();
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("THP_enabled:"))
-                .map(|v| v.trim().to_string())
+            crate::process::status_field(std::process::id(), "THP_enabled")
                 .expect("THP_enabled in /proc/self/status")
         };
         let preset = std::env::var("MIMALLOC_PURGE_DELAY").ok();

@@ -3,13 +3,19 @@
 
 use std::sync::OnceLock;
 
+/// A field of `/proc/{pid}/status` (`VmHWM`, `THP_enabled`, ...) as written there,
+/// trimmed.
+pub fn status_field(pid: u32, field: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let value = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    Some(value.trim().to_string())
+}
+
 /// A `kB` field of `/proc/{pid}/status` (`VmRSS`, `VmHWM`, ...) in MiB.
 pub fn status_mib(pid: u32, field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
-        .trim()
+    let kb: f64 = status_field(pid, field)?
         .trim_end_matches("kB")
         .trim()
         .parse()
