@@ -66,6 +66,9 @@ def instructions(args, pair, out_dir):
             break
         except redis.ConnectionError:
             time.sleep(0.1)
+    else:
+        server.kill()
+        raise SystemExit(f"redis-server under callgrind did not answer on port {port} within 60 s")
     if pair is not None:
         features, predictions = (r.script_load(s) for s in pair)
         # A fifth as many entities as events: most writes replace an entry, as in a drain.
