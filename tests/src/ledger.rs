@@ -11,7 +11,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use lanes_common::avro::AvroCodec;
 use lanes_common::generator::Generator;
-use lanes_common::records::{Prediction, now_millis};
+use lanes_common::records::{Event, MicroBatch, Prediction, now_millis};
 use lanes_fallback_responder::answer::is_refresh_of;
 use rdkafka::Message;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -384,6 +384,13 @@ pub async fn check(
     misrouted.extend(wrong);
     report.misrouted = misrouted.len();
     report.phantom = phantom.len();
+    if !lost.is_empty() {
+        let traced: Vec<String> = lost.iter().take(5).cloned().collect();
+        report.examples.insert(
+            "lost_trace".to_string(),
+            trace(lane, &traced, &predictions).await,
+        );
+    }
     for (what, ids) in [
         ("lost", lost),
         ("phantom", phantom),
@@ -397,6 +404,61 @@ pub async fn check(
         }
     }
     report
+}
+
+/// Where each of `ids` was last seen on its way through the lane: its raw record, the
+/// event ingest made of it, and the micro-batch that carried it (with how many of that
+/// batch's events have a prediction), so a loss names the stage that dropped it.
+async fn trace(lane: &Lane, ids: &[String], predictions: &HashMap<String, usize>) -> Vec<String> {
+    let s = &lane.settings;
+    let codec = AvroCodec::new(&s.registry).expect("codec");
+    let reader = consumer(s, &[&s.topics.raw, &s.topics.events, &s.topics.batches]);
+    let mut seen: HashMap<&str, Vec<String>> = HashMap::new();
+    let at = |m: &rdkafka::message::OwnedMessage| format!("{}@{}", m.partition(), m.offset());
+    // Until the topics have been quiet a while: the load has stopped by now.
+    while let Ok(m) = tokio::time::timeout(Duration::from_secs(5), reader.recv()).await {
+        let m = m.expect("consume the lane's topics").detach();
+        let Some(bytes) = m.payload() else { continue };
+        if m.topic() == s.topics.raw {
+            let v: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
+            let id = v
+                .get("event_id")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default();
+            if let Some(id) = ids.iter().find(|x| *x == id) {
+                seen.entry(id).or_default().push(format!("raw {}", at(&m)));
+            }
+        } else if m.topic() == s.topics.events {
+            if let Ok(e) = codec.decode::<Event>(bytes).await
+                && let Some(id) = ids.iter().find(|x| **x == e.record.event_id)
+            {
+                seen.entry(id)
+                    .or_default()
+                    .push(format!("events {}", at(&m)));
+            }
+        } else if let Ok(b) = codec.decode::<MicroBatch>(bytes).await {
+            let b = b.record;
+            for id in ids.iter().filter(|x| b.event_ids.contains(x)) {
+                let scored = b
+                    .event_ids
+                    .iter()
+                    .filter(|e| predictions.contains_key(e.as_str()))
+                    .count();
+                seen.entry(id).or_default().push(format!(
+                    "batch {} {} ({scored} of {} scored)",
+                    b.batch_id,
+                    at(&m),
+                    b.event_ids.len()
+                ));
+            }
+        }
+    }
+    ids.iter()
+        .map(|id| match seen.get(id.as_str()) {
+            Some(places) => format!("{id}: {}", places.join(", ")),
+            None => format!("{id}: nowhere"),
+        })
+        .collect()
 }
 
 fn count(ledger: &Ledger, status: Sent) -> usize {
