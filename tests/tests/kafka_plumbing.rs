@@ -116,23 +116,17 @@ async fn dead_letters_keep_the_original_bytes_and_carry_the_reason() {
     assert_eq!(h.count(), 7);
 }
 
-/// A member whose group committed inside a record batch starts at that offset. tansu
-/// 0.6 answers a fetch starting mid-batch from the next batch; the source's rewind
-/// (`runner.rewind_records`) reads from before it and skips what was done.
-#[tokio::test]
-async fn a_member_resuming_inside_a_record_batch_gets_the_rest_of_it() {
+/// A one-partition topic of ten record batches of a hundred, and a group that
+/// committed offset 150, inside the second batch.
+async fn committed_inside_a_batch(s: &lanes_common::Settings, what: &str) -> (String, String) {
     use futures::future::join_all;
-    use lanes_common::source::{Source, SourceEvent};
     use rdkafka::consumer::{BaseConsumer, CommitMode};
     use rdkafka::producer::FutureRecord;
 
-    let mut s = settings();
-    s.kafka.partitions = 1;
-    let topic = unique("midbatch");
-    create_topics(&s, &[&topic]).await;
-    // Ten record batches of a hundred: each hundred is sent at once, so one linger
-    // gathers it into one batch.
-    let p = producer(&s);
+    let topic = unique(what);
+    create_topics(s, &[&topic]).await;
+    // Each hundred is sent at once, so one linger gathers it into one batch.
+    let p = producer(s);
     for b in 0..10 {
         let sends = (0..100).map(|i| {
             let value = format!("{}", b * 100 + i);
@@ -146,27 +140,24 @@ async fn a_member_resuming_inside_a_record_batch_gets_the_rest_of_it() {
         });
         join_all(sends).await;
     }
-    let group = unique("midbatch-group");
-    {
-        let c: BaseConsumer = lanes_common::kafka::consumer_config(&s.kafka, "test", &group)
-            .create()
-            .unwrap();
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, 0, Offset::Offset(150))
-            .unwrap();
-        c.commit(&tpl, CommitMode::Sync).unwrap();
-    }
-    let mut source = Source::start(
-        &s.kafka,
-        "test",
-        &group,
-        &[&topic],
-        Duration::from_secs(10),
-        s.runner.rewind_records,
-        None,
-    )
-    .unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(30), async {
+    let group = unique(&format!("{what}-group"));
+    let c: BaseConsumer = lanes_common::kafka::consumer_config(&s.kafka, "test", &group)
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Offset(150))
+        .unwrap();
+    c.commit(&tpl, CommitMode::Sync).unwrap();
+    (topic, group)
+}
+
+/// The first message a source hands on, and how long it took.
+async fn first_message(
+    source: &mut lanes_common::source::Source,
+) -> (rdkafka::message::OwnedMessage, Duration) {
+    use lanes_common::source::SourceEvent;
+    let started = std::time::Instant::now();
+    let first = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             match source.events.recv().await.expect("source runs") {
                 SourceEvent::Message(m) => return m,
@@ -179,8 +170,82 @@ async fn a_member_resuming_inside_a_record_batch_gets_the_rest_of_it() {
     })
     .await
     .expect("a message arrives");
+    (first, started.elapsed())
+}
+
+/// A member whose group committed inside a record batch starts at that offset. tansu
+/// 0.6 answers a fetch starting mid-batch from the next batch; the source's rewind
+/// (`runner.rewind_records`) reads from before it and skips what was done.
+#[tokio::test]
+async fn a_member_resuming_inside_a_record_batch_gets_the_rest_of_it() {
+    use lanes_common::source::Source;
+
+    let mut s = settings();
+    s.kafka.partitions = 1;
+    let (topic, group) = committed_inside_a_batch(&s, "midbatch").await;
+    let mut source = Source::start(
+        &s.kafka,
+        "test",
+        &group,
+        &[&topic],
+        Duration::from_secs(10),
+        &s.runner,
+        None,
+    )
+    .unwrap();
+    let (first, _) = first_message(&mut source).await;
     assert_eq!(first.offset(), 150, "resumed where the group committed");
     assert_eq!(payload(&first), b"150");
+    source.close().await;
+}
+
+/// The same resume while the group's committed offset cannot be read (a coordinator away
+/// or loading; armed here by a failpoint): the partition is held, not let through
+/// unchecked, until the offset is known; and if it never is, it is read again from
+/// well before, never with a gap.
+#[tokio::test]
+async fn a_member_that_cannot_read_its_committed_offset_never_skips_records() {
+    use lanes_common::failpoint::{self, COMMITTED_UNKNOWN};
+    use lanes_common::source::Source;
+
+    let mut s = settings();
+    s.kafka.partitions = 1;
+    let start = |topic: &str, group: &str, hold: Duration| {
+        Source::start(&s.kafka, "test", group, &[topic], hold, &s.runner, None).unwrap()
+    };
+
+    // Known again after 4 s: the rest of the batch, from the committed offset.
+    let (topic, group) = committed_inside_a_batch(&s, "midbatch-unknown").await;
+    failpoint::arm(COMMITTED_UNKNOWN, &format!("return({topic})"));
+    let mut source = start(&topic, &group, Duration::from_secs(30));
+    let disarm = tokio::spawn(async {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        failpoint::disarm(COMMITTED_UNKNOWN);
+    });
+    let (first, waited) = first_message(&mut source).await;
+    disarm.await.unwrap();
+    assert_eq!(first.offset(), 150, "resumed where the group committed");
+    assert!(
+        waited >= Duration::from_secs(4),
+        "held until the committed offset was known, not {waited:?}"
+    );
+    source.close().await;
+
+    // Never known: after the hold (3 s here), read again from before the first record.
+    let (topic, group) = committed_inside_a_batch(&s, "midbatch-never").await;
+    failpoint::arm(COMMITTED_UNKNOWN, &format!("return({topic})"));
+    let mut source = start(&topic, &group, Duration::from_secs(3));
+    let (first, waited) = first_message(&mut source).await;
+    failpoint::disarm(COMMITTED_UNKNOWN);
+    assert!(
+        first.offset() <= 150,
+        "replayed from before the committed offset, not from {}",
+        first.offset()
+    );
+    assert!(
+        waited >= Duration::from_secs(3),
+        "held for the hold first, not {waited:?}"
+    );
     source.close().await;
 }
 

@@ -54,7 +54,7 @@ async fn a_source_does_not_log_librdkafka_statistics() {
         &group,
         &[&topic],
         Duration::from_secs(10),
-        s.runner.rewind_records,
+        &s.runner,
         None,
     )
     .unwrap();

@@ -66,6 +66,11 @@ pub struct RunnerConfig {
     /// (tansu 0.6) then still delivers the rest of the batch the commit fell inside.
     /// At least the largest record batch any producer writes; 0 turns it off.
     pub rewind_records: i64,
+    /// How long a gap in a partition's offsets is fetched again before it is stepped
+    /// over: tansu 0.6 can show a record batch before an earlier one is written, and a
+    /// fetch then passes the earlier one by. 0 turns the check off (transaction markers
+    /// and compaction leave gaps on Apache Kafka).
+    pub gap_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

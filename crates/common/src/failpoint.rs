@@ -12,6 +12,11 @@ pub const AFTER_PRODUCE_BEFORE_COMMIT: &str = "after_produce_before_commit";
 /// Inputs read and decoded, nothing produced for them yet.
 pub const AFTER_CONSUME_BEFORE_PRODUCE: &str = "after_consume_before_produce";
 
+/// Reads of a group's committed offsets answer "none" for the topics whose name starts
+/// with the armed prefix, as when the group's coordinator cannot answer:
+/// `committed_unknown=return(<prefix>)`.
+pub const COMMITTED_UNKNOWN: &str = "committed_unknown";
+
 /// The environment variable that arms a failpoint.
 pub const ENV: &str = "LANES_FAILPOINT";
 
@@ -47,3 +52,40 @@ macro_rules! hit {
     };
 }
 pub(crate) use hit;
+
+/// Arms `name` with `actions` in this process (tests that run a source in-process).
+#[cfg(feature = "failpoints")]
+pub fn arm(name: &str, actions: &str) {
+    fail::cfg(name, actions).expect("failpoint actions parse");
+}
+
+/// Disarms `name` in this process.
+#[cfg(feature = "failpoints")]
+pub fn disarm(name: &str) {
+    fail::remove(name);
+}
+
+/// `committed` with the offsets of [`COMMITTED_UNKNOWN`]'s topics made unknown, when armed.
+pub fn committed_read(committed: rdkafka::TopicPartitionList) -> rdkafka::TopicPartitionList {
+    #[cfg(feature = "failpoints")]
+    if let Some(prefix) = committed_unknown_prefix() {
+        let mut committed = committed;
+        let unknown: Vec<(String, i32)> = committed
+            .elements()
+            .iter()
+            .filter(|e| e.topic().starts_with(&prefix))
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        for (topic, partition) in unknown {
+            let _ = committed.set_partition_offset(&topic, partition, rdkafka::Offset::Invalid);
+        }
+        return committed;
+    }
+    committed
+}
+
+#[cfg(feature = "failpoints")]
+fn committed_unknown_prefix() -> Option<String> {
+    fail::fail_point!(COMMITTED_UNKNOWN, |prefix| prefix);
+    None
+}

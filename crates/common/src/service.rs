@@ -40,6 +40,10 @@ pub struct ConsumerMetrics {
     pub rebalances: IntCounterVec,
     /// `lanes_consumer_assigned_partitions{service,topic}`: partitions this member owns.
     pub assigned: IntGaugeVec,
+    /// `lanes_consumer_offset_gaps_total{service,topic,outcome}`: gaps in a partition's
+    /// offsets, fetched again (`refetched`) or, still there after `runner.gap_wait_ms`,
+    /// stepped over (`skipped`: those records were not read).
+    pub gaps: IntCounterVec,
 }
 
 /// Registers the consumer metrics; once per registry.
@@ -65,6 +69,14 @@ pub fn consumer_metrics(registry: &Registry) -> prometheus::Result<ConsumerMetri
         ),
         &["service", "topic"],
     )?;
+    let gaps = IntCounterVec::new(
+        Opts::new(
+            "lanes_consumer_offset_gaps_total",
+            "Gaps in a partition's offsets a consuming service met, by outcome (refetched, skipped).",
+        ),
+        &["service", "topic", "outcome"],
+    )?;
+    registry.register(Box::new(gaps.clone()))?;
     registry.register(Box::new(lag.clone()))?;
     registry.register(Box::new(rebalances.clone()))?;
     registry.register(Box::new(assigned.clone()))?;
@@ -72,6 +84,7 @@ pub fn consumer_metrics(registry: &Registry) -> prometheus::Result<ConsumerMetri
         lag,
         rebalances,
         assigned,
+        gaps,
     })
 }
 

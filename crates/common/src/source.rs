@@ -14,6 +14,15 @@
 //! Assignment rewinds: each newly assigned partition starts `rewind_records` before its
 //! committed offset and the thread drops what lies below it, because that broker also
 //! answers a fetch starting mid-batch (a commit is usually mid-batch) from the next one.
+//! A partition assigned while the group's committed offset cannot be read (a coordinator
+//! away or loading) is held at its first record until the offset is known, asked
+//! between polling turns so the member keeps serving its group; past the drain timeout
+//! it is read again from `rewind_records` before that record: a replay, never a gap.
+//!
+//! Offsets follow each other: a record past the next expected offset seeks its
+//! partition back, for up to `gap_wait_ms`. tansu 0.6 advances a partition's high
+//! watermark before it writes the record batch, so with two producers on one partition
+//! a fetch can list a later batch before an earlier one exists, and step over it.
 //!
 //! Revocation is synchronous: librdkafka calls the rebalance callback on the polling
 //! thread, which sends [`SourceEvent::Revoked`] after every message already fetched from
@@ -41,7 +50,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use crate::config::KafkaConfig;
+use crate::config::{KafkaConfig, RunnerConfig};
 use crate::dlq::{DeadLetter, DlqWriter, ErrorClass};
 use crate::error::Failure;
 use crate::kafka::{OffsetTracker, describe};
@@ -60,14 +69,128 @@ pub enum SourceEvent {
 }
 
 /// How a newly assigned partition's first records are checked.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 enum Start {
     /// Read from `rewind_records` before the committed offset: records below it were
     /// done already and are dropped.
     Floor(i64),
-    /// Assigned while the group's committed offset could not be read (a broker may not
-    /// answer for a group in the middle of its rebalance): checked at the first record.
+    /// Assigned while the group's committed offset could not be read, or before the
+    /// group ever committed: checked at the first record.
     Unverified,
+    /// The first records of an unverified partition, held (its queue left alone) until
+    /// the group reports its committed offset. The polling thread asks between turns,
+    /// never blocking them: the rebalance that keeps the answer back needs it polling.
+    Holding {
+        held: VecDeque<OwnedMessage>,
+        since: std::time::Instant,
+        asked: Option<std::time::Instant>,
+    },
+}
+
+/// Where a partition's next record must be. Offsets of a topic without transactions or
+/// compaction follow each other; tansu 0.6 breaks that when two producers write one
+/// partition at once (it can list a record batch before an earlier one is written,
+/// and a fetch then passes the earlier one by), so a gap is fetched again.
+#[derive(Debug, Default)]
+struct Continuity {
+    next: Option<i64>,
+    /// Since when the gap at `next` has been fetched again, and when last.
+    gap: Option<(std::time::Instant, std::time::Instant)>,
+}
+
+/// What to do with a record, given its partition's [`Continuity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Take,
+    /// Read already: a batch fetched twice, or what a seek back delivers again.
+    Drop,
+    /// Past a gap: fetch again from this offset (the record is read again then).
+    Refetch(i64),
+    /// Past a gap that stayed for the whole wait: take it, `from..to` were never read.
+    Skip {
+        from: i64,
+        to: i64,
+    },
+}
+
+/// How often a partition with a gap is fetched again.
+const REFETCH_EVERY: Duration = Duration::from_millis(20);
+
+impl Continuity {
+    fn step(&mut self, offset: i64, now: std::time::Instant, wait: Duration) -> Step {
+        let next = match self.next {
+            Some(next) if !wait.is_zero() => next,
+            _ => {
+                self.next = Some(offset + 1);
+                return Step::Take;
+            }
+        };
+        if offset < next {
+            return Step::Drop;
+        }
+        if offset == next {
+            self.next = Some(offset + 1);
+            self.gap = None;
+            return Step::Take;
+        }
+        match self.gap {
+            Some((since, _)) if now.duration_since(since) >= wait => {
+                self.next = Some(offset + 1);
+                self.gap = None;
+                Step::Skip {
+                    from: next,
+                    to: offset,
+                }
+            }
+            Some((_, last)) if now.duration_since(last) < REFETCH_EVERY => Step::Drop,
+            Some((since, _)) => {
+                self.gap = Some((since, now));
+                Step::Refetch(next)
+            }
+            None => {
+                self.gap = Some((now, now));
+                Step::Refetch(next)
+            }
+        }
+    }
+}
+
+/// What to do with a held partition, given what the group and the log report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Nothing was skipped: hand on the held records from `floor` (the committed offset).
+    Release { floor: i64 },
+    /// The broker resumed past the committed offset `floor`: read again from `start`.
+    Rewind { start: i64, floor: i64 },
+    /// Still unknown: ask again later.
+    Wait,
+    /// Unknown for too long: read again from `start`, replaying rather than risking a gap.
+    Replay { start: i64 },
+}
+
+/// Decides for a held partition whose first record read is `first`. `committed` is the
+/// group's committed offset if the broker reported one, `low` the log's first offset,
+/// `expired` whether the partition has been held as long as it may be.
+fn verdict(
+    first: i64,
+    committed: Option<i64>,
+    low: Option<i64>,
+    rewind: i64,
+    expired: bool,
+) -> Verdict {
+    match committed {
+        Some(c) if first > c => Verdict::Rewind {
+            start: (c - rewind).max(0),
+            floor: c,
+        },
+        Some(c) => Verdict::Release { floor: c },
+        // Nothing before the log's start could have been skipped.
+        None if low.is_some_and(|low| first <= low) => Verdict::Release { floor: first },
+        None if expired => Verdict::Replay {
+            start: (first - rewind).max(0),
+        },
+        None => Verdict::Wait,
+    }
 }
 
 pub struct SourceContext {
@@ -85,6 +208,8 @@ pub struct SourceContext {
     revoke_timeout: Duration,
     /// See [`crate::config::RunnerConfig::rewind_records`].
     rewind: i64,
+    /// See [`crate::config::RunnerConfig::gap_wait_ms`].
+    gap_wait: Duration,
     /// A client of the same group that never joins it, to read committed offsets from
     /// inside a rebalance callback (the member's own request waits for the rebalance).
     offsets: Option<BaseConsumer>,
@@ -101,9 +226,8 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
         .collect()
 }
 
-/// How long a partition assigned without a known committed offset waits at its first
-/// record for the broker to report one (see `SourceContext::skipped_from`).
-const UNVERIFIED_WAIT: Duration = Duration::from_secs(3);
+/// How often a held partition asks the group for its committed offset.
+const ASK_EVERY: Duration = Duration::from_millis(100);
 
 impl SourceContext {
     /// Sets the owned-partition gauge of every topic among `changed`.
@@ -124,10 +248,18 @@ impl SourceContext {
         let Some(offsets) = self.offsets.as_ref().filter(|_| tpl.count() > 0) else {
             return;
         };
-        let committed = match offsets.committed_offsets(tpl.clone(), Duration::from_secs(5)) {
+        let committed = match offsets
+            .committed_offsets(tpl.clone(), Duration::from_secs(5))
+            .map(crate::failpoint::committed_read)
+        {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(service = %self.service, error = %e, "committed offsets unknown; starting at them without a rewind");
+                tracing::warn!(service = %self.service, error = %e, "committed offsets unknown; each partition is checked at its first record");
+                let mut floors = self.floors.lock().expect("source lock");
+                for e in tpl.elements() {
+                    floors.insert((e.topic().to_string(), e.partition()), Start::Unverified);
+                }
+                self.rewinding.store(true, Ordering::Relaxed);
                 return;
             }
         };
@@ -154,47 +286,157 @@ impl SourceContext {
         self.rewinding.store(!floors.is_empty(), Ordering::Relaxed);
     }
 
-    /// False for a record below its partition's floor (read again by the rewind); the
-    /// first record at or past the floor lifts it. A partition assigned without a known
-    /// committed offset is checked at its first record: one past the committed offset
-    /// means the broker skipped the rest of a record batch, and the partition is sought
-    /// back by the rewind.
-    fn admit<M: Message>(&self, consumer: &SourceConsumer, m: &M) -> bool {
+    /// `m` if it is to be handed on: a record below its partition's floor (read again
+    /// by the rewind) is dropped, and the first record at or past the floor lifts it.
+    /// The first record of a partition assigned without a known committed offset is
+    /// held, with any that follow, until [`SourceContext::verify_held`] knows whether
+    /// the broker skipped the rest of a record batch.
+    fn admit(&self, m: OwnedMessage) -> Option<OwnedMessage> {
         if !self.rewinding.load(Ordering::Relaxed) {
-            return true;
+            return Some(m);
         }
         let mut floors = self.floors.lock().expect("source lock");
         let key = (m.topic().to_string(), m.partition());
-        let admit = match floors.get(&key).copied() {
-            None => return true,
-            Some(Start::Floor(floor)) if m.offset() < floor => return false,
-            Some(Start::Floor(_)) => true,
-            Some(Start::Unverified) => match self.skipped_from(m) {
-                Some(committed) => {
-                    let start = (committed - self.rewind).max(0);
-                    match consumer.seek(
-                        m.topic(),
-                        m.partition(),
-                        Offset::Offset(start),
-                        Duration::from_secs(5),
-                    ) {
-                        Ok(()) => {
-                            tracing::warn!(service = %self.service, topic = m.topic(), partition = m.partition(), committed, first = m.offset(), start, "the broker resumed past the committed offset; reading again from before it");
-                            floors.insert(key, Start::Floor(committed));
-                            return false;
-                        }
-                        Err(e) => {
-                            tracing::error!(service = %self.service, topic = m.topic(), partition = m.partition(), committed, first = m.offset(), error = %e, "the broker resumed past the committed offset and the seek back failed; records between were skipped");
-                            true
-                        }
-                    }
-                }
-                None => true,
-            },
-        };
+        match floors.get_mut(&key) {
+            None => return Some(m),
+            Some(Start::Floor(floor)) if m.offset() < *floor => return None,
+            Some(Start::Floor(_)) => {}
+            // A first record at offset 0 cannot have skipped anything.
+            Some(Start::Unverified) if m.offset() <= 0 => {}
+            Some(start @ Start::Unverified) => {
+                *start = Start::Holding {
+                    held: VecDeque::from([m]),
+                    since: std::time::Instant::now(),
+                    asked: None,
+                };
+                return None;
+            }
+            Some(Start::Holding { held, .. }) => {
+                held.push_back(m);
+                return None;
+            }
+        }
         floors.remove(&key);
         self.rewinding.store(!floors.is_empty(), Ordering::Relaxed);
-        admit
+        Some(m)
+    }
+
+    /// Whether `key`'s records are held: its queue is left alone meanwhile.
+    fn holding(&self, key: &(String, i32)) -> bool {
+        self.rewinding.load(Ordering::Relaxed)
+            && matches!(
+                self.floors.lock().expect("source lock").get(key),
+                Some(Start::Holding { .. })
+            )
+    }
+
+    /// Asks the group, at most every [`ASK_EVERY`], for the committed offset of each held
+    /// partition, and releases, rewinds or replays it (see [`verdict`]). Released
+    /// records go to `pending`, ahead of anything the partition's queue holds.
+    fn verify_held(&self, consumer: &SourceConsumer) {
+        if !self.rewinding.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(offsets) = self.offsets.as_ref() else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let mut due = TopicPartitionList::new();
+        for ((topic, partition), start) in self.floors.lock().expect("source lock").iter_mut() {
+            if let Start::Holding { asked, .. } = start
+                && asked.is_none_or(|at| now.duration_since(at) >= ASK_EVERY)
+            {
+                *asked = Some(now);
+                due.add_partition(topic, *partition);
+            }
+        }
+        if due.count() == 0 {
+            return;
+        }
+        // Short waits: the thread must get back to serving the group.
+        let committed = offsets
+            .committed_offsets(due.clone(), Duration::from_millis(500))
+            .map(crate::failpoint::committed_read)
+            .map_err(|e| tracing::debug!(service = %self.service, error = %e, "committed offsets not read; asking again"))
+            .ok();
+        for e in due.elements() {
+            let key = (e.topic().to_string(), e.partition());
+            let c = committed
+                .as_ref()
+                .and_then(|c| c.find_partition(e.topic(), e.partition()))
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(c) => Some(c),
+                    _ => None,
+                });
+            let (first, expired) = match self.floors.lock().expect("source lock").get(&key) {
+                Some(Start::Holding { held, since, .. }) => (
+                    held.front().map_or(0, |m| m.offset()),
+                    now.duration_since(*since) >= self.revoke_timeout,
+                ),
+                // Revoked meanwhile.
+                _ => continue,
+            };
+            let low = if c.is_none() {
+                offsets
+                    .fetch_watermarks(e.topic(), e.partition(), Duration::from_millis(500))
+                    .ok()
+                    .map(|(low, _)| low)
+            } else {
+                None
+            };
+            let v = verdict(first, c, low, self.rewind, expired);
+            self.settle(consumer, &key, first, v);
+        }
+        let floors = self.floors.lock().expect("source lock");
+        self.rewinding.store(!floors.is_empty(), Ordering::Relaxed);
+    }
+
+    /// Carries out `v` for the held partition `key`, whose first held record is `first`.
+    fn settle(&self, consumer: &SourceConsumer, key: &(String, i32), first: i64, v: Verdict) {
+        let (topic, partition) = (key.0.as_str(), key.1);
+        let (start, floor) = match v {
+            Verdict::Wait => return,
+            Verdict::Release { floor } => {
+                tracing::debug!(service = %self.service, topic, partition, floor, first, "held records verified");
+                let mut floors = self.floors.lock().expect("source lock");
+                let Some(Start::Holding { held, .. }) =
+                    floors.insert(key.clone(), Start::Floor(floor))
+                else {
+                    return;
+                };
+                drop(floors);
+                let admitted: Vec<OwnedMessage> =
+                    held.into_iter().filter_map(|m| self.admit(m)).collect();
+                self.pending.lock().expect("source lock").extend(admitted);
+                return;
+            }
+            Verdict::Rewind { start, floor } => {
+                tracing::warn!(service = %self.service, topic, partition, committed = floor, first, start, "the broker resumed past the committed offset; reading again from before it");
+                (start, Some(floor))
+            }
+            Verdict::Replay { start } => {
+                tracing::warn!(service = %self.service, topic, partition, first, start, waited = ?self.revoke_timeout, "the group's committed offset stayed unknown; reading again from before the first record rather than risk a gap");
+                (start, None)
+            }
+        };
+        match consumer.seek(
+            topic,
+            partition,
+            Offset::Offset(start),
+            Duration::from_secs(5),
+        ) {
+            Ok(()) => {
+                let mut floors = self.floors.lock().expect("source lock");
+                match floor {
+                    Some(floor) => floors.insert(key.clone(), Start::Floor(floor)),
+                    None => floors.remove(key),
+                };
+            }
+            // Still held: the next turn asks and seeks again.
+            Err(e) => {
+                tracing::warn!(service = %self.service, topic, partition, start, error = %e, "seek back failed; still holding the partition")
+            }
+        }
     }
 
     /// Commits each rewound partition's floor again. librdkafka learns a committed
@@ -217,33 +459,40 @@ impl SourceContext {
         }
     }
 
-    /// The group's committed offset for `m`'s partition when `m` lies past it: the
-    /// first record delivered there should have been that offset. tansu answers "none
-    /// committed" while its group is still rebalancing, so an unknown offset is asked
-    /// again for up to [`UNVERIFIED_WAIT`] before `m` is let through unchecked; a first
-    /// record at offset 0 cannot have skipped anything.
-    fn skipped_from<M: Message>(&self, m: &M) -> Option<i64> {
-        let offsets = self.offsets.as_ref()?;
-        if m.offset() <= 0 {
-            return None;
-        }
-        let deadline = std::time::Instant::now() + UNVERIFIED_WAIT;
-        loop {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(m.topic(), m.partition());
-            let committed = offsets
-                .committed_offsets(tpl, Duration::from_secs(5))
-                .map_err(|e| tracing::warn!(service = %self.service, error = %e, "committed offset unknown; not checked"))
-                .ok()?;
-            match committed.find_partition(m.topic(), m.partition())?.offset() {
-                Offset::Offset(c) if m.offset() > c => return Some(c),
-                Offset::Offset(_) => return None,
-                other if std::time::Instant::now() >= deadline => {
-                    tracing::debug!(service = %self.service, topic = m.topic(), partition = m.partition(), committed = ?other, first = m.offset(), "no committed offset; first record not checked");
-                    return None;
+    /// Whether `m` follows what was handed on from its partition (see [`Continuity`]);
+    /// a gap seeks the partition back to it, at most for `gap_wait`.
+    fn follows(&self, consumer: &SourceConsumer, c: &mut Continuity, m: &OwnedMessage) -> bool {
+        match c.step(m.offset(), std::time::Instant::now(), self.gap_wait) {
+            Step::Take => true,
+            Step::Drop => false,
+            Step::Refetch(from) => {
+                if c.gap.is_some_and(|(since, last)| since == last) {
+                    tracing::debug!(service = %self.service, topic = m.topic(), partition = m.partition(), from, to = m.offset(), "gap in the partition's offsets; fetching it again");
+                    self.count_gap(m.topic(), "refetched");
                 }
-                _ => std::thread::sleep(Duration::from_millis(100)),
+                if let Err(e) = consumer.seek(
+                    m.topic(),
+                    m.partition(),
+                    Offset::Offset(from),
+                    Duration::from_secs(5),
+                ) {
+                    tracing::warn!(service = %self.service, topic = m.topic(), partition = m.partition(), from, error = %e, "seek back to a gap failed; trying again");
+                }
+                false
             }
+            Step::Skip { from, to } => {
+                tracing::error!(service = %self.service, topic = m.topic(), partition = m.partition(), from, to, waited = ?self.gap_wait, "offsets missing from the partition; stepping over them");
+                self.count_gap(m.topic(), "skipped");
+                true
+            }
+        }
+    }
+
+    fn count_gap(&self, topic: &str, outcome: &str) {
+        if let Some(m) = &self.metrics {
+            m.gaps
+                .with_label_values(&[&self.service, topic, outcome])
+                .inc();
         }
     }
 
@@ -450,16 +699,18 @@ pub struct Source {
 
 impl Source {
     /// Subscribes `group` to `topics`. `revoke_timeout` bounds how long a rebalance waits
-    /// for the service to drain.
+    /// for the service to drain (and a partition is held for its committed offset);
+    /// `runner` gives the rewind and the gap wait.
     pub fn start(
         cfg: &KafkaConfig,
         service: &str,
         group: &str,
         topics: &[&str],
         revoke_timeout: Duration,
-        rewind_records: i64,
+        runner: &RunnerConfig,
         metrics: Option<ConsumerMetrics>,
     ) -> KafkaResult<Self> {
+        let rewind_records = runner.rewind_records;
         let (tx, rx) = mpsc::channel(4096);
         let context = SourceContext {
             service: service.to_string(),
@@ -470,6 +721,7 @@ impl Source {
             owned: Mutex::new(HashSet::new()),
             revoke_timeout,
             rewind: rewind_records,
+            gap_wait: Duration::from_millis(runner.gap_wait_ms),
             offsets: if rewind_records > 0 {
                 Some(
                     crate::kafka::quiet_consumer_config(cfg, &format!("{service}-offsets"), group)
@@ -566,6 +818,7 @@ const TURN: usize = 512;
 fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, stop: &AtomicBool) {
     let ctx = consumer.context();
     let mut queues: HashMap<(String, i32), PartitionQueue<SourceContext>> = HashMap::new();
+    let mut continuity: HashMap<(String, i32), Continuity> = HashMap::new();
     // Partition queues ring this when they get messages, so an idle source sleeps.
     let (wake_tx, wake) = std_mpsc::sync_channel::<()>(1);
     while !stop.load(Ordering::Relaxed) {
@@ -574,9 +827,11 @@ fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, sto
         while let Some(polled) = consumer.poll(Duration::ZERO) {
             match polled {
                 Ok(m) => {
-                    let m = m.detach();
-                    if ctx.admit(consumer, &m) {
-                        ctx.pending.lock().expect("source lock").push_back(m);
+                    if let Some(m) = ctx.admit(m.detach()) {
+                        let key = (m.topic().to_string(), m.partition());
+                        if ctx.follows(consumer, continuity.entry(key).or_default(), &m) {
+                            ctx.pending.lock().expect("source lock").push_back(m);
+                        }
                     }
                 }
                 Err(e) => tracing::warn!(service = %ctx.service, error = %e, "consumer error"),
@@ -584,6 +839,7 @@ fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, sto
         }
         for key in ctx.revoked.lock().expect("source lock").drain(..) {
             queues.remove(&key);
+            continuity.remove(&key);
         }
         let assigned: Vec<(String, i32)> = ctx
             .assigned
@@ -592,9 +848,11 @@ fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, sto
             .drain(..)
             .collect();
         ctx.confirm_floors(consumer, &assigned);
+        ctx.verify_held(consumer);
         for (topic, partition) in assigned {
             match consumer.split_partition_queue(&topic, partition) {
                 Some(mut q) => {
+                    continuity.entry((topic.clone(), partition)).or_default();
                     let wake = wake_tx.clone();
                     q.set_nonempty_callback(move || {
                         let _ = wake.try_send(());
@@ -611,24 +869,34 @@ fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, sto
         }
         let mut moved = false;
         let mut full = !ctx.pending.lock().expect("source lock").is_empty();
-        'queues: for q in queues.values() {
+        'queues: for (key, q) in &queues {
             if full {
                 break;
             }
+            if ctx.holding(key) {
+                continue;
+            }
+            let Some(c) = continuity.get_mut(key) else {
+                continue;
+            };
             for _ in 0..TURN {
                 let Some(polled) = q.poll(Duration::ZERO) else {
                     break;
                 };
                 match polled {
-                    Ok(m) if !ctx.admit(consumer, &m) => {}
-                    Ok(m) => match tx.try_send(SourceEvent::Message(m.detach())) {
-                        Ok(()) => moved = true,
-                        Err(mpsc::error::TrySendError::Full(SourceEvent::Message(m))) => {
+                    Ok(m) => match ctx
+                        .admit(m.detach())
+                        .filter(|m| ctx.follows(consumer, c, m))
+                        .map(|m| tx.try_send(SourceEvent::Message(m)))
+                    {
+                        None => {}
+                        Some(Ok(())) => moved = true,
+                        Some(Err(mpsc::error::TrySendError::Full(SourceEvent::Message(m)))) => {
                             ctx.pending.lock().expect("source lock").push_back(m);
                             full = true;
                             continue 'queues;
                         }
-                        Err(_) => break 'queues,
+                        Some(Err(_)) => break 'queues,
                     },
                     Err(e) => tracing::warn!(service = %ctx.service, error = %e, "consumer error"),
                 }
@@ -835,5 +1103,97 @@ impl Acks {
         for (t, p) in partitions {
             self.tracker.forget(t, *p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Continuity, REFETCH_EVERY, Step, Verdict, verdict};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_gap_in_offsets_is_fetched_again_until_it_fills_or_the_wait_runs_out() {
+        let wait = Duration::from_secs(1);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut c = Continuity::default();
+        assert_eq!(
+            c.step(10, at(0), wait),
+            Step::Take,
+            "the first record starts it"
+        );
+        assert_eq!(c.step(11, at(0), wait), Step::Take);
+        // Batch 12..14 not visible yet, 15 listed: fetch again from 12.
+        assert_eq!(c.step(15, at(1), wait), Step::Refetch(12));
+        assert_eq!(
+            c.step(16, at(2), wait),
+            Step::Drop,
+            "the rest of that fetch waits"
+        );
+        let again = 1 + REFETCH_EVERY.as_millis() as u64;
+        assert_eq!(
+            c.step(15, at(again), wait),
+            Step::Refetch(12),
+            "still missing"
+        );
+        // Now it is there; what the first fetch delivered comes again and is taken once.
+        for o in 12..=16 {
+            assert_eq!(c.step(o, at(again + 1), wait), Step::Take, "offset {o}");
+        }
+        assert_eq!(c.step(14, at(again + 2), wait), Step::Drop, "read already");
+        // A gap that never fills is stepped over after the wait, and said so.
+        assert_eq!(c.step(20, at(100), wait), Step::Refetch(17));
+        assert_eq!(c.step(20, at(1100), wait), Step::Skip { from: 17, to: 20 });
+        assert_eq!(c.step(21, at(1100), wait), Step::Take);
+        // Off: everything is taken as it comes.
+        let mut off = Continuity::default();
+        for o in [5, 9, 7] {
+            assert_eq!(off.step(o, at(0), Duration::ZERO), Step::Take);
+        }
+    }
+
+    #[test]
+    fn a_held_partition_is_released_only_when_nothing_can_have_been_skipped() {
+        // The group committed 150 and the broker's first record is 150, or an earlier
+        // one (a rewind by librdkafka): hand on from 150.
+        assert_eq!(
+            verdict(150, Some(150), None, 1000, false),
+            Verdict::Release { floor: 150 }
+        );
+        assert_eq!(
+            verdict(120, Some(150), None, 1000, true),
+            Verdict::Release { floor: 150 }
+        );
+        // The broker answered from the next record batch: read again from before 150.
+        assert_eq!(
+            verdict(200, Some(150), None, 100, false),
+            Verdict::Rewind {
+                start: 50,
+                floor: 150
+            }
+        );
+        assert_eq!(
+            verdict(200, Some(150), None, 1000, false),
+            Verdict::Rewind {
+                start: 0,
+                floor: 150
+            }
+        );
+        // No committed offset: only the log's first record proves nothing was skipped.
+        assert_eq!(
+            verdict(40, None, Some(40), 1000, false),
+            Verdict::Release { floor: 40 }
+        );
+        assert_eq!(verdict(200, None, Some(40), 1000, false), Verdict::Wait);
+        assert_eq!(verdict(200, None, None, 1000, false), Verdict::Wait);
+        // Unknown for too long: replay rather than risk a gap.
+        assert_eq!(
+            verdict(200, None, Some(40), 100, true),
+            Verdict::Replay { start: 100 }
+        );
+        assert_eq!(
+            verdict(200, None, None, 1000, true),
+            Verdict::Replay { start: 0 }
+        );
     }
 }

@@ -284,7 +284,7 @@ pub async fn run<S: Stage>(
         &plan.group,
         &topics,
         s.shutdown.drain_timeout(),
-        s.runner.rewind_records,
+        &s.runner,
         Some(ctx.consumer.clone()),
     )?;
     let mut acks = Acks::new(io.dlq.clone());
