@@ -249,6 +249,104 @@ async fn a_member_that_cannot_read_its_committed_offset_never_skips_records() {
     source.close().await;
 }
 
+/// Every record of a topic that two producers write at once, read by a source at the
+/// tail with `runner` as given: `(records missing, records read twice, gaps refetched)`.
+/// tansu 0.6 reserves a batch's offsets before it writes the batch, so a fetch between
+/// one producer's reservation and its write can list the other's later batch and step
+/// over the earlier one for good.
+async fn read_while_two_producers_write(
+    runner: &lanes_common::config::RunnerConfig,
+    each: usize,
+) -> (usize, usize, f64) {
+    use lanes_common::source::{Source, SourceEvent};
+    use rdkafka::producer::FutureRecord;
+    use std::collections::HashMap;
+
+    let mut s = settings();
+    s.kafka.partitions = 1;
+    // Small batches, many of them in flight.
+    s.kafka
+        .producer_properties
+        .insert("linger.ms".into(), "0".into());
+    let topic = unique("two-producers");
+    create_topics(&s, &[&topic]).await;
+    let metrics = lanes_common::service::consumer_metrics(&prometheus::Registry::new()).unwrap();
+    let mut source = Source::start(
+        &s.kafka,
+        "test",
+        &unique("two-producers-group"),
+        &[&topic],
+        Duration::from_secs(10),
+        runner,
+        Some(metrics.clone()),
+    )
+    .unwrap();
+    let write = |name: &'static str| {
+        let p = producer(&s);
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            for chunk in 0..each / 20 {
+                let sends = (0..20).map(|i| {
+                    let value = format!("{name}-{}", chunk * 20 + i);
+                    let (p, topic) = (p.clone(), topic.clone());
+                    async move {
+                        p.send(FutureRecord::to(&topic).key(name).payload(&value))
+                            .await
+                            .expect("delivered")
+                    }
+                });
+                futures::future::join_all(sends).await;
+            }
+        })
+    };
+    let (a, b) = (write("a"), write("b"));
+    let mut read: HashMap<String, usize> = HashMap::new();
+    while read.len() < 2 * each {
+        // Once the writers are done, what has not come in 5 s was stepped over.
+        let quiet = if a.is_finished() && b.is_finished() {
+            5
+        } else {
+            60
+        };
+        match tokio::time::timeout(Duration::from_secs(quiet), source.events.recv()).await {
+            Ok(Some(SourceEvent::Message(m))) => {
+                *read
+                    .entry(String::from_utf8_lossy(payload(&m)).into_owned())
+                    .or_default() += 1;
+            }
+            Ok(Some(SourceEvent::Revoked { done, .. })) => {
+                let _ = done.send(());
+            }
+            Ok(Some(SourceEvent::Assigned(_))) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    a.await.unwrap();
+    b.await.unwrap();
+    source.close().await;
+    let twice = read.values().map(|n| n - 1).sum();
+    let refetched = metrics
+        .gaps
+        .with_label_values(&["test", &topic, "refetched"])
+        .get() as f64;
+    (2 * each - read.len(), twice, refetched)
+}
+
+/// Two producers writing one partition at once, a source reading it at the tail: every
+/// record is read, once, and the gap check neither stalls nor drops anything. (The race
+/// itself is narrow: 160,000 records read this way with the check off showed no gap on
+/// the development machine; CI's loaded replica scenario met it once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn records_two_producers_write_at_once_are_all_read_once() {
+    let s = settings();
+    let (missing, twice, refetched) = read_while_two_producers_write(&s.runner, 4000).await;
+    eprintln!(
+        "two producers: {missing} missing, {twice} read twice, {refetched} gaps fetched again"
+    );
+    assert_eq!(missing, 0, "records stepped over");
+    assert_eq!(twice, 0, "records handed on twice");
+}
+
 /// A consumer whose statistics record the most bytes its partition's prefetch held.
 #[derive(Default)]
 struct Prefetch {

@@ -117,7 +117,8 @@ enum Step {
 const REFETCH_EVERY: Duration = Duration::from_millis(20);
 
 impl Continuity {
-    fn step(&mut self, offset: i64, now: std::time::Instant, wait: Duration) -> Step {
+    /// `now` is read only at a gap: most records follow their predecessor.
+    fn step(&mut self, offset: i64, wait: Duration, now: impl Fn() -> std::time::Instant) -> Step {
         let next = match self.next {
             Some(next) if !wait.is_zero() => next,
             _ => {
@@ -133,6 +134,7 @@ impl Continuity {
             self.gap = None;
             return Step::Take;
         }
+        let now = now();
         match self.gap {
             Some((since, _)) if now.duration_since(since) >= wait => {
                 self.next = Some(offset + 1);
@@ -239,6 +241,10 @@ impl SourceContext {
             m.assigned
                 .with_label_values(&[&self.service, topic])
                 .set(n as i64);
+            // At zero from the start, so an alert's increase() sees the first gap.
+            for outcome in ["refetched", "skipped"] {
+                m.gaps.with_label_values(&[&self.service, topic, outcome]);
+            }
         }
     }
 
@@ -462,7 +468,7 @@ impl SourceContext {
     /// Whether `m` follows what was handed on from its partition (see [`Continuity`]);
     /// a gap seeks the partition back to it, at most for `gap_wait`.
     fn follows(&self, consumer: &SourceConsumer, c: &mut Continuity, m: &OwnedMessage) -> bool {
-        match c.step(m.offset(), std::time::Instant::now(), self.gap_wait) {
+        match c.step(m.offset(), self.gap_wait, std::time::Instant::now) {
             Step::Take => true,
             Step::Drop => false,
             Step::Refetch(from) => {
@@ -1118,37 +1124,44 @@ mod tests {
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         let mut c = Continuity::default();
         assert_eq!(
-            c.step(10, at(0), wait),
+            c.step(10, wait, || at(0)),
             Step::Take,
             "the first record starts it"
         );
-        assert_eq!(c.step(11, at(0), wait), Step::Take);
+        assert_eq!(c.step(11, wait, || at(0)), Step::Take);
         // Batch 12..14 not visible yet, 15 listed: fetch again from 12.
-        assert_eq!(c.step(15, at(1), wait), Step::Refetch(12));
+        assert_eq!(c.step(15, wait, || at(1)), Step::Refetch(12));
         assert_eq!(
-            c.step(16, at(2), wait),
+            c.step(16, wait, || at(2)),
             Step::Drop,
             "the rest of that fetch waits"
         );
         let again = 1 + REFETCH_EVERY.as_millis() as u64;
         assert_eq!(
-            c.step(15, at(again), wait),
+            c.step(15, wait, || at(again)),
             Step::Refetch(12),
             "still missing"
         );
         // Now it is there; what the first fetch delivered comes again and is taken once.
         for o in 12..=16 {
-            assert_eq!(c.step(o, at(again + 1), wait), Step::Take, "offset {o}");
+            assert_eq!(c.step(o, wait, || at(again + 1)), Step::Take, "offset {o}");
         }
-        assert_eq!(c.step(14, at(again + 2), wait), Step::Drop, "read already");
+        assert_eq!(
+            c.step(14, wait, || at(again + 2)),
+            Step::Drop,
+            "read already"
+        );
         // A gap that never fills is stepped over after the wait, and said so.
-        assert_eq!(c.step(20, at(100), wait), Step::Refetch(17));
-        assert_eq!(c.step(20, at(1100), wait), Step::Skip { from: 17, to: 20 });
-        assert_eq!(c.step(21, at(1100), wait), Step::Take);
+        assert_eq!(c.step(20, wait, || at(100)), Step::Refetch(17));
+        assert_eq!(
+            c.step(20, wait, || at(1100)),
+            Step::Skip { from: 17, to: 20 }
+        );
+        assert_eq!(c.step(21, wait, || at(1100)), Step::Take);
         // Off: everything is taken as it comes.
         let mut off = Continuity::default();
         for o in [5, 9, 7] {
-            assert_eq!(off.step(o, at(0), Duration::ZERO), Step::Take);
+            assert_eq!(off.step(o, Duration::ZERO, || at(0)), Step::Take);
         }
     }
 
