@@ -79,7 +79,7 @@ enum Start {
     Unverified,
     /// The first records of an unverified partition, held (its queue left alone) until
     /// the group reports its committed offset. The polling thread asks between turns,
-    /// never blocking them: the rebalance that keeps the answer back needs it polling.
+    /// never blocking them: the member must keep serving its group meanwhile.
     Holding {
         held: VecDeque<OwnedMessage>,
         since: std::time::Instant,
