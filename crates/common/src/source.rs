@@ -261,12 +261,10 @@ impl SourceContext {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(service = %self.service, error = %e, "committed offsets unknown; each partition is checked at its first record");
-                let mut floors = self.floors.lock().expect("source lock");
-                for e in tpl.elements() {
-                    floors.insert((e.topic().to_string(), e.partition()), Start::Unverified);
-                }
-                self.rewinding.store(true, Ordering::Relaxed);
-                return;
+                // As if the group had answered "none" for each: unverified below.
+                let mut unknown = tpl.clone();
+                let _ = unknown.set_all_offsets(Offset::Invalid);
+                unknown
             }
         };
         let mut floors = self.floors.lock().expect("source lock");
