@@ -465,6 +465,26 @@ fn bench_sweeps_windows_on_the_users_model_and_events() {
             .map(|r| r["mean_batch_events"].as_f64().unwrap().ln())
             .sum()
     };
+    // Each event's latency by stage: the window is the micro-batcher's share.
+    let batcher_p50 = |row: &serde_json::Value, i: usize| -> f64 {
+        let stages = &row["rates"][i]["stages"];
+        for name in ["ingest", "micro-batcher", "scorer", "delivery"] {
+            let (p50, p99) = (
+                stages[name]["p50_ms"].as_f64().unwrap(),
+                stages[name]["p99_ms"].as_f64().unwrap(),
+            );
+            assert!(0.0 <= p50 && p50 <= p99 && p99 < 1000.0, "{name}: {report}");
+        }
+        stages["micro-batcher"]["p50_ms"].as_f64().unwrap()
+    };
+    for i in 0..2 {
+        let (short, long) = (batcher_p50(&rows[0], i), batcher_p50(&rows[1], i));
+        assert!(
+            long >= 25.0 && long > short,
+            "a 60 ms window waits: {report}"
+        );
+    }
+    assert!(printed.contains("| 60 | 64 | 50 | "), "{printed}");
     // Both hold the loose target; the recommendation is the one that batches more.
     let (short, long) = (batching(&rows[0]), batching(&rows[1]));
     let best = &report["recommended"];

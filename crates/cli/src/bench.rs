@@ -18,7 +18,7 @@ use lanes_common::avro::AvroCodec;
 use lanes_common::generator::Generator;
 use lanes_common::kafka::{delivered, enqueue};
 use lanes_common::model::ModelSpec;
-use lanes_common::records::{Prediction, now_millis};
+use lanes_common::records::{Event, MicroBatch, Prediction, now_millis};
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureRecord;
@@ -229,14 +229,23 @@ impl Lane {
     }
 }
 
+/// What a run measured: seconds from first publish to last prediction, latencies in ms
+/// from each event's publish to its prediction's arrival, and each event's publish and
+/// arrival on the wall clock (ms), which the records' own timestamps are compared with.
+struct Drive {
+    secs: f64,
+    latencies: Vec<f64>,
+    sent_at: HashMap<String, i64>,
+    arrived_at: HashMap<String, i64>,
+}
+
 /// Publishes `lines` (all at once, or paced at `rate` per second) and returns when every
-/// event has a prediction: (seconds from first publish to last prediction, latencies in
-/// ms from each event's publish to its prediction's arrival).
+/// event has a prediction.
 async fn drive(
     lane: &Lane,
     lines: Vec<(String, String)>,
     rate: Option<usize>,
-) -> anyhow::Result<(f64, Vec<f64>)> {
+) -> anyhow::Result<Drive> {
     let s = &lane.settings;
     let consumer = reader(s, &s.topics.predictions)?;
     let codec = AvroCodec::new(&s.registry)?;
@@ -249,14 +258,14 @@ async fn drive(
     let started = Instant::now();
     let topic = s.topics.raw.clone();
     let sender = tokio::spawn(async move {
-        let mut sent: HashMap<String, Instant> = HashMap::with_capacity(total);
+        let mut sent: HashMap<String, (Instant, i64)> = HashMap::with_capacity(total);
         let mut pending = Vec::with_capacity(total);
         for (i, (id, line)) in lines.into_iter().enumerate() {
             if let Some(rate) = rate {
                 let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
                 tokio::time::sleep_until(due.into()).await;
             }
-            sent.insert(id, Instant::now());
+            sent.insert(id, (Instant::now(), now_millis()));
             pending.push(
                 enqueue(
                     &producer,
@@ -270,7 +279,7 @@ async fn drive(
         }
         anyhow::Ok(sent)
     });
-    let mut arrived: HashMap<String, Instant> = HashMap::with_capacity(total);
+    let mut arrived: HashMap<String, (Instant, i64)> = HashMap::with_capacity(total);
     let deadline = Instant::now() + Duration::from_secs(300);
     while arrived.len() < total {
         anyhow::ensure!(
@@ -286,20 +295,167 @@ async fn drive(
             .await?
             .record;
         if expected.contains(&p.event_id) {
-            arrived.entry(p.event_id).or_insert_with(Instant::now);
+            arrived
+                .entry(p.event_id)
+                .or_insert_with(|| (Instant::now(), now_millis()));
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
     let sent = sender.await??;
     let mut latencies: Vec<f64> = arrived
         .iter()
-        .filter_map(|(id, at)| {
+        .filter_map(|(id, (at, _))| {
             sent.get(id)
-                .map(|s| at.duration_since(*s).as_secs_f64() * 1000.0)
+                .map(|(s, _)| at.duration_since(*s).as_secs_f64() * 1000.0)
         })
         .collect();
     latencies.sort_by(f64::total_cmp);
-    Ok((elapsed, latencies))
+    Ok(Drive {
+        secs: elapsed,
+        latencies,
+        sent_at: sent.into_iter().map(|(id, (_, ms))| (id, ms)).collect(),
+        arrived_at: arrived.into_iter().map(|(id, (_, ms))| (id, ms)).collect(),
+    })
+}
+
+/// The stages an event's latency splits into, by when each service produced its
+/// record (the records' create times): publish to ingest's event, to the batch that
+/// held it, to its prediction, and from there to the reader.
+pub(crate) const STAGES: [&str; 4] = ["ingest", "micro-batcher", "scorer", "delivery"];
+
+/// Each stage's latencies (ms, sorted) over the events seen at every step.
+pub(crate) fn stages(
+    sent: &HashMap<String, i64>,
+    events: &HashMap<String, i64>,
+    batches: &HashMap<String, i64>,
+    predictions: &HashMap<String, i64>,
+    arrived: &HashMap<String, i64>,
+) -> [Vec<f64>; 4] {
+    let mut out: [Vec<f64>; 4] = Default::default();
+    for (id, &t0) in sent {
+        let (Some(&e), Some(&b), Some(&p), Some(&a)) = (
+            events.get(id),
+            batches.get(id),
+            predictions.get(id),
+            arrived.get(id),
+        ) else {
+            continue;
+        };
+        for (stage, (from, to)) in out.iter_mut().zip([(t0, e), (e, b), (b, p), (p, a)]) {
+            stage.push((to - from) as f64);
+        }
+    }
+    for stage in &mut out {
+        stage.sort_by(f64::total_cmp);
+    }
+    out
+}
+
+/// Each partition's end offset: where the records of a run about to start begin.
+fn ends(s: &Settings, topic: &str) -> anyhow::Result<Vec<(i32, i64)>> {
+    let c: rdkafka::consumer::BaseConsumer =
+        lanes_common::kafka::quiet_consumer_config(&s.kafka, "lanes-bench", "bench-ends")
+            .create()?;
+    let meta = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut out = Vec::new();
+    for t in meta.topics() {
+        for p in t.partitions() {
+            let (_, high) = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            out.push((p.id(), high));
+        }
+    }
+    Ok(out)
+}
+
+/// Create times (ms) of the records on `topic` from `from`, by the event ids each holds,
+/// until every id in `want` is seen.
+async fn created<R: lanes_common::records::Record>(
+    s: &Settings,
+    codec: &AvroCodec,
+    topic: &str,
+    from: &[(i32, i64)],
+    want: &std::collections::HashSet<&String>,
+    ids: impl Fn(R) -> Vec<String>,
+) -> anyhow::Result<HashMap<String, i64>> {
+    let c: StreamConsumer =
+        lanes_common::kafka::quiet_consumer_config(&s.kafka, "lanes-bench", "bench-stages")
+            .create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for &(p, offset) in from {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Offset(offset))?;
+    }
+    c.assign(&tpl)?;
+    let mut out = HashMap::with_capacity(want.len());
+    while out.len() < want.len() {
+        let m = tokio::time::timeout(Duration::from_secs(10), c.recv())
+            .await
+            .with_context(|| format!("{topic}: {} of {} events", out.len(), want.len()))??;
+        let Some(at) = m.timestamp().to_millis() else {
+            continue;
+        };
+        let record = codec.decode::<R>(m.payload().unwrap_or_default()).await?;
+        for id in ids(record.record) {
+            if want.contains(&id) {
+                out.entry(id).or_insert(at);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Where to start reading each topic a run writes, taken before the run.
+struct Marks {
+    events: Vec<(i32, i64)>,
+    batches: Vec<(i32, i64)>,
+    predictions: Vec<(i32, i64)>,
+}
+
+impl Marks {
+    fn take(s: &Settings) -> anyhow::Result<Self> {
+        Ok(Self {
+            events: ends(s, &s.topics.events)?,
+            batches: ends(s, &s.topics.batches)?,
+            predictions: ends(s, &s.topics.predictions)?,
+        })
+    }
+
+    /// A run's latency by stage, from the records it left on the topics.
+    async fn stages(&self, s: &Settings, run: &Drive) -> anyhow::Result<[Vec<f64>; 4]> {
+        let codec = AvroCodec::new(&s.registry)?;
+        let want: std::collections::HashSet<&String> = run.sent_at.keys().collect();
+        let events = created(
+            s,
+            &codec,
+            &s.topics.events,
+            &self.events,
+            &want,
+            |e: Event| vec![e.event_id],
+        );
+        let batches = created(
+            s,
+            &codec,
+            &s.topics.batches,
+            &self.batches,
+            &want,
+            |b: MicroBatch| b.event_ids,
+        );
+        let predictions = created(
+            s,
+            &codec,
+            &s.topics.predictions,
+            &self.predictions,
+            &want,
+            |p: Prediction| vec![p.event_id],
+        );
+        let (events, batches, predictions) = tokio::try_join!(events, batches, predictions)?;
+        Ok(stages(
+            &run.sent_at,
+            &events,
+            &batches,
+            &predictions,
+            &run.arrived_at,
+        ))
+    }
 }
 
 pub(crate) fn events(seed: u64, n: usize) -> Vec<(String, String)> {
@@ -403,6 +559,8 @@ pub(crate) struct Point {
     pub(crate) p50_ms: f64,
     pub(crate) p99_ms: f64,
     pub(crate) mean_batch: f64,
+    /// p50 and p99 (ms) of each of [`STAGES`].
+    pub(crate) stages: [(f64, f64); 4],
 }
 
 impl Setting {
@@ -498,14 +656,19 @@ pub async fn run(args: BenchArgs, settings: &Settings) -> anyhow::Result<()> {
             eprintln!("window max_delay {delay} ms, max_events {size} ...");
             let lane = Lane::start(s, &lanes_services::all()).await?;
             seed += 1;
-            let (secs, _) = drive(&lane, source.lines(seed, args.burst), None).await?;
+            let secs = drive(&lane, source.lines(seed, args.burst), None)
+                .await?
+                .secs;
             let mut points = Vec::new();
             for &rate in &args.rates {
                 seed += 1;
                 let before = batches(&lane.metrics);
                 let paced = source.lines(seed, rate * args.seconds as usize);
-                let (_, lat) = drive(&lane, paced, Some(rate)).await?;
+                let marks = Marks::take(&lane.settings)?;
+                let run = drive(&lane, paced, Some(rate)).await?;
                 let after = batches(&lane.metrics);
+                let by_stage = marks.stages(&lane.settings, &run).await?;
+                let lat = run.latencies;
                 points.push(Point {
                     rate,
                     p50_ms: round1(percentile(&lat, 0.5)),
@@ -513,6 +676,8 @@ pub async fn run(args: BenchArgs, settings: &Settings) -> anyhow::Result<()> {
                     mean_batch: round1(
                         (after.1 - before.1) / after.0.saturating_sub(before.0).max(1) as f64,
                     ),
+                    stages: by_stage
+                        .map(|l| (round1(percentile(&l, 0.5)), round1(percentile(&l, 0.99)))),
                 });
             }
             let s = lane.settings.clone();
@@ -539,6 +704,9 @@ pub async fn run(args: BenchArgs, settings: &Settings) -> anyhow::Result<()> {
                     "latency_p50_ms": p.p50_ms,
                     "latency_p99_ms": p.p99_ms,
                     "mean_batch_events": p.mean_batch,
+                    "stages": STAGES.iter().zip(p.stages).map(|(name, (p50, p99))| {
+                        (name.to_string(), json!({"p50_ms": p50, "p99_ms": p99}))
+                    }).collect::<serde_json::Map<_, _>>(),
                 })).collect::<Vec<_>>(),
                 "meets_target": r.meets(target_ms),
             })
@@ -607,6 +775,31 @@ pub async fn run(args: BenchArgs, settings: &Settings) -> anyhow::Result<()> {
         }
     }
     println!();
+    // Each service's share, by when it produced its record (the window is in the
+    // micro-batcher's): which stage's client settings are worth changing.
+    println!(
+        "where the latency goes, p50 / p99 ms by stage (publish to ingest's event, to the batch, to the prediction, to the reader):"
+    );
+    println!();
+    println!("| max_delay_ms | max_events | rate/s | ingest | micro-batcher | scorer | delivery |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &results {
+        for p in &r.points {
+            let cells: Vec<String> = p
+                .stages
+                .iter()
+                .map(|(p50, p99)| format!("{p50} / {p99}"))
+                .collect();
+            println!(
+                "| {} | {} | {} | {} |",
+                r.max_delay_ms,
+                r.max_events,
+                p.rate,
+                cells.join(" | ")
+            );
+        }
+    }
+    println!();
     match best {
         Some((i, true)) => println!(
             "recommended for p99 <= {target_ms} ms: micro_batcher.max_delay_ms = {}, max_events = {}",
@@ -644,9 +837,30 @@ mod tests {
                     p50_ms: p99_ms / 2.0,
                     p99_ms,
                     mean_batch,
+                    stages: [(0.0, 0.0); 4],
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn an_events_latency_splits_into_stages_by_its_records_create_times() {
+        let times = |pairs: &[(&str, i64)]| -> HashMap<String, i64> {
+            pairs.iter().map(|&(id, t)| (id.to_string(), t)).collect()
+        };
+        let sent = times(&[("a", 1000), ("b", 1004), ("lost", 1002)]);
+        let events = times(&[("a", 1012), ("b", 1013), ("lost", 1014)]);
+        // Both in one batch, closed 20 ms after the first arrived.
+        let batches = times(&[("a", 1032), ("b", 1032)]);
+        let predictions = times(&[("a", 1040), ("b", 1040), ("other", 1041)]);
+        let arrived = times(&[("a", 1055), ("b", 1051)]);
+        let [ingest, batcher, scorer, delivery] =
+            stages(&sent, &events, &batches, &predictions, &arrived);
+        // "lost" never reached a batch: left out of every stage, not counted as zero.
+        assert_eq!(ingest, vec![9.0, 12.0]);
+        assert_eq!(batcher, vec![19.0, 20.0]);
+        assert_eq!(scorer, vec![8.0, 8.0]);
+        assert_eq!(delivery, vec![11.0, 15.0]);
     }
 
     #[test]
