@@ -375,40 +375,20 @@ pub(crate) fn stages(
     out
 }
 
-/// Each partition's end offset: where the records of a run about to start begin.
-fn ends(s: &Settings, topic: &str) -> anyhow::Result<Vec<(i32, i64)>> {
-    let c: rdkafka::consumer::BaseConsumer =
-        lanes_common::kafka::quiet_consumer_config(&s.kafka, "lanes-bench", "bench-ends")
-            .create()?;
-    let meta = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let mut out = Vec::new();
-    for t in meta.topics() {
-        for p in t.partitions() {
-            let (_, high) = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
-            out.push((p.id(), high));
-        }
-    }
-    Ok(out)
-}
-
 /// Create times (ms) of the records on `topic` from `from`, by the event ids each holds,
 /// until every id in `want` is seen.
 async fn created<R: lanes_common::records::Record>(
     s: &Settings,
     codec: &AvroCodec,
     topic: &str,
-    from: &[(i32, i64)],
+    from: &rdkafka::TopicPartitionList,
     want: &std::collections::HashSet<&String>,
     ids: impl Fn(R) -> Vec<String>,
 ) -> anyhow::Result<HashMap<String, i64>> {
     let c: StreamConsumer =
         lanes_common::kafka::quiet_consumer_config(&s.kafka, "lanes-bench", "bench-stages")
             .create()?;
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for &(p, offset) in from {
-        tpl.add_partition_offset(topic, p, rdkafka::Offset::Offset(offset))?;
-    }
-    c.assign(&tpl)?;
+    c.assign(from)?;
     let mut out = HashMap::with_capacity(want.len());
     while out.len() < want.len() {
         let m = tokio::time::timeout(Duration::from_secs(10), c.recv())
@@ -429,17 +409,21 @@ async fn created<R: lanes_common::records::Record>(
 
 /// Where to start reading each topic a run writes, taken before the run.
 struct Marks {
-    events: Vec<(i32, i64)>,
-    batches: Vec<(i32, i64)>,
-    predictions: Vec<(i32, i64)>,
+    events: rdkafka::TopicPartitionList,
+    batches: rdkafka::TopicPartitionList,
+    predictions: rdkafka::TopicPartitionList,
 }
 
 impl Marks {
     fn take(s: &Settings) -> anyhow::Result<Self> {
+        use lanes_common::kafka::end_offsets;
+        let c: rdkafka::consumer::BaseConsumer =
+            lanes_common::kafka::quiet_consumer_config(&s.kafka, "lanes-bench", "bench-ends")
+                .create()?;
         Ok(Self {
-            events: ends(s, &s.topics.events)?,
-            batches: ends(s, &s.topics.batches)?,
-            predictions: ends(s, &s.topics.predictions)?,
+            events: end_offsets(&c, &s.topics.events)?,
+            batches: end_offsets(&c, &s.topics.batches)?,
+            predictions: end_offsets(&c, &s.topics.predictions)?,
         })
     }
 

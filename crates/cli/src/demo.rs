@@ -13,7 +13,7 @@ use lanes_common::dlq::{self, ErrorClass};
 use lanes_common::generator::Generator;
 use lanes_common::records::{Prediction, now_millis};
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{Message, TopicPartitionList};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -73,13 +73,7 @@ fn ends(settings: &Settings, topic: &str) -> anyhow::Result<TopicPartitionList> 
         cfg.set(k, v);
     }
     let c: BaseConsumer = cfg.create()?;
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let mut tpl = TopicPartitionList::new();
-    for p in md.topics().iter().flat_map(|t| t.partitions()) {
-        let (_, high) = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
-        tpl.add_partition_offset(topic, p.id(), Offset::Offset(high))?;
-    }
-    Ok(tpl)
+    lanes_common::kafka::end_offsets(&c, topic)
 }
 
 fn reader(settings: &Settings, from: &TopicPartitionList) -> anyhow::Result<StreamConsumer> {

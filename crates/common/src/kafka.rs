@@ -47,6 +47,16 @@ pub fn watermarks(c: &impl Consumer, topic: &str) -> anyhow::Result<Vec<(i32, i6
         .collect()
 }
 
+/// Each partition of `topic` at its high watermark, as an assignment: where the records
+/// written from now on begin.
+pub fn end_offsets(c: &impl Consumer, topic: &str) -> anyhow::Result<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    for (partition, _, high) in watermarks(c, topic)? {
+        tpl.add_partition_offset(topic, partition, Offset::Offset(high))?;
+    }
+    Ok(tpl)
+}
+
 /// Committed lag of `group` on `topic`: end offsets minus committed positions (a
 /// partition with no commit counts from its start). Blocking.
 pub fn group_lag(cfg: &KafkaConfig, group: &str, topic: &str) -> anyhow::Result<i64> {
