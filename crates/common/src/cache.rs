@@ -22,21 +22,24 @@ use crate::records::Prediction;
 /// commands inside it. Only a key's first read is a `pcall`: once it answered as a
 /// hash, writing it can only fail for the whole server (out of memory), which fails
 /// the call and retries it whole. A cached time that is not a number counts as none,
-/// so the entry is rewritten rather than the call failing.
+/// so the entry is rewritten rather than the call failing. An argument the writer
+/// formatted as an integer is read with `+ 0`, one `strtod`; `tonumber` (two) is kept
+/// for what the hash holds.
 pub const FEATURES_IF_NEWER: &str = r"
-local ttl = tonumber(ARGV[1])
+local ttl = ARGV[1]
+local expire = ttl ~= '0'
 local out = {}
 for i, key in ipairs(KEYS) do
   local cached = redis.pcall('HGET', key, 'features_event_time')
   if type(cached) == 'table' and cached.err then
     out[i] = cached.err
   else
-    local ct = tonumber(cached)
-    if ct and tonumber(ARGV[2 * i]) <= ct then
+    local ct = cached and tonumber(cached)
+    if ct and ARGV[2 * i] + 0 <= ct then
       out[i] = 0
     else
       redis.call('HSET', key, 'features_event_time', ARGV[2 * i], 'features', ARGV[2 * i + 1])
-      if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+      if expire then redis.call('EXPIRE', key, ttl) end
       out[i] = 1
     end
   end
@@ -52,40 +55,58 @@ return out
 /// features) it is also refused when the entity's online features are newer than it: the
 /// entity has moved on. `written_at` is Redis's own clock, so readers can measure
 /// event-to-cache latency. Redis spends most of a call converting values between Lua
-/// and commands, so each item reads only what its branch needs (`scored_at` on an
-/// event-time tie, `features_event_time` when guarded), each number is parsed once,
-/// and `written_at` is formatted once per call.
+/// and commands and parsing numbers, so each item reads only what its branch needs:
+/// the cached event time (one `HGET`; with `features_event_time` when guarded), then
+/// `event_id`, `model_version` and `scored_at` only on a tie, since the same prediction
+/// again has its event's time. Arguments are read with `+ 0` (one `strtod`; `tonumber`
+/// takes two) and `written_at` is formatted once per call.
 pub const WRITE_IF_NEWER: &str = r"
-local ttl = tonumber(ARGV[1])
+local ttl = ARGV[1]
+local expire = ttl ~= '0'
 local now = redis.call('TIME')
 local written_at = tostring(now[1] * 1000 + math.floor(now[2] / 1000))
 local out = {}
 for i, key in ipairs(KEYS) do
   local a = 1 + (i - 1) * 10
   local guard = ARGV[a + 5] == '1'
-  local cached
+  local cached, ct
   if guard then
-    cached = redis.pcall('HMGET', key, 'event_time', 'event_id', 'model_version', 'features_event_time')
+    cached = redis.pcall('HMGET', key, 'event_time', 'features_event_time')
+    ct = cached[1]
   else
-    cached = redis.pcall('HMGET', key, 'event_time', 'event_id', 'model_version')
+    cached = redis.pcall('HGET', key, 'event_time')
+    ct = cached
   end
-  if cached.err then
+  if type(cached) == 'table' and cached.err then
     out[i] = cached.err
   else
-    local t, ct = tonumber(ARGV[a + 1]), tonumber(cached[1])
-    if ct and cached[2] == ARGV[a + 3] and cached[3] == ARGV[a + 4] then
-      out[i] = 2
-    elseif ct and (t < ct or (t == ct and tonumber(ARGV[a + 2]) <= (tonumber(redis.call('HGET', key, 'scored_at')) or 0))) then
-      out[i] = 0
-    elseif guard and (tonumber(cached[4]) or t) > t then
-      out[i] = 0
+    local t = ARGV[a + 1] + 0
+    ct = ct and tonumber(ct)
+    local write
+    if not ct or t > ct then
+      write = true
+    elseif t < ct then
+      write = false
     else
+      local tie = redis.call('HMGET', key, 'event_id', 'model_version', 'scored_at')
+      if tie[1] == ARGV[a + 3] and tie[2] == ARGV[a + 4] then
+        out[i] = 2
+      else
+        write = ARGV[a + 2] + 0 > (tonumber(tie[3]) or 0)
+      end
+    end
+    if write and guard and (tonumber(cached[2]) or t) > t then
+      write = false
+    end
+    if write then
       redis.call('HSET', key, 'written_at', written_at, 'event_time', ARGV[a + 1],
         'scored_at', ARGV[a + 2], 'event_id', ARGV[a + 3], 'model_version', ARGV[a + 4],
         'score', ARGV[a + 6], 'label', ARGV[a + 7], 'model_name', ARGV[a + 8],
         'lane', ARGV[a + 9], 'ingested_at', ARGV[a + 10])
-      if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+      if expire then redis.call('EXPIRE', key, ttl) end
       out[i] = 1
+    elseif write == false then
+      out[i] = 0
     end
   end
 end
