@@ -2,7 +2,7 @@
 //! order or replay of the same predictions, written one per call or many per call as the
 //! cache-writer does, leaves each entity holding its newest by (event time, scored at).
 
-use lanes_common::cache::{self, WRITE_IF_NEWER};
+use lanes_common::cache::{self, WRITE_IF_NEWER, Written};
 use lanes_common::records::Prediction;
 use lanes_tests::*;
 use proptest::prelude::*;
@@ -83,6 +83,55 @@ proptest! {
         });
         prop_assert_eq!(held, newest);
     }
+}
+
+/// The contract's duplicate: the `event_id` and `model_version` the entry holds change
+/// nothing, whatever the event time they come with; another model version of the same
+/// event is a new prediction and follows the ordering rule.
+#[tokio::test]
+async fn the_cached_event_id_and_model_version_are_a_duplicate_at_any_time() {
+    let s = settings();
+    let entity = unique("dup");
+    let mut conn = redis(&s).get_multiplexed_async_connection().await.unwrap();
+    let script = redis::Script::new(WRITE_IF_NEWER);
+    let prefix = &s.cache_writer.key_prefix;
+    let key = cache::key(prefix, &entity);
+    let first = prediction(&entity, (1, 0));
+    let mut write = async |p: &Prediction| {
+        let reply = cache::write_predictions(&script, prefix, [(p, false)], 60)
+            .invoke(&mut conn)
+            .await
+            .unwrap();
+        let reply = cache::replies(reply, 1).unwrap().remove(0).unwrap();
+        let score: Option<String> = redis::cmd("HGET")
+            .arg(&key)
+            .arg("score")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        (reply, score)
+    };
+    let held = Some(first.score.to_string());
+    assert_eq!(write(&first).await, (Written::Written, held.clone()));
+    let mut later = first.clone();
+    later.event_time += 5;
+    later.score = 0.75;
+    assert_eq!(write(&later).await, (Written::Duplicate, held.clone()));
+    let mut earlier = first.clone();
+    earlier.event_time -= 5;
+    earlier.score = 0.25;
+    assert_eq!(write(&earlier).await, (Written::Duplicate, held));
+    let mut rescored = later.clone();
+    rescored.model_version = "9".into();
+    assert_eq!(
+        write(&rescored).await,
+        (Written::Written, Some("0.75".to_string()))
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
 }
 
 /// A script Redis no longer holds (a restart, `SCRIPT FLUSH`) is loaded again by the

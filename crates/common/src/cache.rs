@@ -56,10 +56,10 @@ return out
 /// entity has moved on. `written_at` is Redis's own clock, so readers can measure
 /// event-to-cache latency. Redis spends most of a call converting values between Lua
 /// and commands and parsing numbers, so each item reads only what its branch needs:
-/// the cached event time (one `HGET`; with `features_event_time` when guarded), then
-/// `event_id`, `model_version` and `scored_at` only on a tie, since the same prediction
-/// again has its event's time. Arguments are read with `+ 0` (one `strtod`; `tonumber`
-/// takes two) and `written_at` is formatted once per call.
+/// `model_version` only when the cached `event_id` is this one's, `scored_at` only on
+/// an event-time tie, `features_event_time` only when guarded. Arguments are read with
+/// `+ 0` (one `strtod`; `tonumber` takes two), the ttl stays a string, and `written_at`
+/// is formatted once per call.
 pub const WRITE_IF_NEWER: &str = r"
 local ttl = ARGV[1]
 local expire = ttl ~= '0'
@@ -69,44 +69,29 @@ local out = {}
 for i, key in ipairs(KEYS) do
   local a = 1 + (i - 1) * 10
   local guard = ARGV[a + 5] == '1'
-  local cached, ct
+  local cached
   if guard then
-    cached = redis.pcall('HMGET', key, 'event_time', 'features_event_time')
-    ct = cached[1]
+    cached = redis.pcall('HMGET', key, 'event_time', 'event_id', 'features_event_time')
   else
-    cached = redis.pcall('HGET', key, 'event_time')
-    ct = cached
+    cached = redis.pcall('HMGET', key, 'event_time', 'event_id')
   end
-  if type(cached) == 'table' and cached.err then
+  if cached.err then
     out[i] = cached.err
   else
-    local t = ARGV[a + 1] + 0
-    ct = ct and tonumber(ct)
-    local write
-    if not ct or t > ct then
-      write = true
-    elseif t < ct then
-      write = false
+    local t, ct = ARGV[a + 1] + 0, tonumber(cached[1])
+    if ct and cached[2] == ARGV[a + 3] and redis.call('HGET', key, 'model_version') == ARGV[a + 4] then
+      out[i] = 2
+    elseif ct and (t < ct or (t == ct and ARGV[a + 2] + 0 <= (tonumber(redis.call('HGET', key, 'scored_at')) or 0))) then
+      out[i] = 0
+    elseif guard and (tonumber(cached[3]) or t) > t then
+      out[i] = 0
     else
-      local tie = redis.call('HMGET', key, 'event_id', 'model_version', 'scored_at')
-      if tie[1] == ARGV[a + 3] and tie[2] == ARGV[a + 4] then
-        out[i] = 2
-      else
-        write = ARGV[a + 2] + 0 > (tonumber(tie[3]) or 0)
-      end
-    end
-    if write and guard and (tonumber(cached[2]) or t) > t then
-      write = false
-    end
-    if write then
       redis.call('HSET', key, 'written_at', written_at, 'event_time', ARGV[a + 1],
         'scored_at', ARGV[a + 2], 'event_id', ARGV[a + 3], 'model_version', ARGV[a + 4],
         'score', ARGV[a + 6], 'label', ARGV[a + 7], 'model_name', ARGV[a + 8],
         'lane', ARGV[a + 9], 'ingested_at', ARGV[a + 10])
       if expire then redis.call('EXPIRE', key, ttl) end
       out[i] = 1
-    elseif write == false then
-      out[i] = 0
     end
   end
 end
