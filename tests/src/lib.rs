@@ -449,9 +449,10 @@ pub struct Running {
 }
 
 impl Running {
-    /// Waits until every service says it is ready.
+    /// Waits until every service says it is ready. Generous: a service loading a slow
+    /// model shares the two cores with the other tests of its binary.
     pub async fn ready(&self) {
-        wait_for("services ready", Duration::from_secs(60), || async {
+        wait_for("services ready", Duration::from_secs(120), || async {
             self.tasks.iter().all(|(_, r, _)| r.is_set()).then_some(())
         })
         .await;
