@@ -178,7 +178,7 @@ async fn first_message(
 /// (`runner.rewind_records`) reads from before it and skips what was done.
 #[tokio::test]
 async fn a_member_resuming_inside_a_record_batch_gets_the_rest_of_it() {
-    use lanes_common::source::Source;
+    use lanes_common::source::{RecordHeaders, Source};
 
     let mut s = settings();
     s.kafka.partitions = 1;
@@ -190,6 +190,7 @@ async fn a_member_resuming_inside_a_record_batch_gets_the_rest_of_it() {
         &[&topic],
         Duration::from_secs(10),
         &s.runner,
+        RecordHeaders::Keep,
         None,
     )
     .unwrap();
@@ -206,12 +207,22 @@ async fn a_member_resuming_inside_a_record_batch_gets_the_rest_of_it() {
 #[tokio::test]
 async fn a_member_that_cannot_read_its_committed_offset_never_skips_records() {
     use lanes_common::failpoint::{self, COMMITTED_UNKNOWN};
-    use lanes_common::source::Source;
+    use lanes_common::source::{RecordHeaders, Source};
 
     let mut s = settings();
     s.kafka.partitions = 1;
     let start = |topic: &str, group: &str, hold: Duration| {
-        Source::start(&s.kafka, "test", group, &[topic], hold, &s.runner, None).unwrap()
+        Source::start(
+            &s.kafka,
+            "test",
+            group,
+            &[topic],
+            hold,
+            &s.runner,
+            RecordHeaders::Keep,
+            None,
+        )
+        .unwrap()
     };
 
     // Known again after 4 s: the rest of the batch, from the committed offset.
@@ -258,7 +269,7 @@ async fn read_while_two_producers_write(
     runner: &lanes_common::config::RunnerConfig,
     each: usize,
 ) -> (usize, usize, f64) {
-    use lanes_common::source::{Source, SourceEvent};
+    use lanes_common::source::{RecordHeaders, Source, SourceEvent};
     use rdkafka::producer::FutureRecord;
     use std::collections::HashMap;
 
@@ -278,6 +289,7 @@ async fn read_while_two_producers_write(
         &[&topic],
         Duration::from_secs(10),
         runner,
+        RecordHeaders::Keep,
         Some(metrics.clone()),
     )
     .unwrap();

@@ -55,6 +55,7 @@ async fn a_source_does_not_log_librdkafka_statistics() {
         &[&topic],
         Duration::from_secs(10),
         &s.runner,
+        lanes_common::source::RecordHeaders::Keep,
         None,
     )
     .unwrap();

@@ -301,6 +301,67 @@ async fn the_cache_never_rolls_back() {
     running.stop().await;
 }
 
+/// The guard header of a prediction scored from a request's own features (the
+/// responder's) reaches the cache-writer's script: such a prediction yields to the
+/// entity's newer online features, while the same prediction without the header is
+/// written. The cache-writer's other consumer reads no headers; this one must.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guarded_prediction_yields_to_newer_features() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+
+    let mut lane = Lane::new("guard");
+    lane.settings.cache_writer.ttl_seconds = 600;
+    lane.create_topics().await;
+    let running = lane.start(&[lanes_cache_writer::def()]);
+    running.ready().await;
+    let codec = AvroCodec::new(&lane.settings.registry).unwrap();
+    let p = client_producer(&lane.settings);
+    let topic = lane.settings.topics.predictions.clone();
+    let mut r = redis(&lane.settings)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let prefix = &lane.settings.cache_writer.key_prefix;
+    for entity in ["guarded", "plain"] {
+        let _: () = r
+            .hset(format!("{prefix}{entity}"), "features_event_time", T0 + 200)
+            .await
+            .unwrap();
+    }
+    let send = |pr: Prediction, guard: bool| {
+        let (codec, p, topic) = (codec.clone(), p.clone(), topic.clone());
+        async move {
+            let bytes = codec.encode(&topic, &pr).await.unwrap();
+            let mut record = FutureRecord::to(&topic)
+                .key(pr.entity_id.as_str())
+                .payload(&bytes);
+            if guard {
+                record = record.headers(OwnedHeaders::new().insert(Header {
+                    key: lanes_common::cache::HEADER_GUARD,
+                    value: Some("1"),
+                }));
+            }
+            p.send(record, Duration::from_secs(10))
+                .await
+                .expect("delivered");
+        }
+    };
+    let writes = |result| running.metric("lanes_cache_writer_writes_total", &[("result", result)]);
+    send(prediction("guarded", 100, 1, 0.3), true).await;
+    send(prediction("plain", 100, 1, 0.4), false).await;
+    wait_for(
+        "both predictions handled",
+        Duration::from_secs(30),
+        || async { (writes("written") + writes("stale") >= 2.0).then_some(()) },
+    )
+    .await;
+    assert_eq!((writes("written"), writes("stale")), (1.0, 1.0));
+    assert_eq!(cached(&lane, "guarded").await.get("score"), None);
+    assert_eq!(cached(&lane, "plain").await["score"], "0.4");
+    running.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_outage_is_retried_without_commit_or_dead_letter() {
     let port = free_port();

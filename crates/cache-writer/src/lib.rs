@@ -27,6 +27,7 @@ use lanes_common::kafka;
 use lanes_common::records::{Event, Prediction, check_client_time, now_millis};
 use lanes_common::retry;
 use lanes_common::service::{ServiceContext, ServiceDef};
+use lanes_common::source::RecordHeaders;
 use lanes_common::stage::{self, Input, Interrupted, Out, Plan, Stage};
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
@@ -137,6 +138,10 @@ async fn consume(ctx: ServiceContext, mode: Mode, metrics: Metrics) -> anyhow::R
     tracing::info!(prefix = %w.prefix, ttl = w.ttl, ?mode, %topic, "cache-writer running");
     let mut plan = Plan::new(&ctx, SERVICE, &group, &[topic]);
     plan.max_batch = s.cache_writer.max_pipeline.max(1);
+    if mode == Mode::Predictions {
+        // The guard header (see `PredictionStage`).
+        plan.headers = RecordHeaders::Keep;
+    }
     match mode {
         Mode::Predictions => stage::run(&ctx, plan, PredictionStage(w), io).await,
         Mode::Features => stage::run(&ctx, plan, FeatureStage(w), io).await,

@@ -44,7 +44,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol,
 };
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{BorrowedMessage, OwnedMessage};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
@@ -219,6 +219,35 @@ pub struct SourceContext {
     floors: Mutex<HashMap<(String, i32), Start>>,
     /// Whether `floors` has entries, so most messages skip its lock.
     rewinding: AtomicBool,
+    headers: RecordHeaders,
+}
+
+/// Whether a source's records keep their Kafka headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordHeaders {
+    Keep,
+    /// Records come without headers. librdkafka parses a record's headers when asked for
+    /// them, even none (an allocation and a free per record), so a stage that reads no
+    /// header saves that.
+    Skip,
+}
+
+impl SourceContext {
+    /// An owned copy of `m`, with its headers only where they are kept.
+    fn detach(&self, m: &BorrowedMessage<'_>) -> OwnedMessage {
+        match self.headers {
+            RecordHeaders::Keep => m.detach(),
+            RecordHeaders::Skip => OwnedMessage::new(
+                m.payload().map(<[u8]>::to_vec),
+                m.key().map(<[u8]>::to_vec),
+                m.topic().to_string(),
+                m.timestamp(),
+                m.partition(),
+                m.offset(),
+                None,
+            ),
+        }
+    }
 }
 
 fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -705,6 +734,7 @@ impl Source {
     /// Subscribes `group` to `topics`. `revoke_timeout` bounds how long a rebalance waits
     /// for the service to drain (and a partition is held for its committed offset);
     /// `runner` gives the rewind and the gap wait.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         cfg: &KafkaConfig,
         service: &str,
@@ -712,6 +742,7 @@ impl Source {
         topics: &[&str],
         revoke_timeout: Duration,
         runner: &RunnerConfig,
+        headers: RecordHeaders,
         metrics: Option<ConsumerMetrics>,
     ) -> KafkaResult<Self> {
         let rewind_records = runner.rewind_records;
@@ -736,6 +767,7 @@ impl Source {
             },
             floors: Mutex::new(HashMap::new()),
             rewinding: AtomicBool::new(false),
+            headers,
             metrics,
         };
         let consumer: SourceConsumer =
@@ -831,7 +863,7 @@ fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, sto
         while let Some(polled) = consumer.poll(Duration::ZERO) {
             match polled {
                 Ok(m) => {
-                    if let Some(m) = ctx.admit(m.detach()) {
+                    if let Some(m) = ctx.admit(ctx.detach(&m)) {
                         let key = (m.topic().to_string(), m.partition());
                         if ctx.follows(consumer, continuity.entry(key).or_default(), &m) {
                             ctx.pending.lock().expect("source lock").push_back(m);
@@ -889,7 +921,7 @@ fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, sto
                 };
                 match polled {
                     Ok(m) => match ctx
-                        .admit(m.detach())
+                        .admit(ctx.detach(&m))
                         .filter(|m| ctx.follows(consumer, c, m))
                         .map(|m| tx.try_send(SourceEvent::Message(m)))
                     {

@@ -34,7 +34,7 @@ use crate::producer::{Group, Producer};
 use crate::records::Record;
 use crate::retry;
 use crate::service::ServiceContext;
-use crate::source::{Acks, Source, SourceEvent};
+use crate::source::{Acks, RecordHeaders, Source, SourceEvent};
 
 /// One input and what it decoded to.
 pub struct Input<R> {
@@ -117,6 +117,9 @@ pub struct Plan {
     pub max_in_flight: usize,
     /// Their key and value bytes, at most.
     pub max_in_flight_bytes: usize,
+    /// Whether inputs keep their Kafka headers; [`RecordHeaders::Skip`] unless the stage reads
+    /// them.
+    pub headers: RecordHeaders,
 }
 
 impl Plan {
@@ -130,6 +133,7 @@ impl Plan {
             max_batch: r.max_batch.max(1),
             max_in_flight: r.max_in_flight.max(1),
             max_in_flight_bytes: r.max_in_flight_bytes.max(1),
+            headers: RecordHeaders::Skip,
         }
     }
 }
@@ -285,6 +289,7 @@ pub async fn run<S: Stage>(
         &topics,
         s.shutdown.drain_timeout(),
         &s.runner,
+        plan.headers,
         Some(ctx.consumer.clone()),
     )?;
     let mut acks = Acks::new(io.dlq.clone());
