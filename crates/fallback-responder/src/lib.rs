@@ -43,6 +43,7 @@ use lanes_common::model::Model;
 use lanes_common::producer::Producer;
 use lanes_common::records::{Lane, Prediction, PredictionRequest, now_millis};
 use lanes_common::service::{ServiceContext, ServiceDef};
+use lanes_common::source::RecordHeaders;
 use lanes_common::stage::{self, Input, Out, Plan, Stage};
 use rdkafka::Message;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -490,6 +491,8 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     // in memory, where each can be expired on time. Every request already fetched is
     // started before any is driven, so a burst for one entity meets in one scoring.
     plan.max_batch = cfg.max_in_flight.max(1);
+    // A request's headers (a correlation id) are copied onto its response.
+    plan.headers = RecordHeaders::Keep;
     tracing::info!(requests = %s.topics.requests, "fallback-responder running");
     let result = stage::run(&ctx, plan, Responder(core), io).await;
     background.await.ok();
