@@ -7,12 +7,18 @@
 //! produced as parts of a [`Group`]: each report decrements the group's count on the
 //! producer's polling thread, and the task waiting for the group is woken once, when the
 //! last report is in. A single record can still be awaited on its own ([`Producer::send`]).
+//!
+//! The polling thread is Lanes' own, not rdkafka's `ThreadedProducer`: that one polls
+//! with a 100 ms timeout whose last millisecond it spins through (the time left is
+//! rounded down to whole milliseconds, so under 1 ms it polls with 0 in a loop), about
+//! 1% of a core on an idle process. This thread sleeps until librdkafka rings it.
 
 use std::collections::HashMap;
+use std::ffi::c_void;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,8 +27,8 @@ use futures::task::AtomicWaker;
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Message, ToBytes};
 use rdkafka::producer::{
-    BaseRecord, DeliveryResult, FutureRecord, NoCustomPartitioner, Producer as _, ProducerContext,
-    ThreadedProducer,
+    BaseProducer, BaseRecord, DeliveryResult, FutureRecord, NoCustomPartitioner, Producer as _,
+    ProducerContext,
 };
 use rdkafka::{ClientContext, Statistics};
 
@@ -92,18 +98,138 @@ impl ProducerContext<NoCustomPartitioner> for Reports {
 /// An idempotent producer with a polling thread for its delivery reports. Cheap to clone.
 #[derive(Clone)]
 pub struct Producer {
-    inner: Arc<ThreadedProducer<Reports>>,
+    inner: Arc<Polled>,
+}
+
+/// A producer and the thread serving its event queue; the thread stops when the last
+/// clone is dropped, before the producer is (which then flushes what it can).
+struct Polled {
+    producer: Arc<BaseProducer<Reports>>,
+    stop: Arc<AtomicBool>,
+    ring: mpsc::SyncSender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::ops::Deref for Polled {
+    type Target = BaseProducer<Reports>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.producer
+    }
+}
+
+impl Drop for Polled {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.ring.try_send(());
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::warn!("the producer's polling thread panicked");
+        }
+    }
+}
+
+/// The producer's event queue (delivery reports, errors, statistics, logs), with a
+/// callback that rings the polling thread when it stops being empty.
+struct EventQueue {
+    queue: *mut rdkafka::bindings::rd_kafka_queue_t,
+    /// Read by the callback only, through the pointer it was given.
+    _ring: Box<mpsc::SyncSender<()>>,
+}
+
+// The queue handle is librdkafka's, safe to use from any thread.
+#[allow(unsafe_code)]
+unsafe impl Send for EventQueue {}
+
+#[allow(unsafe_code)]
+impl EventQueue {
+    fn new(producer: &BaseProducer<Reports>, ring: mpsc::SyncSender<()>) -> Self {
+        unsafe extern "C" fn rung(_: *mut rdkafka::bindings::rd_kafka_t, opaque: *mut c_void) {
+            // SAFETY: `opaque` is the `ring` box, kept alive until the callback is removed.
+            let ring = unsafe { &*(opaque as *const mpsc::SyncSender<()>) };
+            let _ = ring.try_send(());
+        }
+        let ring = Box::new(ring);
+        // SAFETY: the client outlives this handle (the thread holding both drops this
+        // first), and `ring` outlives the callback (removed in `drop`).
+        let queue = unsafe {
+            let queue = rdkafka::bindings::rd_kafka_queue_get_main(producer.client().native_ptr());
+            rdkafka::bindings::rd_kafka_queue_cb_event_enable(
+                queue,
+                Some(rung),
+                &*ring as *const mpsc::SyncSender<()> as *mut c_void,
+            );
+            queue
+        };
+        Self { queue, _ring: ring }
+    }
+
+    fn is_empty(&self) -> bool {
+        // SAFETY: a live queue handle.
+        unsafe { rdkafka::bindings::rd_kafka_queue_length(self.queue) == 0 }
+    }
+}
+
+#[allow(unsafe_code)]
+impl Drop for EventQueue {
+    fn drop(&mut self) {
+        // SAFETY: removes the callback before `ring` goes, then releases the handle.
+        unsafe {
+            rdkafka::bindings::rd_kafka_queue_cb_event_enable(
+                self.queue,
+                None,
+                std::ptr::null_mut(),
+            );
+            rdkafka::bindings::rd_kafka_queue_destroy(self.queue);
+        }
+    }
+}
+
+/// Serves `producer`'s events until `stop`: everything queued, then sleep until rung.
+fn poll_loop(
+    producer: &BaseProducer<Reports>,
+    events: &EventQueue,
+    wake: &mpsc::Receiver<()>,
+    stop: &AtomicBool,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        while !events.is_empty() {
+            // One event per call, with no timeout to round down.
+            producer.poll(Duration::ZERO);
+        }
+        // The timeout only bounds a missed ring.
+        let _ = wake.recv_timeout(Duration::from_secs(1));
+    }
 }
 
 impl Producer {
-    pub fn new(inner: ThreadedProducer<Reports>) -> Self {
+    pub fn new(producer: BaseProducer<Reports>) -> Self {
+        let producer = Arc::new(producer);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ring, wake) = mpsc::sync_channel(1);
+        let thread = {
+            let (producer, stop, ring) = (producer.clone(), stop.clone(), ring.clone());
+            std::thread::Builder::new()
+                .name("lanes-produce".into())
+                .spawn(move || {
+                    let events = EventQueue::new(&producer, ring);
+                    poll_loop(&producer, &events, &wake, &stop);
+                })
+                .expect("producer polling thread starts")
+        };
         Self {
-            inner: Arc::new(inner),
+            inner: Arc::new(Polled {
+                producer,
+                stop,
+                ring,
+                thread: Some(thread),
+            }),
         }
     }
 
     /// The rdkafka producer, for what this type does not wrap (flush, metadata).
-    pub fn inner(&self) -> &ThreadedProducer<Reports> {
+    pub fn inner(&self) -> &BaseProducer<Reports> {
         &self.inner
     }
 
