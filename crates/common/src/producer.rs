@@ -131,16 +131,13 @@ impl Drop for Polled {
 }
 
 /// The producer's event queue (delivery reports, errors, statistics, logs), with a
-/// callback that rings the polling thread when it stops being empty.
+/// callback that rings the polling thread when it stops being empty. Made and dropped
+/// on that thread.
 struct EventQueue {
     queue: *mut rdkafka::bindings::rd_kafka_queue_t,
     /// Read by the callback only, through the pointer it was given.
     _ring: Box<mpsc::SyncSender<()>>,
 }
-
-// The queue handle is librdkafka's, safe to use from any thread.
-#[allow(unsafe_code)]
-unsafe impl Send for EventQueue {}
 
 #[allow(unsafe_code)]
 impl EventQueue {
