@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod model;
 pub mod process;
 pub mod producer;
+mod queue;
 pub mod records;
 pub mod retry;
 pub mod service;

@@ -14,7 +14,6 @@
 //! 1% of a core on an idle process. This thread sleeps until librdkafka rings it.
 
 use std::collections::HashMap;
-use std::ffi::c_void;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -33,6 +32,7 @@ use rdkafka::producer::{
 use rdkafka::{ClientContext, Statistics};
 
 use crate::config::KafkaConfig;
+use crate::queue::EventQueue;
 
 /// Who waits for a message's delivery report.
 pub struct Ticket(Waiter);
@@ -130,63 +130,10 @@ impl Drop for Polled {
     }
 }
 
-/// The producer's event queue (delivery reports, errors, statistics, logs), with a
-/// callback that rings the polling thread when it stops being empty. Made and dropped
-/// on that thread.
-struct EventQueue {
-    queue: *mut rdkafka::bindings::rd_kafka_queue_t,
-    /// Read by the callback only, through the pointer it was given.
-    _ring: Box<mpsc::SyncSender<()>>,
-}
-
-#[allow(unsafe_code)]
-impl EventQueue {
-    fn new(producer: &BaseProducer<Reports>, ring: mpsc::SyncSender<()>) -> Self {
-        unsafe extern "C" fn rung(_: *mut rdkafka::bindings::rd_kafka_t, opaque: *mut c_void) {
-            // SAFETY: `opaque` is the `ring` box, kept alive until the callback is removed.
-            let ring = unsafe { &*(opaque as *const mpsc::SyncSender<()>) };
-            let _ = ring.try_send(());
-        }
-        let ring = Box::new(ring);
-        // SAFETY: the client outlives this handle (the thread holding both drops this
-        // first), and `ring` outlives the callback (removed in `drop`).
-        let queue = unsafe {
-            let queue = rdkafka::bindings::rd_kafka_queue_get_main(producer.client().native_ptr());
-            rdkafka::bindings::rd_kafka_queue_cb_event_enable(
-                queue,
-                Some(rung),
-                &*ring as *const mpsc::SyncSender<()> as *mut c_void,
-            );
-            queue
-        };
-        Self { queue, _ring: ring }
-    }
-
-    fn is_empty(&self) -> bool {
-        // SAFETY: a live queue handle.
-        unsafe { rdkafka::bindings::rd_kafka_queue_length(self.queue) == 0 }
-    }
-}
-
-#[allow(unsafe_code)]
-impl Drop for EventQueue {
-    fn drop(&mut self) {
-        // SAFETY: removes the callback before `ring` goes, then releases the handle.
-        unsafe {
-            rdkafka::bindings::rd_kafka_queue_cb_event_enable(
-                self.queue,
-                None,
-                std::ptr::null_mut(),
-            );
-            rdkafka::bindings::rd_kafka_queue_destroy(self.queue);
-        }
-    }
-}
-
 /// Serves `producer`'s events until `stop`: everything queued, then sleep until rung.
 fn poll_loop(
     producer: &BaseProducer<Reports>,
-    events: &EventQueue,
+    events: &EventQueue<'_>,
     wake: &mpsc::Receiver<()>,
     stop: &AtomicBool,
 ) {
@@ -210,7 +157,7 @@ impl Producer {
             std::thread::Builder::new()
                 .name("lanes-produce".into())
                 .spawn(move || {
-                    let events = EventQueue::new(&producer, ring);
+                    let events = EventQueue::main(producer.client(), ring);
                     poll_loop(&producer, &events, &wake, &stop);
                 })
                 .expect("producer polling thread starts")
