@@ -98,6 +98,28 @@ pub fn consumer(settings: &Settings, topics: &[&str]) -> TestConsumer {
     c
 }
 
+/// A source as the services start one, with the settings' runner, keeping headers and
+/// without metrics; `hold` is its drain timeout.
+pub fn source(
+    settings: &Settings,
+    service: &str,
+    group: &str,
+    topics: &[&str],
+    hold: Duration,
+) -> lanes_common::source::Source {
+    lanes_common::source::Source::start(
+        &settings.kafka,
+        service,
+        group,
+        topics,
+        hold,
+        &settings.runner,
+        lanes_common::source::RecordHeaders::Keep,
+        None,
+    )
+    .expect("source starts")
+}
+
 /// Receives `n` messages, failing the test after `timeout`.
 pub async fn consume_n(consumer: &TestConsumer, n: usize, timeout: Duration) -> Vec<OwnedMessage> {
     let mut out = Vec::with_capacity(n);
@@ -111,6 +133,51 @@ pub async fn consume_n(consumer: &TestConsumer, n: usize, timeout: Duration) -> 
         }
     }
     out
+}
+
+/// The ids of this process's threads named `name`.
+pub fn threads(name: &str) -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| {
+            let tid = t.ok()?.file_name().into_string().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).ok()?;
+            (comm.trim() == name).then_some(tid)
+        })
+        .collect()
+}
+
+/// A thread's time on a CPU and its voluntary context switches (each one a wake-up).
+pub fn cpu_and_wakeups(tid: &str) -> (Duration, u64) {
+    let sched = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).unwrap();
+    let ns: u64 = sched.split_whitespace().next().unwrap().parse().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+    let switches = status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (Duration::from_nanos(ns), switches)
+}
+
+/// Watches the thread `tid` for 3 s and fails the test unless it slept through them:
+/// under 5 ms on a CPU and at most 12 wake-ups.
+pub async fn assert_sleeps(tid: &str) {
+    let (cpu0, woke0) = cpu_and_wakeups(tid);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (cpu1, woke1) = cpu_and_wakeups(tid);
+    let (cpu, woke) = (cpu1 - cpu0, woke1 - woke0);
+    eprintln!("idle 3 s: {woke} wake-ups, {cpu:?} on a CPU");
+    assert!(
+        woke <= 12,
+        "an idle polling thread woke {woke} times in 3 s"
+    );
+    assert!(
+        cpu < Duration::from_millis(5),
+        "an idle polling thread ran {cpu:?} in 3 s"
+    );
 }
 
 /// The payload of a message, which must have one.

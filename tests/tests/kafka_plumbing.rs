@@ -119,6 +119,17 @@ async fn dead_letters_keep_the_original_bytes_and_carry_the_reason() {
 /// A one-partition topic of ten record batches of a hundred, and a group that
 /// committed offset 150, inside the second batch.
 async fn committed_inside_a_batch(s: &lanes_common::Settings, what: &str) -> (String, String) {
+    committed_at(s, what, 10, 150).await
+}
+
+/// A one-partition topic of `batches` record batches of a hundred, and a group that
+/// committed offset `committed`.
+async fn committed_at(
+    s: &lanes_common::Settings,
+    what: &str,
+    batches: usize,
+    committed: i64,
+) -> (String, String) {
     use futures::future::join_all;
     use rdkafka::consumer::{BaseConsumer, CommitMode};
     use rdkafka::producer::FutureRecord;
@@ -127,7 +138,7 @@ async fn committed_inside_a_batch(s: &lanes_common::Settings, what: &str) -> (St
     create_topics(s, &[&topic]).await;
     // Each hundred is sent at once, so one linger gathers it into one batch.
     let p = producer(s);
-    for b in 0..10 {
+    for b in 0..batches {
         let sends = (0..100).map(|i| {
             let value = format!("{}", b * 100 + i);
             let p = p.clone();
@@ -145,7 +156,7 @@ async fn committed_inside_a_batch(s: &lanes_common::Settings, what: &str) -> (St
         .create()
         .unwrap();
     let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(&topic, 0, Offset::Offset(150))
+    tpl.add_partition_offset(&topic, 0, Offset::Offset(committed))
         .unwrap();
     c.commit(&tpl, CommitMode::Sync).unwrap();
     (topic, group)
@@ -178,25 +189,33 @@ async fn first_message(
 /// (`runner.rewind_records`) reads from before it and skips what was done.
 #[tokio::test]
 async fn a_member_resuming_inside_a_record_batch_gets_the_rest_of_it() {
-    use lanes_common::source::{RecordHeaders, Source};
-
     let mut s = settings();
     s.kafka.partitions = 1;
     let (topic, group) = committed_inside_a_batch(&s, "midbatch").await;
-    let mut source = Source::start(
-        &s.kafka,
-        "test",
-        &group,
-        &[&topic],
-        Duration::from_secs(10),
-        &s.runner,
-        RecordHeaders::Keep,
-        None,
-    )
-    .unwrap();
+    let mut source = source(&s, "test", &group, &[&topic], Duration::from_secs(10));
     let (first, _) = first_message(&mut source).await;
     assert_eq!(first.offset(), 150, "resumed where the group committed");
     assert_eq!(payload(&first), b"150");
+    source.close().await;
+}
+
+/// A rewind that drops more records below the committed offset than the polling thread
+/// takes from a queue in one turn (512) reads on through them: a queue left holding
+/// records rings no more, so a turn that took records and handed none on must not
+/// end in the idle wait (1 s a turn).
+#[tokio::test]
+async fn a_rewind_longer_than_a_polling_turn_reads_on_without_waiting() {
+    let mut s = settings();
+    s.kafka.partitions = 1;
+    let (topic, group) = committed_at(&s, "long-rewind", 30, 2550).await;
+    let mut source = source(&s, "test", &group, &[&topic], Duration::from_secs(10));
+    let (first, waited) = first_message(&mut source).await;
+    eprintln!("first record after a rewind of 2550: {waited:?}");
+    assert_eq!(first.offset(), 2550, "resumed where the group committed");
+    assert!(
+        waited < Duration::from_secs(2),
+        "the first record after the rewind came {waited:?} after the start"
+    );
     source.close().await;
 }
 
@@ -207,23 +226,11 @@ async fn a_member_resuming_inside_a_record_batch_gets_the_rest_of_it() {
 #[tokio::test]
 async fn a_member_that_cannot_read_its_committed_offset_never_skips_records() {
     use lanes_common::failpoint::{self, COMMITTED_UNKNOWN};
-    use lanes_common::source::{RecordHeaders, Source};
 
     let mut s = settings();
     s.kafka.partitions = 1;
-    let start = |topic: &str, group: &str, hold: Duration| {
-        Source::start(
-            &s.kafka,
-            "test",
-            group,
-            &[topic],
-            hold,
-            &s.runner,
-            RecordHeaders::Keep,
-            None,
-        )
-        .unwrap()
-    };
+    let start =
+        |topic: &str, group: &str, hold: Duration| source(&s, "test", group, &[topic], hold);
 
     // Known again after 4 s: the rest of the batch, from the committed offset.
     let (topic, group) = committed_inside_a_batch(&s, "midbatch-unknown").await;

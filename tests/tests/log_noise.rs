@@ -4,7 +4,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lanes_common::source::Source;
 use lanes_tests::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tracing_subscriber::layer::SubscriberExt;
@@ -48,17 +47,7 @@ async fn a_source_does_not_log_librdkafka_statistics() {
     let topic = unique("quiet");
     create_topics(&s, &[&topic]).await;
     let group = unique("quiet-group");
-    let source = Source::start(
-        &s.kafka,
-        "quiet",
-        &group,
-        &[&topic],
-        Duration::from_secs(10),
-        &s.runner,
-        lanes_common::source::RecordHeaders::Keep,
-        None,
-    )
-    .unwrap();
+    let source = source(&s, "quiet", &group, &[&topic], Duration::from_secs(10));
     // A consumer with rdkafka's default context: its reports are logged, so the
     // capture sees them.
     let control: BaseConsumer = lanes_common::kafka::consumer_config(&s.kafka, "control", &group)

@@ -24,6 +24,11 @@
 //! watermark before it writes the record batch, so with two producers on one partition
 //! a fetch can list a later batch before an earlier one exists, and step over it.
 //!
+//! An idle source sleeps: the consumer's queue (rebalances, commit results, errors) and
+//! each partition's queue ring the polling thread when something arrives in them, and
+//! `close` rings it too. It waits on a timer only while the service has no room or a
+//! held partition's committed offset is asked for; a 1 s timeout bounds a missed ring.
+//!
 //! Revocation is synchronous: librdkafka calls the rebalance callback on the polling
 //! thread, which sends [`SourceEvent::Revoked`] after every message already fetched from
 //! those partitions, and waits until the service has flushed, drained and committed them
@@ -55,6 +60,7 @@ use crate::dlq::{DeadLetter, DlqWriter, ErrorClass};
 use crate::error::Failure;
 use crate::kafka::{OffsetTracker, describe};
 use crate::producer::Reported;
+use crate::queue::EventQueue;
 
 /// What the polling thread tells the service, in order.
 #[derive(Debug)]
@@ -361,6 +367,13 @@ impl SourceContext {
                 self.floors.lock().expect("source lock").get(key),
                 Some(Start::Holding { .. })
             )
+    }
+
+    /// Whether any partition's records are held.
+    fn holds_any(&self) -> bool {
+        self.rewinding.load(Ordering::Relaxed)
+            && (self.floors.lock().expect("source lock").values())
+                .any(|s| matches!(s, Start::Holding { .. }))
     }
 
     /// Asks the group, at most every [`ASK_EVERY`], for the committed offset of each held
@@ -726,6 +739,8 @@ pub struct Source {
     consumer: Option<Arc<SourceConsumer>>,
     pub events: mpsc::Receiver<SourceEvent>,
     stop: Arc<AtomicBool>,
+    /// Wakes the polling thread (see [`Wake`]).
+    ring: std_mpsc::SyncSender<()>,
     thread: Option<std::thread::JoinHandle<()>>,
     close_timeout: Duration,
 }
@@ -773,23 +788,31 @@ impl Source {
         let consumer: SourceConsumer =
             crate::kafka::consumer_config(cfg, service, group).create_with_context(context)?;
         consumer.subscribe(topics)?;
+        let (ring, wake) = std_mpsc::sync_channel::<()>(1);
         let consumer = Arc::new(consumer);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (consumer, stop) = (consumer.clone(), stop.clone());
+            let (consumer, stop, ring) = (consumer.clone(), stop.clone(), ring.clone());
             let name = format!("{service}-poll");
             std::thread::Builder::new()
                 .name(name)
-                .spawn(move || poll_loop(&consumer, &tx, &stop))
+                .spawn(move || poll_loop(&consumer, &tx, &stop, Wake { ring, wake }))
                 .expect("poll thread starts")
         };
         Ok(Self {
             consumer: Some(consumer),
             events: rx,
             stop,
+            ring,
             thread: Some(thread),
             close_timeout: revoke_timeout,
         })
+    }
+
+    /// Tells the polling thread to stop, waking it if it sleeps.
+    fn stop_polling(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.ring.try_send(());
     }
 
     pub fn consumer(&self) -> &Arc<SourceConsumer> {
@@ -800,7 +823,7 @@ impl Source {
     /// close goes on in the background and the group expires the member if it must.
     /// Commit before calling this.
     pub async fn close(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop_polling();
         self.events.close();
         let service = self.consumer().context().service.clone();
         let (closed, wait) = tokio::sync::oneshot::channel();
@@ -849,20 +872,45 @@ impl Source {
 /// starve the others.
 const TURN: usize = 512;
 
+/// How long an idle polling thread sleeps when nothing rings: it bounds a missed ring.
+/// librdkafka rings a queue only when it goes from empty to not empty, and the thread
+/// empties every queue it serves before it sleeps.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+/// How long the thread waits while it has work it cannot do now: the service has no
+/// room, or the consumer's queue holds more than a turn's events.
+const FULL_WAIT: Duration = Duration::from_millis(2);
+
+/// The polling thread's doorbell: the consumer's queue, each partition's queue, `close`
+/// and `drop` ring it.
+struct Wake {
+    ring: std_mpsc::SyncSender<()>,
+    wake: std_mpsc::Receiver<()>,
+}
+
 /// The polling thread: serve the consumer's events, split off each assigned partition's
 /// queue, and hand messages on while the service has room.
-fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, stop: &AtomicBool) {
+fn poll_loop(
+    consumer: &Arc<SourceConsumer>,
+    tx: &mpsc::Sender<SourceEvent>,
+    stop: &AtomicBool,
+    Wake { ring, wake }: Wake,
+) {
     let ctx = consumer.context();
+    let events = EventQueue::consumer(consumer.client(), ring.clone())
+        .expect("a source's consumer has a group");
     let mut queues: HashMap<(String, i32), PartitionQueue<SourceContext>> = HashMap::new();
     let mut continuity: HashMap<(String, i32), Continuity> = HashMap::new();
-    // Partition queues ring this when they get messages, so an idle source sleeps.
-    let (wake_tx, wake) = std_mpsc::sync_channel::<()>(1);
     while !stop.load(Ordering::Relaxed) {
         // Events (rebalances, errors), and messages fetched before their partition's
-        // queue was split off: those are older than anything in that queue.
-        while let Some(polled) = consumer.poll(Duration::ZERO) {
-            match polled {
-                Ok(m) => {
+        // queue was split off: those are older than anything in that queue. `poll`
+        // answers None for a rebalance or a commit result served, whatever lies behind
+        // it, so the queue's length says when it is empty.
+        for _ in 0..TURN {
+            if events.is_empty() {
+                break;
+            }
+            match consumer.poll(Duration::ZERO) {
+                Some(Ok(m)) => {
                     if let Some(m) = ctx.admit(ctx.detach(&m)) {
                         let key = (m.topic().to_string(), m.partition());
                         if ctx.follows(consumer, continuity.entry(key).or_default(), &m) {
@@ -870,7 +918,10 @@ fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, sto
                         }
                     }
                 }
-                Err(e) => tracing::warn!(service = %ctx.service, error = %e, "consumer error"),
+                Some(Err(e)) => {
+                    tracing::warn!(service = %ctx.service, error = %e, "consumer error")
+                }
+                None => {}
             }
         }
         for key in ctx.revoked.lock().expect("source lock").drain(..) {
@@ -889,9 +940,9 @@ fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, sto
             match consumer.split_partition_queue(&topic, partition) {
                 Some(mut q) => {
                     continuity.entry((topic.clone(), partition)).or_default();
-                    let wake = wake_tx.clone();
+                    let ring = ring.clone();
                     q.set_nonempty_callback(move || {
-                        let _ = wake.try_send(());
+                        let _ = ring.try_send(());
                     });
                     queues.insert((topic, partition), q);
                 }
@@ -903,7 +954,9 @@ fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, sto
         if !ctx.forward(tx) {
             break;
         }
-        let mut moved = false;
+        // Whether a partition's queue gave anything, handed on or not: one left with
+        // records after a turn (all dropped below a floor, say) rings no more.
+        let mut took = false;
         let mut full = !ctx.pending.lock().expect("source lock").is_empty();
         'queues: for (key, q) in &queues {
             if full {
@@ -919,14 +972,14 @@ fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, sto
                 let Some(polled) = q.poll(Duration::ZERO) else {
                     break;
                 };
+                took = true;
                 match polled {
                     Ok(m) => match ctx
                         .admit(ctx.detach(&m))
                         .filter(|m| ctx.follows(consumer, c, m))
                         .map(|m| tx.try_send(SourceEvent::Message(m)))
                     {
-                        None => {}
-                        Some(Ok(())) => moved = true,
+                        None | Some(Ok(())) => {}
                         Some(Err(mpsc::error::TrySendError::Full(SourceEvent::Message(m)))) => {
                             ctx.pending.lock().expect("source lock").push_back(m);
                             full = true;
@@ -938,11 +991,17 @@ fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, sto
                 }
             }
         }
-        if !moved {
-            // Full: the service may make room any moment. Idle: a queue rings when
-            // messages arrive; events wait at most one idle turn.
-            let wait = if full { 2 } else { 50 };
-            let _ = wake.recv_timeout(Duration::from_millis(wait));
+        if !took {
+            // Full: the service may make room any moment. Holding: the group is asked
+            // again on a timer. Idle: every queue rings when something arrives.
+            let wait = if full || !events.is_empty() {
+                FULL_WAIT
+            } else if ctx.holds_any() {
+                ASK_EVERY
+            } else {
+                IDLE_WAIT
+            };
+            let _ = wake.recv_timeout(wait);
         }
     }
     drop(queues);
@@ -953,7 +1012,7 @@ fn poll_loop(consumer: &Arc<SourceConsumer>, tx: &mpsc::Sender<SourceEvent>, sto
 impl Drop for Source {
     /// Dropped without `close` (a failed stage): stop polling, and close off the runtime.
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop_polling();
         self.close_in_background(|| {});
     }
 }
