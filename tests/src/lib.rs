@@ -73,13 +73,19 @@ pub fn client_producer(settings: &Settings) -> rdkafka::producer::FutureProducer
 
 /// Produces one record and waits for its acknowledgement.
 pub async fn produce(producer: &Producer, topic: &str, key: &[u8], value: &[u8]) {
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        producer.send(FutureRecord::to(topic).key(key).payload(value)),
-    )
-    .await
-    .expect("acknowledged within 30 s")
-    .expect("record acknowledged");
+    produce_record(producer, FutureRecord::to(topic).key(key).payload(value)).await;
+}
+
+/// Sends `record` and waits for the broker's acknowledgement, failing the test after 30 s.
+pub async fn produce_record<K, P>(producer: &Producer, record: FutureRecord<'_, K, P>)
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    tokio::time::timeout(Duration::from_secs(30), producer.send(record))
+        .await
+        .expect("acknowledged within 30 s")
+        .expect("record acknowledged");
 }
 
 /// The consumer tests use: the services' own factory, in a fresh group.
@@ -118,6 +124,28 @@ pub fn source(
         None,
     )
     .expect("source starts")
+}
+
+/// The next record `source` hands on, answering revocations and passing over
+/// assignments; fails the test after `timeout`.
+pub async fn next_message(
+    source: &mut lanes_common::source::Source,
+    timeout: Duration,
+) -> OwnedMessage {
+    use lanes_common::source::SourceEvent;
+    tokio::time::timeout(timeout, async {
+        loop {
+            match source.events.recv().await.expect("source runs") {
+                SourceEvent::Message(m) => return m,
+                SourceEvent::Revoked { done, .. } => {
+                    let _ = done.send(());
+                }
+                SourceEvent::Assigned(_) => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no record within {timeout:?}"))
 }
 
 /// Receives `n` messages, failing the test after `timeout`.

@@ -166,21 +166,8 @@ async fn committed_at(
 async fn first_message(
     source: &mut lanes_common::source::Source,
 ) -> (rdkafka::message::OwnedMessage, Duration) {
-    use lanes_common::source::SourceEvent;
     let started = std::time::Instant::now();
-    let first = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            match source.events.recv().await.expect("source runs") {
-                SourceEvent::Message(m) => return m,
-                SourceEvent::Revoked { done, .. } => {
-                    let _ = done.send(());
-                }
-                SourceEvent::Assigned(_) => {}
-            }
-        }
-    })
-    .await
-    .expect("a message arrives");
+    let first = next_message(source, Duration::from_secs(60)).await;
     (first, started.elapsed())
 }
 

@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 use lanes_common::source::{Source, SourceEvent};
 use lanes_tests::*;
 use rdkafka::Message;
-use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureRecord;
+
+/// How long a test waits for a record it sent.
+const WAIT: Duration = Duration::from_secs(30);
 
 /// The next event of `source` that is not a revocation, answering revocations; `None`
 /// after `timeout`.
@@ -27,25 +29,12 @@ async fn next_event(source: &mut Source, timeout: Duration) -> Option<SourceEven
     .ok()
 }
 
-async fn next_message(source: &mut Source) -> OwnedMessage {
-    loop {
-        match next_event(source, Duration::from_secs(30)).await {
-            Some(SourceEvent::Message(m)) => return m,
-            Some(_) => {}
-            None => panic!("no record within 30 s"),
-        }
-    }
-}
-
 async fn send_to(p: &lanes_common::producer::Producer, topic: &str, partition: i32, value: &str) {
     let record = FutureRecord::to(topic)
         .partition(partition)
         .key("k")
         .payload(value);
-    tokio::time::timeout(Duration::from_secs(30), p.send(record))
-        .await
-        .expect("acknowledged within 30 s")
-        .expect("record acknowledged");
+    produce_record(p, record).await;
 }
 
 #[tokio::test]
@@ -64,7 +53,7 @@ async fn an_idle_source_sleeps_and_wakes_for_records_rebalances_and_close() {
 
     let mut a = start("idle-a");
     send_to(&p, &topic, 0, "first").await;
-    assert_eq!(payload(&next_message(&mut a).await), b"first");
+    assert_eq!(payload(&next_message(&mut a, WAIT).await), b"first");
     let ids = threads("idle-a-poll");
     assert_eq!(ids.len(), 1, "one polling thread per source: {ids:?}");
     let tid = &ids[0];
@@ -78,7 +67,7 @@ async fn an_idle_source_sleeps_and_wakes_for_records_rebalances_and_close() {
         tokio::time::sleep(Duration::from_millis(150)).await;
         let started = Instant::now();
         send_to(&p, &topic, i % 2, &i.to_string()).await;
-        let m = next_message(&mut a).await;
+        let m = next_message(&mut a, WAIT).await;
         waited += started.elapsed();
         assert_eq!(payload(&m), i.to_string().as_bytes());
     }
@@ -91,7 +80,7 @@ async fn an_idle_source_sleeps_and_wakes_for_records_rebalances_and_close() {
     // A rebalance wakes it: the thread has just gone to sleep after a record, so a
     // revocation served only on the idle wait comes a second after it.
     send_to(&p, &topic, 0, "before-b").await;
-    assert_eq!(payload(&next_message(&mut a).await), b"before-b");
+    assert_eq!(payload(&next_message(&mut a, WAIT).await), b"before-b");
     let started = Instant::now();
     let mut b = start("idle-b");
     let revoked = tokio::time::timeout(Duration::from_secs(30), async {
@@ -121,7 +110,7 @@ async fn an_idle_source_sleeps_and_wakes_for_records_rebalances_and_close() {
     );
     let given = partitions[0].1;
     let taken = loop {
-        match next_event(&mut b, Duration::from_secs(30)).await {
+        match next_event(&mut b, WAIT).await {
             Some(SourceEvent::Assigned(p)) if !p.is_empty() => break p,
             Some(_) => {}
             None => panic!("the new member got no partition within 30 s"),
@@ -139,7 +128,7 @@ async fn an_idle_source_sleeps_and_wakes_for_records_rebalances_and_close() {
     // Nothing was committed: the new member reads its partition from the start.
     send_to(&p, &topic, given, "to-b").await;
     loop {
-        let m = next_message(&mut b).await;
+        let m = next_message(&mut b, WAIT).await;
         assert_eq!(m.partition(), given, "only the given partition");
         if payload(&m) == b"to-b" {
             break;
@@ -148,7 +137,7 @@ async fn an_idle_source_sleeps_and_wakes_for_records_rebalances_and_close() {
 
     // Close wakes it: right after a record the thread sleeps, and stops at once.
     send_to(&p, &topic, 1 - given, "last").await;
-    assert_eq!(payload(&next_message(&mut a).await), b"last");
+    assert_eq!(payload(&next_message(&mut a, WAIT).await), b"last");
     let started = Instant::now();
     let closing = tokio::spawn(a.close());
     while !threads("idle-a-poll").is_empty() {
