@@ -438,6 +438,7 @@ fn bench_sweeps_windows_on_the_users_model_and_events() {
             json.display().to_string(),
             "--plot".into(),
             svg.display().to_string(),
+            "--half-peak".into(),
         ]
     };
     let run = |events: &std::path::Path| {
@@ -485,6 +486,22 @@ fn bench_sweeps_windows_on_the_users_model_and_events() {
         );
     }
     assert!(printed.contains("| 60 | 64 | 50 | "), "{printed}");
+    // `--half-peak`: one more run at half the burst's rate, beside the goal there.
+    for (row, delay) in rows.iter().zip([5.0, 60.0]) {
+        let half = &row["half_peak"];
+        let peak = row["throughput_events_per_s"].as_f64().unwrap();
+        let rate = half["rate_events_per_s"].as_f64().unwrap();
+        assert_eq!(rate, (peak / 2.0).round().max(1.0), "{report}");
+        let p99 = half["latency_p99_ms"].as_f64().unwrap();
+        assert!(p99 > 0.0 && p99 < 1000.0, "{report}");
+        let goal = half["goal_p99_ms"].as_f64().unwrap();
+        assert_eq!(goal, delay + 25.0, "{report}");
+        assert_eq!(half["meets_goal"], p99 <= goal, "{report}");
+        let line = format!(
+            "| max_delay_ms {delay}, max_events 64, {rate} events/s | {p99} ms | <= {goal} ms |"
+        );
+        assert!(printed.contains(&line), "{line} in {printed}");
+    }
     // Both hold the loose target; the recommendation is the one that batches more.
     let (short, long) = (batching(&rows[0]), batching(&rows[1]));
     let best = &report["recommended"];

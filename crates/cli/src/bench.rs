@@ -70,7 +70,14 @@ pub struct BenchArgs {
     /// Where to write the results as JSON.
     #[arg(long, default_value = "bench-stream.json")]
     out: PathBuf,
+    /// Also run each setting at half the rate it drained its burst at, and print its
+    /// p99 beside the latency goal there (the window's delay + 25 ms).
+    #[arg(long)]
+    half_peak: bool,
 }
+
+/// Goal: p99 at half the peak rate within the window's delay plus this (ms).
+const GOAL_OVER_WINDOW_MS: f64 = 25.0;
 
 /// Settings with topics, groups and cache keys of their own: two benchmarks started in
 /// the same millisecond (in parallel tests) must not share them.
@@ -347,6 +354,30 @@ async fn drive(
 /// held it, to its prediction, and from there to the reader.
 pub(crate) const STAGES: [&str; 4] = ["ingest", "micro-batcher", "scorer", "delivery"];
 
+/// One paced run of `seconds` at `rate` events/s through `lane`.
+async fn paced(
+    lane: &Lane,
+    source: &Source,
+    seed: u64,
+    rate: usize,
+    seconds: u64,
+) -> anyhow::Result<Point> {
+    let before = batches(&lane.metrics);
+    let lines = source.lines(seed, rate * seconds as usize);
+    let marks = Marks::take(&lane.settings)?;
+    let run = drive(lane, lines, Some(rate)).await?;
+    let after = batches(&lane.metrics);
+    let by_stage = marks.stages(&lane.settings, &run).await?;
+    let lat = run.latencies;
+    Ok(Point {
+        rate,
+        p50_ms: round1(percentile(&lat, 0.5)),
+        p99_ms: round1(percentile(&lat, 0.99)),
+        mean_batch: round1((after.1 - before.1) / after.0.saturating_sub(before.0).max(1) as f64),
+        stages: by_stage.map(|l| (round1(percentile(&l, 0.5)), round1(percentile(&l, 0.99)))),
+    })
+}
+
 /// Each stage's latencies (ms, sorted) over the events seen at every step.
 pub(crate) fn stages(
     sent: &HashMap<String, i64>,
@@ -558,6 +589,8 @@ pub(crate) struct Setting {
     /// Events/s draining a burst.
     pub(crate) burst_events_per_s: f64,
     pub(crate) points: Vec<Point>,
+    /// The run at half of `burst_events_per_s`, when asked for.
+    pub(crate) half_peak: Option<Point>,
 }
 
 /// One offered rate's results under a setting.
@@ -574,6 +607,11 @@ pub(crate) struct Point {
 impl Setting {
     pub(crate) fn label(&self) -> String {
         format!("{} ms / {} events", self.max_delay_ms, self.max_events)
+    }
+
+    /// The latency goal at half the peak rate: the window's delay plus 25 ms.
+    fn half_peak_goal_ms(&self) -> f64 {
+        self.max_delay_ms as f64 + GOAL_OVER_WINDOW_MS
     }
 
     fn worst_p99(&self) -> f64 {
@@ -667,35 +705,29 @@ pub async fn run(args: BenchArgs, settings: &Settings) -> anyhow::Result<()> {
             let secs = drive(&lane, source.lines(seed, args.burst), None)
                 .await?
                 .secs;
+            let burst_events_per_s = (args.burst as f64 / secs).round();
             let mut points = Vec::new();
             for &rate in &args.rates {
                 seed += 1;
-                let before = batches(&lane.metrics);
-                let paced = source.lines(seed, rate * args.seconds as usize);
-                let marks = Marks::take(&lane.settings)?;
-                let run = drive(&lane, paced, Some(rate)).await?;
-                let after = batches(&lane.metrics);
-                let by_stage = marks.stages(&lane.settings, &run).await?;
-                let lat = run.latencies;
-                points.push(Point {
-                    rate,
-                    p50_ms: round1(percentile(&lat, 0.5)),
-                    p99_ms: round1(percentile(&lat, 0.99)),
-                    mean_batch: round1(
-                        (after.1 - before.1) / after.0.saturating_sub(before.0).max(1) as f64,
-                    ),
-                    stages: by_stage
-                        .map(|l| (round1(percentile(&l, 0.5)), round1(percentile(&l, 0.99)))),
-                });
+                points.push(paced(&lane, &source, seed, rate, args.seconds).await?);
             }
+            let half_peak = if args.half_peak {
+                seed += 1;
+                let rate = (burst_events_per_s / 2.0).round().max(1.0) as usize;
+                eprintln!("  at half its peak rate, {rate} events/s ...");
+                Some(paced(&lane, &source, seed, rate, args.seconds).await?)
+            } else {
+                None
+            };
             let s = lane.settings.clone();
             lane.stop().await?;
             forget_keys(&s).await?;
             results.push(Setting {
                 max_delay_ms: delay,
                 max_events: size,
-                burst_events_per_s: (args.burst as f64 / secs).round(),
+                burst_events_per_s,
                 points,
+                half_peak,
             });
         }
     }
@@ -717,6 +749,14 @@ pub async fn run(args: BenchArgs, settings: &Settings) -> anyhow::Result<()> {
                     }).collect::<serde_json::Map<_, _>>(),
                 })).collect::<Vec<_>>(),
                 "meets_target": r.meets(target_ms),
+                "half_peak": r.half_peak.as_ref().map(|p| json!({
+                    "rate_events_per_s": p.rate,
+                    "latency_p50_ms": p.p50_ms,
+                    "latency_p99_ms": p.p99_ms,
+                    "mean_batch_events": p.mean_batch,
+                    "goal_p99_ms": r.half_peak_goal_ms(),
+                    "meets_goal": p.p99_ms <= r.half_peak_goal_ms(),
+                })),
             })
         })
         .collect();
@@ -808,6 +848,23 @@ pub async fn run(args: BenchArgs, settings: &Settings) -> anyhow::Result<()> {
         }
     }
     println!();
+    if results.iter().any(|r| r.half_peak.is_some()) {
+        println!("| goal: p99 event-to-prediction at half the peak rate | measured | target |");
+        println!("|---|---:|---:|");
+        for r in &results {
+            if let Some(p) = &r.half_peak {
+                println!(
+                    "| max_delay_ms {}, max_events {}, {} events/s | {} ms | <= {} ms |",
+                    r.max_delay_ms,
+                    r.max_events,
+                    p.rate,
+                    p.p99_ms,
+                    r.half_peak_goal_ms()
+                );
+            }
+        }
+        println!();
+    }
     match best {
         Some((i, true)) => println!(
             "recommended for p99 <= {target_ms} ms: micro_batcher.max_delay_ms = {}, max_events = {}",
@@ -848,6 +905,7 @@ mod tests {
                     stages: [(0.0, 0.0); 4],
                 })
                 .collect(),
+            half_peak: None,
         }
     }
 
