@@ -497,6 +497,10 @@ fn bench_sweeps_windows_on_the_users_model_and_events() {
         let goal = half["goal_p99_ms"].as_f64().unwrap();
         assert_eq!(goal, delay + 25.0, "{report}");
         assert_eq!(half["meets_goal"], p99 <= goal, "{report}");
+        assert!(
+            half["stages"]["micro-batcher"]["p99_ms"].is_f64(),
+            "{report}"
+        );
         let line = format!(
             "| max_delay_ms {delay}, max_events 64, {rate} events/s | {p99} ms | <= {goal} ms |"
         );
