@@ -487,6 +487,8 @@ fn bench_sweeps_windows_on_the_users_model_and_events() {
     }
     assert!(printed.contains("| 60 | 64 | 50 | "), "{printed}");
     // `--half-peak`: one more run at half the burst's rate, beside the goal there.
+    // It is judged by event-to-cache, read back from Redis: each of the 50 sample
+    // entities' last write of the run.
     for (row, delay) in rows.iter().zip([5.0, 60.0]) {
         let half = &row["half_peak"];
         let peak = row["throughput_events_per_s"].as_f64().unwrap();
@@ -494,17 +496,34 @@ fn bench_sweeps_windows_on_the_users_model_and_events() {
         assert_eq!(rate, (peak / 2.0).round().max(1.0), "{report}");
         let p99 = half["latency_p99_ms"].as_f64().unwrap();
         assert!(p99 > 0.0 && p99 < 1000.0, "{report}");
+        let cache = &half["event_to_cache"];
+        let (c50, c99) = (
+            cache["p50_ms"].as_f64().unwrap(),
+            cache["p99_ms"].as_f64().unwrap(),
+        );
+        assert!(0.0 < c50 && c50 <= c99 && c99 < 1000.0, "{report}");
+        let entities = cache["entities"].as_u64().unwrap();
+        assert!((1..=50).contains(&entities), "{report}");
         let goal = half["goal_p99_ms"].as_f64().unwrap();
         assert_eq!(goal, delay + 25.0, "{report}");
-        assert_eq!(half["meets_goal"], p99 <= goal, "{report}");
+        assert_eq!(half["meets_goal"], c99 <= goal, "{report}");
         assert!(
             half["stages"]["micro-batcher"]["p99_ms"].is_f64(),
             "{report}"
         );
         let line = format!(
-            "| max_delay_ms {delay}, max_events 64, {rate} events/s | {p99} ms | <= {goal} ms |"
+            "| max_delay_ms {delay}, max_events 64, {rate} events/s | {c99} ms ({entities} entities) | <= {goal} ms | {p99} ms |"
         );
         assert!(printed.contains(&line), "{line} in {printed}");
+    }
+    // Every run of the sweep reads its own events back from the cache.
+    for row in rows {
+        for r in row["rates"].as_array().unwrap() {
+            assert!(
+                r["event_to_cache"]["entities"].as_u64().unwrap() >= 1,
+                "{report}"
+            );
+        }
     }
     // Both hold the loose target; the recommendation is the one that batches more.
     let (short, long) = (batching(&rows[0]), batching(&rows[1]));

@@ -1,7 +1,8 @@
 //! `lanes bench`: the streaming lane's sustained throughput and event-to-prediction
-//! latency under several window settings across a sweep of offered rates, beside the
-//! raw broker's produce and consume rates measured in the same run. Each setting gets
-//! fresh topics and groups; the four services run in this process as in `lanes up`.
+//! latency (and event-to-cache, read back from Redis) under several window settings
+//! across a sweep of offered rates, beside the raw broker's produce and consume rates
+//! measured in the same run. Each setting gets fresh topics and groups; the four
+//! services run in this process as in `lanes up`.
 //! It scores with the user's model (`--model`) on their sample events (`--events`),
 //! draws p99 latency and batch size against the rate (SVG), and recommends the window
 //! that batches most while its p99 stays within the latency target at every rate.
@@ -363,11 +364,23 @@ async fn paced(
     seconds: u64,
 ) -> anyhow::Result<Point> {
     let before = batches(&lane.metrics);
+    let written = cache_writes(&lane.metrics);
     let lines = source.lines(seed, rate * seconds as usize);
+    let n = lines.len() as u64;
     let marks = Marks::take(&lane.settings)?;
     let run = drive(lane, lines, Some(rate)).await?;
     let after = batches(&lane.metrics);
     let by_stage = marks.stages(&lane.settings, &run).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cache_writes(&lane.metrics) < written + n {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the cache-writer applied {} of {n} predictions in 30 s",
+            cache_writes(&lane.metrics) - written
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let to_cache = cached_latencies(&lane.settings, &run.sent_at).await?;
     let lat = run.latencies;
     Ok(Point {
         rate,
@@ -375,7 +388,58 @@ async fn paced(
         p99_ms: round1(percentile(&lat, 0.99)),
         mean_batch: round1((after.1 - before.1) / after.0.saturating_sub(before.0).max(1) as f64),
         stages: by_stage.map(|l| (round1(percentile(&l, 0.5)), round1(percentile(&l, 0.99)))),
+        to_cache: (!to_cache.is_empty()).then(|| ToCache {
+            p50_ms: round1(percentile(&to_cache, 0.5)),
+            p99_ms: round1(percentile(&to_cache, 0.99)),
+            entities: to_cache.len(),
+        }),
     })
+}
+
+/// Predictions the cache-writer has applied to Redis, whatever the result.
+fn cache_writes(registry: &prometheus::Registry) -> u64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "lanes_cache_writer_writes_total")
+        .flat_map(|f| f.get_metric())
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+/// Event-to-cache latencies (ms, sorted) from the cache itself: for each entity whose
+/// entry holds one of `sent`'s events, Redis's `written_at` minus that event's publish
+/// time (one host, one clock). The cache keeps an entity's last write only, so this is
+/// the run's last event per entity.
+async fn cached_latencies(s: &Settings, sent: &HashMap<String, i64>) -> anyhow::Result<Vec<f64>> {
+    let client = lanes_common::cache::client(&s.redis)?;
+    let mut c = client.get_multiplexed_async_connection().await?;
+    let mut out = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys) =
+            lanes_common::cache::scan(&mut c, &s.cache_writer.key_prefix, cursor, 1000).await?;
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.cmd("HMGET").arg(k).arg("event_id").arg("written_at");
+        }
+        let entries: Vec<(Option<String>, Option<i64>)> = if keys.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut c).await?
+        };
+        for (id, written) in entries {
+            if let (Some(&t0), Some(at)) = (id.and_then(|id| sent.get(&id)), written) {
+                out.push((at - t0) as f64);
+            }
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    out.sort_by(f64::total_cmp);
+    Ok(out)
 }
 
 /// Each stage's latencies (ms, sorted) over the events seen at every step.
@@ -555,7 +619,12 @@ impl Source {
     /// `n` events as (event id, raw JSON line).
     pub(crate) fn lines(&self, seed: u64, n: usize) -> Vec<(String, String)> {
         match self {
-            Self::Generated => events(seed, n),
+            // Untimed, as samples are: a later run's events are newer in the cache than
+            // an earlier run's of the same entity, so each run's reach it.
+            Self::Generated => Generator::new(seed, 10_000)
+                .take(n)
+                .map(|s| (s.event_id.clone(), s.raw_json_untimed()))
+                .collect(),
             Self::Sample(sample) => (0..n)
                 .map(|i| {
                     let mut event = sample[i % sample.len()].clone();
@@ -602,6 +671,18 @@ pub(crate) struct Point {
     pub(crate) mean_batch: f64,
     /// p50 and p99 (ms) of each of [`STAGES`].
     pub(crate) stages: [(f64, f64); 4],
+    /// Event to its prediction in Redis; `None` when no entry holds one of the run's
+    /// events.
+    pub(crate) to_cache: Option<ToCache>,
+}
+
+/// Publish-to-Redis latency over each entity's last event of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ToCache {
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    /// Entities whose entry holds one of the run's events.
+    pub(crate) entities: usize,
 }
 
 impl Point {
@@ -614,7 +695,17 @@ impl Point {
             "stages": STAGES.iter().zip(self.stages).map(|(name, (p50, p99))| {
                 (name.to_string(), json!({"p50_ms": p50, "p99_ms": p99}))
             }).collect::<serde_json::Map<_, _>>(),
+            "event_to_cache": self.to_cache.as_ref().map(|c| json!({
+                "p50_ms": c.p50_ms,
+                "p99_ms": c.p99_ms,
+                "entities": c.entities,
+            })),
         })
+    }
+
+    /// The figure goal 4 is judged by: p99 event-to-cache.
+    fn to_cache_p99(&self) -> Option<f64> {
+        self.to_cache.as_ref().map(|c| c.p99_ms)
     }
 }
 
@@ -758,7 +849,7 @@ pub async fn run(args: BenchArgs, settings: &Settings) -> anyhow::Result<()> {
                 "half_peak": r.half_peak.as_ref().map(|p| {
                     let mut half = p.to_json();
                     half["goal_p99_ms"] = json!(r.half_peak_goal_ms());
-                    half["meets_goal"] = json!(p.p99_ms <= r.half_peak_goal_ms());
+                    half["meets_goal"] = json!(p.to_cache_p99().is_some_and(|p99| p99 <= r.half_peak_goal_ms()));
                     half
                 }),
             })
@@ -808,21 +899,24 @@ pub async fn run(args: BenchArgs, settings: &Settings) -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "| max_delay_ms | max_events | events/s (burst of {}) | rate/s | p50 ms | p99 ms | events/batch |",
+        "| max_delay_ms | max_events | events/s (burst of {}) | rate/s | p50 ms | p99 ms | events/batch | to cache p50 / p99 ms |",
         args.burst
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &results {
         for p in &r.points {
             println!(
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.max_delay_ms,
                 r.max_events,
                 r.burst_events_per_s,
                 p.rate,
                 p.p50_ms,
                 p.p99_ms,
-                p.mean_batch
+                p.mean_batch,
+                p.to_cache
+                    .as_ref()
+                    .map_or("-".into(), |c| format!("{} / {}", c.p50_ms, c.p99_ms))
             );
         }
     }
@@ -853,17 +947,23 @@ pub async fn run(args: BenchArgs, settings: &Settings) -> anyhow::Result<()> {
     }
     println!();
     if results.iter().any(|r| r.half_peak.is_some()) {
-        println!("| goal: p99 event-to-prediction at half the peak rate | measured | target |");
-        println!("|---|---:|---:|");
+        println!(
+            "| goal: p99 event-to-cache at half the peak rate | measured | target | event-to-prediction p99 |"
+        );
+        println!("|---|---:|---:|---:|");
         for r in &results {
             if let Some(p) = &r.half_peak {
                 println!(
-                    "| max_delay_ms {}, max_events {}, {} events/s | {} ms | <= {} ms |",
+                    "| max_delay_ms {}, max_events {}, {} events/s | {} | <= {} ms | {} ms |",
                     r.max_delay_ms,
                     r.max_events,
                     p.rate,
-                    p.p99_ms,
-                    r.half_peak_goal_ms()
+                    p.to_cache.as_ref().map_or("no entry".into(), |c| format!(
+                        "{} ms ({} entities)",
+                        c.p99_ms, c.entities
+                    )),
+                    r.half_peak_goal_ms(),
+                    p.p99_ms
                 );
             }
         }
@@ -907,6 +1007,7 @@ mod tests {
                     p99_ms,
                     mean_batch,
                     stages: [(0.0, 0.0); 4],
+                    to_cache: None,
                 })
                 .collect(),
             half_peak: None,

@@ -90,14 +90,24 @@ impl Sample {
 
     /// The raw JSON event publishers write to `lanes.events.raw`.
     pub fn raw_json(&self) -> String {
+        let mut event = self.untimed();
+        event["event_time"] = self.event_time.into();
+        event.to_string()
+    }
+
+    /// The raw event without `event_time`: ingest then takes the record's Kafka
+    /// timestamp, its publish time, as for a live publisher that sends none.
+    pub fn raw_json_untimed(&self) -> String {
+        self.untimed().to_string()
+    }
+
+    fn untimed(&self) -> serde_json::Value {
         serde_json::json!({
             "event_id": self.event_id,
             "entity_id": self.entity_id,
             "kind": self.kind,
-            "event_time": self.event_time,
             "features": self.feature_map(),
         })
-        .to_string()
     }
 }
 
@@ -289,5 +299,10 @@ mod tests {
         assert_eq!(v["entity_id"], s.entity_id.as_str());
         assert_eq!(v["features"].as_object().unwrap().len(), FEATURES.len());
         assert_eq!(v["event_time"], s.event_time);
+        let untimed: serde_json::Value = serde_json::from_str(&s.raw_json_untimed()).unwrap();
+        assert!(untimed.get("event_time").is_none(), "{untimed}");
+        let mut timed = v;
+        timed.as_object_mut().unwrap().remove("event_time");
+        assert_eq!(timed, untimed);
     }
 }
