@@ -17,7 +17,7 @@ use clap::Args;
 use lanes_common::Settings;
 use lanes_common::admin::ReadyFlag;
 use lanes_common::avro::AvroCodec;
-use lanes_common::generator::Generator;
+use lanes_common::generator::{Generator, Sample};
 use lanes_common::kafka::{delivered, enqueue};
 use lanes_common::model::ModelSpec;
 use lanes_common::records::{Event, MicroBatch, Prediction, now_millis};
@@ -104,17 +104,26 @@ pub(crate) fn reader(s: &Settings, topic: &str) -> anyhow::Result<StreamConsumer
 /// Deletes the cache entries a run wrote (its own key prefix), so repeated runs do not
 /// fill the shared Redis.
 pub(crate) async fn forget_keys(s: &Settings) -> anyhow::Result<()> {
+    let (mut c, keys) = cache_keys(s).await?;
+    for chunk in keys.chunks(1000) {
+        let _: i64 = redis::cmd("UNLINK").arg(chunk).query_async(&mut c).await?;
+    }
+    Ok(())
+}
+
+/// Every key of the lane's cache, and the connection that listed them.
+async fn cache_keys(
+    s: &Settings,
+) -> anyhow::Result<(redis::aio::MultiplexedConnection, Vec<String>)> {
     let client = lanes_common::cache::client(&s.redis)?;
     let mut c = client.get_multiplexed_async_connection().await?;
-    let mut cursor = 0u64;
+    let (mut all, mut cursor) = (Vec::new(), 0u64);
     loop {
         let (next, keys) =
             lanes_common::cache::scan(&mut c, &s.cache_writer.key_prefix, cursor, 1000).await?;
-        if !keys.is_empty() {
-            let _: i64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut c).await?;
-        }
+        all.extend(keys);
         if next == 0 {
-            return Ok(());
+            return Ok((c, all));
         }
         cursor = next;
     }
@@ -386,19 +395,30 @@ async fn paced(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let to_cache = cached_latencies(&lane.settings, &run.sent_at).await?;
-    let lat = run.latencies;
+    let (p50_ms, p99_ms) = p50_p99(&run.latencies);
     Ok(Point {
         rate,
-        p50_ms: round1(percentile(&lat, 0.5)),
-        p99_ms: round1(percentile(&lat, 0.99)),
+        p50_ms,
+        p99_ms,
         mean_batch: round1((after.1 - before.1) / after.0.saturating_sub(before.0).max(1) as f64),
-        stages: by_stage.map(|l| (round1(percentile(&l, 0.5)), round1(percentile(&l, 0.99)))),
-        to_cache: (!to_cache.is_empty()).then(|| ToCache {
-            p50_ms: round1(percentile(&to_cache, 0.5)),
-            p99_ms: round1(percentile(&to_cache, 0.99)),
-            entities: to_cache.len(),
+        stages: by_stage.map(|l| p50_p99(&l)),
+        to_cache: (!to_cache.is_empty()).then(|| {
+            let (p50_ms, p99_ms) = p50_p99(&to_cache);
+            ToCache {
+                p50_ms,
+                p99_ms,
+                entities: to_cache.len(),
+            }
         }),
     })
+}
+
+/// p50 and p99 of sorted latencies, to a tenth of a millisecond.
+fn p50_p99(sorted: &[f64]) -> (f64, f64) {
+    (
+        round1(percentile(sorted, 0.5)),
+        round1(percentile(sorted, 0.99)),
+    )
 }
 
 /// Predictions the cache-writer has applied to Redis, whatever the result.
@@ -417,31 +437,19 @@ fn cache_writes(registry: &prometheus::Registry) -> u64 {
 /// time (one host, one clock). The cache keeps an entity's last write only, so this is
 /// the run's last event per entity.
 async fn cached_latencies(s: &Settings, sent: &HashMap<String, i64>) -> anyhow::Result<Vec<f64>> {
-    let client = lanes_common::cache::client(&s.redis)?;
-    let mut c = client.get_multiplexed_async_connection().await?;
+    let (mut c, keys) = cache_keys(s).await?;
     let mut out = Vec::new();
-    let mut cursor = 0u64;
-    loop {
-        let (next, keys) =
-            lanes_common::cache::scan(&mut c, &s.cache_writer.key_prefix, cursor, 1000).await?;
+    for chunk in keys.chunks(1000) {
         let mut pipe = redis::pipe();
-        for k in &keys {
+        for k in chunk {
             pipe.cmd("HMGET").arg(k).arg("event_id").arg("written_at");
         }
-        let entries: Vec<(Option<String>, Option<i64>)> = if keys.is_empty() {
-            Vec::new()
-        } else {
-            pipe.query_async(&mut c).await?
-        };
+        let entries: Vec<(Option<String>, Option<i64>)> = pipe.query_async(&mut c).await?;
         for (id, written) in entries {
             if let (Some(&t0), Some(at)) = (id.and_then(|id| sent.get(&id)), written) {
                 out.push((at - t0) as f64);
             }
         }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
     }
     out.sort_by(f64::total_cmp);
     Ok(out)
@@ -566,10 +574,11 @@ impl Marks {
     }
 }
 
-pub(crate) fn events(seed: u64, n: usize) -> Vec<(String, String)> {
+/// `n` generated events as (event id, raw JSON line), written by `json`.
+pub(crate) fn events(seed: u64, n: usize, json: fn(&Sample) -> String) -> Vec<(String, String)> {
     Generator::new(seed, 10_000)
         .take(n)
-        .map(|s| (s.event_id.clone(), s.raw_json()))
+        .map(|s| (s.event_id.clone(), json(&s)))
         .collect()
 }
 
@@ -626,10 +635,7 @@ impl Source {
         match self {
             // Untimed, as samples are: a later run's events are newer in the cache than
             // an earlier run's of the same entity, so each run's reach it.
-            Self::Generated => Generator::new(seed, 10_000)
-                .take(n)
-                .map(|s| (s.event_id.clone(), s.raw_json_untimed()))
-                .collect(),
+            Self::Generated => events(seed, n, Sample::raw_json_untimed),
             Self::Sample(sample) => (0..n)
                 .map(|i| {
                     let mut event = sample[i % sample.len()].clone();

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use lanes_common::Settings;
+use lanes_common::generator::Sample;
 use lanes_common::kafka::{delivered, enqueue};
 use lanes_common::process;
 use rdkafka::producer::FutureRecord;
@@ -340,7 +341,7 @@ fn stop_all(procs: &mut [Proc]) {
 async fn publish(s: &Settings, topic: &str, n: usize) -> anyhow::Result<()> {
     let producer = lanes_common::kafka::producer(&s.kafka, "lanes-bench")?;
     let mut pending = Vec::with_capacity(n);
-    for (_, line) in events(now_seed(), n) {
+    for (_, line) in events(now_seed(), n, Sample::raw_json) {
         pending.push(
             enqueue(
                 &producer,
