@@ -174,23 +174,26 @@ impl Stage for PredictionStage {
         out: &mut Out<'_>,
     ) -> anyhow::Result<()> {
         let now = now_millis();
-        let items = inputs
-            .into_iter()
-            .filter_map(|i| match self.0.check(&i.record, now) {
-                Ok(()) => Some(i),
-                Err((class, reason)) => {
-                    out.dead_letter(i.message, class, reason);
-                    None
-                }
-            })
-            .map(|i| {
-                let guard = i
-                    .message
-                    .headers()
-                    .is_some_and(|h| header_str(h, cache::HEADER_GUARD).is_some());
-                (i.message, Item::Prediction(i.record, guard))
-            })
-            .collect();
+        // Sized up front: a filtered collect would regrow, moving every pair each time.
+        let mut items = Vec::with_capacity(inputs.len());
+        items.extend(
+            inputs
+                .into_iter()
+                .filter_map(|i| match self.0.check(&i.record, now) {
+                    Ok(()) => Some(i),
+                    Err((class, reason)) => {
+                        out.dead_letter(i.message, class, reason);
+                        None
+                    }
+                })
+                .map(|i| {
+                    let guard = i
+                        .message
+                        .headers()
+                        .is_some_and(|h| header_str(h, cache::HEADER_GUARD).is_some());
+                    (i.message, Item::Prediction(i.record, guard))
+                }),
+        );
         self.0.write(items, out).await
     }
 }
@@ -201,19 +204,21 @@ impl Stage for FeatureStage {
     async fn handle(&mut self, inputs: Vec<Input<Event>>, out: &mut Out<'_>) -> anyhow::Result<()> {
         let now = now_millis();
         let skew = self.0.max_clock_skew_ms;
-        let items = inputs
-            .into_iter()
-            .filter_map(
-                |i| match check_client_time("event_time", i.record.event_time, now, skew) {
-                    Ok(()) => Some(i),
-                    Err(reason) => {
-                        out.dead_letter(i.message, ErrorClass::InvalidEventTime, reason);
-                        None
+        let mut items = Vec::with_capacity(inputs.len());
+        items.extend(
+            inputs
+                .into_iter()
+                .filter_map(|i| {
+                    match check_client_time("event_time", i.record.event_time, now, skew) {
+                        Ok(()) => Some(i),
+                        Err(reason) => {
+                            out.dead_letter(i.message, ErrorClass::InvalidEventTime, reason);
+                            None
+                        }
                     }
-                },
-            )
-            .map(|i| (i.message, Item::Event(i.record)))
-            .collect();
+                })
+                .map(|i| (i.message, Item::Event(i.record))),
+        );
         self.0.write(items, out).await
     }
 }

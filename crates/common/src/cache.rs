@@ -196,12 +196,31 @@ fn script_call<'a, T>(
     let items: Vec<T> = items.into_iter().collect();
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(script.get_hash()).arg(items.len());
+    // The buffer is sized from the first key and the first item's arguments: grown by
+    // doubling instead, a pipeline of hundreds of items is copied over several times.
+    let Some((first, rest)) = items.split_first() else {
+        cmd.arg(ttl_seconds);
+        return ScriptCall { script, cmd };
+    };
+    let key_len = prefix.len() + entity_id(first).len();
+    cmd.reserve_space_for_args(std::iter::repeat_n(key_len, items.len()));
     for item in &items {
         // The same text as [`key`], written in place.
         cmd.write_arg_fmt(format_args!("{prefix}{}", entity_id(item)));
     }
     cmd.arg(ttl_seconds);
-    for item in &items {
+    let before = cmd.args_iter().len();
+    args(&mut cmd, first);
+    let sizes: Vec<usize> = cmd
+        .args_iter()
+        .skip(before)
+        .map(|a| match a {
+            redis::Arg::Simple(bytes) => bytes.len(),
+            _ => 0,
+        })
+        .collect();
+    cmd.reserve_space_for_args(sizes.iter().copied().cycle().take(sizes.len() * rest.len()));
+    for item in rest {
         args(&mut cmd, item);
     }
     ScriptCall { script, cmd }
@@ -531,6 +550,64 @@ mod tests {
             "a reply that does not match the keys is not guessed at"
         );
         assert!(replies(Value::Int(1), 1).is_err());
+    }
+
+    /// Every argument of a call, as text.
+    fn arguments(call: &ScriptCall<'_>) -> Vec<String> {
+        call.cmd
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => String::from_utf8(b.to_vec()).unwrap(),
+                _ => "<not a value>".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_script_call_lists_every_key_then_every_item_arguments() {
+        let script = redis::Script::new("return 1");
+        let hash = script.get_hash().to_string();
+        let features = |x: f64| BTreeMap::from([("a".to_string(), x), ("bb".to_string(), -x)]);
+        let (f1, f2, f3) = (features(1.5), features(2.0), features(0.25));
+        let call = write_features(
+            &script,
+            "p:",
+            [("e1", &f1, 10), ("entity-2", &f2, 20), ("e3", &f3, 30)],
+            60,
+        );
+        assert_eq!(
+            arguments(&call),
+            [
+                "EVALSHA",
+                &hash,
+                "3",
+                "p:e1",
+                "p:entity-2",
+                "p:e3",
+                "60",
+                "10",
+                r#"{"a":1.5,"bb":-1.5}"#,
+                "20",
+                r#"{"a":2.0,"bb":-2.0}"#,
+                "30",
+                r#"{"a":0.25,"bb":-0.25}"#,
+            ]
+        );
+        let one = write_features(&script, "p:", [("e1", &f1, 10)], 60);
+        assert_eq!(
+            arguments(&one),
+            [
+                "EVALSHA",
+                &hash,
+                "1",
+                "p:e1",
+                "60",
+                "10",
+                r#"{"a":1.5,"bb":-1.5}"#
+            ]
+        );
+        let none = write_features(&script, "p:", [], 60);
+        assert_eq!(arguments(&none), ["EVALSHA", &hash, "0", "60"]);
     }
 
     #[test]
