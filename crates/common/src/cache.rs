@@ -189,7 +189,7 @@ fn script_call<'a, T>(
     ttl_seconds: u64,
     items: impl IntoIterator<Item = T>,
     entity_id: impl Fn(&T) -> &str,
-    args: impl Fn(&mut redis::Cmd, &T),
+    mut args: impl FnMut(&mut redis::Cmd, &T),
 ) -> ScriptCall<'a> {
     use redis::RedisWrite;
     // Keys come before all arguments: two passes.
@@ -267,7 +267,9 @@ pub fn write_features<'a, 'e>(
     items: impl IntoIterator<Item = (&'e str, &'e BTreeMap<String, f64>, i64)>,
     ttl_seconds: u64,
 ) -> ScriptCall<'a> {
-    use redis::RedisWrite;
+    // Each map is written to one scratch buffer, then copied as one argument: serde_json
+    // writing straight into the command's writer made a call per key, quote and number.
+    let mut json = Vec::with_capacity(256);
     script_call(
         script,
         prefix,
@@ -276,9 +278,10 @@ pub fn write_features<'a, 'e>(
         |(entity_id, _, _)| entity_id,
         |cmd, (_, features, event_time)| {
             cmd.arg(*event_time);
-            let mut w = cmd.writer_for_next_arg();
+            json.clear();
             // A map of strings to floats cannot fail to serialise.
-            let _ = serde_json::to_writer(&mut w, features);
+            let _ = serde_json::to_writer(&mut json, features);
+            cmd.arg(&json[..]);
         },
     )
 }
