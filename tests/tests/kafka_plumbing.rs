@@ -116,6 +116,138 @@ async fn dead_letters_keep_the_original_bytes_and_carry_the_reason() {
     assert_eq!(h.count(), 7);
 }
 
+/// A source hands each record on whole, a turn of them at a time: key, value,
+/// timestamp, partition, offset and headers (kept, or skipped where the stage reads
+/// none), an absent key or value staying absent, in offset order.
+#[tokio::test]
+async fn a_source_hands_on_each_record_whole() {
+    use lanes_common::source::{RecordHeaders, Source};
+    use rdkafka::Timestamp;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+
+    let mut s = settings();
+    s.kafka.partitions = 1;
+    let topic = unique("whole");
+    create_topics(&s, &[&topic]).await;
+    let p = producer(&s);
+    let headers = || {
+        OwnedHeaders::new()
+            .insert(Header {
+                key: "lanes.guard",
+                value: Some("1"),
+            })
+            .insert(Header {
+                key: "empty",
+                value: Some(""),
+            })
+            .insert(Header {
+                key: "absent",
+                value: None::<&str>,
+            })
+    };
+    let first = p
+        .send(
+            FutureRecord::to(&topic)
+                .key("card-1")
+                .payload("v1")
+                .timestamp(1_700_000_000_001)
+                .headers(headers()),
+        )
+        .await
+        .unwrap();
+    p.send(
+        FutureRecord::<str, str>::to(&topic)
+            .payload("no key")
+            .timestamp(1_700_000_000_002),
+    )
+    .await
+    .unwrap();
+    p.send(
+        FutureRecord::<str, str>::to(&topic)
+            .key("no value")
+            .timestamp(1_700_000_000_003),
+    )
+    .await
+    .unwrap();
+    for i in 0..700 {
+        p.send(
+            FutureRecord::to(&topic)
+                .key("bulk")
+                .payload(&format!("{i}")),
+        )
+        .await
+        .unwrap();
+    }
+
+    for (headers_kept, kept) in [(RecordHeaders::Keep, true), (RecordHeaders::Skip, false)] {
+        let mut source = Source::start(
+            &s.kafka,
+            "test",
+            &unique("whole-group"),
+            &[&topic],
+            Duration::from_secs(10),
+            &s.runner,
+            headers_kept,
+            None,
+        )
+        .unwrap();
+        let mut read = Vec::new();
+        while read.len() < 703 {
+            read.push(next_message(&mut source, Duration::from_secs(60)).await);
+        }
+        source.close().await;
+
+        let m = &read[0];
+        assert_eq!((m.partition(), m.offset()), first);
+        assert_eq!(m.topic(), topic);
+        assert_eq!(m.key(), Some(&b"card-1"[..]));
+        assert_eq!(m.payload(), Some(&b"v1"[..]));
+        assert_eq!(m.timestamp(), Timestamp::CreateTime(1_700_000_000_001));
+        if kept {
+            let h = m.headers().expect("headers kept");
+            let all: Vec<(String, Option<Vec<u8>>)> = h
+                .iter()
+                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                .collect();
+            assert_eq!(
+                all,
+                [
+                    ("lanes.guard".to_string(), Some(b"1".to_vec())),
+                    ("empty".to_string(), Some(Vec::new())),
+                    ("absent".to_string(), None),
+                ]
+            );
+        } else {
+            assert!(m.headers().is_none(), "headers skipped");
+        }
+        assert_eq!(
+            (read[1].key(), read[1].payload()),
+            (None, Some(&b"no key"[..]))
+        );
+        assert_eq!(
+            read[1].timestamp(),
+            Timestamp::CreateTime(1_700_000_000_002)
+        );
+        assert_eq!(
+            (read[2].key(), read[2].payload()),
+            (Some(&b"no value"[..]), None)
+        );
+        assert!(
+            read[3].headers().is_none(),
+            "a record without headers has none"
+        );
+        let offsets: Vec<i64> = read.iter().map(|m| m.offset()).collect();
+        let expected: Vec<i64> = (first.1..first.1 + 703).collect();
+        assert_eq!(offsets, expected, "every record once, in offset order");
+        let bulk: Vec<String> = read[3..]
+            .iter()
+            .map(|m| String::from_utf8_lossy(payload(m)).into_owned())
+            .collect();
+        assert_eq!(bulk, (0..700).map(|i| i.to_string()).collect::<Vec<_>>());
+    }
+}
+
 /// A one-partition topic of ten record batches of a hundred, and a group that
 /// committed offset 150, inside the second batch.
 async fn committed_inside_a_batch(s: &lanes_common::Settings, what: &str) -> (String, String) {
