@@ -220,6 +220,27 @@ async fn every_event_is_accounted_for_and_the_cache_holds_the_newest() {
         valid.len() as f64
     );
     assert!(running.metric("lanes_micro_batcher_batch_size_events", &[]) > 0.0);
+    assert_eq!(
+        running.metric(
+            "lanes_micro_batcher_events_total",
+            &[("outcome", "batched")]
+        ),
+        valid.len() as f64
+    );
+    // Every valid event's features reach Redis once, written or found older.
+    let features = |result| {
+        running.metric(
+            "lanes_cache_writer_feature_writes_total",
+            &[("result", result)],
+        )
+    };
+    let want = valid.len() as f64;
+    wait_for("feature writes", Duration::from_secs(30), || {
+        let n = features("written") + features("stale");
+        async move { (n >= want).then_some(()) }
+    })
+    .await;
+    assert_eq!(features("written") + features("stale"), want);
 
     // Scores equal onnxruntime's Python API on the same features.
     let sample: Vec<&Sample> = valid.iter().step_by(15).collect();

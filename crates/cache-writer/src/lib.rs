@@ -323,7 +323,10 @@ impl Writer {
             Ok(r) => r,
             Err(e) => return Err(not_written(e, items.len(), &stop)),
         };
+        let predictions = matches!(good.first(), Some((_, Item::Prediction(..))));
         let now = now_millis();
+        // Outcomes are counted per call: a label lookup per item hashed the label each time.
+        let mut outcomes = [0u64; Written::ALL.len()];
         for ((m, item), reply) in good.into_iter().zip(results) {
             let written = match reply {
                 Ok(w) => w,
@@ -333,25 +336,24 @@ impl Writer {
                     continue;
                 }
             };
-            match &item {
-                Item::Prediction(p, _) => {
-                    self.metrics
-                        .writes
-                        .with_label_values(&[written.as_str()])
-                        .inc();
-                    if let Some(ingested) = p.ingested_at {
-                        self.metrics
-                            .ingest_to_cache
-                            .observe((now - ingested).max(0) as f64 / 1000.0);
-                    }
-                }
-                Item::Event(_) => self
-                    .metrics
-                    .feature_writes
-                    .with_label_values(&[written.as_str()])
-                    .inc(),
+            outcomes[written as usize] += 1;
+            if let Item::Prediction(p, _) = &item
+                && let Some(ingested) = p.ingested_at
+            {
+                self.metrics
+                    .ingest_to_cache
+                    .observe((now - ingested).max(0) as f64 / 1000.0);
             }
             out.done(&m);
+        }
+        let counter = match predictions {
+            true => &self.metrics.writes,
+            false => &self.metrics.feature_writes,
+        };
+        for (written, n) in Written::ALL.into_iter().zip(outcomes) {
+            if n > 0 {
+                counter.with_label_values(&[written.as_str()]).inc_by(n);
+            }
         }
         Ok(())
     }

@@ -111,6 +111,9 @@ pub enum Written {
 }
 
 impl Written {
+    /// Every answer, in declaration order (`as usize` indexes it).
+    pub const ALL: [Written; 3] = [Written::Written, Written::Stale, Written::Duplicate];
+
     pub fn from_reply(reply: i64) -> Self {
         match reply {
             1 => Written::Written,
@@ -611,6 +614,15 @@ mod tests {
         );
         let none = write_features(&script, "p:", [], 60);
         assert_eq!(arguments(&none), ["EVALSHA", &hash, "0", "60"]);
+    }
+
+    #[test]
+    fn every_answer_indexes_its_place_in_all() {
+        for (i, w) in Written::ALL.into_iter().enumerate() {
+            assert_eq!(w as usize, i, "{w:?}");
+        }
+        let names: std::collections::HashSet<_> = Written::ALL.map(Written::as_str).into();
+        assert_eq!(names.len(), Written::ALL.len());
     }
 
     #[test]

@@ -20,6 +20,7 @@ use lanes_common::model::ModelSpec;
 use lanes_common::records::{Event, now_millis};
 use lanes_common::service::{ServiceContext, ServiceDef};
 use lanes_common::stage::{self, Input, Out, Plan, Raw, Stage};
+use prometheus::IntCounter;
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureRecord;
@@ -69,10 +70,12 @@ impl Format {
 
 /// What both loops share: the rules, the output topic, the metrics.
 struct Ingest {
-    format: Format,
     rules: Rules,
     events_topic: String,
-    metrics: Metrics,
+    /// This loop's `events` counters, looked up once: a lookup hashes both labels, and
+    /// every event is counted.
+    valid: IntCounter,
+    dead_letter: IntCounter,
 }
 
 /// Runs until `ctx.shutdown` is cancelled, then drains and commits.
@@ -88,11 +91,13 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         .await
         .context("creating topics")?;
     let rules = Rules::new(spec.features, &s.ingest);
-    let ingest = |format| Ingest {
-        format,
+    let ingest = |format: Format| Ingest {
         rules: rules.clone(),
         events_topic: s.topics.events.clone(),
-        metrics: metrics.clone(),
+        valid: metrics.events.with_label_values(&[format.label(), "valid"]),
+        dead_letter: metrics
+            .events
+            .with_label_values(&[format.label(), "dead_letter"]),
     };
     // One codec (and schema cache) and one dead-letter writer for both loops.
     let io = stage::io(&ctx, SERVICE, metrics.dead_letters.clone())?;
@@ -117,13 +122,6 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
 }
 
 impl Ingest {
-    fn count(&self, outcome: &str) {
-        self.metrics
-            .events
-            .with_label_values(&[self.format.label(), outcome])
-            .inc();
-    }
-
     /// Writes a validated event to `events`, or dead-letters its input.
     async fn forward(
         &mut self,
@@ -134,7 +132,7 @@ impl Ingest {
         let event = match checked {
             Ok(event) => event,
             Err((class, message)) => {
-                self.count("dead_letter");
+                self.dead_letter.inc();
                 out.dead_letter(m, class, message);
                 return Ok(());
             }
@@ -145,11 +143,11 @@ impl Ingest {
             .payload(&bytes);
         match out.produce(record).await {
             Ok(()) => {
-                self.count("valid");
+                self.valid.inc();
                 out.done_when_delivered(vec![m]);
             }
             Err(Failure::Poison { class, message }) => {
-                self.count("dead_letter");
+                self.dead_letter.inc();
                 out.dead_letter(m, class, message);
             }
             Err(e) => return Err(e).context("producing an event"),
@@ -200,6 +198,6 @@ impl Stage for Avro {
     }
 
     fn rejected(&mut self, _class: ErrorClass) {
-        self.0.count("dead_letter");
+        self.0.dead_letter.inc();
     }
 }
