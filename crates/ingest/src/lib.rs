@@ -68,7 +68,7 @@ impl Format {
     }
 }
 
-/// What both loops share: the rules, the output topic, the metrics.
+/// One loop (JSON or Avro): the rules and output topic both share, and its own counters.
 struct Ingest {
     rules: Rules,
     events_topic: String,
