@@ -135,7 +135,7 @@ pub async fn next_message(
     use lanes_common::source::SourceEvent;
     tokio::time::timeout(timeout, async {
         loop {
-            match source.events.recv().await.expect("source runs") {
+            match source.recv().await.expect("source runs") {
                 SourceEvent::Message(m) => return m,
                 SourceEvent::Revoked { done, .. } => {
                     let _ = done.send(());

@@ -251,6 +251,69 @@ async fn a_source_hands_on_each_record_whole() {
 
 /// A one-partition topic of ten record batches of a hundred, and a group that
 /// committed offset 150, inside the second batch.
+/// A source whose service stops reading fills its channel, keeps a turn waiting and
+/// leaves the rest in librdkafka; once read again it hands on every record once, in
+/// offset order, across the turns it sent whole, the one that waited and those after.
+#[tokio::test]
+async fn a_source_left_unread_hands_on_its_backlog_in_order_once_read() {
+    use futures::future::join_all;
+    use lanes_common::source::{RecordHeaders, Source};
+    use rdkafka::producer::FutureRecord;
+
+    let mut s = settings();
+    s.kafka.partitions = 1;
+    let topic = unique("unread");
+    create_topics(&s, &[&topic]).await;
+    // More than the channel holds (4,096 records in turns of 512) and one turn waiting.
+    let n = 10_000;
+    let p = producer(&s);
+    let mut first = None;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        // Sent together: the producer is idempotent, so their order holds.
+        for sent in join_all(chunk.iter().map(|i| {
+            let (p, topic) = (p.clone(), topic.clone());
+            async move {
+                let value = i.to_string();
+                p.send(FutureRecord::to(&topic).key("k").payload(&value))
+                    .await
+            }
+        }))
+        .await
+        {
+            let (_, offset) = sent.expect("delivered");
+            first.get_or_insert(offset);
+        }
+    }
+    let first = first.expect("records sent");
+    let mut source = Source::start(
+        &s.kafka,
+        "test",
+        &unique("unread-group"),
+        &[&topic],
+        Duration::from_secs(10),
+        &s.runner,
+        RecordHeaders::Skip,
+        None,
+    )
+    .unwrap();
+    // Not read: the polling thread fills the channel and stops taking from the partition.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut read = Vec::with_capacity(n);
+    while read.len() < n {
+        read.push(next_message(&mut source, Duration::from_secs(60)).await);
+    }
+    source.close().await;
+    // The first record out of place, if any: a whole diff would be 10,000 lines.
+    let misplaced = read
+        .iter()
+        .enumerate()
+        .find(|(i, m)| m.offset() != first + *i as i64 || payload(m) != i.to_string().as_bytes());
+    assert!(
+        misplaced.is_none(),
+        "every record once, in offset order; first out of place: {misplaced:?}"
+    );
+}
+
 async fn committed_inside_a_batch(s: &lanes_common::Settings, what: &str) -> (String, String) {
     committed_at(s, what, 10, 150).await
 }
@@ -447,7 +510,7 @@ async fn read_while_two_producers_write(
         } else {
             60
         };
-        match tokio::time::timeout(Duration::from_secs(quiet), source.events.recv()).await {
+        match tokio::time::timeout(Duration::from_secs(quiet), source.recv()).await {
             Ok(Some(SourceEvent::Message(m))) => {
                 *read
                     .entry(String::from_utf8_lossy(payload(&m)).into_owned())

@@ -17,7 +17,7 @@ const WAIT: Duration = Duration::from_secs(30);
 async fn next_event(source: &mut Source, timeout: Duration) -> Option<SourceEvent> {
     tokio::time::timeout(timeout, async {
         loop {
-            match source.events.recv().await.expect("source runs") {
+            match source.recv().await.expect("source runs") {
                 SourceEvent::Revoked { done, .. } => {
                     let _ = done.send(());
                 }
@@ -85,7 +85,7 @@ async fn an_idle_source_sleeps_and_wakes_for_records_rebalances_and_close() {
     let mut b = start("idle-b");
     let revoked = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            match a.events.recv().await.expect("source runs") {
+            match a.recv().await.expect("source runs") {
                 SourceEvent::Revoked { partitions, done } => {
                     let _ = done.send(());
                     return (partitions, started.elapsed());

@@ -1,6 +1,6 @@
 //! A Kafka input for a service: a thread polls the consumer and hands messages and
-//! rebalances to the service's async loop in order, and [`Acks`] commits an input offset
-//! only after the output it caused is acknowledged.
+//! rebalances to the service's async loop in order, a turn's records in one send, and
+//! [`Acks`] commits an input offset only after the output it caused is acknowledged.
 //!
 //! Backpressure, not eviction: each assigned partition gets its own librdkafka queue,
 //! which the thread drains only while the service has room. When the service falls
@@ -72,6 +72,24 @@ pub enum SourceEvent {
         partitions: Vec<(String, i32)>,
         done: std_mpsc::SyncSender<()>,
     },
+}
+
+/// What crosses the channel: a polling turn's records go together, one send and one
+/// wake-up for up to [`TURN`] of them rather than one per record.
+#[derive(Debug)]
+enum Handoff {
+    Messages(Vec<OwnedMessage>),
+    Event(SourceEvent),
+}
+
+/// Whether the service took what was handed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    Yes,
+    /// No room: the records wait in `pending`.
+    Full,
+    /// The service has gone away.
+    Gone,
 }
 
 /// How a newly assigned partition's first records are checked.
@@ -204,7 +222,7 @@ fn verdict(
 pub struct SourceContext {
     service: String,
     metrics: Option<ConsumerMetrics>,
-    events: Mutex<Option<mpsc::Sender<SourceEvent>>>,
+    events: Mutex<Option<mpsc::Sender<Handoff>>>,
     /// Fetched messages the service has no room for yet, oldest first.
     pending: Mutex<VecDeque<OwnedMessage>>,
     /// Partitions assigned or revoked since the thread last looked: their queues are to
@@ -549,7 +567,7 @@ impl SourceContext {
             return false;
         };
         let deadline = std::time::Instant::now() + timeout;
-        let mut event = event;
+        let mut event = Handoff::Event(event);
         loop {
             match tx.try_send(event) {
                 Ok(()) => return true,
@@ -565,21 +583,38 @@ impl SourceContext {
         }
     }
 
-    /// Hands waiting messages on while the channel has room. Returns false once the
-    /// service has gone away.
-    fn forward(&self, tx: &mpsc::Sender<SourceEvent>) -> bool {
+    /// Hands waiting messages on, a turn's worth at a time, while the channel has room.
+    /// Returns false once the service has gone away.
+    fn forward(&self, tx: &mpsc::Sender<Handoff>) -> bool {
         let mut pending = self.pending.lock().expect("source lock");
-        while let Some(m) = pending.pop_front() {
-            match tx.try_send(SourceEvent::Message(m)) {
+        while !pending.is_empty() {
+            let n = pending.len().min(TURN);
+            let chunk: Vec<OwnedMessage> = pending.drain(..n).collect();
+            match tx.try_send(Handoff::Messages(chunk)) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(SourceEvent::Message(m))) => {
-                    pending.push_front(m);
+                Err(mpsc::error::TrySendError::Full(Handoff::Messages(chunk))) => {
+                    for m in chunk.into_iter().rev() {
+                        pending.push_front(m);
+                    }
                     break;
                 }
                 Err(_) => return false,
             }
         }
         true
+    }
+
+    /// Hands `chunk` on; with no room it waits in `pending`, which must be empty (it
+    /// follows anything waiting there).
+    fn hand_on(&self, tx: &mpsc::Sender<Handoff>, chunk: Vec<OwnedMessage>) -> Taken {
+        match tx.try_send(Handoff::Messages(chunk)) {
+            Ok(()) => Taken::Yes,
+            Err(mpsc::error::TrySendError::Full(Handoff::Messages(chunk))) => {
+                self.pending.lock().expect("source lock").extend(chunk);
+                Taken::Full
+            }
+            Err(_) => Taken::Gone,
+        }
     }
 }
 
@@ -737,7 +772,9 @@ pub struct Source {
     /// close serves rebalances and waits on the group coordinator without a limit, and
     /// must never hold a runtime worker or the runtime's shutdown.
     consumer: Option<Arc<SourceConsumer>>,
-    pub events: mpsc::Receiver<SourceEvent>,
+    events: mpsc::Receiver<Handoff>,
+    /// The rest of the last turn's records, handed out one by one.
+    received: std::vec::IntoIter<OwnedMessage>,
     stop: Arc<AtomicBool>,
     /// Wakes the polling thread (see [`Wake`]).
     ring: std_mpsc::SyncSender<()>,
@@ -761,7 +798,7 @@ impl Source {
         metrics: Option<ConsumerMetrics>,
     ) -> KafkaResult<Self> {
         let rewind_records = runner.rewind_records;
-        let (tx, rx) = mpsc::channel(4096);
+        let (tx, rx) = mpsc::channel(PREFETCH / TURN);
         let context = SourceContext {
             service: service.to_string(),
             events: Mutex::new(Some(tx.clone())),
@@ -802,6 +839,7 @@ impl Source {
         Ok(Self {
             consumer: Some(consumer),
             events: rx,
+            received: Vec::new().into_iter(),
             stop,
             ring,
             thread: Some(thread),
@@ -813,6 +851,35 @@ impl Source {
     fn stop_polling(&self) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.ring.try_send(());
+    }
+
+    /// The next event, in order; `None` once the polling thread has stopped. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<SourceEvent> {
+        if let Some(m) = self.received.next() {
+            return Some(SourceEvent::Message(m));
+        }
+        let handoff = self.events.recv().await?;
+        Some(self.unpack(handoff))
+    }
+
+    /// The next event if one is waiting.
+    pub fn try_recv(&mut self) -> Option<SourceEvent> {
+        if let Some(m) = self.received.next() {
+            return Some(SourceEvent::Message(m));
+        }
+        let handoff = self.events.try_recv().ok()?;
+        Some(self.unpack(handoff))
+    }
+
+    fn unpack(&mut self, handoff: Handoff) -> SourceEvent {
+        match handoff {
+            Handoff::Event(e) => e,
+            Handoff::Messages(chunk) => {
+                self.received = chunk.into_iter();
+                let first = self.received.next();
+                SourceEvent::Message(first.expect("a turn hands on at least one record"))
+            }
+        }
     }
 
     pub fn consumer(&self) -> &Arc<SourceConsumer> {
@@ -869,8 +936,13 @@ impl Source {
 }
 
 /// Messages taken from one partition's queue per turn, so a busy partition cannot
-/// starve the others.
+/// starve the others; also the most records handed on in one send.
 const TURN: usize = 512;
+
+/// About how many fetched records wait for the service in the channel (plus a turn's
+/// worth being handed out, and one turn's in `pending`): the prefetch that bounds a
+/// service's memory beside librdkafka's own queues.
+const PREFETCH: usize = 4096;
 
 /// How long an idle polling thread sleeps when nothing rings: it bounds a missed ring.
 /// librdkafka rings a queue only when it goes from empty to not empty, and the thread
@@ -891,7 +963,7 @@ struct Wake {
 /// queue, and hand messages on while the service has room.
 fn poll_loop(
     consumer: &Arc<SourceConsumer>,
-    tx: &mpsc::Sender<SourceEvent>,
+    tx: &mpsc::Sender<Handoff>,
     stop: &AtomicBool,
     Wake { ring, wake }: Wake,
 ) {
@@ -958,6 +1030,7 @@ fn poll_loop(
         // records after a turn (all dropped below a floor, say) rings no more.
         let mut took = false;
         let mut full = !ctx.pending.lock().expect("source lock").is_empty();
+        let mut chunk = Vec::new();
         'queues: for (key, q) in &queues {
             if full {
                 break;
@@ -974,22 +1047,30 @@ fn poll_loop(
                 };
                 took = true;
                 match polled {
-                    Ok(m) => match ctx
-                        .admit(ctx.detach(&m))
-                        .filter(|m| ctx.follows(consumer, c, m))
-                        .map(|m| tx.try_send(SourceEvent::Message(m)))
-                    {
-                        None | Some(Ok(())) => {}
-                        Some(Err(mpsc::error::TrySendError::Full(SourceEvent::Message(m)))) => {
-                            ctx.pending.lock().expect("source lock").push_back(m);
+                    Ok(m) => {
+                        if let Some(m) = ctx
+                            .admit(ctx.detach(&m))
+                            .filter(|m| ctx.follows(consumer, c, m))
+                        {
+                            chunk.push(m);
+                        }
+                    }
+                    Err(e) => tracing::warn!(service = %ctx.service, error = %e, "consumer error"),
+                }
+                if chunk.len() >= TURN {
+                    match ctx.hand_on(tx, std::mem::take(&mut chunk)) {
+                        Taken::Yes => {}
+                        Taken::Full => {
                             full = true;
                             continue 'queues;
                         }
-                        Some(Err(_)) => break 'queues,
-                    },
-                    Err(e) => tracing::warn!(service = %ctx.service, error = %e, "consumer error"),
+                        Taken::Gone => break 'queues,
+                    }
                 }
             }
+        }
+        if !chunk.is_empty() && ctx.hand_on(tx, chunk) == Taken::Full {
+            full = true;
         }
         if !took {
             // Full: the service may make room any moment. Holding: the group is asked

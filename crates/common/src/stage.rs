@@ -306,7 +306,7 @@ pub async fn run<S: Stage>(
                 _ = stop.cancelled() => break,
                 Some(result) = acks.next() => result.context("output not acknowledged")?,
                 _ = sleep_until(deadline) => stage.tick(&mut Out::new(&mut acks, &io, stop)).await?,
-                event = source.events.recv(), if room => {
+                event = source.recv(), if room => {
                     let Some(first) = event else { break };
                     let mut batch = Vec::new();
                     let mut next = Some(first);
@@ -324,7 +324,7 @@ pub async fn run<S: Stage>(
                             }
                         }
                         if batch.len() < plan.max_batch && plan.has_room(&acks, &stage) {
-                            next = source.events.try_recv().ok();
+                            next = source.try_recv();
                         }
                     }
                     handle(&mut stage, batch, &mut acks, &io, stop).await?;
