@@ -249,15 +249,12 @@ async fn a_source_hands_on_each_record_whole() {
     }
 }
 
-/// A one-partition topic of ten record batches of a hundred, and a group that
-/// committed offset 150, inside the second batch.
 /// A source whose service stops reading fills its channel, keeps a turn waiting and
 /// leaves the rest in librdkafka; once read again it hands on every record once, in
 /// offset order, across the turns it sent whole, the one that waited and those after.
 #[tokio::test]
 async fn a_source_left_unread_hands_on_its_backlog_in_order_once_read() {
     use futures::future::join_all;
-    use lanes_common::source::{RecordHeaders, Source};
     use rdkafka::producer::FutureRecord;
 
     let mut s = settings();
@@ -285,17 +282,13 @@ async fn a_source_left_unread_hands_on_its_backlog_in_order_once_read() {
         }
     }
     let first = first.expect("records sent");
-    let mut source = Source::start(
-        &s.kafka,
+    let mut source = source(
+        &s,
         "test",
         &unique("unread-group"),
         &[&topic],
         Duration::from_secs(10),
-        &s.runner,
-        RecordHeaders::Skip,
-        None,
-    )
-    .unwrap();
+    );
     // Not read: the polling thread fills the channel and stops taking from the partition.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut read = Vec::with_capacity(n);
@@ -314,6 +307,8 @@ async fn a_source_left_unread_hands_on_its_backlog_in_order_once_read() {
     );
 }
 
+/// A one-partition topic of ten record batches of a hundred, and a group that
+/// committed offset 150, inside the second batch.
 async fn committed_inside_a_batch(s: &lanes_common::Settings, what: &str) -> (String, String) {
     committed_at(s, what, 10, 150).await
 }
