@@ -25,9 +25,10 @@
 //! a fetch can list a later batch before an earlier one exists, and step over it.
 //!
 //! An idle source sleeps: the consumer's queue (rebalances, commit results, errors) and
-//! each partition's queue ring the polling thread when something arrives in them, and
-//! `close` rings it too. It waits on a timer only while the service has no room or a
-//! held partition's committed offset is asked for; a 1 s timeout bounds a missed ring.
+//! each partition's queue ring the polling thread when something arrives in them, the
+//! service rings it when it has taken half the channel after it filled, and `close`
+//! rings it too. It waits on a timer only while a held partition's committed offset is
+//! asked for or the consumer's queue is busy; a 1 s timeout bounds a missed ring.
 //!
 //! Revocation is synchronous: librdkafka calls the rebalance callback on the polling
 //! thread, which sends [`SourceEvent::Revoked`] after every message already fetched from
@@ -586,8 +587,12 @@ impl SourceContext {
     /// Hands waiting messages on, a turn's worth at a time, while the channel has room.
     /// Returns false once the service has gone away.
     fn forward(&self, tx: &mpsc::Sender<Handoff>) -> bool {
+        if tx.is_closed() {
+            return false;
+        }
         let mut pending = self.pending.lock().expect("source lock");
-        while !pending.is_empty() {
+        // Only while there is room: a turn copied out and refused is copied back.
+        while !pending.is_empty() && tx.capacity() > 0 {
             let n = pending.len().min(TURN);
             let chunk: Vec<OwnedMessage> = pending.drain(..n).collect();
             match tx.try_send(Handoff::Messages(chunk)) {
@@ -607,6 +612,10 @@ impl SourceContext {
     /// Hands `chunk` on; with no room it waits in `pending`, which must be empty (it
     /// follows anything waiting there).
     fn hand_on(&self, tx: &mpsc::Sender<Handoff>, chunk: Vec<OwnedMessage>) -> Taken {
+        if tx.capacity() == 0 && !tx.is_closed() {
+            self.pending.lock().expect("source lock").extend(chunk);
+            return Taken::Full;
+        }
         match tx.try_send(Handoff::Messages(chunk)) {
             Ok(()) => Taken::Yes,
             Err(mpsc::error::TrySendError::Full(Handoff::Messages(chunk))) => {
@@ -778,6 +787,8 @@ pub struct Source {
     stop: Arc<AtomicBool>,
     /// Wakes the polling thread (see [`Wake`]).
     ring: std_mpsc::SyncSender<()>,
+    /// Rung when the service made room the polling thread waits for.
+    room: Arc<RoomBell>,
     thread: Option<std::thread::JoinHandle<()>>,
     close_timeout: Duration,
 }
@@ -828,12 +839,17 @@ impl Source {
         let (ring, wake) = std_mpsc::sync_channel::<()>(1);
         let consumer = Arc::new(consumer);
         let stop = Arc::new(AtomicBool::new(false));
+        let room = Arc::new(RoomBell::new(ring.clone()));
         let thread = {
             let (consumer, stop, ring) = (consumer.clone(), stop.clone(), ring.clone());
+            let room = room.clone();
             let name = format!("{service}-poll");
             std::thread::Builder::new()
                 .name(name)
-                .spawn(move || poll_loop(&consumer, &tx, &stop, Wake { ring, wake }))
+                .spawn(move || {
+                    let wake = Wake { ring, wake, room };
+                    poll_loop(&consumer, &tx, &stop, wake)
+                })
                 .expect("poll thread starts")
         };
         Ok(Self {
@@ -842,6 +858,7 @@ impl Source {
             received: Vec::new().into_iter(),
             stop,
             ring,
+            room,
             thread: Some(thread),
             close_timeout: revoke_timeout,
         })
@@ -872,6 +889,7 @@ impl Source {
     }
 
     fn unpack(&mut self, handoff: Handoff) -> SourceEvent {
+        self.room.made(self.events.capacity());
         match handoff {
             Handoff::Event(e) => e,
             Handoff::Messages(chunk) => {
@@ -948,15 +966,66 @@ const PREFETCH: usize = 4096;
 /// librdkafka rings a queue only when it goes from empty to not empty, and the thread
 /// empties every queue it serves before it sleeps.
 const IDLE_WAIT: Duration = Duration::from_secs(1);
-/// How long the thread waits while it has work it cannot do now: the service has no
-/// room, or the consumer's queue holds more than a turn's events.
+/// How long the thread waits while the consumer's queue holds more than a turn's events.
 const FULL_WAIT: Duration = Duration::from_millis(2);
+/// Free turns in the channel at which the service rings a thread waiting for room.
+const ROOM: usize = PREFETCH / TURN / 2;
 
 /// The polling thread's doorbell: the consumer's queue, each partition's queue, `close`
 /// and `drop` ring it.
 struct Wake {
     ring: std_mpsc::SyncSender<()>,
     wake: std_mpsc::Receiver<()>,
+    room: Arc<RoomBell>,
+}
+
+/// How a polling thread that has no room in the channel learns the service made some.
+/// The ring replaces a timer: retrying every few milliseconds while the service had no
+/// room cost a wake-up and a copy of the waiting turn each time.
+struct RoomBell {
+    /// Set while the thread waits for room.
+    wanted: AtomicBool,
+    ring: std_mpsc::SyncSender<()>,
+}
+
+impl RoomBell {
+    fn new(ring: std_mpsc::SyncSender<()>) -> Self {
+        Self {
+            wanted: AtomicBool::new(false),
+            ring,
+        }
+    }
+
+    /// The thread is about to sleep for room; false when `free()` turns (read after the
+    /// mark) are already enough, so it must not.
+    fn want(&self, free: impl FnOnce() -> usize) -> bool {
+        self.wanted.store(true, Ordering::Relaxed);
+        // Pairs with the fence in `made`: either the service sees the mark, or the thread
+        // sees the room it made.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if free() >= ROOM {
+            self.wanted.store(false, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// The thread is awake again.
+    fn woke(&self) {
+        self.wanted.store(false, Ordering::Relaxed);
+    }
+
+    /// The service took a turn and `free` turns are free: rings a waiting thread once
+    /// [`ROOM`] are, so it refills them at once rather than waking for every turn.
+    fn made(&self, free: usize) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if free >= ROOM
+            && self.wanted.load(Ordering::Relaxed)
+            && self.wanted.swap(false, Ordering::AcqRel)
+        {
+            let _ = self.ring.try_send(());
+        }
+    }
 }
 
 /// The polling thread: serve the consumer's events, split off each assigned partition's
@@ -965,7 +1034,7 @@ fn poll_loop(
     consumer: &Arc<SourceConsumer>,
     tx: &mpsc::Sender<Handoff>,
     stop: &AtomicBool,
-    Wake { ring, wake }: Wake,
+    Wake { ring, wake, room }: Wake,
 ) {
     let ctx = consumer.context();
     let events = EventQueue::consumer(consumer.client(), ring.clone())
@@ -1073,16 +1142,21 @@ fn poll_loop(
             full = true;
         }
         if !took {
-            // Full: the service may make room any moment. Holding: the group is asked
-            // again on a timer. Idle: every queue rings when something arrives.
-            let wait = if full || !events.is_empty() {
+            // Events waiting: served again soon. Holding: the group is asked again on a
+            // timer. No room: the service rings once it made some. Idle: every queue
+            // rings when something arrives.
+            let wait = if !events.is_empty() {
                 FULL_WAIT
             } else if ctx.holds_any() {
                 ASK_EVERY
             } else {
                 IDLE_WAIT
             };
+            if full && !room.want(|| tx.capacity()) {
+                continue;
+            }
             let _ = wake.recv_timeout(wait);
+            room.woke();
         }
     }
     drop(queues);
@@ -1284,8 +1358,38 @@ impl Acks {
 
 #[cfg(test)]
 mod tests {
-    use super::{Continuity, REFETCH_EVERY, Step, Verdict, verdict};
+    use super::{Continuity, REFETCH_EVERY, ROOM, RoomBell, Step, Verdict, verdict};
+    use std::sync::mpsc;
     use std::time::{Duration, Instant};
+
+    /// A thread waiting for room is rung once, when half the channel is free; a thread
+    /// that is not waiting, or finds the room already made, is not.
+    #[test]
+    fn a_thread_waiting_for_room_is_rung_once_half_the_channel_is_free() {
+        let (ring, rings) = mpsc::sync_channel(1);
+        let bell = RoomBell::new(ring);
+        bell.made(ROOM);
+        assert!(rings.try_recv().is_err(), "no one waits: no ring");
+
+        assert!(bell.want(|| 0), "no room: the thread sleeps");
+        for free in 1..ROOM {
+            bell.made(free);
+            assert!(rings.try_recv().is_err(), "{free} free turns: not yet");
+        }
+        bell.made(ROOM);
+        assert!(rings.try_recv().is_ok(), "half free: rung");
+        bell.made(ROOM + 1);
+        assert!(rings.try_recv().is_err(), "rung once per wait");
+
+        assert!(!bell.want(|| ROOM), "room made before it slept: it goes on");
+        bell.made(ROOM);
+        assert!(rings.try_recv().is_err(), "and is not rung for it");
+
+        assert!(bell.want(|| 0));
+        bell.woke();
+        bell.made(ROOM);
+        assert!(rings.try_recv().is_err(), "woken otherwise: no ring");
+    }
 
     #[test]
     fn a_gap_in_offsets_is_fetched_again_until_it_fills_or_the_wait_runs_out() {
