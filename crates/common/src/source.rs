@@ -612,10 +612,6 @@ impl SourceContext {
     /// Hands `chunk` on; with no room it waits in `pending`, which must be empty (it
     /// follows anything waiting there).
     fn hand_on(&self, tx: &mpsc::Sender<Handoff>, chunk: Vec<OwnedMessage>) -> Taken {
-        if tx.capacity() == 0 && !tx.is_closed() {
-            self.pending.lock().expect("source lock").extend(chunk);
-            return Taken::Full;
-        }
         match tx.try_send(Handoff::Messages(chunk)) {
             Ok(()) => Taken::Yes,
             Err(mpsc::error::TrySendError::Full(Handoff::Messages(chunk))) => {
@@ -971,8 +967,8 @@ const FULL_WAIT: Duration = Duration::from_millis(2);
 /// Free turns in the channel at which the service rings a thread waiting for room.
 const ROOM: usize = PREFETCH / TURN / 2;
 
-/// The polling thread's doorbell: the consumer's queue, each partition's queue, `close`
-/// and `drop` ring it.
+/// The polling thread's doorbell: the consumer's queue, each partition's queue, the
+/// service when it made room ([`RoomBell`]), `close` and `drop` ring it.
 struct Wake {
     ring: std_mpsc::SyncSender<()>,
     wake: std_mpsc::Receiver<()>,
