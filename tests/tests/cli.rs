@@ -307,6 +307,31 @@ fn bench_cpu_reports_cpu_per_event_of_a_drain() {
     assert!(report["lanes_peak_rss_mib"].as_f64().unwrap() > 0.0);
     let idle = report["lanes_idle_cpu_percent"].as_f64().unwrap();
     assert!((0.0..200.0).contains(&idle), "{report}");
+    // What the drain's cache entries cost Redis, read before they were deleted: an entry
+    // holds a prediction and features, a dozen fields, so never under 100 bytes.
+    let cache = &report["redis_cache"];
+    let entries = cache["entries"].as_u64().unwrap();
+    assert!((1..=3000).contains(&entries), "{report}");
+    assert!(
+        cache["mean_entry_bytes"].as_f64().unwrap() > 100.0,
+        "{report}"
+    );
+    let encodings = cache["encodings"].as_object().unwrap();
+    assert_eq!(
+        encodings.values().map(|n| n.as_u64().unwrap()).sum::<u64>(),
+        entries,
+        "{report}"
+    );
+    assert!(
+        encodings
+            .keys()
+            .all(|e| e == "hashtable" || e == "listpack"),
+        "{report}"
+    );
+    assert!(
+        printed.contains("Redis bytes per cached entity"),
+        "{printed}"
+    );
     // The Python baseline drained the same events through its own topics.
     let python = &report["python"][0];
     assert_eq!(python["events"], 3000, "{report}");

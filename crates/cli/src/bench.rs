@@ -111,6 +111,38 @@ pub(crate) async fn forget_keys(s: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the lane's cache entries cost Redis: how many, their mean `MEMORY USAGE` in
+/// bytes, and how many hashes Redis holds in each encoding. An entry whose values all
+/// fit `hash-max-listpack-value` is a listpack, about half a hashtable's size.
+pub(crate) async fn cache_footprint(s: &Settings) -> anyhow::Result<serde_json::Value> {
+    let (mut c, keys) = cache_keys(s).await?;
+    let (mut entries, mut bytes) = (0u64, 0u64);
+    let mut encodings = std::collections::BTreeMap::<String, u64>::new();
+    for chunk in keys.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for k in chunk {
+            pipe.cmd("MEMORY").arg("USAGE").arg(k).arg("SAMPLES").arg(0);
+            pipe.cmd("OBJECT").arg("ENCODING").arg(k);
+        }
+        let replies: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+        for pair in replies.chunks(2) {
+            let size: Option<u64> = redis::from_redis_value_ref(&pair[0])?;
+            let encoding: Option<String> = redis::from_redis_value_ref(&pair[1])?;
+            // A key deleted since the scan answers nil to both.
+            if let (Some(size), Some(encoding)) = (size, encoding) {
+                entries += 1;
+                bytes += size;
+                *encodings.entry(encoding).or_default() += 1;
+            }
+        }
+    }
+    Ok(json!({
+        "entries": entries,
+        "mean_entry_bytes": if entries == 0 { f64::NAN } else { bytes as f64 / entries as f64 },
+        "encodings": encodings,
+    }))
+}
+
 /// Every key of the lane's cache, and the connection that listed them.
 async fn cache_keys(
     s: &Settings,

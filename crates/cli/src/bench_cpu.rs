@@ -22,7 +22,7 @@ use rdkafka::producer::FutureRecord;
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 
-use crate::bench::{events, forget_keys, unique};
+use crate::bench::{cache_footprint, events, forget_keys, unique};
 
 /// Goal of the performance work: streaming services' CPU per event.
 const GOAL_LANES_US: f64 = 15.0;
@@ -207,6 +207,13 @@ pub async fn run(args: BenchCpuArgs, settings: &Settings) -> anyhow::Result<()> 
             }
         );
     }
+    let cache = &first["redis_cache"];
+    println!(
+        "| Redis bytes per cached entity ({} entities; hash encodings {}) | {:.0} | |",
+        cache["entries"],
+        cache["encodings"],
+        cache["mean_entry_bytes"].as_f64().unwrap_or(f64::NAN)
+    );
     if args.python {
         println!(
             "| drain rate, lanes / python | {:.2}x | >= {GOAL_PYTHON_RATIO}x |",
@@ -322,8 +329,11 @@ async fn drain_lanes(
     }
     let result = measure(args, &s, &procs, broker, redis).await;
     stop_all(&mut procs);
+    let footprint = cache_footprint(&s).await;
     forget_keys(&s).await?;
-    result
+    let mut result = result?;
+    result["redis_cache"] = footprint?;
+    Ok(result)
 }
 
 /// Resumes and stops every process of a drain, and waits for each.
