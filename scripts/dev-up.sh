@@ -49,7 +49,8 @@ if redis_ping; then
   say "Redis answers on 127.0.0.1:6379, reusing it"
 else
   command -v redis-server >/dev/null || die "redis-server not found: run scripts/setup.sh"
-  start redis redis-server --bind 127.0.0.1 --port 6379 --save "" --appendonly no --daemonize no
+  start redis redis-server --bind 127.0.0.1 --port 6379 --save "" --appendonly no --daemonize no \
+    --hash-max-listpack-value 1024
   wait_for redis 30 redis_ping || { tail -20 "$LANES_RUN_DIR/redis.log" >&2; exit 1; }
 fi
 say "stack up: kafka 127.0.0.1:9092, registry http://127.0.0.1:8081, redis 127.0.0.1:6379"
