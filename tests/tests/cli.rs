@@ -289,6 +289,8 @@ fn bench_cpu_reports_cpu_per_event_of_a_drain() {
         "--idle-secs".into(),
         "2".into(),
         "--python".into(),
+        "--rounds".into(),
+        "2".into(),
         "--out".into(),
         json.display().to_string(),
     ];
@@ -332,6 +334,19 @@ fn bench_cpu_reports_cpu_per_event_of_a_drain() {
         printed.contains("Redis bytes per cached entity"),
         "{printed}"
     );
+    // Two alternated rounds; the goals are read at the median of the Lanes drains.
+    let runs = report["lanes"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{report}");
+    assert_eq!(report["python"].as_array().unwrap().len(), 2, "{report}");
+    for process in ["lanes", "redis"] {
+        let of = |r: &serde_json::Value| r["cpu_us_per_event"][process].as_f64().unwrap();
+        let median = report["median_cpu_us_per_event"][process].as_f64().unwrap();
+        assert!(
+            (median - (of(&runs[0]) + of(&runs[1])) / 2.0).abs() < 1e-9,
+            "{process}: {report}"
+        );
+    }
+    assert!(printed.contains("(median of 2 drains, "), "{printed}");
     // The Python baseline drained the same events through its own topics.
     let python = &report["python"][0];
     assert_eq!(python["events"], 3000, "{report}");

@@ -49,7 +49,7 @@ pub struct BenchCpuArgs {
     /// is read (0: skip).
     #[arg(long, default_value_t = 10)]
     idle_secs: u64,
-    /// Drains of each pipeline, alternated.
+    /// Drains of each pipeline, alternated; the goals are read at the median.
     #[arg(long, default_value_t = 1,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     rounds: usize,
@@ -94,6 +94,17 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     process::cpu_seconds(pid).with_context(|| format!("no CPU time for process {pid}"))
 }
 
+/// The median of `xs`, NaN for none: on a shared machine a busy neighbour inflates some
+/// drains, and the median of several moves least.
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    match xs.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => xs[n / 2],
+        n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
+    }
+}
+
 /// The process named `name`, if exactly one runs.
 fn pid_named(name: &str) -> Option<u32> {
     let mut found = std::fs::read_dir("/proc").ok()?.filter_map(|e| {
@@ -133,7 +144,16 @@ pub async fn run(args: BenchCpuArgs, settings: &Settings) -> anyhow::Result<()> 
     let per =
         |r: &serde_json::Value, k: &str| r["cpu_us_per_event"][k].as_f64().unwrap_or(f64::NAN);
     let mean = |runs: &[serde_json::Value]| runs.iter().map(rate).sum::<f64>() / runs.len() as f64;
-    let mut report = json!({"events": args.events, "lanes": lanes_runs});
+    let medians = |k: &str| median(lanes_runs.iter().map(|r| per(r, k)).collect());
+    let mut report = json!({
+        "events": args.events,
+        "lanes": lanes_runs,
+        "median_cpu_us_per_event": {
+            "lanes": medians("lanes"),
+            "broker": medians("broker"),
+            "redis": medians("redis"),
+        },
+    });
     if args.python {
         report["python"] = json!(python_runs);
         report["drain_ratio"] = json!(mean(&lanes_runs) / mean(&python_runs));
@@ -187,15 +207,28 @@ pub async fn run(args: BenchCpuArgs, settings: &Settings) -> anyhow::Result<()> 
     }
     println!();
     let first = &lanes_runs[0];
+    // Over several drains the goals are read at the median, with the range beside it.
+    let over_runs = |k: &str| {
+        let xs: Vec<f64> = lanes_runs.iter().map(|r| per(r, k)).collect();
+        let (lo, hi) = xs
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+                (lo.min(x), hi.max(x))
+            });
+        match xs.len() {
+            1 => format!("{:.1}", xs[0]),
+            n => format!("{:.1} (median of {n} drains, {lo:.1}-{hi:.1})", median(xs)),
+        }
+    };
     println!("| goal | measured | target |");
     println!("|---|---:|---:|");
     println!(
-        "| streaming services' CPU µs/event | {:.1} | <= {GOAL_LANES_US} |",
-        per(first, "lanes")
+        "| streaming services' CPU µs/event | {} | <= {GOAL_LANES_US} |",
+        over_runs("lanes")
     );
     println!(
-        "| redis CPU µs/event | {:.1} | <= {GOAL_REDIS_US} |",
-        per(first, "redis")
+        "| redis CPU µs/event | {} | <= {GOAL_REDIS_US} |",
+        over_runs("redis")
     );
     if let Some(idle) = first["lanes_idle_cpu_percent"].as_f64() {
         println!(
@@ -632,4 +665,17 @@ fn find_up(rel: &std::path::Path) -> Option<PathBuf> {
 
 fn now_seed() -> u64 {
     lanes_common::records::now_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_even_and_no_drains() {
+        assert_eq!(median(vec![19.0, 15.0, 24.0]), 19.0);
+        assert_eq!(median(vec![24.0, 15.0, 19.0, 16.0]), 17.5);
+        assert_eq!(median(vec![15.2]), 15.2);
+        assert!(median(Vec::new()).is_nan());
+    }
 }
