@@ -71,6 +71,16 @@ async fn write_entity(
     (encoding, bytes)
 }
 
+async fn set_listpack_value(conn: &mut redis::aio::MultiplexedConnection, bytes: &str) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("hash-max-listpack-value")
+        .arg(bytes)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn an_entry_stays_a_listpack_under_the_shipped_redis_settings() {
     let args = compose_redis_args();
@@ -85,24 +95,12 @@ async fn an_entry_stays_a_listpack_under_the_shipped_redis_settings() {
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let mut generator = Generator::new(7, 100);
 
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("hash-max-listpack-value")
-        .arg(limit)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    set_listpack_value(&mut conn, limit).await;
     let (shipped, shipped_bytes) = write_entity(&mut conn, &mut generator).await;
     assert_eq!(shipped, "listpack", "at hash-max-listpack-value {limit}");
 
     // Redis's default, which the features' JSON outgrows.
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("hash-max-listpack-value")
-        .arg(64)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    set_listpack_value(&mut conn, "64").await;
     let (default, default_bytes) = write_entity(&mut conn, &mut generator).await;
     assert_eq!(default, "hashtable");
     // About half (584 bytes against 1,160 when this was written).

@@ -105,17 +105,32 @@ pub(crate) fn reader(s: &Settings, topic: &str) -> anyhow::Result<StreamConsumer
 /// fill the shared Redis.
 pub(crate) async fn forget_keys(s: &Settings) -> anyhow::Result<()> {
     let (mut c, keys) = cache_keys(s).await?;
+    unlink(&mut c, &keys).await
+}
+
+/// [`forget_keys`], reading first what the entries cost Redis ([`footprint`]) from the
+/// same listing of keys.
+pub(crate) async fn footprint_then_forget_keys(s: &Settings) -> anyhow::Result<serde_json::Value> {
+    let (mut c, keys) = cache_keys(s).await?;
+    let footprint = footprint(&mut c, &keys).await;
+    unlink(&mut c, &keys).await?;
+    footprint
+}
+
+async fn unlink(c: &mut redis::aio::MultiplexedConnection, keys: &[String]) -> anyhow::Result<()> {
     for chunk in keys.chunks(1000) {
-        let _: i64 = redis::cmd("UNLINK").arg(chunk).query_async(&mut c).await?;
+        let _: i64 = redis::cmd("UNLINK").arg(chunk).query_async(c).await?;
     }
     Ok(())
 }
 
-/// What the lane's cache entries cost Redis: how many, their mean `MEMORY USAGE` in
-/// bytes, and how many hashes Redis holds in each encoding. An entry whose values all
-/// fit `hash-max-listpack-value` is a listpack, about half a hashtable's size.
-pub(crate) async fn cache_footprint(s: &Settings) -> anyhow::Result<serde_json::Value> {
-    let (mut c, keys) = cache_keys(s).await?;
+/// What `keys` cost Redis: how many, their mean `MEMORY USAGE` in bytes, and how many
+/// hashes Redis holds in each encoding. An entry whose values all fit
+/// `hash-max-listpack-value` is a listpack, about half a hashtable's size.
+async fn footprint(
+    c: &mut redis::aio::MultiplexedConnection,
+    keys: &[String],
+) -> anyhow::Result<serde_json::Value> {
     let (mut entries, mut bytes) = (0u64, 0u64);
     let mut encodings = std::collections::BTreeMap::<String, u64>::new();
     for chunk in keys.chunks(1000) {
@@ -124,7 +139,7 @@ pub(crate) async fn cache_footprint(s: &Settings) -> anyhow::Result<serde_json::
             pipe.cmd("MEMORY").arg("USAGE").arg(k).arg("SAMPLES").arg(0);
             pipe.cmd("OBJECT").arg("ENCODING").arg(k);
         }
-        let replies: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+        let replies: Vec<redis::Value> = pipe.query_async(c).await?;
         for pair in replies.chunks(2) {
             let size: Option<u64> = redis::from_redis_value_ref(&pair[0])?;
             let encoding: Option<String> = redis::from_redis_value_ref(&pair[1])?;

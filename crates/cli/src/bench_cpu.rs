@@ -22,7 +22,7 @@ use rdkafka::producer::FutureRecord;
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 
-use crate::bench::{cache_footprint, events, forget_keys, unique};
+use crate::bench::{events, footprint_then_forget_keys, forget_keys, unique};
 
 /// Goal of the performance work: streaming services' CPU per event.
 const GOAL_LANES_US: f64 = 15.0;
@@ -144,7 +144,8 @@ pub async fn run(args: BenchCpuArgs, settings: &Settings) -> anyhow::Result<()> 
     let per =
         |r: &serde_json::Value, k: &str| r["cpu_us_per_event"][k].as_f64().unwrap_or(f64::NAN);
     let mean = |runs: &[serde_json::Value]| runs.iter().map(rate).sum::<f64>() / runs.len() as f64;
-    let medians = |k: &str| median(lanes_runs.iter().map(|r| per(r, k)).collect());
+    let figures = |k: &str| -> Vec<f64> { lanes_runs.iter().map(|r| per(r, k)).collect() };
+    let medians = |k: &str| median(figures(k));
     let mut report = json!({
         "events": args.events,
         "lanes": lanes_runs,
@@ -209,7 +210,7 @@ pub async fn run(args: BenchCpuArgs, settings: &Settings) -> anyhow::Result<()> 
     let first = &lanes_runs[0];
     // Over several drains the goals are read at the median, with the range beside it.
     let over_runs = |k: &str| {
-        let xs: Vec<f64> = lanes_runs.iter().map(|r| per(r, k)).collect();
+        let xs = figures(k);
         let (lo, hi) = xs
             .iter()
             .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
@@ -362,10 +363,9 @@ async fn drain_lanes(
     }
     let result = measure(args, &s, &procs, broker, redis).await;
     stop_all(&mut procs);
-    let footprint = cache_footprint(&s).await;
-    forget_keys(&s).await?;
+    let footprint = footprint_then_forget_keys(&s).await?;
     let mut result = result?;
-    result["redis_cache"] = footprint?;
+    result["redis_cache"] = footprint;
     Ok(result)
 }
 
