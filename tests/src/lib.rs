@@ -93,15 +93,22 @@ pub type TestConsumer = StreamConsumer<LoggingContext>;
 
 /// A consumer in a fresh group, subscribed to `topics`, reading from the start.
 pub fn consumer(settings: &Settings, topics: &[&str]) -> TestConsumer {
-    let c = lanes_common::kafka::consumer(
+    let c = metadata_probe(settings);
+    c.subscribe(topics).expect("subscribe");
+    c
+}
+
+/// A consumer in no group, for reading metadata. A member dropped while its group is
+/// still assigning can hang in librdkafka's close: the revoke callback's incremental
+/// unassign was seen waiting forever on the main thread.
+pub fn metadata_probe(settings: &Settings) -> TestConsumer {
+    lanes_common::kafka::consumer(
         &settings.kafka,
         "lanes-test",
         &unique("group"),
         LoggingContext::default(),
     )
-    .expect("consumer");
-    c.subscribe(topics).expect("subscribe");
-    c
+    .expect("consumer")
 }
 
 /// A source as the services start one, with the settings' runner, keeping headers and

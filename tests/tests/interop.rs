@@ -361,7 +361,7 @@ async fn ingest_without_its_avro_loop_creates_no_avro_topic() {
     let running = lane.start(&[lanes_ingest::def()]);
     running.ready().await;
     let s = &lane.settings;
-    let probe = consumer(s, &[&s.topics.raw]);
+    let probe = metadata_probe(s);
     let md = probe.fetch_metadata(None, Duration::from_secs(10)).unwrap();
     let names: Vec<&str> = md.topics().iter().map(|t| t.name()).collect();
     assert!(

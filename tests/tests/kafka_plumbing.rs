@@ -22,7 +22,7 @@ async fn ensure_topics_creates_missing_topics_with_the_configured_partitions() {
         "existing topics are left alone"
     );
 
-    let probe = consumer(&s, &[&a]);
+    let probe = metadata_probe(&s);
     let md = probe
         .fetch_metadata(Some(&a), Duration::from_secs(10))
         .unwrap();
