@@ -111,6 +111,31 @@ pub fn metadata_probe(settings: &Settings) -> TestConsumer {
     .expect("consumer")
 }
 
+/// `headers` with one more header named by raw bytes, which need not be UTF-8 (as any
+/// Kafka client may write; rdkafka's own API takes names as `str`).
+#[allow(unsafe_code)]
+pub fn with_raw_header(
+    headers: rdkafka::message::OwnedHeaders,
+    name: &[u8],
+    value: &[u8],
+) -> rdkafka::message::OwnedHeaders {
+    use rdkafka::bindings::{rd_kafka_header_add, rd_kafka_headers_t};
+    use rdkafka::message::BorrowedHeaders;
+    // SAFETY: an `OwnedHeaders`' borrowed view is its librdkafka headers object, which
+    // copies the name and value it is given.
+    unsafe {
+        let raw = headers.as_borrowed() as *const BorrowedHeaders as *mut rd_kafka_headers_t;
+        rd_kafka_header_add(
+            raw,
+            name.as_ptr().cast(),
+            name.len() as isize,
+            value.as_ptr().cast(),
+            value.len() as isize,
+        );
+    }
+    headers
+}
+
 /// A source as the services start one, with the settings' runner, keeping headers and
 /// without metrics; `hold` is its drain timeout.
 pub fn source(

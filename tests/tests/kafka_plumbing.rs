@@ -116,6 +116,51 @@ async fn dead_letters_keep_the_original_bytes_and_carry_the_reason() {
     assert_eq!(h.count(), 7);
 }
 
+/// A header name that is not UTF-8 (any Kafka client can write one) reaches the stage
+/// with its invalid bytes replaced: rdkafka panics reading such a name, and the loops
+/// that look for a header of their own (the cache-writer's guard) read every name.
+#[tokio::test]
+async fn a_header_name_that_is_not_utf8_is_handed_on_readable() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+
+    let mut s = settings();
+    s.kafka.partitions = 1;
+    let topic = unique("header-bytes");
+    create_topics(&s, &[&topic]).await;
+    let headers = with_raw_header(
+        OwnedHeaders::new().insert(Header {
+            key: "lanes.guard",
+            value: Some("1"),
+        }),
+        b"bad\xffname",
+        b"v",
+    );
+    producer(&s)
+        .send(
+            FutureRecord::to(&topic)
+                .key("k")
+                .payload("v")
+                .headers(headers),
+        )
+        .await
+        .unwrap();
+
+    let mut source = source(
+        &s,
+        "test",
+        &unique("group"),
+        &[&topic],
+        Duration::from_secs(10),
+    );
+    let m = next_message(&mut source, Duration::from_secs(60)).await;
+    source.close().await;
+    let h = m.headers().expect("headers kept");
+    let names: Vec<&str> = h.iter().map(|h| h.key).collect();
+    assert_eq!(names, ["lanes.guard", "bad\u{fffd}name"]);
+    assert_eq!(dlq::header_str(h, "lanes.guard"), Some("1"));
+}
+
 /// A source hands each record on whole, a turn of them at a time: key, value,
 /// timestamp, partition, offset and headers (kept, or skipped where the stage reads
 /// none), an absent key or value staying absent, in offset order.

@@ -304,7 +304,8 @@ async fn the_cache_never_rolls_back() {
 /// The guard header of a prediction scored from a request's own features (the
 /// responder's) reaches the cache-writer's script: such a prediction yields to the
 /// entity's newer online features, while the same prediction without the header is
-/// written. The cache-writer's other consumer reads no headers; this one must.
+/// written. The cache-writer's other consumer reads no headers; this one must. A
+/// header name that is not UTF-8 beside the guard changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_guarded_prediction_yields_to_newer_features() {
     use rdkafka::message::{Header, OwnedHeaders};
@@ -323,24 +324,32 @@ async fn a_guarded_prediction_yields_to_newer_features() {
         .await
         .unwrap();
     let prefix = &lane.settings.cache_writer.key_prefix;
-    for entity in ["guarded", "plain"] {
+    for entity in ["guarded", "odd-header", "plain"] {
         let _: () = r
             .hset(format!("{prefix}{entity}"), "features_event_time", T0 + 200)
             .await
             .unwrap();
     }
-    let send = |pr: Prediction, guard: bool| {
+    let send = |pr: Prediction, guard: bool, odd_name: bool| {
         let (codec, p, topic) = (codec.clone(), p.clone(), topic.clone());
         async move {
             let bytes = codec.encode(&topic, &pr).await.unwrap();
             let mut record = FutureRecord::to(&topic)
                 .key(pr.entity_id.as_str())
                 .payload(&bytes);
+            let mut headers = OwnedHeaders::new();
+            if odd_name {
+                // rdkafka panics reading a header name that is not UTF-8.
+                headers = with_raw_header(headers, b"\xfe\xff", b"x");
+            }
             if guard {
-                record = record.headers(OwnedHeaders::new().insert(Header {
+                headers = headers.insert(Header {
                     key: lanes_common::cache::HEADER_GUARD,
                     value: Some("1"),
-                }));
+                });
+            }
+            if guard || odd_name {
+                record = record.headers(headers);
             }
             p.send(record, Duration::from_secs(10))
                 .await
@@ -348,16 +357,18 @@ async fn a_guarded_prediction_yields_to_newer_features() {
         }
     };
     let writes = |result| running.metric("lanes_cache_writer_writes_total", &[("result", result)]);
-    send(prediction("guarded", 100, 1, 0.3), true).await;
-    send(prediction("plain", 100, 1, 0.4), false).await;
+    send(prediction("guarded", 100, 1, 0.3), true, false).await;
+    send(prediction("odd-header", 100, 1, 0.5), true, true).await;
+    send(prediction("plain", 100, 1, 0.4), false, false).await;
     wait_for(
-        "both predictions handled",
+        "the predictions handled",
         Duration::from_secs(30),
-        || async { (writes("written") + writes("stale") >= 2.0).then_some(()) },
+        || async { (writes("written") + writes("stale") >= 3.0).then_some(()) },
     )
     .await;
-    assert_eq!((writes("written"), writes("stale")), (1.0, 1.0));
+    assert_eq!((writes("written"), writes("stale")), (1.0, 2.0));
     assert_eq!(cached(&lane, "guarded").await.get("score"), None);
+    assert_eq!(cached(&lane, "odd-header").await.get("score"), None);
     assert_eq!(cached(&lane, "plain").await["score"], "0.4");
     running.stop().await;
 }

@@ -152,7 +152,7 @@ pub async fn tail(args: TailArgs, s: &Settings) -> anyhow::Result<()> {
             },
             None => c.recv().await,
         };
-        let m = next?.detach();
+        let m = lanes_common::kafka::detach(&next?, true);
         writeln!(out, "{}", record_json(&codec, &m).await)?;
         out.flush()?;
         n += 1;
@@ -269,7 +269,7 @@ async fn read_dead_letters(
             Duration::from_secs(5)
         };
         let m = match tokio::time::timeout(wait, c.recv()).await {
-            Ok(m) => m?.detach(),
+            Ok(m) => lanes_common::kafka::detach(&m?, true),
             Err(_) if caught_up => break,
             Err(_) => {
                 anyhow::ensure!(

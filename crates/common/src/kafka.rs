@@ -104,6 +104,19 @@ pub async fn enqueue<K: ToBytes + ?Sized, P: ToBytes + ?Sized>(
     producer.enqueue_one(record).await
 }
 
+/// An owned copy of a consumed record, with its headers when `headers`. Unlike
+/// rdkafka's `detach`, a header name that is not UTF-8 comes with its invalid bytes
+/// replaced: rdkafka panics reading such a name, and any producer can write one.
+#[allow(unsafe_code)]
+pub fn detach(
+    m: &rdkafka::message::BorrowedMessage<'_>,
+    headers: bool,
+) -> rdkafka::message::OwnedMessage {
+    use rdkafka::Message;
+    // SAFETY: `m` is a live record delivered without error.
+    unsafe { crate::queue::owned(&*m.ptr(), m.topic().to_string(), headers) }
+}
+
 /// The broker's answer to an enqueued record: its partition and offset.
 pub async fn delivered(delivery: Delivery) -> KafkaResult<(i32, i64)> {
     delivery.await

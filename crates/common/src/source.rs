@@ -45,7 +45,6 @@ use crate::service::ConsumerMetrics;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol,
 };
@@ -61,7 +60,7 @@ use crate::dlq::{DeadLetter, DlqWriter, ErrorClass};
 use crate::error::Failure;
 use crate::kafka::{OffsetTracker, describe};
 use crate::producer::Reported;
-use crate::queue::EventQueue;
+use crate::queue::{EventQueue, RecordQueue};
 
 /// What the polling thread tells the service, in order.
 #[derive(Debug)]
@@ -260,18 +259,7 @@ pub enum RecordHeaders {
 impl SourceContext {
     /// An owned copy of `m`, with its headers only where they are kept.
     fn detach(&self, m: &BorrowedMessage<'_>) -> OwnedMessage {
-        match self.headers {
-            RecordHeaders::Keep => m.detach(),
-            RecordHeaders::Skip => OwnedMessage::new(
-                m.payload().map(<[u8]>::to_vec),
-                m.key().map(<[u8]>::to_vec),
-                m.topic().to_string(),
-                m.timestamp(),
-                m.partition(),
-                m.offset(),
-                None,
-            ),
-        }
+        crate::kafka::detach(m, self.headers == RecordHeaders::Keep)
     }
 }
 
@@ -1035,7 +1023,8 @@ fn poll_loop(
     let ctx = consumer.context();
     let events = EventQueue::consumer(consumer.client(), ring.clone())
         .expect("a source's consumer has a group");
-    let mut queues: HashMap<(String, i32), PartitionQueue<SourceContext>> = HashMap::new();
+    let mut queues: HashMap<(String, i32), RecordQueue<'_>> = HashMap::new();
+    let mut taken = Vec::with_capacity(TURN);
     let mut continuity: HashMap<(String, i32), Continuity> = HashMap::new();
     while !stop.load(Ordering::Relaxed) {
         // Events (rebalances, errors), and messages fetched before their partition's
@@ -1074,13 +1063,10 @@ fn poll_loop(
         ctx.confirm_floors(consumer, &assigned);
         ctx.verify_held(consumer);
         for (topic, partition) in assigned {
-            match consumer.split_partition_queue(&topic, partition) {
-                Some(mut q) => {
+            let keep = ctx.headers == RecordHeaders::Keep;
+            match RecordQueue::split(consumer.client(), &topic, partition, keep, ring.clone()) {
+                Some(q) => {
                     continuity.entry((topic.clone(), partition)).or_default();
-                    let ring = ring.clone();
-                    q.set_nonempty_callback(move || {
-                        let _ = ring.try_send(());
-                    });
                     queues.insert((topic, partition), q);
                 }
                 None => {
@@ -1095,8 +1081,8 @@ fn poll_loop(
         // records after a turn (all dropped below a floor, say) rings no more.
         let mut took = false;
         let mut full = !ctx.pending.lock().expect("source lock").is_empty();
-        let mut chunk = Vec::new();
-        'queues: for (key, q) in &queues {
+        let mut chunk = Vec::with_capacity(TURN);
+        'queues: for (key, q) in &mut queues {
             if full {
                 break;
             }
@@ -1106,24 +1092,30 @@ fn poll_loop(
             let Some(c) = continuity.get_mut(key) else {
                 continue;
             };
-            for _ in 0..TURN {
-                let Some(polled) = q.poll(Duration::ZERO) else {
+            // At most a turn from each queue, taken no faster than the chunk fills.
+            let mut from_queue = 0;
+            while from_queue < TURN {
+                let want = (TURN - from_queue).min(TURN - chunk.len());
+                let got = q.take(want, &mut taken);
+                if got == 0 {
                     break;
-                };
+                }
                 took = true;
-                match polled {
-                    Ok(m) => {
-                        if let Some(m) = ctx
-                            .admit(ctx.detach(&m))
-                            .filter(|m| ctx.follows(consumer, c, m))
-                        {
-                            chunk.push(m);
+                from_queue += got;
+                for polled in taken.drain(..) {
+                    match polled {
+                        Ok(m) => {
+                            if let Some(m) = ctx.admit(m).filter(|m| ctx.follows(consumer, c, m)) {
+                                chunk.push(m);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(service = %ctx.service, error = %e, "consumer error")
                         }
                     }
-                    Err(e) => tracing::warn!(service = %ctx.service, error = %e, "consumer error"),
                 }
                 if chunk.len() >= TURN {
-                    match ctx.hand_on(tx, std::mem::take(&mut chunk)) {
+                    match ctx.hand_on(tx, std::mem::replace(&mut chunk, Vec::with_capacity(TURN))) {
                         Taken::Yes => {}
                         Taken::Full => {
                             full = true;
@@ -1131,6 +1123,9 @@ fn poll_loop(
                         }
                         Taken::Gone => break 'queues,
                     }
+                }
+                if got < want {
+                    break;
                 }
             }
         }
