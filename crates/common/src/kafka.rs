@@ -114,7 +114,7 @@ pub fn detach(
 ) -> rdkafka::message::OwnedMessage {
     use rdkafka::Message;
     // SAFETY: `m` is a live record delivered without error.
-    unsafe { crate::queue::owned(&*m.ptr(), m.topic().to_string(), headers) }
+    unsafe { crate::queue::owned(m.ptr(), m.topic().to_string(), headers) }
 }
 
 /// The broker's answer to an enqueued record: its partition and offset.

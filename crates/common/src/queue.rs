@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use rdkafka::ClientContext;
 use rdkafka::bindings::{self as rd, rd_kafka_message_t, rd_kafka_queue_t, rd_kafka_t};
 use rdkafka::client::Client;
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
 
 /// A client's queue with a callback that rings `ring` whenever librdkafka puts an event
@@ -17,8 +17,8 @@ use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
 /// every later event rings. Made and dropped on that thread.
 pub(crate) struct EventQueue<'a> {
     queue: *mut rd_kafka_queue_t,
-    /// Read by the callback only, through the pointer it was given.
-    _ring: Box<mpsc::SyncSender<()>>,
+    /// Read by the callback only; freed in `drop`.
+    ring: *mut Ring,
     _client: PhantomData<&'a ()>,
 }
 
@@ -48,7 +48,7 @@ impl<'a> EventQueue<'a> {
     fn ringing(queue: *mut rd_kafka_queue_t, ring: mpsc::SyncSender<()>) -> Self {
         Self {
             queue,
-            _ring: ring_when_filled(queue, ring),
+            ring: ring_when_filled(queue, ring),
             _client: PhantomData,
         }
     }
@@ -60,42 +60,37 @@ impl<'a> EventQueue<'a> {
 }
 
 /// Has librdkafka ring `ring` whenever it puts something into `queue` while it is
-/// empty; the box must outlive the callback ([`release`] removes it).
+/// empty. The returned pointer owns the sender until [`release`] removes the callback.
 #[allow(unsafe_code)]
-fn ring_when_filled(
-    queue: *mut rd_kafka_queue_t,
-    ring: mpsc::SyncSender<()>,
-) -> Box<mpsc::SyncSender<()>> {
+fn ring_when_filled(queue: *mut rd_kafka_queue_t, ring: mpsc::SyncSender<()>) -> *mut Ring {
     unsafe extern "C" fn rung(_: *mut rd_kafka_t, opaque: *mut c_void) {
-        // SAFETY: `opaque` is the `ring` box, kept alive until the callback is removed.
-        let ring = unsafe { &*(opaque as *const mpsc::SyncSender<()>) };
+        // SAFETY: `opaque` is the `ring` box, alive until the callback is removed.
+        let ring = unsafe { &*(opaque as *const Ring) };
         let _ = ring.try_send(());
     }
-    let ring = Box::new(ring);
-    // SAFETY: `ring` outlives the callback, which `release` removes first.
-    unsafe {
-        rd::rd_kafka_queue_cb_event_enable(
-            queue,
-            Some(rung),
-            &*ring as *const mpsc::SyncSender<()> as *mut c_void,
-        );
-    }
+    let ring = Box::into_raw(Box::new(ring));
+    // SAFETY: `ring` lives until `release` has removed the callback.
+    unsafe { rd::rd_kafka_queue_cb_event_enable(queue, Some(rung), ring.cast()) };
     ring
 }
 
-/// Removes the callback (before its ring box goes), then releases the handle.
+type Ring = mpsc::SyncSender<()>;
+
+/// Removes the callback, frees its ring, then releases the handle.
 #[allow(unsafe_code)]
-fn release(queue: *mut rd_kafka_queue_t) {
-    // SAFETY: a live handle, released once, by its owner's `drop`.
+fn release(queue: *mut rd_kafka_queue_t, ring: *mut Ring) {
+    // SAFETY: a live handle and its ring, released once, by their owner's `drop`; the
+    // callback runs under the queue's lock, so none runs once it is removed.
     unsafe {
         rd::rd_kafka_queue_cb_event_enable(queue, None, std::ptr::null_mut());
+        drop(Box::from_raw(ring));
         rd::rd_kafka_queue_destroy(queue);
     }
 }
 
 impl Drop for EventQueue<'_> {
     fn drop(&mut self) {
-        release(self.queue);
+        release(self.queue, self.ring);
     }
 }
 
@@ -109,7 +104,8 @@ pub(crate) struct RecordQueue<'a> {
     /// Whether records keep their Kafka headers.
     headers: bool,
     taken: Vec<*mut rd_kafka_message_t>,
-    _ring: Box<mpsc::SyncSender<()>>,
+    /// Read by the callback only; freed in `drop`.
+    ring: *mut Ring,
     _client: PhantomData<&'a ()>,
 }
 
@@ -140,14 +136,19 @@ impl<'a> RecordQueue<'a> {
             topic: topic.to_string(),
             headers,
             taken: Vec::new(),
-            _ring: ring_when_filled(queue, ring),
+            ring: ring_when_filled(queue, ring),
             _client: PhantomData,
         })
     }
 
     /// Appends to `out` up to `max` records waiting, in order, each copied out (a record
-    /// librdkafka delivers as an error comes as that error), and says how many it took.
-    pub(crate) fn take(&mut self, max: usize, out: &mut Vec<KafkaResult<OwnedMessage>>) -> usize {
+    /// librdkafka delivers as an error comes as its description), and says how many it
+    /// took.
+    pub(crate) fn take(
+        &mut self,
+        max: usize,
+        out: &mut Vec<Result<OwnedMessage, String>>,
+    ) -> usize {
         self.taken.clear();
         self.taken.reserve(max);
         // SAFETY: room for `max` pointers; librdkafka writes the first `n` and hands them over.
@@ -160,7 +161,7 @@ impl<'a> RecordQueue<'a> {
         for &m in &self.taken {
             // SAFETY: a message librdkafka handed over; destroyed once, after its copy.
             unsafe {
-                out.push(self.copy(&*m));
+                out.push(self.copy(m));
                 rd::rd_kafka_message_destroy(m);
             }
         }
@@ -168,15 +169,24 @@ impl<'a> RecordQueue<'a> {
         n
     }
 
-    /// An owned copy of `m` (a record librdkafka delivers as an error comes as that error).
-    unsafe fn copy(&self, m: &rd_kafka_message_t) -> KafkaResult<OwnedMessage> {
-        if m.err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-            return Err(match m.err {
+    /// An owned copy of the live record `m`, or what librdkafka says went wrong.
+    unsafe fn copy(&self, m: *mut rd_kafka_message_t) -> Result<OwnedMessage, String> {
+        // SAFETY: a live message.
+        let (err, partition, offset) = unsafe { ((*m).err, (*m).partition, (*m).offset) };
+        if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            let e = match err {
                 rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF => {
-                    KafkaError::PartitionEOF(m.partition)
+                    KafkaError::PartitionEOF(partition)
                 }
                 e => KafkaError::MessageConsumption(e.into()),
-            });
+            };
+            // SAFETY: a live message; the text is NUL-terminated and lives as long.
+            let why = unsafe { std::ffi::CStr::from_ptr(rd::rd_kafka_message_errstr(m)) };
+            return Err(format!(
+                "{e} ({}) at {}/{partition}/{offset}",
+                why.to_string_lossy(),
+                self.topic
+            ));
         }
         // SAFETY: a live message without error.
         Ok(unsafe { owned(m, self.topic.clone(), self.headers) })
@@ -188,7 +198,13 @@ impl<'a> RecordQueue<'a> {
 /// # Safety
 /// `m` is a live record librdkafka delivered without error.
 #[allow(unsafe_code)]
-pub(crate) unsafe fn owned(m: &rd_kafka_message_t, topic: String, headers: bool) -> OwnedMessage {
+pub(crate) unsafe fn owned(
+    m: *mut rd_kafka_message_t,
+    topic: String,
+    headers: bool,
+) -> OwnedMessage {
+    // SAFETY: a live message.
+    let r = unsafe { &*m };
     // SAFETY: librdkafka's pointers and lengths for this live message.
     let bytes = |p: *const c_void, len: usize| {
         (!p.is_null()).then(|| unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) }.to_vec())
@@ -205,12 +221,12 @@ pub(crate) unsafe fn owned(m: &rd_kafka_message_t, topic: String, headers: bool)
         _ => Timestamp::NotAvailable,
     };
     OwnedMessage::new(
-        bytes(m.payload, m.len),
-        bytes(m.key, m.key_len),
+        bytes(r.payload, r.len),
+        bytes(r.key, r.key_len),
         topic,
         timestamp,
-        m.partition,
-        m.offset,
+        r.partition,
+        r.offset,
         // SAFETY: a live message.
         if headers {
             unsafe { copy_headers(m) }
@@ -224,10 +240,10 @@ pub(crate) unsafe fn owned(m: &rd_kafka_message_t, topic: String, headers: bool)
 /// with its invalid bytes replaced: rdkafka panics reading such a name, so a hostile
 /// producer's header would otherwise stop the loop that looks at it.
 #[allow(unsafe_code)]
-unsafe fn copy_headers(m: &rd_kafka_message_t) -> Option<OwnedHeaders> {
+unsafe fn copy_headers(m: *mut rd_kafka_message_t) -> Option<OwnedHeaders> {
     let mut hdrs = std::ptr::null_mut();
     // SAFETY: a live message; the headers stay owned by it.
-    let found = unsafe { rd::rd_kafka_message_headers(m as *const _ as *mut _, &mut hdrs) };
+    let found = unsafe { rd::rd_kafka_message_headers(m, &mut hdrs) };
     if found != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || hdrs.is_null() {
         return None;
     }
@@ -252,6 +268,6 @@ unsafe fn copy_headers(m: &rd_kafka_message_t) -> Option<OwnedHeaders> {
 
 impl Drop for RecordQueue<'_> {
     fn drop(&mut self) {
-        release(self.queue);
+        release(self.queue, self.ring);
     }
 }

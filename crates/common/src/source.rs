@@ -140,6 +140,13 @@ enum Step {
 /// How often a partition with a gap is fetched again.
 const REFETCH_EVERY: Duration = Duration::from_millis(20);
 
+impl Step {
+    /// Whether the record is handed on.
+    fn takes(self) -> bool {
+        matches!(self, Step::Take | Step::Skip { .. })
+    }
+}
+
 impl Continuity {
     /// `now` is read only at a gap: most records follow their predecessor.
     fn step(&mut self, offset: i64, wait: Duration, now: impl Fn() -> std::time::Instant) -> Step {
@@ -514,10 +521,12 @@ impl SourceContext {
 
     /// Whether `m` follows what was handed on from its partition (see [`Continuity`]);
     /// a gap seeks the partition back to it, at most for `gap_wait`.
-    fn follows(&self, consumer: &SourceConsumer, c: &mut Continuity, m: &OwnedMessage) -> bool {
-        match c.step(m.offset(), self.gap_wait, std::time::Instant::now) {
-            Step::Take => true,
-            Step::Drop => false,
+    /// Checks `m` against its partition's [`Continuity`], seeking back to a gap; the
+    /// record is taken if the step [`Step::takes`] it.
+    fn follows(&self, consumer: &SourceConsumer, c: &mut Continuity, m: &OwnedMessage) -> Step {
+        let step = c.step(m.offset(), self.gap_wait, std::time::Instant::now);
+        match step {
+            Step::Take | Step::Drop => {}
             Step::Refetch(from) => {
                 if c.gap.is_some_and(|(since, last)| since == last) {
                     tracing::debug!(service = %self.service, topic = m.topic(), partition = m.partition(), from, to = m.offset(), "gap in the partition's offsets; fetching it again");
@@ -531,14 +540,13 @@ impl SourceContext {
                 ) {
                     tracing::warn!(service = %self.service, topic = m.topic(), partition = m.partition(), from, error = %e, "seek back to a gap failed; trying again");
                 }
-                false
             }
             Step::Skip { from, to } => {
                 tracing::error!(service = %self.service, topic = m.topic(), partition = m.partition(), from, to, waited = ?self.gap_wait, "offsets missing from the partition; stepping over them");
                 self.count_gap(m.topic(), "skipped");
-                true
             }
         }
+        step
     }
 
     fn count_gap(&self, topic: &str, outcome: &str) {
@@ -1012,6 +1020,27 @@ impl RoomBell {
     }
 }
 
+/// Moves to `chunk` the records of one partition's batch that `check` takes (`None`:
+/// dropped before any step), in order, and says whether it sought back to a gap: what
+/// follows the seek in the batch was fetched before it and is dropped unchecked, to be
+/// read again (librdkafka drops what its queue still holds of that fetch).
+fn sift<M>(
+    taken: impl IntoIterator<Item = Result<M, String>>,
+    chunk: &mut Vec<M>,
+    mut check: impl FnMut(M) -> Option<(M, Step)>,
+    mut error: impl FnMut(String),
+) -> bool {
+    for polled in taken {
+        match polled.map(&mut check) {
+            Ok(Some((m, step))) if step.takes() => chunk.push(m),
+            Ok(Some((_, Step::Refetch(_)))) => return true,
+            Ok(_) => {}
+            Err(e) => error(e),
+        }
+    }
+    false
+}
+
 /// The polling thread: serve the consumer's events, split off each assigned partition's
 /// queue, and hand messages on while the service has room.
 fn poll_loop(
@@ -1039,7 +1068,10 @@ fn poll_loop(
                 Some(Ok(m)) => {
                     if let Some(m) = ctx.admit(ctx.detach(&m)) {
                         let key = (m.topic().to_string(), m.partition());
-                        if ctx.follows(consumer, continuity.entry(key).or_default(), &m) {
+                        if ctx
+                            .follows(consumer, continuity.entry(key).or_default(), &m)
+                            .takes()
+                        {
                             ctx.pending.lock().expect("source lock").push_back(m);
                         }
                     }
@@ -1102,18 +1134,16 @@ fn poll_loop(
                 }
                 took = true;
                 from_queue += got;
-                for polled in taken.drain(..) {
-                    match polled {
-                        Ok(m) => {
-                            if let Some(m) = ctx.admit(m).filter(|m| ctx.follows(consumer, c, m)) {
-                                chunk.push(m);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(service = %ctx.service, error = %e, "consumer error")
-                        }
-                    }
-                }
+                let sought = sift(
+                    taken.drain(..),
+                    &mut chunk,
+                    |m| {
+                        let m = ctx.admit(m)?;
+                        let step = ctx.follows(consumer, c, &m);
+                        Some((m, step))
+                    },
+                    |e| tracing::warn!(service = %ctx.service, error = %e, "consumer error"),
+                );
                 if chunk.len() >= TURN {
                     match ctx.hand_on(tx, std::mem::replace(&mut chunk, Vec::with_capacity(TURN))) {
                         Taken::Yes => {}
@@ -1124,7 +1154,7 @@ fn poll_loop(
                         Taken::Gone => break 'queues,
                     }
                 }
-                if got < want {
+                if sought || got < want {
                     break;
                 }
             }
@@ -1349,7 +1379,7 @@ impl Acks {
 
 #[cfg(test)]
 mod tests {
-    use super::{Continuity, REFETCH_EVERY, ROOM, RoomBell, Step, Verdict, verdict};
+    use super::{Continuity, REFETCH_EVERY, ROOM, RoomBell, Step, Verdict, sift, verdict};
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
@@ -1473,5 +1503,44 @@ mod tests {
             verdict(200, None, None, 1000, true),
             Verdict::Replay { start: 0 }
         );
+    }
+
+    /// A batch is handed on up to a seek back to a gap: what follows the seek was
+    /// fetched before it and is not checked (each such record could seek again).
+    #[test]
+    fn a_batch_stops_at_a_seek_back_to_a_gap() {
+        let taken = || -> Vec<Result<i64, String>> {
+            vec![Ok(10), Ok(11), Err("broken".into()), Ok(13), Ok(14), Ok(15)]
+        };
+        let steps = |offset: i64| match offset {
+            11 => Step::Drop,
+            13 => Step::Refetch(12),
+            _ => Step::Take,
+        };
+        let (mut chunk, mut checked, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+        let sought = sift(
+            taken(),
+            &mut chunk,
+            |m| {
+                checked.push(m);
+                Some((m, steps(m)))
+            },
+            |e| errors.push(e),
+        );
+        assert!(sought);
+        assert_eq!(chunk, [10]);
+        assert_eq!(checked, [10, 11, 13], "nothing after the seek is checked");
+        assert_eq!(errors, ["broken"]);
+
+        // Without a gap every record checked is taken, dropped or refused before its step.
+        let mut chunk = Vec::new();
+        let sought = sift(
+            taken(),
+            &mut chunk,
+            |m| (m != 14).then_some((m, if m == 11 { Step::Drop } else { Step::Take })),
+            |_| {},
+        );
+        assert!(!sought);
+        assert_eq!(chunk, [10, 13, 15]);
     }
 }
