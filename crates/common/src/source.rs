@@ -519,10 +519,8 @@ impl SourceContext {
         }
     }
 
-    /// Whether `m` follows what was handed on from its partition (see [`Continuity`]);
-    /// a gap seeks the partition back to it, at most for `gap_wait`.
-    /// Checks `m` against its partition's [`Continuity`], seeking back to a gap; the
-    /// record is taken if the step [`Step::takes`] it.
+    /// The step `m` takes after what was handed on from its partition (see
+    /// [`Continuity`]); a gap seeks the partition back to it, at most for `gap_wait`.
     fn follows(&self, consumer: &SourceConsumer, c: &mut Continuity, m: &OwnedMessage) -> Step {
         let step = c.step(m.offset(), self.gap_wait, std::time::Instant::now);
         match step {
@@ -1054,6 +1052,7 @@ fn poll_loop(
         .expect("a source's consumer has a group");
     let mut queues: HashMap<(String, i32), RecordQueue<'_>> = HashMap::new();
     let mut taken = Vec::with_capacity(TURN);
+    let keep = ctx.headers == RecordHeaders::Keep;
     let mut continuity: HashMap<(String, i32), Continuity> = HashMap::new();
     while !stop.load(Ordering::Relaxed) {
         // Events (rebalances, errors), and messages fetched before their partition's
@@ -1095,7 +1094,6 @@ fn poll_loop(
         ctx.confirm_floors(consumer, &assigned);
         ctx.verify_held(consumer);
         for (topic, partition) in assigned {
-            let keep = ctx.headers == RecordHeaders::Keep;
             match RecordQueue::split(consumer.client(), &topic, partition, keep, ring.clone()) {
                 Some(q) => {
                     continuity.entry((topic.clone(), partition)).or_default();
