@@ -110,14 +110,14 @@ fn same(a: &Value, b: &Value) -> bool {
 /// Ingest's validation of a raw event: an `Event` that obeys the rules, or a class; the
 /// same by either read.
 pub fn raw_event(data: &[u8]) {
-    let rules = Rules {
-        features: ["amount", "hour", "merchant_risk"]
+    let rules = Rules::with_limits(
+        ["amount", "hour", "merchant_risk"]
             .map(String::from)
             .to_vec(),
-        max_bytes: 4096,
-        default_kind: "transaction".into(),
-        max_clock_skew_ms: 60_000,
-    };
+        4096,
+        "transaction".into(),
+        60_000,
+    );
     let origin = Origin {
         topic: "lanes.events.raw",
         partition: 0,

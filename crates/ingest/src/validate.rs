@@ -33,16 +33,36 @@ pub struct Rules {
     pub default_kind: String,
     /// How far ahead of ingest's clock an event time may be.
     pub max_clock_skew_ms: u64,
+    /// Indices of `features` in name order: an event's map is built from entries
+    /// already sorted, not sorted per event.
+    by_name: Vec<usize>,
 }
 
 impl Rules {
     /// The rules ingest applies: the served model's `features` and `ingest`'s limits.
     pub fn new(features: Vec<String>, ingest: &IngestConfig) -> Self {
+        Self::with_limits(
+            features,
+            ingest.max_event_bytes,
+            ingest.default_kind.clone(),
+            ingest.max_clock_skew_ms,
+        )
+    }
+
+    pub fn with_limits(
+        features: Vec<String>,
+        max_bytes: usize,
+        default_kind: String,
+        max_clock_skew_ms: u64,
+    ) -> Self {
+        let mut by_name: Vec<usize> = (0..features.len()).collect();
+        by_name.sort_by(|a, b| features[*a].cmp(&features[*b]));
         Self {
             features,
-            max_bytes: ingest.max_event_bytes,
-            default_kind: ingest.default_kind.clone(),
-            max_clock_skew_ms: ingest.max_clock_skew_ms,
+            max_bytes,
+            default_kind,
+            max_clock_skew_ms,
+            by_name,
         }
     }
 }
@@ -300,9 +320,13 @@ fn features(given: Option<Given>, rules: &Rules) -> Result<BTreeMap<String, f64>
             format!("feature {name:?} is not a number: {other}"),
         ),
     };
-    required_features(rules, value, |name, v| out.push((name.to_string(), v)))?;
-    // Built in one pass from the entries, not searched once per name.
-    Ok(out.into_iter().collect())
+    required_features(rules, value, |_, v| out.push(v))?;
+    // Built in one pass from entries in name order, not searched once per name.
+    Ok(rules
+        .by_name
+        .iter()
+        .map(|&i| (rules.features[i].clone(), out[i]))
+        .collect())
 }
 
 /// Checks the model's features, each looked up by `value` (`None`: not given), are
@@ -466,12 +490,12 @@ mod tests {
     use super::*;
 
     fn rules() -> Rules {
-        Rules {
-            features: vec!["amount".into(), "hour".into()],
-            max_bytes: 300,
-            default_kind: "event".into(),
-            max_clock_skew_ms: 300_000,
-        }
+        Rules::with_limits(
+            vec!["amount".into(), "hour".into()],
+            300,
+            "event".into(),
+            300_000,
+        )
     }
 
     const ORIGIN: Origin<'static> = Origin {
@@ -504,6 +528,30 @@ mod tests {
             e.features,
             BTreeMap::from([("amount".into(), 12.5), ("hour".into(), 10.0)])
         );
+    }
+
+    #[test]
+    fn features_land_under_their_names_whatever_the_models_order() {
+        // The model lists its features out of name order; each value keeps its name.
+        let rules = Rules::with_limits(
+            ["hour", "zeta", "amount", "merchant_risk"]
+                .map(String::from)
+                .to_vec(),
+            300,
+            "event".into(),
+            300_000,
+        );
+        let raw = r#"{"entity_id":"c","features":{"amount":1.5,"merchant_risk":0.25,"hour":7,"zeta":-3}}"#;
+        let want = BTreeMap::from([
+            ("amount".into(), 1.5),
+            ("hour".into(), 7.0),
+            ("merchant_risk".into(), 0.25),
+            ("zeta".into(), -3.0),
+        ]);
+        let e = validate(raw.as_bytes(), &rules, &ORIGIN, NOW).unwrap();
+        assert_eq!(e.features, want);
+        let e = validate_by_tree(raw.as_bytes(), &rules, &ORIGIN, NOW).unwrap();
+        assert_eq!(e.features, want);
     }
 
     #[test]

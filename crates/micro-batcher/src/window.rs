@@ -27,6 +27,34 @@ pub struct WindowConfig {
     pub target_latency: Option<Duration>,
 }
 
+/// Writes the model's features of one event into its row: both the event's map and
+/// `by_name` are sorted, so one pass matches them (a lookup per name compared each name
+/// with several keys). Names the event lacks stay as they are; keys the model does
+/// not use are skipped.
+fn fill_row(row: &mut [f32], by_name: &[(String, Vec<usize>)], features: &BTreeMap<String, f64>) {
+    let mut names = by_name.iter().peekable();
+    for (key, value) in features {
+        while let Some((name, columns)) = names.peek() {
+            match name.as_str().cmp(key.as_str()) {
+                std::cmp::Ordering::Less => {
+                    names.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    for c in columns {
+                        row[*c] = *value as f32;
+                    }
+                    names.next();
+                    break;
+                }
+                std::cmp::Ordering::Greater => break,
+            }
+        }
+        if names.peek().is_none() {
+            break;
+        }
+    }
+}
+
 /// A closed window: the batch and the input offsets it covers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Closed {
@@ -60,6 +88,9 @@ pub fn event_bytes(event: &Event, features: usize) -> usize {
 
 pub struct Windows {
     cfg: WindowConfig,
+    /// The model's feature names sorted, each with its columns (a name listed twice
+    /// fills both), to read an event's sorted map in one pass.
+    by_name: Vec<(String, Vec<usize>)>,
     topic: String,
     open: BTreeMap<i32, Window>,
     adaptive: Option<Adaptive>,
@@ -74,8 +105,16 @@ impl Windows {
                 max_events: cfg.max_events,
             })
         });
+        let mut by_name: Vec<(String, Vec<usize>)> = Vec::new();
+        for (column, name) in cfg.features.iter().enumerate() {
+            match by_name.binary_search_by(|(n, _)| n.cmp(name)) {
+                Ok(i) => by_name[i].1.push(column),
+                Err(i) => by_name.insert(i, (name.clone(), vec![column])),
+            }
+        }
         Self {
             cfg,
+            by_name,
             topic: topic.into(),
             open: BTreeMap::new(),
             adaptive,
@@ -176,11 +215,10 @@ impl Windows {
         w.offsets.push(offset);
         let b = &mut w.batch;
         b.last_offset = offset;
-        for name in &b.feature_names {
-            // Validated upstream; a missing feature here is a contract breach, scored as 0.
-            b.features
-                .push(event.features.get(name).copied().unwrap_or(0.0) as f32);
-        }
+        // Validated upstream; a missing feature here is a contract breach, scored as 0.
+        let row = b.features.len();
+        b.features.resize(row + b.feature_names.len(), 0.0);
+        fill_row(&mut b.features[row..], &self.by_name, &event.features);
         b.event_ids.push(event.event_id);
         b.entity_ids.push(event.entity_id);
         b.kinds.push(event.kind);
@@ -534,6 +572,27 @@ mod tests {
         use proptest::prelude::*;
 
         use super::*;
+
+        proptest! {
+            /// One pass over the sorted map fills a row as a lookup per column would:
+            /// names listed twice, names the event lacks, keys the model does not use.
+            #[test]
+            fn a_row_holds_what_a_lookup_per_column_finds(
+                names in prop::collection::vec("[a-e]{0,3}", 0..12),
+                features in prop::collection::btree_map("[a-e]{0,3}", -1e6f64..1e6, 0..12),
+            ) {
+                let mut cfg = cfg(8, 1 << 20, 10);
+                cfg.features = names.clone();
+                let w = Windows::new(cfg, "events");
+                let mut row = vec![0.0f32; names.len()];
+                fill_row(&mut row, &w.by_name, &features);
+                let want: Vec<f32> = names
+                    .iter()
+                    .map(|n| features.get(n).copied().unwrap_or(0.0) as f32)
+                    .collect();
+                prop_assert_eq!(row, want);
+            }
+        }
 
         #[derive(Debug, Clone)]
         enum Step {
