@@ -36,6 +36,8 @@ pub struct Rules {
     /// Indices of `features` in name order: an event's map is built from entries
     /// already sorted, not sorted per event.
     by_name: Vec<usize>,
+    /// No name is listed twice: a key then has at most one slot.
+    unique: bool,
 }
 
 impl Rules {
@@ -57,14 +59,45 @@ impl Rules {
     ) -> Self {
         let mut by_name: Vec<usize> = (0..features.len()).collect();
         by_name.sort_by(|a, b| features[*a].cmp(&features[*b]));
+        let unique = by_name.windows(2).all(|w| features[w[0]] != features[w[1]]);
         Self {
             features,
             max_bytes,
             default_kind,
             max_clock_skew_ms,
             by_name,
+            unique,
         }
     }
+
+    /// The slot of feature `key` when names are unique. Publishers write features in
+    /// the model's order or in name order, so the slot after the last one found, in
+    /// either order, is tried before a binary search.
+    fn slot(&self, key: &str, last: &mut Last) -> Option<usize> {
+        let (features, by_name) = (&self.features, &self.by_name);
+        if let Some(i) = last.model.map_or(Some(0), |m| Some(m + 1))
+            && features.get(i).is_some_and(|f| f == key)
+        {
+            last.model = Some(i);
+            return Some(i);
+        }
+        let at = match last.sorted.map_or(0, |s| s + 1) {
+            next if by_name.get(next).is_some_and(|&i| features[i] == key) => next,
+            _ => by_name
+                .binary_search_by(|&i| features[i].as_str().cmp(key))
+                .ok()?,
+        };
+        last.sorted = Some(at);
+        last.model = Some(by_name[at]);
+        Some(by_name[at])
+    }
+}
+
+/// Where [`Rules::slot`] last found a key, in the model's order and in name order.
+#[derive(Default)]
+struct Last {
+    model: Option<usize>,
+    sorted: Option<usize>,
 }
 
 pub type Rejection = (ErrorClass, String);
@@ -180,12 +213,12 @@ fn read_tree(raw: &[u8], rules: &Rules) -> Result<Fields, Rejection> {
 /// then takes [`read_tree`].
 fn read_streaming(raw: &[u8], rules: &Rules) -> serde_json::Result<Fields> {
     let mut de = serde_json::Deserializer::from_slice(raw);
-    let fields = EventSeed(&rules.features).deserialize(&mut de)?;
+    let fields = EventSeed(rules).deserialize(&mut de)?;
     de.end()?;
     Ok(fields)
 }
 
-struct EventSeed<'r>(&'r [String]);
+struct EventSeed<'r>(&'r Rules);
 
 impl<'de> DeserializeSeed<'de> for EventSeed<'_> {
     type Value = Fields;
@@ -229,7 +262,7 @@ impl<'de> Visitor<'de> for EventSeed<'_> {
 }
 
 /// Reads a `features` object straight into the model's order; anything else fails.
-struct FeaturesSeed<'r>(&'r [String]);
+struct FeaturesSeed<'r>(&'r Rules);
 
 impl<'de> DeserializeSeed<'de> for FeaturesSeed<'_> {
     type Value = Given;
@@ -247,18 +280,27 @@ impl<'de> Visitor<'de> for FeaturesSeed<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Given, A::Error> {
+        let rules = self.0;
         let mut given = Given {
-            values: vec![None; self.0.len()],
+            values: vec![None; rules.features.len()],
             unknown: None,
         };
+        let mut last = Last::default();
         while let Some(key) = map.next_key::<&'de str>()? {
             let value = Some(map.next_value::<Value>()?).filter(|v| !v.is_null());
             let mut known = false;
             // A later value overwrites: a repeated key keeps its last, as in a map.
-            for (slot, name) in given.values.iter_mut().zip(self.0) {
-                if name == key {
-                    slot.clone_from(&value);
+            if rules.unique {
+                if let Some(i) = rules.slot(key, &mut last) {
+                    given.values[i] = value;
                     known = true;
+                }
+            } else {
+                for (slot, name) in given.values.iter_mut().zip(&rules.features) {
+                    if name == key {
+                        slot.clone_from(&value);
+                        known = true;
+                    }
                 }
             }
             if !known && given.unknown.as_deref().is_none_or(|u| key < u) {
@@ -725,6 +767,52 @@ mod tests {
         "",
         "\u{feff}{}",
     ];
+
+    #[test]
+    fn features_are_matched_to_slots_in_any_order_of_keys_or_names() {
+        let lists: [&[&str]; 5] = [
+            &["a", "b", "c", "d"],
+            &["d", "c", "b", "a"],
+            &["c", "a", "d", "b"],
+            &["b", "a", "b", "c"],
+            &["a"],
+        ];
+        let orders: [&[&str]; 8] = [
+            &["a", "b", "c", "d"],
+            &["d", "c", "b", "a"],
+            &["c", "a", "d", "b"],
+            &["b", "d"],
+            &["a", "x", "c"],
+            &["c", "b", "c", "a"],
+            &["a", "a", "d"],
+            &[],
+        ];
+        for names in lists {
+            let rules = Rules::with_limits(
+                names.iter().map(|n| n.to_string()).collect(),
+                300,
+                "event".into(),
+                300_000,
+            );
+            for keys in orders {
+                let features: Vec<String> = keys
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| format!("\"{k}\":{i}"))
+                    .collect();
+                let raw = format!(
+                    r#"{{"entity_id":"c","features":{{{}}}}}"#,
+                    features.join(",")
+                );
+                let fast = read_streaming(raw.as_bytes(), &rules).expect(&raw);
+                assert_eq!(
+                    fast,
+                    read_tree(raw.as_bytes(), &rules).unwrap(),
+                    "{names:?} {raw}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn the_one_pass_read_agrees_with_the_tree() {
