@@ -51,6 +51,7 @@ impl Rules {
         )
     }
 
+    /// The rules for a model's `features` with the given limits (tests, tools).
     pub fn with_limits(
         features: Vec<String>,
         max_bytes: usize,
@@ -75,11 +76,10 @@ impl Rules {
     /// either order, is tried before a binary search.
     fn slot(&self, key: &str, last: &mut Last) -> Option<usize> {
         let (features, by_name) = (&self.features, &self.by_name);
-        if let Some(i) = last.model.map_or(Some(0), |m| Some(m + 1))
-            && features.get(i).is_some_and(|f| f == key)
-        {
-            last.model = Some(i);
-            return Some(i);
+        let next = last.model.map_or(0, |m| m + 1);
+        if features.get(next).is_some_and(|f| f == key) {
+            last.model = Some(next);
+            return Some(next);
         }
         let at = match last.sorted.map_or(0, |s| s + 1) {
             next if by_name.get(next).is_some_and(|&i| features[i] == key) => next,
