@@ -18,6 +18,7 @@ pub mod config;
 pub mod dlq;
 pub mod error;
 pub mod failpoint;
+pub mod features;
 pub mod generator;
 pub mod kafka;
 pub mod lifecycle;

@@ -129,13 +129,13 @@ pub fn raw_event(data: &[u8]) {
     // The one-pass read and the whole tree agree on every input, accepted or not.
     assert_eq!(checked, validate_by_tree(data, &rules, &origin, now));
     if let Ok(event) = checked {
-        assert!(data.len() <= rules.max_bytes);
+        assert!(data.len() <= rules.max_bytes());
         assert!(
             event.event_time <= now + 60_000,
             "a future time got through"
         );
         assert!(!event.entity_id.is_empty());
-        assert_eq!(event.features.len(), rules.features.len());
+        assert_eq!(event.features.len(), rules.features().len());
         assert!(event.features.values().all(|v| v.is_finite()));
     }
 }

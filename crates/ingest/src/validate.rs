@@ -11,6 +11,7 @@ use std::fmt;
 
 use lanes_common::config::IngestConfig;
 use lanes_common::dlq::ErrorClass;
+use lanes_common::features::{Cursor, FeatureIndex};
 use lanes_common::records::{Event, check_client_time, model_value};
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::Value;
@@ -28,16 +29,12 @@ pub struct Origin<'a> {
 /// What the validator checks against.
 #[derive(Debug, Clone)]
 pub struct Rules {
-    pub features: Vec<String>,
-    pub max_bytes: usize,
-    pub default_kind: String,
+    /// The model's features, indexed by name.
+    features: FeatureIndex,
+    max_bytes: usize,
+    default_kind: String,
     /// How far ahead of ingest's clock an event time may be.
-    pub max_clock_skew_ms: u64,
-    /// Indices of `features` in name order: an event's map is built from entries
-    /// already sorted, not sorted per event.
-    by_name: Vec<usize>,
-    /// No name is listed twice: a key then has at most one slot.
-    unique: bool,
+    max_clock_skew_ms: u64,
 }
 
 impl Rules {
@@ -58,46 +55,23 @@ impl Rules {
         default_kind: String,
         max_clock_skew_ms: u64,
     ) -> Self {
-        let mut by_name: Vec<usize> = (0..features.len()).collect();
-        by_name.sort_by(|a, b| features[*a].cmp(&features[*b]));
-        let unique = by_name.windows(2).all(|w| features[w[0]] != features[w[1]]);
         Self {
-            features,
+            features: FeatureIndex::new(features),
             max_bytes,
             default_kind,
             max_clock_skew_ms,
-            by_name,
-            unique,
         }
     }
 
-    /// The slot of feature `key` when names are unique. Publishers write features in
-    /// the model's order or in name order, so the slot after the last one found, in
-    /// either order, is tried before a binary search.
-    fn slot(&self, key: &str, last: &mut Last) -> Option<usize> {
-        let (features, by_name) = (&self.features, &self.by_name);
-        let next = last.model.map_or(0, |m| m + 1);
-        if features.get(next).is_some_and(|f| f == key) {
-            last.model = Some(next);
-            return Some(next);
-        }
-        let at = match last.sorted.map_or(0, |s| s + 1) {
-            next if by_name.get(next).is_some_and(|&i| features[i] == key) => next,
-            _ => by_name
-                .binary_search_by(|&i| features[i].as_str().cmp(key))
-                .ok()?,
-        };
-        last.sorted = Some(at);
-        last.model = Some(by_name[at]);
-        Some(by_name[at])
+    /// The model's features in column order.
+    pub fn features(&self) -> &[String] {
+        self.features.columns()
     }
-}
 
-/// Where [`Rules::slot`] last found a key, in the model's order and in name order.
-#[derive(Default)]
-struct Last {
-    model: Option<usize>,
-    sorted: Option<usize>,
+    /// The largest raw event accepted, in bytes.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
 }
 
 pub type Rejection = (ErrorClass, String);
@@ -191,11 +165,14 @@ fn read_tree(raw: &[u8], rules: &Rules) -> Result<Fields, Rejection> {
     let features = match obj.remove("features") {
         Some(Value::Object(given)) => Some(Given {
             values: rules
-                .features
+                .features()
                 .iter()
                 .map(|name| given.get(name).filter(|v| !v.is_null()).cloned())
                 .collect(),
-            unknown: given.keys().find(|k| !rules.features.contains(k)).cloned(),
+            unknown: given
+                .keys()
+                .find(|k| !rules.features().contains(k))
+                .cloned(),
         }),
         _ => None,
     };
@@ -282,29 +259,26 @@ impl<'de> Visitor<'de> for FeaturesSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Given, A::Error> {
         let rules = self.0;
         let mut given = Given {
-            values: vec![None; rules.features.len()],
+            values: vec![None; rules.features().len()],
             unknown: None,
         };
-        let mut last = Last::default();
+        let mut cursor = Cursor::default();
         while let Some(key) = map.next_key::<&'de str>()? {
             let value = Some(map.next_value::<Value>()?).filter(|v| !v.is_null());
-            let mut known = false;
             // A later value overwrites: a repeated key keeps its last, as in a map.
-            if rules.unique {
-                if let Some(i) = rules.slot(key, &mut last) {
-                    given.values[i] = value;
-                    known = true;
-                }
-            } else {
-                for (slot, name) in given.values.iter_mut().zip(&rules.features) {
-                    if name == key {
-                        slot.clone_from(&value);
-                        known = true;
+            match rules.features.find(key, &mut cursor) {
+                Some(columns) => {
+                    if let Some((last, rest)) = columns.split_last() {
+                        for &c in rest {
+                            given.values[c].clone_from(&value);
+                        }
+                        given.values[*last] = value;
                     }
                 }
-            }
-            if !known && given.unknown.as_deref().is_none_or(|u| key < u) {
-                given.unknown = Some(key.to_string());
+                None if given.unknown.as_deref().is_none_or(|u| key < u) => {
+                    given.unknown = Some(key.to_string());
+                }
+                None => {}
             }
         }
         Ok(given)
@@ -347,7 +321,7 @@ fn features(given: Option<Given>, rules: &Rules) -> Result<BTreeMap<String, f64>
     if let Some(unknown) = given.unknown {
         return Err(unknown_feature(&unknown, rules));
     }
-    let mut out = Vec::with_capacity(rules.features.len());
+    let mut out = Vec::with_capacity(rules.features().len());
     // Asked once per model feature, in the model's order: the order of `values`.
     let mut values = given.values.into_iter();
     let value = |name: &str| match values.next().flatten() {
@@ -364,10 +338,12 @@ fn features(given: Option<Given>, rules: &Rules) -> Result<BTreeMap<String, f64>
     };
     required_features(rules, value, |_, v| out.push(v))?;
     // Built in one pass from entries in name order, not searched once per name.
+    // A name listed twice holds one value in all its columns.
     Ok(rules
-        .by_name
+        .features
+        .sorted()
         .iter()
-        .map(|&i| (rules.features[i].clone(), out[i]))
+        .map(|(name, columns)| (name.clone(), out[columns[0]]))
         .collect())
 }
 
@@ -379,7 +355,7 @@ fn required_features(
     mut value: impl FnMut(&str) -> Result<Option<f64>, Rejection>,
     mut keep: impl FnMut(&str, f64),
 ) -> Result<(), Rejection> {
-    for name in &rules.features {
+    for name in rules.features() {
         let Some(v) = value(name)? else {
             return reject(
                 ErrorClass::MissingField,
@@ -396,7 +372,7 @@ fn unknown_feature(name: &str, rules: &Rules) -> Rejection {
         ErrorClass::UnknownFeature,
         format!(
             "unknown feature {name:?}; the model takes {:?}",
-            rules.features
+            rules.features()
         ),
     )
 }

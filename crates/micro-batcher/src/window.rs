@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use lanes_common::features::FeatureIndex;
 use lanes_common::records::{CloseReason, Event, MicroBatch};
 use tokio::time::Instant;
 
@@ -27,32 +28,11 @@ pub struct WindowConfig {
     pub target_latency: Option<Duration>,
 }
 
-/// Writes the model's features of one event into its row: both the event's map and
-/// `by_name` are sorted, so one pass matches them (a lookup per name compared each name
-/// with several keys). Names the event lacks stay as they are; keys the model does
-/// not use are skipped.
-fn fill_row(row: &mut [f32], by_name: &[(String, Vec<usize>)], features: &BTreeMap<String, f64>) {
-    let mut names = by_name.iter().peekable();
-    for (key, value) in features {
-        while let Some((name, columns)) = names.peek() {
-            match name.as_str().cmp(key.as_str()) {
-                std::cmp::Ordering::Less => {
-                    names.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    for c in columns {
-                        row[*c] = *value as f32;
-                    }
-                    names.next();
-                    break;
-                }
-                std::cmp::Ordering::Greater => break,
-            }
-        }
-        if names.peek().is_none() {
-            break;
-        }
-    }
+/// Writes the model's features of one event into its row, in one pass over the event's
+/// sorted map and the model's sorted names (a lookup per name compared each name with
+/// several keys). Names the event lacks stay as they are.
+fn fill_row(row: &mut [f32], index: &FeatureIndex, features: &BTreeMap<String, f64>) {
+    index.fill(row, features.iter().map(|(k, v)| (k.as_str(), *v as f32)));
 }
 
 /// A closed window: the batch and the input offsets it covers.
@@ -88,9 +68,8 @@ pub fn event_bytes(event: &Event, features: usize) -> usize {
 
 pub struct Windows {
     cfg: WindowConfig,
-    /// The model's feature names sorted, each with its columns (a name listed twice
-    /// fills both), to read an event's sorted map in one pass.
-    by_name: Vec<(String, Vec<usize>)>,
+    /// The model's feature names, to read an event's sorted map in one pass.
+    index: FeatureIndex,
     topic: String,
     open: BTreeMap<i32, Window>,
     adaptive: Option<Adaptive>,
@@ -105,16 +84,9 @@ impl Windows {
                 max_events: cfg.max_events,
             })
         });
-        let mut by_name: Vec<(String, Vec<usize>)> = Vec::new();
-        for (column, name) in cfg.features.iter().enumerate() {
-            match by_name.binary_search_by(|(n, _)| n.cmp(name)) {
-                Ok(i) => by_name[i].1.push(column),
-                Err(i) => by_name.insert(i, (name.clone(), vec![column])),
-            }
-        }
         Self {
+            index: FeatureIndex::new(cfg.features.clone()),
             cfg,
-            by_name,
             topic: topic.into(),
             open: BTreeMap::new(),
             adaptive,
@@ -218,7 +190,7 @@ impl Windows {
         // Validated upstream; a missing feature here is a contract breach, scored as 0.
         let row = b.features.len();
         b.features.resize(row + b.feature_names.len(), 0.0);
-        fill_row(&mut b.features[row..], &self.by_name, &event.features);
+        fill_row(&mut b.features[row..], &self.index, &event.features);
         b.event_ids.push(event.event_id);
         b.entity_ids.push(event.entity_id);
         b.kinds.push(event.kind);
@@ -585,7 +557,7 @@ mod tests {
                 cfg.features = names.clone();
                 let w = Windows::new(cfg, "events");
                 let mut row = vec![0.0f32; names.len()];
-                fill_row(&mut row, &w.by_name, &features);
+                fill_row(&mut row, &w.index, &features);
                 let want: Vec<f32> = names
                     .iter()
                     .map(|n| features.get(n).copied().unwrap_or(0.0) as f32)
