@@ -390,7 +390,7 @@ async fn the_registry_down_for_a_minute_loses_nothing_and_a_late_schema_id_is_fo
         kind: "transaction".into(),
         event_time: now_millis(),
         ingested_at: now_millis(),
-        features: sample.feature_map(),
+        features: sample.feature_map().into(),
     };
     let mut bytes = shared.encode(&unique("elsewhere"), &early).await.unwrap();
     bytes[1..5].copy_from_slice(&1u32.to_be_bytes());

@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use lanes_common::avro::AvroCodec;
+use lanes_common::features::Features;
 use lanes_common::records::{Event, Record};
 use lanes_tests::*;
 use rdkafka::consumer::Consumer;
@@ -35,7 +36,7 @@ fn sample() -> Event {
         kind: "transaction".into(),
         event_time: 1_795_000_000_000,
         ingested_at: 1_795_000_000_250,
-        features: BTreeMap::from([
+        features: Features::from([
             ("amount".into(), 99.75),
             ("hour".into(), 23.0),
             ("merchant_risk".into(), 0.125),
@@ -213,7 +214,7 @@ async fn full_compatible_event_changes_are_processed_not_dead_lettered() {
     let mut kinds = BTreeMap::new();
     for m in consume_n(&reader, 3, Duration::from_secs(30)).await {
         let e = codec.decode::<Event>(payload(&m)).await.unwrap().record;
-        assert_eq!(e.features, features);
+        assert_eq!(e.features, Features::from(features.clone()));
         kinds.insert(e.event_id, e.kind);
     }
     assert_eq!(kinds["older"], "event", "the reader's default");
@@ -333,7 +334,7 @@ async fn avro_publishers_events_are_validated_like_raw_json_and_scored() {
     for m in consume_n(&events, 2, Duration::from_secs(30)).await {
         let e = codec.decode::<Event>(payload(&m)).await.unwrap().record;
         assert!(e.ingested_at >= now, "{e:?}");
-        assert_eq!(e.features, features);
+        assert_eq!(e.features, Features::from(features.clone()));
     }
     let avro = |outcome| {
         running.metric(

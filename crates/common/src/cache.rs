@@ -14,6 +14,7 @@ use crate::config::RedisConfig;
 use crate::dlq::ErrorClass;
 use crate::error::Failure;
 use crate::records::Prediction;
+use serde::Serialize;
 
 /// KEYS: one entity hash per item. ARGV[1]: ttl_seconds, then per item its event_time
 /// and features JSON. Newest event time wins; equal times keep what is there. Replies
@@ -264,10 +265,10 @@ pub fn write_predictions<'a, 'p>(
 }
 
 /// The [`FEATURES_IF_NEWER`] call for `items`: entity id, features, event time.
-pub fn write_features<'a, 'e>(
+pub fn write_features<'a, 'e, F: Serialize + 'e>(
     script: &'a redis::Script,
     prefix: &str,
-    items: impl IntoIterator<Item = (&'e str, &'e BTreeMap<String, f64>, i64)>,
+    items: impl IntoIterator<Item = (&'e str, &'e F, i64)>,
     ttl_seconds: u64,
 ) -> ScriptCall<'a> {
     // Each map is written to one scratch buffer, then copied as one argument: serde_json
@@ -282,7 +283,7 @@ pub fn write_features<'a, 'e>(
         |cmd, (_, features, event_time)| {
             cmd.arg(*event_time);
             json.clear();
-            // A map of strings to floats cannot fail to serialise.
+            // Features (a map of strings to floats) cannot fail to serialise.
             let _ = serde_json::to_writer(&mut json, features);
             cmd.arg(&json[..]);
         },
@@ -468,6 +469,7 @@ fn classify_code(message: &str) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::features::Features;
 
     #[test]
     fn hashes_parse_with_and_without_a_prediction() {
@@ -573,7 +575,7 @@ mod tests {
     fn a_script_call_lists_every_key_then_every_item_arguments() {
         let script = redis::Script::new("return 1");
         let hash = script.get_hash().to_string();
-        let features = |x: f64| BTreeMap::from([("a".to_string(), x), ("bb".to_string(), -x)]);
+        let features = |x: f64| Features::from([("a".to_string(), x), ("bb".to_string(), -x)]);
         let (f1, f2, f3) = (features(1.5), features(2.0), features(0.25));
         let call = write_features(
             &script,
@@ -612,7 +614,7 @@ mod tests {
                 r#"{"a":1.5,"bb":-1.5}"#
             ]
         );
-        let none = write_features(&script, "p:", [], 60);
+        let none = write_features::<Features>(&script, "p:", [], 60);
         assert_eq!(arguments(&none), ["EVALSHA", &hash, "0", "60"]);
     }
 

@@ -1,7 +1,160 @@
-//! A model's feature names indexed by name, for the services that match an event's
-//! named features to the model's columns (ingest, the micro-batcher).
+//! Features by name: an event's values ([`Features`]), and a model's names indexed for
+//! matching them to its columns ([`FeatureIndex`]).
 
 use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// An event's features: each name once, in name order. A sorted `Vec` rather than a
+/// `BTreeMap`: every event's map is built once, read in order once or twice and
+/// dropped, and a tree's nodes cost more to build, walk and free than a slice.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Features(Vec<(String, f64)>);
+
+impl Features {
+    /// Features from entries already in name order, each name once (ingest builds them
+    /// so from a model's index); anything else is sorted as [`FromIterator`] does.
+    pub fn from_sorted(entries: Vec<(String, f64)>) -> Self {
+        if entries.windows(2).all(|w| w[0].0 < w[1].0) {
+            Self(entries)
+        } else {
+            entries.into_iter().collect()
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&f64> {
+        self.position(name).ok().map(|i| &self.0[i].1)
+    }
+
+    /// Sets `name` to `value`, returning the value it replaces.
+    pub fn insert(&mut self, name: String, value: f64) -> Option<f64> {
+        match self.position(&name) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
+            Err(i) => {
+                self.0.insert(i, (name, value));
+                None
+            }
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<f64> {
+        self.position(name).ok().map(|i| self.0.remove(i).1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Name and value, in name order.
+    pub fn iter(
+        &self,
+    ) -> impl DoubleEndedIterator<Item = (&String, &f64)> + ExactSizeIterator + Clone {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &String> + ExactSizeIterator + Clone {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = &f64> + ExactSizeIterator + Clone {
+        self.0.iter().map(|(_, v)| v)
+    }
+
+    fn position(&self, name: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.as_str().cmp(name))
+    }
+}
+
+impl FromIterator<(String, f64)> for Features {
+    /// Sorted stably, then deduplicated keeping the last: a repeated name ends as it
+    /// would by inserts into a map.
+    fn from_iter<I: IntoIterator<Item = (String, f64)>>(entries: I) -> Self {
+        let mut entries: Vec<(String, f64)> = entries.into_iter().collect();
+        if !entries.is_sorted_by(|a, b| a.0 < b.0) {
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            entries.reverse();
+            entries.dedup_by(|later, earlier| later.0 == earlier.0);
+            entries.reverse();
+        }
+        Self(entries)
+    }
+}
+
+impl<const N: usize> From<[(String, f64); N]> for Features {
+    fn from(entries: [(String, f64); N]) -> Self {
+        entries.into_iter().collect()
+    }
+}
+
+impl From<BTreeMap<String, f64>> for Features {
+    fn from(map: BTreeMap<String, f64>) -> Self {
+        Self(map.into_iter().collect())
+    }
+}
+
+impl From<Features> for BTreeMap<String, f64> {
+    fn from(features: Features) -> Self {
+        features.0.into_iter().collect()
+    }
+}
+
+impl<'a> IntoIterator for &'a Features {
+    type Item = (&'a String, &'a f64);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (String, f64)>,
+        fn(&'a (String, f64)) -> (&'a String, &'a f64),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl Serialize for Features {
+    /// As a map: Avro's `map<double>`, a JSON object.
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Features {
+    /// From a map, collected then sorted only if it was not (every Lanes writer writes
+    /// name order).
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entries;
+
+        impl<'de> Visitor<'de> for Entries {
+            type Value = Features;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map of features")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Features, A::Error> {
+                // The hint comes off the wire: a capacity, not a promise.
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
+                while let Some(entry) = map.next_entry::<String, f64>()? {
+                    entries.push(entry);
+                }
+                Ok(entries.into_iter().collect())
+            }
+        }
+
+        d.deserialize_map(Entries)
+    }
+}
 
 /// A model's feature names in column order, and the distinct names sorted, each with
 /// the columns it fills (a name the model lists twice fills both).
@@ -178,5 +331,50 @@ mod tests {
         let mut row = [-1.0_f32; 4];
         i.fill(&mut row, [("a", 1.0), ("b", 2.0), ("c", 3.0), ("e", 5.0)]);
         assert_eq!(row, [2.0, 1.0, 2.0, -1.0]);
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            /// Whatever the order and repeats, features read as a map built by inserts:
+            /// collected, read back by name, in order, changed, and through Avro's
+            /// `map<double>` and JSON.
+            #[test]
+            fn features_behave_as_a_map_built_by_inserts(
+                entries in prop::collection::vec(("[a-d]{0,2}", -1e6f64..1e6), 0..12),
+                changes in prop::collection::vec(("[a-d]{0,2}", prop::option::of(-1e6f64..1e6)), 0..6),
+            ) {
+                let mut map = BTreeMap::new();
+                for (k, v) in &entries {
+                    map.insert(k.clone(), *v);
+                }
+                let mut features: Features = entries.iter().cloned().collect();
+                prop_assert_eq!(&features, &Features::from(map.clone()));
+                prop_assert!(features.iter().eq(map.iter()));
+                for (name, value) in changes {
+                    match value {
+                        Some(v) => prop_assert_eq!(
+                            features.insert(name.clone(), v),
+                            map.insert(name, v)
+                        ),
+                        None => prop_assert_eq!(features.remove(&name), map.remove(&name)),
+                    }
+                }
+                prop_assert_eq!(features.len(), map.len());
+                for k in ["", "a", "ab", "d", "zz"] {
+                    prop_assert_eq!(features.get(k), map.get(k));
+                }
+                prop_assert_eq!(serde_json::to_string(&features).unwrap(), serde_json::to_string(&map).unwrap());
+                // serde_json's float parsing is not exact: compared with a map it read.
+                let json = serde_json::to_string(&map).unwrap();
+                let back: Features = serde_json::from_str(&json).unwrap();
+                let map_back: BTreeMap<String, f64> = serde_json::from_str(&json).unwrap();
+                prop_assert_eq!(back, Features::from(map_back));
+                prop_assert_eq!(&Features::from_sorted(features.iter().map(|(k, v)| (k.clone(), *v)).rev().collect()), &features);
+            }
+        }
     }
 }

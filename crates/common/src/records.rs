@@ -9,8 +9,10 @@ use std::sync::LazyLock;
 use apache_avro::Schema;
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::writer::datum::GenericDatumWriter;
-use serde::de::{DeserializeOwned, MapAccess, Visitor};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::features::Features;
 
 /// A record with its Avro schema.
 pub trait Record: Serialize + DeserializeOwned + Send + Sync + 'static {
@@ -79,8 +81,7 @@ pub struct Event {
     pub kind: String,
     pub event_time: i64,
     pub ingested_at: i64,
-    #[serde(deserialize_with = "features_in_bulk")]
-    pub features: BTreeMap<String, f64>,
+    pub features: Features,
 }
 record!(Event, "Event.avsc", |e| EventByPosition(e));
 
@@ -100,34 +101,6 @@ impl Serialize for EventByPosition<'_> {
         t.serialize_field(&e.features)?;
         t.end()
     }
-}
-
-/// Reads a feature map by collecting its entries and building the tree in one pass
-/// (they come sorted from every Lanes writer), rather than searching it once per key:
-/// an event is decoded by two services on its way.
-fn features_in_bulk<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
-    struct Entries;
-
-    impl<'de> Visitor<'de> for Entries {
-        type Value = BTreeMap<String, f64>;
-
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a map of features")
-        }
-
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            // The hint comes off the wire: a capacity, not a promise.
-            let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
-            while let Some(entry) = map.next_entry::<String, f64>()? {
-                entries.push(entry);
-            }
-            // Sorted stably, then deduplicated keeping the last: a repeated key ends as
-            // it would by inserts.
-            Ok(entries.into_iter().collect())
-        }
-    }
-
-    d.deserialize_map(Entries)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -581,7 +554,8 @@ mod tests {
             by_inserts.insert(k.to_string(), v);
         }
         assert_eq!(
-            read.features, by_inserts,
+            read.features,
+            Features::from(by_inserts),
             "sorted, the last of a repeated key"
         );
         let mut many = event();

@@ -6,12 +6,11 @@
 //! tree ([`validate_by_tree`]), which gives the rejection its class and message; both
 //! reads end in the same checks, so they agree on every input (fuzzed).
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use lanes_common::config::IngestConfig;
 use lanes_common::dlq::ErrorClass;
-use lanes_common::features::{Cursor, FeatureIndex};
+use lanes_common::features::{Cursor, FeatureIndex, Features};
 use lanes_common::records::{Event, check_client_time, model_value};
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::Value;
@@ -311,7 +310,7 @@ fn event_time(v: Option<&Value>, origin: &Origin<'_>, now: i64) -> Result<i64, R
     }
 }
 
-fn features(given: Option<Given>, rules: &Rules) -> Result<BTreeMap<String, f64>, Rejection> {
+fn features(given: Option<Given>, rules: &Rules) -> Result<Features, Rejection> {
     let Some(given) = given else {
         return reject(
             ErrorClass::MissingField,
@@ -338,13 +337,16 @@ fn features(given: Option<Given>, rules: &Rules) -> Result<BTreeMap<String, f64>
     };
     required_features(rules, value, |_, v| out.push(v))?;
     // Built in one pass from entries in name order, not searched once per name.
-    // A name listed twice holds one value in all its columns.
-    Ok(rules
-        .features
-        .sorted()
-        .iter()
-        .map(|(name, columns)| (name.clone(), out[columns[0]]))
-        .collect())
+    // In name order from the index, not sorted per event; a name listed twice holds
+    // one value in all its columns.
+    Ok(Features::from_sorted(
+        rules
+            .features
+            .sorted()
+            .iter()
+            .map(|(name, columns)| (name.clone(), out[columns[0]]))
+            .collect(),
+    ))
 }
 
 /// Checks the model's features, each looked up by `value` (`None`: not given), are
@@ -544,7 +546,7 @@ mod tests {
         assert_eq!(e.ingested_at, NOW);
         assert_eq!(
             e.features,
-            BTreeMap::from([("amount".into(), 12.5), ("hour".into(), 10.0)])
+            Features::from([("amount".into(), 12.5), ("hour".into(), 10.0)])
         );
     }
 
@@ -560,7 +562,7 @@ mod tests {
             300_000,
         );
         let raw = r#"{"entity_id":"c","features":{"amount":1.5,"merchant_risk":0.25,"hour":7,"zeta":-3}}"#;
-        let want = BTreeMap::from([
+        let want = Features::from([
             ("amount".into(), 1.5),
             ("hour".into(), 7.0),
             ("merchant_risk".into(), 0.25),
@@ -854,7 +856,7 @@ mod tests {
             kind: "transaction".into(),
             event_time: KAFKA_TIME,
             ingested_at: 12,
-            features: BTreeMap::from([("amount".into(), 3.5), ("hour".into(), 9.0)]),
+            features: Features::from([("amount".into(), 3.5), ("hour".into(), 9.0)]),
         }
     }
 

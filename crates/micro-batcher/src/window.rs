@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use lanes_common::features::FeatureIndex;
+use lanes_common::features::{FeatureIndex, Features};
 use lanes_common::records::{CloseReason, Event, MicroBatch};
 use tokio::time::Instant;
 
@@ -31,7 +31,7 @@ pub struct WindowConfig {
 /// Writes the model's features of one event into its row, in one pass over the event's
 /// sorted map and the model's sorted names (a lookup per name compared each name with
 /// several keys). Names the event lacks stay as they are.
-fn fill_row(row: &mut [f32], index: &FeatureIndex, features: &BTreeMap<String, f64>) {
+fn fill_row(row: &mut [f32], index: &FeatureIndex, features: &Features) {
     index.fill(row, features.iter().map(|(k, v)| (k.as_str(), *v as f32)));
 }
 
@@ -286,7 +286,6 @@ pub fn batch_id(topic: &str, partition: i32, first: i64, last: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap as Map;
 
     fn cfg(max_events: usize, max_bytes: usize, delay_ms: u64) -> WindowConfig {
         WindowConfig {
@@ -397,7 +396,7 @@ mod tests {
             kind: kind.into(),
             event_time: 1000 + i,
             ingested_at: 2000 + i,
-            features: Map::from([("a".into(), i as f64), ("b".into(), -(i as f64))]),
+            features: Features::from([("a".into(), i as f64), ("b".into(), -(i as f64))]),
         }
     }
 
@@ -556,6 +555,7 @@ mod tests {
                 let mut cfg = cfg(8, 1 << 20, 10);
                 cfg.features = names.clone();
                 let w = Windows::new(cfg, "events");
+                let features = Features::from(features);
                 let mut row = vec![0.0f32; names.len()];
                 fill_row(&mut row, &w.index, &features);
                 let want: Vec<f32> = names
