@@ -16,16 +16,6 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub struct Features(Vec<(String, f64)>);
 
 impl Features {
-    /// Features from entries already in name order, each name once (ingest builds them
-    /// so from a model's index); anything else is sorted as [`FromIterator`] does.
-    pub fn from_sorted(entries: Vec<(String, f64)>) -> Self {
-        if entries.windows(2).all(|w| w[0].0 < w[1].0) {
-            Self(entries)
-        } else {
-            entries.into_iter().collect()
-        }
-    }
-
     pub fn get(&self, name: &str) -> Option<&f64> {
         self.position(name).ok().map(|i| &self.0[i].1)
     }
@@ -54,10 +44,8 @@ impl Features {
     }
 
     /// Name and value, in name order.
-    pub fn iter(
-        &self,
-    ) -> impl DoubleEndedIterator<Item = (&String, &f64)> + ExactSizeIterator + Clone {
-        self.0.iter().map(|(k, v)| (k, v))
+    pub fn iter(&self) -> <&Self as IntoIterator>::IntoIter {
+        self.into_iter()
     }
 
     pub fn keys(&self) -> impl DoubleEndedIterator<Item = &String> + ExactSizeIterator + Clone {
@@ -74,15 +62,19 @@ impl Features {
 }
 
 impl FromIterator<(String, f64)> for Features {
-    /// Sorted stably, then deduplicated keeping the last: a repeated name ends as it
-    /// would by inserts into a map.
+    /// Sorted stably, then deduplicated keeping the last value: a repeated name ends as
+    /// it would by inserts into a map.
     fn from_iter<I: IntoIterator<Item = (String, f64)>>(entries: I) -> Self {
         let mut entries: Vec<(String, f64)> = entries.into_iter().collect();
         if !entries.is_sorted_by(|a, b| a.0 < b.0) {
             entries.sort_by(|a, b| a.0.cmp(&b.0));
-            entries.reverse();
-            entries.dedup_by(|later, earlier| later.0 == earlier.0);
-            entries.reverse();
+            entries.dedup_by(|later, kept| {
+                let same = later.0 == kept.0;
+                if same {
+                    kept.1 = later.1;
+                }
+                same
+            });
         }
         Self(entries)
     }
@@ -97,12 +89,6 @@ impl<const N: usize> From<[(String, f64); N]> for Features {
 impl From<BTreeMap<String, f64>> for Features {
     fn from(map: BTreeMap<String, f64>) -> Self {
         Self(map.into_iter().collect())
-    }
-}
-
-impl From<Features> for BTreeMap<String, f64> {
-    fn from(features: Features) -> Self {
-        features.0.into_iter().collect()
     }
 }
 
@@ -166,14 +152,11 @@ pub struct FeatureIndex {
     entry: Vec<usize>,
 }
 
-/// Where [`FeatureIndex::find`] last found a name, in column order and in name order.
-/// Publishers write features in one of the two, so the next name is tried first at
-/// the place after it.
+/// Where [`FeatureIndex::find`] last found a name: its place in name order (and so its
+/// last column). Publishers write features in column order or in name order, so the
+/// next name is tried first after it in both.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Cursor {
-    column: Option<usize>,
-    entry: Option<usize>,
-}
+pub struct Cursor(Option<usize>);
 
 impl FeatureIndex {
     pub fn new(columns: Vec<String>) -> Self {
@@ -221,8 +204,14 @@ impl FeatureIndex {
     /// cursor's, then a binary search. Each is compared with `name`, so the cursor
     /// only saves comparisons.
     pub fn find(&self, name: &str, cursor: &mut Cursor) -> Option<&[usize]> {
-        let next_column = cursor.column.map_or(0, |c| c + 1);
-        let next_entry = cursor.entry.map_or(0, |e| e + 1);
+        let (next_column, next_entry) = match cursor.0 {
+            // Every sorted name has at least one column; the last is the one to follow.
+            Some(e) => {
+                let columns = &self.sorted[e].1;
+                (columns[columns.len() - 1] + 1, e + 1)
+            }
+            None => (0, 0),
+        };
         let at = if self.columns.get(next_column).is_some_and(|c| c == name) {
             self.entry[next_column]
         } else if self.sorted.get(next_entry).is_some_and(|(n, _)| n == name) {
@@ -230,14 +219,23 @@ impl FeatureIndex {
         } else {
             self.position(name)?
         };
-        let columns = &self.sorted[at].1;
-        cursor.entry = Some(at);
-        cursor.column = columns.last().copied();
-        Some(columns)
+        cursor.0 = Some(at);
+        Some(&self.sorted[at].1)
+    }
+
+    /// An event's features from its values in column order, built in name order from
+    /// the index rather than sorted. A name listed twice takes its first column's value.
+    pub fn features(&self, values: &[f64]) -> Features {
+        Features(
+            self.sorted
+                .iter()
+                .map(|(name, columns)| (name.clone(), values[columns[0]]))
+                .collect(),
+        )
     }
 
     /// Writes each named value into its columns of `row`, in one pass: `named` must come
-    /// in name order (a `BTreeMap`'s), as `sorted` does. Columns whose name is not
+    /// in name order (as [`Features`] iterates), as `sorted` does. Columns whose name is not
     /// given keep what they hold; names the model does not take are skipped.
     pub fn fill<'a, T: Copy>(&self, row: &mut [T], named: impl IntoIterator<Item = (&'a str, T)>) {
         let mut names = self.sorted.iter().peekable();
@@ -331,6 +329,11 @@ mod tests {
         let mut row = [-1.0_f32; 4];
         i.fill(&mut row, [("a", 1.0), ("b", 2.0), ("c", 3.0), ("e", 5.0)]);
         assert_eq!(row, [2.0, 1.0, 2.0, -1.0]);
+        // And back: the values of the columns under their names, in name order.
+        assert_eq!(
+            i.features(&[2.0, 1.0, 2.0, 4.0]),
+            Features::from([("a".into(), 1.0), ("b".into(), 2.0), ("d".into(), 4.0)])
+        );
     }
 
     mod properties {
@@ -373,7 +376,6 @@ mod tests {
                 let back: Features = serde_json::from_str(&json).unwrap();
                 let map_back: BTreeMap<String, f64> = serde_json::from_str(&json).unwrap();
                 prop_assert_eq!(back, Features::from(map_back));
-                prop_assert_eq!(&Features::from_sorted(features.iter().map(|(k, v)| (k.clone(), *v)).rev().collect()), &features);
             }
         }
     }

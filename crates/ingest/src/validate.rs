@@ -336,17 +336,9 @@ fn features(given: Option<Given>, rules: &Rules) -> Result<Features, Rejection> 
         ),
     };
     required_features(rules, value, |_, v| out.push(v))?;
-    // Built in one pass from entries in name order, not searched once per name.
-    // In name order from the index, not sorted per event; a name listed twice holds
-    // one value in all its columns.
-    Ok(Features::from_sorted(
-        rules
-            .features
-            .sorted()
-            .iter()
-            .map(|(name, columns)| (name.clone(), out[columns[0]]))
-            .collect(),
-    ))
+    // In name order from the index, not sorted per event; a name listed twice holds one
+    // value in all its columns.
+    Ok(rules.features.features(&out))
 }
 
 /// Checks the model's features, each looked up by `value` (`None`: not given), are
