@@ -47,6 +47,11 @@ fi
 
 if redis_ping; then
   say "Redis answers on 127.0.0.1:6379, reusing it"
+  # Entries outgrow Redis's default 64-byte listpack values and take twice the memory.
+  listpack=$(redis-cli -h 127.0.0.1 -p 6379 config get hash-max-listpack-value 2>/dev/null | sed -n 2p || true)
+  if [ -n "$listpack" ] && [ "$listpack" -lt 1024 ]; then
+    say "its hash-max-listpack-value is $listpack: cache entries will be hashtables, about twice the memory (redis-cli config set hash-max-listpack-value 1024)"
+  fi
 else
   command -v redis-server >/dev/null || die "redis-server not found: run scripts/setup.sh"
   start redis redis-server --bind 127.0.0.1 --port 6379 --save "" --appendonly no --daemonize no \

@@ -6,6 +6,10 @@ use lanes_common::cache::{self, WRITE_IF_NEWER, Written};
 use lanes_common::records::Prediction;
 use lanes_tests::*;
 use proptest::prelude::*;
+use std::collections::{BTreeMap, HashMap};
+
+/// An event time the scripts take as any other (ms since the epoch).
+const T0: i64 = 1_800_000_000_000;
 
 /// Predictions of one entity with distinct (event time, scored at): small ranges, so
 /// equal event times with different scoring times are common.
@@ -82,6 +86,82 @@ proptest! {
             )
         });
         prop_assert_eq!(held, newest);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    /// The cache-writer sends only each entity's newest event of a features call
+    /// ([`cache::newest_per_entity`]); the real script, given every event of the call
+    /// instead, leaves every entry the same, whatever the entry held before.
+    #[test]
+    fn features_left_out_for_a_newer_event_change_no_entry(
+        events in prop::collection::vec((0usize..3, 0i64..5), 1..30),
+        held in prop::collection::vec(prop::option::of(0i64..5), 3),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (all, newest) = rt.block_on(async {
+            let s = settings();
+            let prefix = &s.cache_writer.key_prefix;
+            let mut conn = redis(&s).get_multiplexed_async_connection().await.unwrap();
+            let script = redis::Script::new(cache::FEATURES_IF_NEWER);
+            let mut entries = Vec::new();
+            for sent in ["all", "newest"] {
+                let entities: Vec<String> = (0..3).map(|e| unique(&format!("{sent}{e}"))).collect();
+                for (entity, held) in entities.iter().zip(&held) {
+                    if let Some(t) = held {
+                        let _: () = redis::cmd("HSET")
+                            .arg(cache::key(prefix, entity))
+                            .arg("features_event_time")
+                            .arg(T0 + t)
+                            .arg("features")
+                            .arg(r#"{"held":1.0}"#)
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                    }
+                }
+                let items: Vec<(&str, BTreeMap<String, f64>, i64)> = events
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(e, t))| {
+                        let features = BTreeMap::from([("event".to_string(), i as f64)]);
+                        (entities[e].as_str(), features, T0 + t)
+                    })
+                    .collect();
+                let keep: Vec<bool> = match sent {
+                    "all" => vec![true; items.len()],
+                    _ => {
+                        let keys: Vec<(&str, i64)> = items.iter().map(|(e, _, t)| (*e, *t)).collect();
+                        let newest = cache::newest_per_entity(&keys);
+                        (0..items.len()).map(|i| newest[i] == i).collect()
+                    }
+                };
+                let call: Vec<_> = items.iter().zip(&keep).filter(|(_, k)| **k).map(|(i, _)| i).collect();
+                let reply: redis::Value = cache::write_features(
+                    &script,
+                    prefix,
+                    call.iter().map(|(e, f, t)| (*e, f, *t)),
+                    0,
+                )
+                .invoke(&mut conn)
+                .await
+                .unwrap();
+                let replies = cache::replies(reply, call.len()).unwrap();
+                assert!(replies.iter().all(Result::is_ok), "{replies:?}");
+                let mut held_now = Vec::new();
+                for entity in &entities {
+                    let key = cache::key(prefix, entity);
+                    let h: HashMap<String, String> =
+                        redis::cmd("HGETALL").arg(&key).query_async(&mut conn).await.unwrap();
+                    let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await.unwrap();
+                    held_now.push(h);
+                }
+                entries.push(held_now);
+            }
+            (entries.remove(0), entries.remove(0))
+        });
+        prop_assert_eq!(all, newest);
     }
 }
 

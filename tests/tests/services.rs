@@ -301,6 +301,78 @@ async fn the_cache_never_rolls_back() {
     running.stop().await;
 }
 
+/// Of an entity's events that reach the features loop together, only the first with
+/// the newest event time is sent to Redis; the others are done, counted `superseded`,
+/// and the entry is what sending them all in order would leave. Where Redis refuses
+/// that one's key, each of the entity's events is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn older_events_of_an_entity_in_one_pipeline_are_superseded() {
+    use lanes_common::records::Event;
+
+    let lane = Lane::new("superseded");
+    lane.create_topics().await;
+    let codec = AvroCodec::new(&lane.settings.registry).unwrap();
+    let p = producer(&lane.settings);
+    let topic = &lane.settings.topics.events;
+    // Written before the cache-writer starts, so one fetch reads them as one pipeline.
+    let sent = [
+        ("hot", 100),
+        ("hot", 300),
+        ("hot", 200),
+        ("hot", 300),
+        ("hot", 50),
+        ("cold", 10),
+        ("refused", 20),
+        ("refused", 30),
+    ];
+    // Not a hash: Redis refuses the script's read of it (WRONGTYPE).
+    let mut r = redis(&lane.settings)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let refused = format!("{}refused", lane.settings.cache_writer.key_prefix);
+    let _: () = r.set(&refused, "a string").await.unwrap();
+    for (i, &(entity, t)) in sent.iter().enumerate() {
+        let event = Event {
+            event_id: format!("{entity}-{i}"),
+            entity_id: entity.into(),
+            kind: "transaction".into(),
+            event_time: T0 + t,
+            ingested_at: T0 + t,
+            features: [("amount".to_string(), i as f64)].into(),
+        };
+        let bytes = codec.encode(topic, &event).await.unwrap();
+        produce(&p, topic, entity.as_bytes(), &bytes).await;
+    }
+    let running = lane.start(&[lanes_cache_writer::def()]);
+    running.ready().await;
+    let writes = |result| {
+        running.metric(
+            "lanes_cache_writer_feature_writes_total",
+            &[("result", result)],
+        )
+    };
+    wait_for("the events handled", Duration::from_secs(30), || async {
+        (writes("written") + writes("stale") + writes("superseded") >= 6.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        (writes("written"), writes("stale"), writes("superseded")),
+        (2.0, 0.0, 4.0)
+    );
+    let hot = cached(&lane, "hot").await;
+    assert_eq!(hot["features_event_time"], (T0 + 300).to_string());
+    assert_eq!(hot["features"], r#"{"amount":1.0}"#);
+    assert_eq!(cached(&lane, "cold").await["features"], r#"{"amount":5.0}"#);
+    let letters = dead_letters(&lane, 2).await;
+    assert_eq!(
+        letters,
+        vec![(ErrorClass::CacheWriteError, "cache-writer".to_string()); 2]
+    );
+    let _: () = r.del(&refused).await.unwrap();
+    running.stop().await;
+}
+
 /// The guard header of a prediction scored from a request's own features (the
 /// responder's) reaches the cache-writer's script: such a prediction yields to the
 /// entity's newer online features, while the same prediction without the header is

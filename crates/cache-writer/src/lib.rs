@@ -2,7 +2,8 @@
 //! entity (`<key_prefix><entity_id>`), written in pipelines. Beside the prediction, the
 //! same hash keeps the entity's latest features from `lanes.events` (`features`,
 //! `features_event_time`; its own consumer group), so the real-time path reads both in
-//! one round trip and never joins a slower store.
+//! one round trip and never joins a slower store. Of an entity's events within one
+//! pipeline only the newest is sent: the others could not change the entry.
 //!
 //! The cache is monotonic: a Lua script, atomic in Redis, writes a prediction only if
 //! its event time is newer than the cached one (ties: a later `scored_at`), so replays
@@ -194,7 +195,7 @@ impl Stage for PredictionStage {
                     (i.message, Item::Prediction(i.record, guard))
                 }),
         );
-        self.0.write(items, out).await
+        self.0.write(items, Vec::new(), out).await
     }
 }
 
@@ -204,22 +205,39 @@ impl Stage for FeatureStage {
     async fn handle(&mut self, inputs: Vec<Input<Event>>, out: &mut Out<'_>) -> anyhow::Result<()> {
         let now = now_millis();
         let skew = self.0.max_clock_skew_ms;
-        let mut items = Vec::with_capacity(inputs.len());
-        items.extend(
-            inputs
-                .into_iter()
-                .filter_map(|i| {
-                    match check_client_time("event_time", i.record.event_time, now, skew) {
-                        Ok(()) => Some(i),
-                        Err(reason) => {
-                            out.dead_letter(i.message, ErrorClass::InvalidEventTime, reason);
-                            None
-                        }
-                    }
-                })
-                .map(|i| (i.message, Item::Event(i.record))),
-        );
-        self.0.write(items, out).await
+        let mut checked = Vec::with_capacity(inputs.len());
+        checked.extend(inputs.into_iter().filter_map(|i| {
+            match check_client_time("event_time", i.record.event_time, now, skew) {
+                Ok(()) => Some(i),
+                Err(reason) => {
+                    out.dead_letter(i.message, ErrorClass::InvalidEventTime, reason);
+                    None
+                }
+            }
+        }));
+        let newest = {
+            let keys: Vec<(&str, i64)> = checked
+                .iter()
+                .map(|i| (i.record.entity_id.as_str(), i.record.event_time))
+                .collect();
+            cache::newest_per_entity(&keys)
+        };
+        // Each entity's newest event is written; the others wait for its reply.
+        let mut slot = vec![0; checked.len()];
+        let mut items = Vec::with_capacity(checked.len());
+        let mut superseded = Vec::new();
+        for (i, input) in checked.into_iter().enumerate() {
+            if newest[i] == i {
+                slot[i] = items.len();
+                items.push((input.message, Item::Event(input.record)));
+            } else {
+                superseded.push((input.message, newest[i]));
+            }
+        }
+        for (_, newer) in &mut superseded {
+            *newer = slot[*newer];
+        }
+        self.0.write(items, superseded, out).await
     }
 }
 
@@ -294,10 +312,13 @@ impl Writer {
     }
 
     /// Writes a chunk in one script call, retrying until Redis answers, and marks each
-    /// input done; a key Redis refuses (WRONGTYPE) is dead-lettered alone.
+    /// input done; a key Redis refuses (WRONGTYPE) is dead-lettered alone. Each of
+    /// `superseded` (an input and the index in `good` of a newer one of its entity) is
+    /// done or dead-lettered as that one is.
     async fn write(
         &mut self,
         good: Vec<(OwnedMessage, Item)>,
+        superseded: Vec<(OwnedMessage, usize)>,
         out: &mut Out<'_>,
     ) -> anyhow::Result<()> {
         if good.is_empty() {
@@ -324,6 +345,16 @@ impl Writer {
             Err(e) => return Err(not_written(e, items.len(), &stop)),
         };
         let predictions = matches!(good.first(), Some((_, Item::Prediction(..))));
+        let mut replaced = 0;
+        for (m, newer) in superseded {
+            match &results[newer] {
+                Ok(_) => {
+                    replaced += 1;
+                    out.done(&m);
+                }
+                Err(e) => out.dead_letter(m, ErrorClass::CacheWriteError, e.to_string()),
+            }
+        }
         let now = now_millis();
         // Outcomes are counted per call: a label lookup per item hashed the label each time.
         let mut outcomes = [0u64; Written::ALL.len()];
@@ -354,6 +385,11 @@ impl Writer {
             if n > 0 {
                 counter.with_label_values(&[written.as_str()]).inc_by(n);
             }
+        }
+        if replaced > 0 {
+            counter
+                .with_label_values(&["superseded"])
+                .inc_by(replaced as u64);
         }
         Ok(())
     }

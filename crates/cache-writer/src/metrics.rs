@@ -26,7 +26,7 @@ impl Metrics {
             feature_writes: IntCounterVec::new(
                 Opts::new(
                     "lanes_cache_writer_feature_writes_total",
-                    "Online features applied to Redis, by result (written, stale).",
+                    "Online features applied to Redis, by result (written, stale: the cache held newer ones, superseded: a newer event of the entity came in the same pipeline and was written in its place).",
                 ),
                 &["result"],
             )?,
@@ -57,7 +57,7 @@ impl Metrics {
             )?,
         };
         lanes_common::metrics::zeroed(&m.writes, &["written", "stale", "duplicate"]);
-        lanes_common::metrics::zeroed(&m.feature_writes, &["written", "stale"]);
+        lanes_common::metrics::zeroed(&m.feature_writes, &["written", "stale", "superseded"]);
         r.register(Box::new(m.writes.clone()))?;
         r.register(Box::new(m.feature_writes.clone()))?;
         r.register(Box::new(m.redis_errors.clone()))?;

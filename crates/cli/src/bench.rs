@@ -621,9 +621,18 @@ impl Marks {
     }
 }
 
-/// `n` generated events as (event id, raw JSON line), written by `json`.
-pub(crate) fn events(seed: u64, n: usize, json: fn(&Sample) -> String) -> Vec<(String, String)> {
-    Generator::new(seed, 10_000)
+/// Entities (cards) generated events are spread over, evenly.
+pub(crate) const ENTITIES: usize = 10_000;
+
+/// `n` generated events over `entities` cards as (event id, raw JSON line), written by
+/// `json`.
+pub(crate) fn events(
+    seed: u64,
+    n: usize,
+    entities: usize,
+    json: fn(&Sample) -> String,
+) -> Vec<(String, String)> {
+    Generator::new(seed, entities)
         .take(n)
         .map(|s| (s.event_id.clone(), json(&s)))
         .collect()
@@ -682,7 +691,7 @@ impl Source {
         match self {
             // Untimed, as samples are: a later run's events are newer in the cache than
             // an earlier run's of the same entity, so each run's reach it.
-            Self::Generated => events(seed, n, Sample::raw_json_untimed),
+            Self::Generated => events(seed, n, ENTITIES, Sample::raw_json_untimed),
             Self::Sample(sample) => (0..n)
                 .map(|i| {
                     let mut event = sample[i % sample.len()].clone();

@@ -9,6 +9,7 @@
 //! binaries beside this one), the fallback-responder too, answering requests published
 //! beside the events, so the peak memory of every service is read under the same drain.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -62,6 +63,11 @@ pub struct BenchCpuArgs {
     /// for entities of the drained events: hits once cached, real-time scores before).
     #[arg(long, default_value_t = 6_000)]
     requests: usize,
+    /// Entities the drained events are spread over, evenly: fewer make each entity come
+    /// back more often within a cache-writer pipeline (a busy card, a hot user).
+    #[arg(long, default_value_t = crate::bench::ENTITIES,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    entities: usize,
 }
 
 /// Goal: peak RSS of the services without a model, MiB.
@@ -124,6 +130,65 @@ async fn redis_pid(s: &Settings) -> anyhow::Result<u32> {
         .find_map(|l| l.strip_prefix("process_id:"))
         .and_then(|v| v.trim().parse().ok())
         .context("no process_id in Redis INFO")
+}
+
+/// Calls and microseconds of each command Redis has run (`INFO commandstats`), by name.
+async fn redis_commands(s: &Settings) -> anyhow::Result<BTreeMap<String, (f64, f64)>> {
+    let client = lanes_common::cache::client(&s.redis)?;
+    let mut c = client.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await?;
+    Ok(parse_commandstats(&info))
+}
+
+/// `cmdstat_hget:calls=3,usec=5,...` lines as `hget -> (3, 5)`.
+fn parse_commandstats(info: &str) -> BTreeMap<String, (f64, f64)> {
+    info.lines()
+        .filter_map(|l| {
+            let (name, stats) = l.trim().strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |k: &str| {
+                stats
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))?
+                    .parse::<f64>()
+                    .ok()
+            };
+            Some((name.to_string(), (field("calls")?, field("usec")?)))
+        })
+        .collect()
+}
+
+/// Commands the cache scripts run; their time inside a script is Redis's work on the
+/// entries, the rest of a script call's time the script's own (Lua, arguments).
+const SCRIPT_COMMANDS: [&str; 5] = ["hget", "hmget", "hset", "expire", "time"];
+
+/// Per event over a drain, from `INFO commandstats` before and after: each script
+/// command's calls, and Redis's microseconds in those commands and in the scripts'
+/// own work. All clients count (the responder's reads too, in `--per-service`).
+fn redis_per_event(
+    before: &BTreeMap<String, (f64, f64)>,
+    after: &BTreeMap<String, (f64, f64)>,
+    n: f64,
+) -> serde_json::Value {
+    let delta = |name: &str| {
+        let (c0, u0) = before.get(name).copied().unwrap_or_default();
+        let (c1, u1) = after.get(name).copied().unwrap_or_default();
+        (c1 - c0, u1 - u0)
+    };
+    let calls: serde_json::Map<String, serde_json::Value> = SCRIPT_COMMANDS
+        .iter()
+        .map(|&c| (c.to_string(), json!(delta(c).0 / n)))
+        .collect();
+    let in_commands: f64 = SCRIPT_COMMANDS.iter().map(|&c| delta(c).1).sum();
+    let scripts = delta("evalsha").1;
+    json!({
+        "script_calls": delta("evalsha").0 / n,
+        "calls": calls,
+        "us_in_commands": in_commands / n,
+        "us_in_scripts_own_work": (scripts - in_commands).max(0.0) / n,
+    })
 }
 
 pub async fn run(args: BenchCpuArgs, settings: &Settings) -> anyhow::Result<()> {
@@ -241,6 +306,20 @@ pub async fn run(args: BenchCpuArgs, settings: &Settings) -> anyhow::Result<()> 
             }
         );
     }
+    let r = &first["redis_per_event"];
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    println!(
+        "| Redis per event ({} entities): HGET / HMGET / HSET calls | {:.2} / {:.2} / {:.2} | |",
+        args.entities,
+        f(&r["calls"]["hget"]),
+        f(&r["calls"]["hmget"]),
+        f(&r["calls"]["hset"])
+    );
+    println!(
+        "| Redis µs per event: in those commands / in the scripts' own work | {:.1} / {:.1} | |",
+        f(&r["us_in_commands"]),
+        f(&r["us_in_scripts_own_work"])
+    );
     let cache = &first["redis_cache"];
     println!(
         "| Redis bytes per cached entity ({} entities; hash encodings {}) | {:.0} | |",
@@ -381,10 +460,10 @@ fn stop_all(procs: &mut [Proc]) {
 }
 
 /// Publishes `n` generated raw events to `topic` and waits for every acknowledgement.
-async fn publish(s: &Settings, topic: &str, n: usize) -> anyhow::Result<()> {
+async fn publish(s: &Settings, topic: &str, n: usize, entities: usize) -> anyhow::Result<()> {
     let producer = lanes_common::kafka::producer(&s.kafka, "lanes-bench")?;
     let mut pending = Vec::with_capacity(n);
-    for (_, line) in events(now_seed(), n, Sample::raw_json) {
+    for (_, line) in events(now_seed(), n, entities, Sample::raw_json) {
         pending.push(
             enqueue(
                 &producer,
@@ -408,7 +487,7 @@ async fn drain_python(
 ) -> anyhow::Result<serde_json::Value> {
     let s = unique(settings, "py");
     lanes_common::kafka::ensure_topics(&s.kafka, &[&s.topics.raw, &s.topics.predictions]).await?;
-    publish(&s, &s.topics.raw, args.events).await?;
+    publish(&s, &s.topics.raw, args.events, args.entities).await?;
     let python = std::env::var("LANES_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = find_up(std::path::Path::new("bench/python_pipeline.py"))
         .context("bench/python_pipeline.py not found here or in a parent folder")?;
@@ -464,12 +543,12 @@ async fn metric_sum(http: &reqwest::Client, metrics: &str, family: &str) -> anyh
 
 /// Publishes `n` prediction requests with features (entities of the generator's cards)
 /// to the requests topic and waits for every acknowledgement.
-async fn publish_requests(s: &Settings, n: usize) -> anyhow::Result<()> {
+async fn publish_requests(s: &Settings, n: usize, entities: usize) -> anyhow::Result<()> {
     use lanes_common::records::{PredictionRequest, now_millis};
     let codec = lanes_common::avro::AvroCodec::new(&s.registry)?;
     let producer = lanes_common::kafka::producer(&s.kafka, "lanes-bench")?;
     let mut pending = Vec::with_capacity(n);
-    for (i, sample) in lanes_common::generator::Generator::new(now_seed(), 10_000)
+    for (i, sample) in lanes_common::generator::Generator::new(now_seed(), entities)
         .take(n)
         .enumerate()
     {
@@ -529,7 +608,7 @@ async fn measure(
     for p in procs {
         process::signal(p.pid(), "STOP")?;
     }
-    publish(s, &s.topics.raw, args.events).await?;
+    publish(s, &s.topics.raw, args.events, args.entities).await?;
     let responder = procs.iter().find(|p| p.name == "fallback-responder");
     let requests = if responder.is_some() {
         args.requests
@@ -537,13 +616,14 @@ async fn measure(
         0
     };
     if requests > 0 {
-        publish_requests(s, requests).await?;
+        publish_requests(s, requests, args.entities).await?;
     }
     let cpu = |pid| cpu_seconds(pid);
     let before: Vec<f64> = procs
         .iter()
         .map(|p| cpu(p.pid()))
         .collect::<Result<_, _>>()?;
+    let commands = redis_commands(s).await?;
     let outside = [cpu(broker)?, cpu(redis)?];
     let started = Instant::now();
     for p in procs {
@@ -581,6 +661,7 @@ async fn measure(
         .map(|p| cpu(p.pid()))
         .collect::<Result<_, _>>()?;
     let outside_after = [cpu(broker)?, cpu(redis)?];
+    let commands_after = redis_commands(s).await?;
     let peaks: Vec<Option<f64>> = procs
         .iter()
         .map(|p| process::peak_rss_mib(p.pid()))
@@ -636,6 +717,7 @@ async fn measure(
             "broker": (outside_after[0] - outside[0]) * 1e6 / n,
             "redis": (outside_after[1] - outside[1]) * 1e6 / n,
         },
+        "redis_per_event": redis_per_event(&commands, &commands_after, n),
         "goal_us_per_event": {"lanes": GOAL_LANES_US, "redis": GOAL_REDIS_US},
         "services": services,
         "lanes_peak_rss_mib": if args.per_service { None } else { peaks[0] },
@@ -669,7 +751,7 @@ fn now_seed() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{median, parse_commandstats, redis_per_event};
 
     #[test]
     fn median_of_odd_even_and_no_drains() {
@@ -677,5 +759,26 @@ mod tests {
         assert_eq!(median(vec![24.0, 15.0, 19.0, 16.0]), 17.5);
         assert_eq!(median(vec![15.2]), 15.2);
         assert!(median(Vec::new()).is_nan());
+    }
+
+    #[test]
+    fn redis_time_splits_into_commands_and_the_scripts_own_work() {
+        let before = parse_commandstats(
+            "# Commandstats\r\ncmdstat_evalsha:calls=2,usec=100,usec_per_call=50.00,rejected_calls=0,failed_calls=0\r\n\
+             cmdstat_hget:calls=10,usec=10,usec_per_call=1.00\r\ncmdstat_memory|usage:calls=1,usec=3,usec_per_call=3.00\r\n",
+        );
+        assert_eq!(before["evalsha"], (2.0, 100.0));
+        assert_eq!(before["memory|usage"], (1.0, 3.0));
+        let after = parse_commandstats(
+            "cmdstat_evalsha:calls=4,usec=1100,usec_per_call=275.00\n\
+             cmdstat_hget:calls=110,usec=210,usec_per_call=1.91\ncmdstat_hset:calls=50,usec=300,usec_per_call=6.00\n",
+        );
+        let r = redis_per_event(&before, &after, 100.0);
+        assert_eq!(r["script_calls"], 0.02);
+        assert_eq!(r["calls"]["hget"], 1.0);
+        assert_eq!(r["calls"]["hset"], 0.5);
+        assert_eq!(r["calls"]["hmget"], 0.0);
+        assert_eq!(r["us_in_commands"], 5.0);
+        assert_eq!(r["us_in_scripts_own_work"], 5.0);
     }
 }

@@ -290,6 +290,31 @@ pub fn write_features<'a, 'e, F: Serialize + 'e>(
     )
 }
 
+/// For each item of a [`FEATURES_IF_NEWER`] call (entity id, event time, in the call's
+/// order), the index of the one item of its entity that can be left in the entry: the
+/// first with the entity's newest event time (equal times keep what is there). The
+/// script runs atomically, so no reader sees an entry between two items of a call, and
+/// sending only these items leaves Redis as sending all would, touching a busy entity
+/// once per call instead of once per event. [`WRITE_IF_NEWER`] has no such rule (a
+/// duplicate's refusal depends on which item is cached), so predictions go whole.
+pub fn newest_per_entity(items: &[(&str, i64)]) -> Vec<usize> {
+    // One hash per item: each entity gets a number, whose newest item is kept by index.
+    let mut entities: HashMap<&str, usize> = HashMap::with_capacity(items.len());
+    let mut newest: Vec<usize> = Vec::new();
+    let mut entity_of = Vec::with_capacity(items.len());
+    for (i, &(entity, time)) in items.iter().enumerate() {
+        let e = *entities.entry(entity).or_insert_with(|| {
+            newest.push(i);
+            newest.len() - 1
+        });
+        if time > items[newest[e]].1 {
+            newest[e] = i;
+        }
+        entity_of.push(e);
+    }
+    entity_of.into_iter().map(|e| newest[e]).collect()
+}
+
 /// Each key's reply of a [`WRITE_IF_NEWER`] or [`FEATURES_IF_NEWER`] call, in the
 /// keys' order: what was done, or the failure Redis gave for that key.
 pub fn replies(reply: redis::Value, keys: usize) -> Result<Vec<Result<Written, Failure>>, Failure> {
@@ -470,6 +495,22 @@ fn classify_code(message: &str) -> Failure {
 mod tests {
     use super::*;
     use crate::features::Features;
+
+    #[test]
+    fn each_entity_keeps_its_first_newest_item() {
+        let items = [
+            ("a", 5),
+            ("b", 1),
+            ("a", 7),
+            ("c", 3),
+            ("a", 7),
+            ("b", 0),
+            ("a", 6),
+        ];
+        assert_eq!(newest_per_entity(&items), [2, 1, 2, 3, 2, 1, 2]);
+        assert_eq!(newest_per_entity(&[("a", 1), ("b", 1)]), [0, 1]);
+        assert!(newest_per_entity(&[]).is_empty());
+    }
 
     #[test]
     fn hashes_parse_with_and_without_a_prediction() {
