@@ -723,6 +723,31 @@ async fn hostile_requests_get_errors_and_the_responder_stays_up() {
         r.error.unwrap().contains("32-bit"),
         "the reason names the range"
     );
+    // A feature the model lacks, then also one of the model's left out: the missing one
+    // is named first.
+    let mut extra = f.clone();
+    extra.insert("zz-not-a-feature".into(), 1.0);
+    let r = c
+        .one(Client::request("extra", Some(extra.clone()), None))
+        .await;
+    assert_eq!(r.status, ResponseStatus::Error);
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap()
+            .contains(r#"unknown feature "zz-not-a-feature""#),
+        "{r:?}"
+    );
+    extra.remove("amount");
+    let r = c.one(Client::request("missing", Some(extra), None)).await;
+    assert_eq!(r.status, ResponseStatus::Error);
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap()
+            .contains(r#"feature "amount" is missing"#),
+        "{r:?}"
+    );
 
     // Request features warm the cache with the responder's clock as event time, never
     // the client's requested_at.

@@ -15,6 +15,8 @@ use ort::session::Session;
 use ort::value::{TensorElementType, TensorRef, ValueType};
 use serde::Deserialize;
 
+use crate::features::FeatureIndex;
+
 /// What `model.toml` says.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -98,6 +100,8 @@ pub fn init_runtime() -> Result<&'static Environment, ModelError> {
 pub struct Model {
     pub spec: ModelSpec,
     pub dir: PathBuf,
+    /// `spec.features`, searchable: a request's names are checked against it.
+    index: FeatureIndex,
     session: Mutex<Session>,
 }
 
@@ -150,6 +154,7 @@ impl Model {
             .commit_from_file(&onnx)
             .map_err(|e| spec_err(e.to_string()))?;
         let model = Self {
+            index: FeatureIndex::new(spec.features.clone()),
             spec,
             dir: dir.to_path_buf(),
             session: Mutex::new(session),
@@ -157,6 +162,11 @@ impl Model {
         model.check()?;
         tracing::info!(name = %model.spec.name, version = %model.spec.version, dir = %dir.display(), "model loaded");
         Ok(model)
+    }
+
+    /// The model's feature names, searchable.
+    pub fn index(&self) -> &FeatureIndex {
+        &self.index
     }
 
     fn mismatch(&self, message: String) -> ModelError {

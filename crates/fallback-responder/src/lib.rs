@@ -366,7 +366,9 @@ impl Core {
                 None => return Err(format!("feature {name:?} is missing")),
             }
         }
-        if let Some(extra) = features.keys().find(|k| !wanted.contains(k)) {
+        // By the model's index: a scan of its names per key grew with the square of a
+        // wide model's width, on every request.
+        if let Some(extra) = features.keys().find(|k| !model.index().contains(k)) {
             return Err(format!("unknown feature {extra:?}"));
         }
         let started = Instant::now();
