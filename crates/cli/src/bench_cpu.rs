@@ -122,11 +122,17 @@ fn pid_named(name: &str) -> Option<u32> {
     found.next().is_none().then_some(first)
 }
 
-async fn redis_pid(s: &Settings) -> anyhow::Result<u32> {
-    let client = redis::Client::open(s.redis.url.as_str())?;
+/// A section of Redis's `INFO`.
+async fn redis_info(s: &Settings, section: &str) -> anyhow::Result<String> {
+    let client = lanes_common::cache::client(&s.redis)?;
     let mut c = client.get_multiplexed_async_connection().await?;
-    let info: String = redis::cmd("INFO").arg("server").query_async(&mut c).await?;
-    info.lines()
+    Ok(redis::cmd("INFO").arg(section).query_async(&mut c).await?)
+}
+
+async fn redis_pid(s: &Settings) -> anyhow::Result<u32> {
+    redis_info(s, "server")
+        .await?
+        .lines()
         .find_map(|l| l.strip_prefix("process_id:"))
         .and_then(|v| v.trim().parse().ok())
         .context("no process_id in Redis INFO")
@@ -134,13 +140,7 @@ async fn redis_pid(s: &Settings) -> anyhow::Result<u32> {
 
 /// Calls and microseconds of each command Redis has run (`INFO commandstats`), by name.
 async fn redis_commands(s: &Settings) -> anyhow::Result<BTreeMap<String, (f64, f64)>> {
-    let client = lanes_common::cache::client(&s.redis)?;
-    let mut c = client.get_multiplexed_async_connection().await?;
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut c)
-        .await?;
-    Ok(parse_commandstats(&info))
+    Ok(parse_commandstats(&redis_info(s, "commandstats").await?))
 }
 
 /// `cmdstat_hget:calls=3,usec=5,...` lines as `hget -> (3, 5)`.
@@ -182,9 +182,9 @@ fn redis_per_event(
         .map(|&c| (c.to_string(), json!(delta(c).0 / n)))
         .collect();
     let in_commands: f64 = SCRIPT_COMMANDS.iter().map(|&c| delta(c).1).sum();
-    let scripts = delta("evalsha").1;
+    let (script_calls, scripts) = delta("evalsha");
     json!({
-        "script_calls": delta("evalsha").0 / n,
+        "script_calls": script_calls / n,
         "calls": calls,
         "us_in_commands": in_commands / n,
         "us_in_scripts_own_work": (scripts - in_commands).max(0.0) / n,
