@@ -305,6 +305,9 @@ impl AvroCodec {
         if verdict == Unknown::Missing {
             return Err(unknown(verdict));
         }
+        if own.is_none() {
+            self.refuse_recursive(schema_id).await?;
+        }
         let decoded = match self.decoder.decode(Some(bytes)).await {
             Ok(d) => d,
             Err(e) => {
@@ -354,9 +357,27 @@ impl AvroCodec {
         Ok(Decoded { record, schema_id })
     }
 
+    /// Refuses a writer schema whose types contain themselves ([`is_recursive`]):
+    /// apache-avro decodes by recursion, so a record of such a schema nested as deep
+    /// as its bytes allow would overflow the stack and abort the process. No Lanes
+    /// record is recursive. A schema the registry cannot give is left to the decode,
+    /// which classifies that failure.
+    async fn refuse_recursive(&self, schema_id: u32) -> Result<(), DecodeError> {
+        match self.decoder.get_schema(schema_id).await {
+            Ok(writer) if is_recursive(&writer.parsed) => Err(DecodeError::poison(
+                ErrorClass::DecodeError,
+                format!(
+                    "schema id {schema_id} is recursive (a type that contains itself); not read"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Decodes Confluent-framed bytes of any registered schema into JSON (for tools).
     pub async fn decode_json(&self, bytes: &[u8]) -> Result<(serde_json::Value, u32), DecodeError> {
         let schema_id = check_framing(bytes)?;
+        self.refuse_recursive(schema_id).await?;
         let decoded = self
             .decoder
             .decode(Some(bytes))
@@ -391,6 +412,69 @@ pub fn write_framed<R: Record, T: serde::Serialize>(
     out.push(0);
     out.extend_from_slice(&id.to_be_bytes());
     R::writer().write_ser(out, record).map(drop)
+}
+
+/// Whether a named type of `schema` contains itself, directly or through others (a
+/// linked list, a tree). Data of such a schema can nest as deep as its bytes go. Each
+/// named type is walked once, so a schema that refers to one type many times is not
+/// walked once per path.
+pub fn is_recursive(schema: &apache_avro::Schema) -> bool {
+    use apache_avro::schema::{Name, NamesRef, ResolvedSchema, Schema};
+    use std::collections::HashSet;
+    // Names being walked (a cycle when met again) and names walked to the end.
+    struct Walk<'s> {
+        names: NamesRef<'s>,
+        open: HashSet<Name>,
+        done: HashSet<Name>,
+    }
+    impl Walk<'_> {
+        fn cycles(&mut self, schema: &Schema, ns: Option<&str>) -> bool {
+            match schema {
+                Schema::Array(a) => self.cycles(&a.items, ns),
+                Schema::Map(m) => self.cycles(&m.types, ns),
+                Schema::Union(u) => u.variants().iter().any(|v| self.cycles(v, ns)),
+                Schema::Record(r) => {
+                    let name = r.name.fully_qualified_name(ns).into_owned();
+                    if self.done.contains(&name) {
+                        return false;
+                    }
+                    if !self.open.insert(name.clone()) {
+                        return true;
+                    }
+                    let inner = name.namespace();
+                    if r.fields.iter().any(|f| self.cycles(&f.schema, inner)) {
+                        return true;
+                    }
+                    self.open.remove(&name);
+                    self.done.insert(name);
+                    false
+                }
+                Schema::Ref { name } => {
+                    let name = name.fully_qualified_name(ns).into_owned();
+                    if self.open.contains(&name) {
+                        return true;
+                    }
+                    match self.names.get(&name).copied() {
+                        Some(def) if !self.done.contains(&name) => {
+                            self.cycles(def, name.namespace())
+                        }
+                        _ => false,
+                    }
+                }
+                _ => false,
+            }
+        }
+    }
+    // A schema that does not resolve fails its decode anyway.
+    let Ok(resolved) = ResolvedSchema::try_from(schema) else {
+        return false;
+    };
+    Walk {
+        names: resolved.get_names().clone(),
+        open: HashSet::new(),
+        done: HashSet::new(),
+    }
+    .cycles(schema, None)
 }
 
 /// The magic byte and schema id, before any registry call.
@@ -445,6 +529,57 @@ fn http_status(error: &str) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn recursive(text: &str) -> bool {
+        is_recursive(&apache_avro::Schema::parse_str(text).expect("a valid schema"))
+    }
+
+    #[test]
+    fn types_that_contain_themselves_are_recursive() {
+        // A list, a tree through an array, a map of itself, two types through each
+        // other, and a namespaced type named short inside itself.
+        for text in [
+            r#"{"type":"record","name":"N","fields":[{"name":"next","type":["null","N"]}]}"#,
+            r#"{"type":"record","name":"T","fields":[{"name":"kids","type":{"type":"array","items":"T"}}]}"#,
+            r#"{"type":"record","name":"M","fields":[{"name":"m","type":{"type":"map","values":"M"}}]}"#,
+            r#"{"type":"record","name":"A","fields":[{"name":"b","type":{"type":"record","name":"B","fields":[{"name":"a","type":["null","A"]}]}}]}"#,
+            r#"{"type":"record","name":"N","namespace":"x.y","fields":[{"name":"n","type":["null","N"]}]}"#,
+        ] {
+            assert!(recursive(text), "{text}");
+        }
+    }
+
+    #[test]
+    fn types_used_twice_and_lanes_records_are_not_recursive() {
+        use crate::records::*;
+        let twice = r#"{"type":"record","name":"R","fields":[
+            {"name":"a","type":{"type":"record","name":"P","fields":[{"name":"x","type":"long"}]}},
+            {"name":"b","type":"P"},{"name":"c","type":{"type":"array","items":"P"}}]}"#;
+        assert!(!recursive(twice));
+        for schema in [
+            Event::schema(),
+            MicroBatch::schema(),
+            Prediction::schema(),
+            PredictionRequest::schema(),
+            PredictionResponse::schema(),
+        ] {
+            assert!(!is_recursive(schema), "{}", schema.canonical_form());
+        }
+        // 40 types, each naming the next twice: walked once per type, not 2^40 times
+        // (which would not end).
+        let mut fields = vec![r#"{"name":"f40","type":{"type":"record","name":"L40","fields":[{"name":"x","type":"long"}]}}"#.to_string()];
+        for i in (0..40).rev() {
+            let next = i + 1;
+            fields.push(format!(
+                r#"{{"name":"f{i}","type":{{"type":"record","name":"L{i}","fields":[{{"name":"a","type":"L{next}"}},{{"name":"b","type":"L{next}"}}]}}}}"#
+            ));
+        }
+        let text = format!(
+            r#"{{"type":"record","name":"R","fields":[{}]}}"#,
+            fields.join(",")
+        );
+        assert!(!recursive(&text));
+    }
 
     #[test]
     fn framing_classifies_magic_byte_and_truncation() {
