@@ -1,6 +1,6 @@
 //! What a hostile record or an unlucky operator could do to a service, each tried
 //! against the real stack: client clocks, oversized records, values past the model's
-//! float range, keys Redis refuses, schema ids registered a moment late, refreshes that
+//! float range, keys Redis refuses, scoring times far ahead, recursive writer schemas, schema ids registered a moment late, refreshes that
 //! must land twice, lag series of partitions that moved, and dependencies down for a
 //! minute while events flow.
 
@@ -130,17 +130,24 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
         ("garbled", 0.4),
         ("ok-2", 0.3),
         ("bad-score", f64::NAN),
+        ("scored-ahead", 0.5),
+        ("ingested-long-ago", 0.6),
     ] {
-        let bytes = codec
-            .encode(topic, &prediction_now(entity, score))
-            .await
-            .unwrap();
+        let mut prediction = prediction_now(entity, score);
+        match entity {
+            // Readers age an entry from its scoring time: this one would never age.
+            "scored-ahead" => prediction.scored_at += 3_600_000,
+            // Only a latency metric reads it; it must not stop the writer.
+            "ingested-long-ago" => prediction.ingested_at = Some(i64::MIN),
+            _ => {}
+        }
+        let bytes = codec.encode(topic, &prediction).await.unwrap();
         produce(&p, topic, entity.as_bytes(), &bytes).await;
     }
     let running = lane.start(&[lanes_cache_writer::def()]);
     running.ready().await;
     let dlq = consumer(&lane.settings, &[&lane.settings.topics.dlq]);
-    let mut letters: Vec<(String, ErrorClass)> = consume_n(&dlq, 2, Duration::from_secs(60))
+    let mut letters: Vec<(String, ErrorClass)> = consume_n(&dlq, 3, Duration::from_secs(60))
         .await
         .iter()
         .map(|m| {
@@ -155,10 +162,16 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
         letters,
         vec![
             ("bad-score".to_string(), ErrorClass::ModelError),
+            ("scored-ahead".to_string(), ErrorClass::InvalidEventTime),
             ("taken".to_string(), ErrorClass::CacheWriteError)
         ]
     );
-    for (entity, score) in [("ok-1", "0.1"), ("garbled", "0.4"), ("ok-2", "0.3")] {
+    for (entity, score) in [
+        ("ok-1", "0.1"),
+        ("garbled", "0.4"),
+        ("ok-2", "0.3"),
+        ("ingested-long-ago", "0.6"),
+    ] {
         let got: Option<String> = r.hget(key(entity), "score").await.unwrap();
         assert_eq!(
             got.as_deref(),
@@ -168,6 +181,58 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
     }
     let taken: String = r.get(key("taken")).await.unwrap();
     assert_eq!(taken, "not a hash");
+    running.stop().await;
+}
+
+/// A record of a registered writer schema whose type contains itself, nested as deep as
+/// its bytes allow. apache-avro decodes by recursion: read, it would overflow the stack
+/// and abort the process with every service in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_record_of_a_recursive_schema_is_dead_lettered_and_the_writer_stays_up() {
+    let lane = Lane::new("recursive");
+    lane.create_topics().await;
+    let r = register_schema(
+        &lane.settings,
+        &format!("{}-value", unique("list")),
+        r#"{"type":"record","name":"Node","fields":[{"name":"next","type":["null","Node"]}]}"#,
+    )
+    .await;
+    let id = u32::try_from(r["id"].as_u64().unwrap()).unwrap();
+    // 200,000 nodes, each the union's second branch (zigzag 1), then a null.
+    let mut deep = vec![0u8];
+    deep.extend_from_slice(&id.to_be_bytes());
+    deep.extend(std::iter::repeat_n(2u8, 200_000));
+    deep.push(0);
+    let codec = AvroCodec::new(&lane.settings.registry).unwrap();
+    let p = producer(&lane.settings);
+    let topic = &lane.settings.topics.predictions;
+    produce(&p, topic, b"deep", &deep).await;
+    let after = codec
+        .encode(topic, &prediction_now("after-deep", 0.7))
+        .await
+        .unwrap();
+    produce(&p, topic, b"after-deep", &after).await;
+    let running = lane.start(&[lanes_cache_writer::def()]);
+    running.ready().await;
+    let dlq = consumer(&lane.settings, &[&lane.settings.topics.dlq]);
+    let letter = consume_n(&dlq, 1, Duration::from_secs(60)).await.remove(0);
+    assert_eq!(letter.key(), Some(&b"deep"[..]));
+    assert_eq!(class(&letter), ErrorClass::DecodeError);
+    let reason = dlq::header_str(letter.headers().unwrap(), dlq::HEADER_MESSAGE).unwrap();
+    assert!(reason.contains("recursive"), "{reason}");
+    let r = redis(&lane.settings)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("{}after-deep", lane.settings.cache_writer.key_prefix);
+    wait_for("the next record written", Duration::from_secs(60), || {
+        let (mut r, key) = (r.clone(), key.clone());
+        async move {
+            let score: Option<String> = r.hget(key, "score").await.unwrap();
+            (score.as_deref() == Some("0.7")).then_some(())
+        }
+    })
+    .await;
     running.stop().await;
 }
 

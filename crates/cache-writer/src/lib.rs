@@ -25,7 +25,7 @@ use lanes_common::cache::{self, Written};
 use lanes_common::dlq::{ErrorClass, header_str};
 use lanes_common::error::Failure;
 use lanes_common::kafka;
-use lanes_common::records::{Event, Prediction, check_client_time, now_millis};
+use lanes_common::records::{Event, Prediction, check_client_time, check_not_ahead, now_millis};
 use lanes_common::retry;
 use lanes_common::service::{ServiceContext, ServiceDef};
 use lanes_common::source::RecordHeaders;
@@ -242,7 +242,9 @@ impl Stage for FeatureStage {
 }
 
 impl Writer {
-    /// What no cache entry may hold: a score that is not finite, a time far ahead.
+    /// What no cache entry may hold: a score that is not finite, an event time far
+    /// ahead (it would outrank every later event), a scoring time far ahead (readers
+    /// age an entry from it, so it would stay fresh however old it grew).
     fn check(&self, p: &Prediction, now: i64) -> Result<(), (ErrorClass, String)> {
         if !p.score.is_finite() {
             return Err((
@@ -251,6 +253,7 @@ impl Writer {
             ));
         }
         check_client_time("event_time", p.event_time, now, self.max_clock_skew_ms)
+            .and_then(|()| check_not_ahead("scored_at", p.scored_at, now, self.max_clock_skew_ms))
             .map_err(|e| (ErrorClass::InvalidEventTime, e))
     }
 
@@ -373,7 +376,7 @@ impl Writer {
             {
                 self.metrics
                     .ingest_to_cache
-                    .observe((now - ingested).max(0) as f64 / 1000.0);
+                    .observe(now.saturating_sub(ingested).max(0) as f64 / 1000.0);
             }
             out.done(&m);
         }

@@ -391,7 +391,10 @@ impl Cached {
         {
             return Some(Staleness::Features);
         }
-        (now - scored_at > max_age_ms).then_some(Staleness::Age)
+        // Aged both ways: an entry scored further ahead than the bound (a writer whose
+        // clock ran ahead, or one that is not Lanes) would otherwise stay fresh forever.
+        let age = now.saturating_sub(scored_at);
+        (age > max_age_ms || age < max_age_ms.saturating_neg()).then_some(Staleness::Age)
     }
 }
 
@@ -568,12 +571,27 @@ mod tests {
         assert_eq!(
             Cached {
                 scored_at: None,
-                ..c
+                ..c.clone()
             }
             .staleness(500, Some("2"), 1_400),
             None,
             "no prediction, nothing to judge"
         );
+        // Scored ahead of the reader's clock: fresh within the bound, stale beyond it,
+        // so a time far ahead cannot keep an entry fresh for ever.
+        assert_eq!(c.staleness(500, Some("2"), 600), None);
+        assert_eq!(c.staleness(500, Some("2"), 499), Some(Staleness::Age));
+        for scored_at in [i64::MAX, i64::MIN] {
+            let hostile = Cached {
+                scored_at: Some(scored_at),
+                ..c.clone()
+            };
+            assert_eq!(
+                hostile.staleness(500, Some("2"), 1_400),
+                Some(Staleness::Age),
+                "scored_at {scored_at}"
+            );
+        }
     }
 
     #[test]

@@ -122,7 +122,7 @@ pub fn decide(
     let mut fresh_for_service = false;
     let stale = match cached.and_then(|c| c.prediction().map(|p| (c, p))) {
         Some((c, (score, scored_at))) => {
-            let age_ms = (now - scored_at).max(0);
+            let age_ms = now.saturating_sub(scored_at).max(0);
             fresh_for_service = policy.staleness(c, policy.freshness_ms, now).is_none();
             let Some(cause) = policy.staleness(c, max_age, now) else {
                 return Decision::Fresh {
@@ -229,6 +229,24 @@ mod tests {
             NOW,
         );
         assert!(matches!(d, Decision::Fresh { refresh: true, .. }));
+    }
+
+    #[test]
+    fn an_entry_scored_at_a_hostile_time_is_stale_not_fresh_forever() {
+        for scored_at in [NOW + 3_600_000, i64::MAX, i64::MIN] {
+            let c = Cached {
+                scored_at: Some(scored_at),
+                ..cached(0, "2", true)
+            };
+            match decide(&req(None, None), Some(&c), &policy(), NOW) {
+                Decision::Score {
+                    stale: Some(s),
+                    from_request: false,
+                    ..
+                } => assert_eq!(s.cause, Staleness::Age, "scored_at {scored_at}"),
+                other => panic!("scored_at {scored_at}: {other:?}"),
+            }
+        }
     }
 
     #[test]
