@@ -180,7 +180,10 @@ pub async fn cache(action: CacheAction, s: &Settings) -> anyhow::Result<()> {
         .map(|m| m.version);
     let now = now_millis();
     let cached = Cached::from_hash(&h).filter(|c| c.prediction().is_some());
-    let age_ms = cached.as_ref().and_then(|c| c.scored_at).map(|t| now - t);
+    let age_ms = cached
+        .as_ref()
+        .and_then(|c| c.scored_at)
+        .map(|t| now.saturating_sub(t));
     let freshness = s.fallback_responder.freshness_ms;
     let verdict = match (&cached, age_ms) {
         (Some(c), Some(a)) => match c.staleness(freshness, serving.as_deref(), now) {
