@@ -265,9 +265,12 @@ async fn every_path_answers_as_documented() {
     );
     assert!((r.score.unwrap() - expected_score(&f2)).abs() < 1e-9);
 
-    // Miss with only online features.
+    // Miss with only online features, one of them kept from before the model dropped
+    // it: the model takes the features it names.
     let f3 = features(3);
-    c.seed("features-only", &feature_fields(&f3, 42)).await;
+    let mut kept = f3.clone();
+    kept.insert("retired_feature".into(), 7.0);
+    c.seed("features-only", &feature_fields(&kept, 42)).await;
     let r = c.one(Client::request("features-only", None, None)).await;
     assert_eq!(r.source, ResponseSource::Realtime);
     assert!((r.score.unwrap() - expected_score(&f3)).abs() < 1e-9);

@@ -198,7 +198,7 @@ pub async fn answer(
             let scored = if deadline.is_zero() {
                 None
             } else {
-                let flight = core.score(core, &req.entity_id, &features, warm, slot);
+                let flight = core.score(core, &req.entity_id, &features, from_request, warm, slot);
                 tokio::time::timeout(deadline, flight).await.ok()
             };
             match scored {
@@ -266,7 +266,9 @@ fn refresh_in_background(
     match core.try_slot() {
         Some(slot) => {
             refreshes.with_label_values(&[trigger]).inc();
-            drop(core.score(core, entity, features, Some(warm), slot));
+            // `guard` marks a request's own features.
+            let from_request = warm.guard;
+            drop(core.score(core, entity, features, from_request, Some(warm), slot));
         }
         None => refreshes.with_label_values(&["skipped"]).inc(),
     }

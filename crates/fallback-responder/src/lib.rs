@@ -316,16 +316,19 @@ impl Core {
     /// warms; `guard` (request features) keeps it from replacing an entry whose online
     /// features are newer.
     /// `slot` goes to the scoring if this call starts it, and is freed if it joins one.
+    /// A request's own features must name only the model's; online features may hold
+    /// more (kept from before a model version that dropped one), which the model leaves.
     pub fn score(
         &self,
         core: &Arc<Core>,
         entity: &str,
         features: &BTreeMap<String, f64>,
+        from_request: bool,
         warm: Option<Warm>,
         slot: OwnedSemaphorePermit,
     ) -> coalesce::Flight<Scored> {
         let key = format!(
-            "{entity}\u{1f}{}\u{1f}{}",
+            "{entity}\u{1f}{}\u{1f}{}\u{1f}{from_request}",
             serde_json::to_string(features).unwrap_or_default(),
             warm.is_some()
         );
@@ -333,7 +336,7 @@ impl Core {
         let (flight, started) = self.flights.join(&key, move || {
             let busy = Busy::start(&core, Some(slot));
             async move {
-                let scored = core.score_now(&features).await;
+                let scored = core.score_now(&features, from_request).await;
                 if let (Ok(scoring), Some(warm)) = (scored.clone(), warm) {
                     // Warming the cache must not delay the answer; it keeps the
                     // scoring's place in the in-flight count until it is done.
@@ -351,7 +354,7 @@ impl Core {
         flight
     }
 
-    async fn score_now(&self, features: &BTreeMap<String, f64>) -> Scored {
+    async fn score_now(&self, features: &BTreeMap<String, f64>, from_request: bool) -> Scored {
         let Some(model) = self.model.as_ref().map(ModelWatch::current) else {
             return Err(format!(
                 "model unavailable: {}",
@@ -368,7 +371,7 @@ impl Core {
         }
         // By the model's index: a scan of its names per key grew with the square of a
         // wide model's width, on every request.
-        if let Some(extra) = features.keys().find(|k| !model.index().contains(k)) {
+        if from_request && let Some(extra) = features.keys().find(|k| !model.index().contains(k)) {
             return Err(format!("unknown feature {extra:?}"));
         }
         let started = Instant::now();

@@ -156,6 +156,7 @@ pub async fn sweep(
                 core,
                 entity,
                 features,
+                false,
                 Some(crate::Warm {
                     event_time,
                     event_id: crate::answer::refresh_event_id(entity, event_time),
