@@ -93,6 +93,11 @@ pub const UNKNOWN_ID_RECHECK: Duration = Duration::from_secs(3);
 /// How long a missing id is then taken as missing without asking; after that it is
 /// rechecked again, so an id registered later is found.
 pub const UNKNOWN_ID_FORGET: Duration = Duration::from_secs(60);
+/// How many newly missing ids get the recheck window per [`UNKNOWN_ID_FORGET`]. A
+/// record waiting for its id holds up its whole service, so without a bound a producer
+/// writing a new unregistered id every few seconds would hold it up for good; past it
+/// a missing id is refused at once (dead-lettered, replayable).
+pub const UNKNOWN_IDS_RECHECKED: usize = 2;
 
 /// What to do with a schema id the registry said it does not know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,14 +110,16 @@ pub enum Unknown {
     Missing,
 }
 
-/// Schema ids found missing, and since when. A bounded negative cache: each id is
-/// rechecked for [`UNKNOWN_ID_RECHECK`]; once the registry has said "missing" after
-/// that window too, the id is refused without a registry call until
-/// [`UNKNOWN_ID_FORGET`] has passed.
+/// Schema ids found missing, and since when. A bounded negative cache: an id is
+/// rechecked for [`UNKNOWN_ID_RECHECK`] (at most [`UNKNOWN_IDS_RECHECKED`] ids per
+/// [`UNKNOWN_ID_FORGET`]); once the registry has said "missing" after that window too,
+/// the id is refused without a registry call until [`UNKNOWN_ID_FORGET`] has passed.
 #[derive(Debug, Default)]
 pub struct UnknownIds {
     /// First found missing, and whether the registry said so again after the window.
     since: HashMap<u32, (Instant, bool)>,
+    /// When each recheck window of the last [`UNKNOWN_ID_FORGET`] began.
+    windows: std::collections::VecDeque<Instant>,
 }
 
 impl UnknownIds {
@@ -135,7 +142,24 @@ impl UnknownIds {
             self.since
                 .retain(|_, (t, _)| now.duration_since(*t) < UNKNOWN_ID_FORGET);
         }
-        let entry = self.since.entry(id).or_insert((now, false));
+        let entry = match self.since.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                while self
+                    .windows
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) >= UNKNOWN_ID_FORGET)
+                {
+                    self.windows.pop_front();
+                }
+                if self.windows.len() >= UNKNOWN_IDS_RECHECKED {
+                    e.insert((now, true));
+                    return Unknown::Missing;
+                }
+                self.windows.push_back(now);
+                e.insert((now, false))
+            }
+        };
         if now.duration_since(entry.0) < UNKNOWN_ID_RECHECK {
             Unknown::Recheck
         } else {
@@ -643,6 +667,38 @@ mod tests {
             ids.before(8, much_later),
             Unknown::Ask,
             "ids are independent"
+        );
+    }
+
+    #[test]
+    fn only_a_few_new_ids_a_minute_are_waited_for() {
+        let mut ids = UnknownIds::default();
+        let t0 = Instant::now();
+        for id in 1..=UNKNOWN_IDS_RECHECKED as u32 {
+            assert_eq!(ids.missing(id, t0), Unknown::Recheck, "id {id}");
+        }
+        let flood = UNKNOWN_IDS_RECHECKED as u32 + 1;
+        let soon = t0 + Duration::from_secs(10);
+        assert_eq!(
+            ids.missing(flood, soon),
+            Unknown::Missing,
+            "refused at once"
+        );
+        assert_eq!(
+            ids.before(flood, soon),
+            Unknown::Missing,
+            "and not asked for"
+        );
+        assert_eq!(
+            ids.missing(1, t0 + Duration::from_secs(1)),
+            Unknown::Recheck,
+            "an id in its window keeps it"
+        );
+        let later = t0 + UNKNOWN_ID_FORGET;
+        assert_eq!(
+            ids.missing(flood + 1, later),
+            Unknown::Recheck,
+            "a minute on"
         );
     }
 
