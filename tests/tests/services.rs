@@ -1,6 +1,6 @@
 //! Each streaming service's own promises on the real stack: the scorer's model checks
 //! and MODEL_ERROR dead letters, the cache-writer's monotonic cache and Redis outages,
-//! the micro-batcher's poison handling.
+//! the micro-batcher's poison handling and events it cannot batch.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use lanes_common::avro::AvroCodec;
 use lanes_common::dlq::{self, ErrorClass};
 use lanes_common::model::{Model, ModelError};
-use lanes_common::records::{CloseReason, Lane as LaneKind, MicroBatch, Prediction};
+use lanes_common::records::{CloseReason, Event, Lane as LaneKind, MicroBatch, Prediction};
 use lanes_tests::*;
 use rdkafka::Message;
 use rdkafka::consumer::Consumer;
@@ -565,5 +565,63 @@ async fn undecodable_events_are_dead_lettered_by_the_micro_batcher() {
             (ErrorClass::UnknownSchemaId, "micro-batcher".to_string())
         ]
     );
+    running.stop().await;
+}
+
+/// Events written straight to the events topic, past ingest's checks, with a feature the
+/// model cannot take (NaN, or beyond a 32-bit float): each is dead-lettered alone. In a
+/// batch its row would score NaN and the scorer would refuse the whole batch with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_with_a_non_finite_feature_is_dead_lettered_alone() {
+    let mut lane = Lane::new("mb-nan");
+    lane.settings.micro_batcher.max_delay_ms = 100;
+    lane.create_topics().await;
+    let codec = AvroCodec::new(&lane.settings.registry).unwrap();
+    let p = producer(&lane.settings);
+    let topic = lane.settings.topics.events.clone();
+    let now = lanes_common::records::now_millis();
+    for (i, amount) in [1.0, f64::NAN, 2.0, 1e39, 3.0].into_iter().enumerate() {
+        let mut features: lanes_common::features::Features =
+            features().into_iter().map(|name| (name, 1.0)).collect();
+        features.insert("amount".into(), amount);
+        let event = Event {
+            event_id: format!("e{i}"),
+            entity_id: "card-1".into(),
+            kind: "transaction".into(),
+            event_time: now,
+            ingested_at: now,
+            features,
+        };
+        let bytes = codec.encode(&topic, &event).await.unwrap();
+        produce(&p, &topic, b"card-1", &bytes).await;
+    }
+    let running = lane.start(&[lanes_micro_batcher::def()]);
+    running.ready().await;
+    let batches = consumer(&lane.settings, &[&lane.settings.topics.batches]);
+    let mut batched = Vec::new();
+    while batched.len() < 3 {
+        let m = consume_n(&batches, 1, Duration::from_secs(60))
+            .await
+            .remove(0);
+        let b = codec
+            .decode::<MicroBatch>(m.payload().unwrap())
+            .await
+            .unwrap()
+            .record;
+        assert!(b.features.iter().all(|v| v.is_finite()), "{b:?}");
+        batched.extend(b.event_ids);
+    }
+    assert_eq!(batched, ["e0", "e2", "e4"]);
+    let stage = "micro-batcher".to_string();
+    assert_eq!(
+        dead_letters(&lane, 2).await,
+        vec![
+            (ErrorClass::NonFinite, stage.clone()),
+            (ErrorClass::NonFinite, stage)
+        ]
+    );
+    let events =
+        |outcome| running.metric("lanes_micro_batcher_events_total", &[("outcome", outcome)]);
+    assert_eq!((events("batched"), events("dead_letter")), (3.0, 2.0));
     running.stop().await;
 }

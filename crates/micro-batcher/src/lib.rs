@@ -97,16 +97,18 @@ impl Stage for Batcher {
     type Input = Event;
 
     async fn handle(&mut self, inputs: Vec<Input<Event>>, out: &mut Out<'_>) -> anyhow::Result<()> {
-        // Counted once per call: a label lookup per event hashed the label each time.
-        self.metrics
-            .events
-            .with_label_values(&["batched"])
-            .inc_by(inputs.len() as u64);
+        let mut unscorable = 0;
+        let batched = inputs.len();
         for Input {
             message: m,
             record: event,
         } in inputs
         {
+            if let Some(reason) = self.windows.unscorable(&event) {
+                out.dead_letter(m, ErrorClass::NonFinite, reason);
+                unscorable += 1;
+                continue;
+            }
             let (partition, offset) = (m.partition(), m.offset());
             self.held.entry(partition).or_default().push_back(m);
             for closed in self
@@ -115,6 +117,16 @@ impl Stage for Batcher {
             {
                 self.emit(closed, out).await?;
             }
+        }
+        // Counted once per call: a label lookup per event hashed the label each time.
+        let events = &self.metrics.events;
+        events
+            .with_label_values(&["batched"])
+            .inc_by((batched - unscorable) as u64);
+        if unscorable > 0 {
+            events
+                .with_label_values(&["dead_letter"])
+                .inc_by(unscorable as u64);
         }
         Ok(())
     }

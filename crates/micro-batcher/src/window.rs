@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use lanes_common::features::{FeatureIndex, Features};
-use lanes_common::records::{CloseReason, Event, MicroBatch};
+use lanes_common::records::{CloseReason, Event, MicroBatch, model_value};
 use tokio::time::Instant;
 
 use crate::adaptive::{Adaptive, Limits};
@@ -127,6 +127,19 @@ impl Windows {
             Some(idle) => by_delay.min(idle),
             None => by_delay,
         }
+    }
+
+    /// Why `event` cannot join a batch: a feature the model takes that is not finite as
+    /// a 32-bit float (written to the events topic past ingest's checks). The model
+    /// would score its row `NaN` and the scorer refuse the whole batch with it.
+    pub fn unscorable(&self, event: &Event) -> Option<String> {
+        // Values first (a float test each); a name is looked up only for one that fails.
+        event
+            .features
+            .iter()
+            .filter(|(_, v)| !(**v as f32).is_finite())
+            .find(|(name, _)| self.index.contains(name))
+            .and_then(|(name, v)| model_value(name, *v).err())
     }
 
     pub fn open_windows(&self) -> usize {
@@ -397,6 +410,21 @@ mod tests {
             event_time: 1000 + i,
             ingested_at: 2000 + i,
             features: Features::from([("a".into(), i as f64), ("b".into(), -(i as f64))]),
+        }
+    }
+
+    #[test]
+    fn only_a_model_feature_past_f32_makes_an_event_unscorable() {
+        let w = Windows::new(cfg(3, 1 << 20, 1000), "events");
+        assert_eq!(w.unscorable(&event(1, "t")), None);
+        for bad in [f64::NAN, f64::INFINITY, 1e39] {
+            let mut e = event(1, "t");
+            e.features.insert("b".into(), bad);
+            let reason = w.unscorable(&e).expect("unscorable");
+            assert!(reason.contains("\"b\""), "{reason}");
+            let mut e = event(1, "t");
+            e.features.insert("not_in_model".into(), bad);
+            assert_eq!(w.unscorable(&e), None, "the model never reads it");
         }
     }
 
