@@ -84,6 +84,8 @@ struct Known {
     /// Whether a writer schema id reads as a record type's own schema (same Parsing
     /// Canonical Form, so the same binary layout).
     own: FastMap<(u32, &'static str), bool>,
+    /// Whether a writer schema id is recursive ([`is_recursive`]), walked once per id.
+    recursive: FastMap<u32, bool>,
 }
 
 /// For how long after a schema id is first found missing it is asked for again: a
@@ -116,7 +118,8 @@ pub enum Unknown {
 /// the id is refused without a registry call until [`UNKNOWN_ID_FORGET`] has passed.
 #[derive(Debug, Default)]
 pub struct UnknownIds {
-    /// First found missing, and whether the registry said so again after the window.
+    /// Found missing since, and whether the id has had its recheck window: such an id,
+    /// asked for again after [`UNKNOWN_ID_FORGET`], is refused without another wait.
     since: HashMap<u32, (Instant, bool)>,
     /// When each recheck window of the last [`UNKNOWN_ID_FORGET`] began.
     windows: std::collections::VecDeque<Instant>,
@@ -126,11 +129,7 @@ impl UnknownIds {
     /// Before asking the registry about `id`.
     pub fn before(&mut self, id: u32, now: Instant) -> Unknown {
         match self.since.get(&id) {
-            Some(&(t, _)) if now.duration_since(t) >= UNKNOWN_ID_FORGET => {
-                self.since.remove(&id);
-                Unknown::Ask
-            }
-            Some(&(_, true)) => Unknown::Missing,
+            Some(&(t, true)) if now.duration_since(t) < UNKNOWN_ID_FORGET => Unknown::Missing,
             _ => Unknown::Ask,
         }
     }
@@ -142,8 +141,20 @@ impl UnknownIds {
             self.since
                 .retain(|_, (t, _)| now.duration_since(*t) < UNKNOWN_ID_FORGET);
         }
-        let entry = match self.since.entry(id) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        match self.since.entry(id) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                let (t, waited) = e.get_mut();
+                if *waited {
+                    // Asked again a minute on: it had its wait, so it is refused at once.
+                    *t = now;
+                    Unknown::Missing
+                } else if now.duration_since(*t) < UNKNOWN_ID_RECHECK {
+                    Unknown::Recheck
+                } else {
+                    *waited = true;
+                    Unknown::Missing
+                }
+            }
             std::collections::hash_map::Entry::Vacant(e) => {
                 while self
                     .windows
@@ -157,14 +168,9 @@ impl UnknownIds {
                     return Unknown::Missing;
                 }
                 self.windows.push_back(now);
-                e.insert((now, false))
+                e.insert((now, false));
+                Unknown::Recheck
             }
-        };
-        if now.duration_since(entry.0) < UNKNOWN_ID_RECHECK {
-            Unknown::Recheck
-        } else {
-            entry.1 = true;
-            Unknown::Missing
         }
     }
 
@@ -387,15 +393,27 @@ impl AvroCodec {
     /// record is recursive. A schema the registry cannot give is left to the decode,
     /// which classifies that failure.
     async fn refuse_recursive(&self, schema_id: u32) -> Result<(), DecodeError> {
-        match self.decoder.get_schema(schema_id).await {
-            Ok(writer) if is_recursive(&writer.parsed) => Err(DecodeError::poison(
+        let known = self.known().recursive.get(&schema_id).copied();
+        let recursive = match known {
+            Some(verdict) => verdict,
+            None => match self.decoder.get_schema(schema_id).await {
+                Ok(writer) => {
+                    let verdict = is_recursive(&writer.parsed);
+                    self.learn().recursive.insert(schema_id, verdict);
+                    verdict
+                }
+                Err(_) => false,
+            },
+        };
+        if recursive {
+            return Err(DecodeError::poison(
                 ErrorClass::DecodeError,
                 format!(
                     "schema id {schema_id} is recursive (a type that contains itself); not read"
                 ),
-            )),
-            _ => Ok(()),
+            ));
         }
+        Ok(())
     }
 
     /// Decodes Confluent-framed bytes of any registered schema into JSON (for tools).
@@ -660,7 +678,12 @@ mod tests {
             Unknown::Ask,
             "the negative entry expired"
         );
-        assert_eq!(ids.missing(7, much_later), Unknown::Recheck);
+        assert_eq!(
+            ids.missing(7, much_later),
+            Unknown::Missing,
+            "it had its wait"
+        );
+        assert_eq!(ids.before(7, much_later), Unknown::Missing);
         ids.found(7);
         assert_eq!(ids.before(7, much_later), Unknown::Ask);
         assert_eq!(
@@ -694,12 +717,13 @@ mod tests {
             Unknown::Recheck,
             "an id in its window keeps it"
         );
-        let later = t0 + UNKNOWN_ID_FORGET;
-        assert_eq!(
-            ids.missing(flood + 1, later),
-            Unknown::Recheck,
-            "a minute on"
-        );
+        // A minute on, ids that keep coming back take no window from a new one.
+        let later = soon + UNKNOWN_ID_FORGET;
+        for id in 1..=flood {
+            assert_eq!(ids.before(id, later), Unknown::Ask, "id {id} asked again");
+            assert_eq!(ids.missing(id, later), Unknown::Missing, "id {id}");
+        }
+        assert_eq!(ids.missing(flood + 1, later), Unknown::Recheck, "a new id");
     }
 
     #[test]
