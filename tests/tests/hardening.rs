@@ -1,8 +1,8 @@
 //! What a hostile record or an unlucky operator could do to a service, each tried
 //! against the real stack: client clocks, oversized records, values past the model's
-//! float range, keys Redis refuses, scoring times far ahead, recursive writer schemas, schema ids registered a moment late, refreshes that
-//! must land twice, lag series of partitions that moved, and dependencies down for a
-//! minute while events flow.
+//! float range, keys Redis refuses, scoring times far ahead, recursive writer schemas,
+//! schema ids registered a moment late, refreshes that must land twice, lag series of
+//! partitions that moved, and dependencies down for a minute while events flow.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;

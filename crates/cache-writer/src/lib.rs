@@ -25,9 +25,7 @@ use lanes_common::cache::{self, Written};
 use lanes_common::dlq::{ErrorClass, header_str};
 use lanes_common::error::Failure;
 use lanes_common::kafka;
-use lanes_common::records::{
-    Event, MIN_CLIENT_TIME_MS, Prediction, check_client_time, check_not_ahead, now_millis,
-};
+use lanes_common::records::{Event, Prediction, check_client_time, check_not_ahead, now_millis};
 use lanes_common::retry;
 use lanes_common::service::{ServiceContext, ServiceDef};
 use lanes_common::source::RecordHeaders;
@@ -361,7 +359,6 @@ impl Writer {
             }
         }
         let now = now_millis();
-        let skew = i64::try_from(self.max_clock_skew_ms).unwrap_or(i64::MAX);
         // Outcomes are counted per call: a label lookup per item hashed the label each time.
         let mut outcomes = [0u64; Written::ALL.len()];
         for ((m, item), reply) in good.into_iter().zip(results) {
@@ -378,7 +375,7 @@ impl Writer {
             // sum for good; such a prediction is written but not timed.
             if let Item::Prediction(p, _) = &item
                 && let Some(ingested) = p.ingested_at
-                && (MIN_CLIENT_TIME_MS..=now.saturating_add(skew)).contains(&ingested)
+                && check_client_time("ingested_at", ingested, now, self.max_clock_skew_ms).is_ok()
             {
                 self.metrics
                     .ingest_to_cache
