@@ -12,12 +12,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
-use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use schema_registry_converter::async_impl::avro::AvroDecoder;
+use schema_registry_converter::async_impl::schema_registry::{SrSettings, post_schema};
 use schema_registry_converter::error::SRCError;
-use schema_registry_converter::schema_registry_common::{
-    SchemaType, SubjectNameStrategy, SuppliedSchema,
-};
+use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
 
 use tokio_util::sync::CancellationToken;
 
@@ -68,7 +66,9 @@ pub struct Decoded<R> {
 /// Encoder and decoder sharing one registry configuration; cheap to clone.
 #[derive(Clone)]
 pub struct AvroCodec {
-    encoder: Arc<AvroEncoder>,
+    /// Registration goes straight to the registry: the converter's encoder keeps every
+    /// subject it ever saw, and reply topics are chosen by clients.
+    registry: Arc<SrSettings>,
     decoder: Arc<AvroDecoder>,
     unknown: Arc<Mutex<UnknownIds>>,
     known: Arc<RwLock<Known>>,
@@ -86,6 +86,30 @@ struct Known {
     own: FastMap<(u32, &'static str), bool>,
     /// Whether a writer schema id is recursive ([`is_recursive`]), walked once per id.
     recursive: FastMap<u32, bool>,
+    /// The topics of `ids`, oldest first, so that at most [`MAX_KNOWN_TOPICS`] are kept.
+    topics: std::collections::VecDeque<String>,
+}
+
+/// How many topics' schema ids a codec keeps. Reply topics are chosen by clients; past
+/// this the longest known is forgotten, and found again with one registry call when
+/// next used.
+pub const MAX_KNOWN_TOPICS: usize = 4096;
+
+impl Known {
+    fn remember(&mut self, topic: &str, record: &'static str, id: u32) {
+        if !self.ids.contains_key(topic) {
+            if self.topics.len() >= MAX_KNOWN_TOPICS
+                && let Some(oldest) = self.topics.pop_front()
+            {
+                self.ids.remove(&oldest);
+            }
+            self.topics.push_back(topic.to_string());
+        }
+        self.ids
+            .entry(topic.to_string())
+            .or_default()
+            .insert(record, id);
+    }
 }
 
 /// For how long after a schema id is first found missing it is asked for again: a
@@ -213,7 +237,7 @@ impl AvroCodec {
             message: format!("schema registry client: {e}"),
         })?;
         Ok(Self {
-            encoder: Arc::new(AvroEncoder::new(settings.clone())),
+            registry: Arc::new(settings.clone()),
             decoder: Arc::new(AvroDecoder::new(settings)),
             unknown: Arc::default(),
             known: Arc::default(),
@@ -231,25 +255,18 @@ impl AvroCodec {
     /// Encodes `record` for `topic`, registering its schema under `<topic>-value` on
     /// first use.
     pub async fn encode<R: Record>(&self, topic: &str, record: &R) -> Result<Vec<u8>, EncodeError> {
-        if let Some(id) = self.known_id::<R>(topic) {
-            let mut out = Vec::with_capacity(128);
-            out.push(0);
-            out.extend_from_slice(&id.to_be_bytes());
-            record.write_avro(&mut out).map_err(|e| EncodeError {
-                retriable: false,
-                message: format!("encode {} for {topic}: {e}", R::NAME),
-            })?;
-            return Ok(out);
-        }
-        let bytes = self.encode_registering(topic, record).await?;
-        if let Ok(id) = check_framing(&bytes) {
-            self.learn()
-                .ids
-                .entry(topic.to_string())
-                .or_default()
-                .insert(R::NAME, id);
-        }
-        Ok(bytes)
+        let id = match self.known_id::<R>(topic) {
+            Some(id) => id,
+            None => self.register::<R>(topic).await?,
+        };
+        let mut out = Vec::with_capacity(128);
+        out.push(0);
+        out.extend_from_slice(&id.to_be_bytes());
+        record.write_avro(&mut out).map_err(|e| EncodeError {
+            retriable: false,
+            message: format!("encode {} for {topic}: {e}", R::NAME),
+        })?;
+        Ok(out)
     }
 
     /// The schema id `R` is written with under `topic`'s subject, once an
@@ -262,24 +279,15 @@ impl AvroCodec {
             .copied()
     }
 
-    /// The first encode of a record type for a topic: through the converter, which
-    /// registers the schema under the topic's subject.
-    async fn encode_registering<R: Record>(
-        &self,
-        topic: &str,
-        record: &R,
-    ) -> Result<Vec<u8>, EncodeError> {
-        let strategy = SubjectNameStrategy::TopicNameStrategyWithSchema(
-            topic.to_string(),
-            false,
-            SuppliedSchema::new(
-                Some(R::NAME.to_string()),
-                SchemaType::Avro,
-                R::SCHEMA_JSON.to_string(),
-            ),
+    /// Registers `R`'s schema under `topic`'s subject (the registry answers the existing
+    /// id when it is there already) and keeps the id.
+    async fn register<R: Record>(&self, topic: &str) -> Result<u32, EncodeError> {
+        let schema = SuppliedSchema::new(
+            Some(R::NAME.to_string()),
+            SchemaType::Avro,
+            R::SCHEMA_JSON.to_string(),
         );
-        self.encoder
-            .encode_struct(record, &strategy)
+        let id = post_schema(&self.registry, format!("{topic}-value"), schema)
             .await
             .map_err(|e| EncodeError {
                 // Refused credentials, rate limits and server errors are the registry's
@@ -287,7 +295,10 @@ impl AvroCodec {
                 retriable: e.retriable
                     || http_status(&e.error).is_some_and(|s| matches!(s, 401 | 403 | 429 | 500..)),
                 message: format!("encode {} for {topic}: {}", R::NAME, describe(&e)),
-            })
+            })?
+            .id;
+        self.learn().remember(topic, R::NAME, id);
+        Ok(id)
     }
 
     /// Like [`AvroCodec::encode`], retrying with backoff while the registry is
@@ -691,6 +702,26 @@ mod tests {
             Unknown::Ask,
             "ids are independent"
         );
+    }
+
+    #[test]
+    fn at_most_max_known_topics_are_kept_the_longest_known_forgotten_first() {
+        let mut k = Known::default();
+        k.remember("own", "Prediction", 1);
+        k.remember("own", "PredictionResponse", 2);
+        for i in 0..MAX_KNOWN_TOPICS + 10 {
+            k.remember(&format!("reply.{i}"), "PredictionResponse", 3);
+        }
+        assert_eq!(k.ids.len(), MAX_KNOWN_TOPICS);
+        assert_eq!(k.topics.len(), MAX_KNOWN_TOPICS);
+        assert!(!k.ids.contains_key("own"), "the longest known went first");
+        // 4,107 topics for 4,096 places: "own" and reply.0 to reply.9 left.
+        assert!(!k.ids.contains_key("reply.9"));
+        assert!(k.ids.contains_key("reply.10"));
+        // A second record type of a kept topic takes no new place.
+        k.remember("reply.10", "Prediction", 4);
+        assert_eq!(k.ids["reply.10"].len(), 2);
+        assert_eq!(k.topics.len(), MAX_KNOWN_TOPICS);
     }
 
     #[test]
