@@ -1114,3 +1114,132 @@ async fn stale_while_refresh_answers_at_once_and_refreshes_once_per_entity() {
     );
     running.stop().await;
 }
+
+/// Reply topics are the client's to name: one that walks the registry's URL is refused
+/// by name; new ones are taken at `new_reply_topics_per_minute`, so a client naming a
+/// fresh topic per request cannot grow the registry or the responder; one that does not
+/// exist is answered ERROR within seconds and must be taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reply_topics_a_client_names_cannot_grow_or_stall_the_responder() {
+    let mut lane = responder_lane("reply-topics");
+    lane.settings.fallback_responder.new_reply_topics_per_minute = 4;
+    lane.create_topics().await;
+    let reply = |name: &str| format!("{}.responses.{name}", lane.id);
+    let mine = reply("mine");
+    create_topics(&lane.settings, &[&mine]).await;
+    let running = lane.start(&[lanes_fallback_responder::def()]);
+    running.ready().await;
+    let c = Client::new(&lane).await;
+    let to = |topic: String| {
+        let mut r = Client::request("someone", None, None);
+        r.reply_topic = Some(topic);
+        r
+    };
+    let subjects = || async {
+        let all: Vec<String> = http()
+            .get(format!("{}/subjects", lane.settings.registry.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut ours: Vec<String> = all
+            .into_iter()
+            .filter(|s| s.starts_with(&lane.id))
+            .collect();
+        ours.sort();
+        ours
+    };
+
+    // A name the prefix allows but Kafka would not take: refused before its subject is
+    // registered (it was, "/.." and all, before the broker refused the response).
+    let walk = c.one(to(reply(&format!("x/../{}.victim", lane.id)))).await;
+    assert_eq!(walk.status, ResponseStatus::Error);
+    let e = walk.error.unwrap();
+    assert!(
+        e.contains("not a valid topic name") && e.contains("'/'"),
+        "{e}"
+    );
+
+    // A topic the client made gets its answer there.
+    let mine_consumer = consumer(&lane.settings, &[&mine]);
+    let req = to(mine.clone());
+    c.send(std::slice::from_ref(&req)).await;
+    let m = consume_n(&mine_consumer, 1, Duration::from_secs(30)).await;
+    let r = c
+        .codec
+        .decode::<PredictionResponse>(payload(&m[0]))
+        .await
+        .unwrap()
+        .record;
+    assert_eq!(
+        (r.request_id, r.status),
+        (req.request_id, ResponseStatus::NotFound)
+    );
+
+    // One that does not exist: ERROR within seconds (the producer's 3 s, not 30 s).
+    let started = std::time::Instant::now();
+    let r = c.one(to(reply("nowhere"))).await;
+    assert!(
+        r.error.as_deref().unwrap().contains("refused the response"),
+        "{r:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A fresh topic per request: two more are taken (four a minute), the rest refused at
+    // once, and nothing of theirs is registered.
+    let fresh: Vec<_> = (0..50).map(|i| to(reply(&format!("t{i}")))).collect();
+    let answers = c.ask(&fresh).await;
+    let says = |what: &str| {
+        answers
+            .values()
+            .filter(|r| {
+                r.status == ResponseStatus::Error && r.error.as_deref().unwrap().contains(what)
+            })
+            .count()
+    };
+    assert_eq!(says("refused the response"), 2, "{answers:?}");
+    assert_eq!(says("new_reply_topics_per_minute"), 48, "{answers:?}");
+    // The topic that refused was not kept: naming it again is naming a new one.
+    let r = c.one(to(reply("nowhere"))).await;
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap()
+            .contains("new_reply_topics_per_minute"),
+        "{r:?}"
+    );
+    // A kept topic is not limited.
+    let req = to(mine.clone());
+    c.send(std::slice::from_ref(&req)).await;
+    let m = consume_n(&mine_consumer, 1, Duration::from_secs(30)).await;
+    assert_eq!(m[0].key(), Some(req.request_id.as_bytes()));
+
+    let ours = subjects().await;
+    let replies: Vec<_> = ours.iter().filter(|s| s.starts_with(&reply(""))).collect();
+    assert_eq!(
+        replies.len(),
+        4,
+        "mine, nowhere and two fresh ones: {ours:?}"
+    );
+    assert!(ours.iter().all(|s| !s.contains("victim")), "{ours:?}");
+    let refused = |reason| {
+        running.metric(
+            "lanes_fallback_responder_refused_total",
+            &[("reason", reason)],
+        )
+    };
+    assert_eq!(refused("new_reply_topic"), 49.0);
+    assert_eq!(
+        refused("reply_topic"),
+        4.0,
+        "the walk, nowhere and two fresh ones"
+    );
+    // No response is left waiting on a topic that is not there.
+    running.stop().await;
+}

@@ -120,6 +120,11 @@ pub struct FallbackResponderConfig {
     /// Topics a request may name as `reply_topic`, besides `topics.responses`: exact
     /// names, or prefixes ending in `*`. Others get an ERROR on `topics.responses`.
     pub reply_topics: Vec<String>,
+    /// Reply topics new to the responder it takes per minute; past that a request naming
+    /// one gets an ERROR on `topics.responses`.
+    pub new_reply_topics_per_minute: usize,
+    /// Reply topics the responder keeps (the least recently used leave first).
+    pub max_reply_topics: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -420,10 +425,15 @@ impl Settings {
     /// `sasl_mechanism` and services as `micro_batcher`; librdkafka property names
     /// never contain underscores.
     fn normalize(&mut self) {
-        self.kafka.services = std::mem::take(&mut self.kafka.services)
-            .into_iter()
-            .map(|(k, v)| (k.replace('_', "-"), v))
-            .collect();
+        // Merged, not replaced: the defaults spell a service `fallback-responder`, an
+        // environment variable `fallback_responder` (which sorts after, so it wins).
+        let mut services = BTreeMap::<String, ClientProperties>::new();
+        for (k, v) in std::mem::take(&mut self.kafka.services) {
+            let own = services.entry(k.replace('_', "-")).or_default();
+            own.producer_properties.extend(v.producer_properties);
+            own.consumer_properties.extend(v.consumer_properties);
+        }
+        self.kafka.services = services;
         let services = self
             .kafka
             .services
@@ -495,6 +505,21 @@ impl Settings {
                 r.hit_ratio_floor
             ));
         }
+        if r.new_reply_topics_per_minute == 0 || r.max_reply_topics == 0 {
+            return invalid(
+                "fallback_responder.new_reply_topics_per_minute and max_reply_topics must be > 0"
+                    .into(),
+            );
+        }
+        for pattern in &r.reply_topics {
+            // A prefix is checked as a name: what a request adds to it is checked per request.
+            let name = pattern.strip_suffix('*').unwrap_or(pattern);
+            if let Err(e) = crate::kafka::check_topic_name(name) {
+                return invalid(format!(
+                    "fallback_responder.reply_topics: {pattern:?} names no valid topic: {e}"
+                ));
+            }
+        }
         let work = r.redis_timeout_ms.saturating_add(r.realtime_deadline_ms);
         if r.max_request_age_ms > 0 && work >= r.max_request_age_ms {
             return invalid(format!(
@@ -516,8 +541,8 @@ impl Settings {
         }
         let topics = self.topics.all();
         for (i, t) in topics.iter().enumerate() {
-            if t.is_empty() {
-                return invalid("topic names must not be empty".into());
+            if let Err(e) = crate::kafka::check_topic_name(t) {
+                return invalid(format!("topic {t:?} is not a valid topic name: {e}"));
             }
             if topics[..i].contains(t) {
                 return invalid(format!("topic {t:?} is configured for two purposes"));
@@ -655,7 +680,7 @@ mod tests {
 
     #[test]
     fn a_service_may_tune_its_own_clients() {
-        let env: HashMap<String, String> = [
+        let vars: HashMap<String, String> = [
             (
                 "LANES__KAFKA__SERVICES__MICRO_BATCHER__PRODUCER_PROPERTIES__LINGER_MS",
                 "0",
@@ -668,7 +693,7 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let s = Settings::load_from(None, env).unwrap();
+        let s = Settings::load_from(None, vars).unwrap();
         let batcher = s.for_service("micro-batcher");
         assert_eq!(batcher.kafka.producer_properties["linger.ms"], "0");
         assert_eq!(batcher.kafka.consumer_properties["fetch.wait.max.ms"], "2");
@@ -677,6 +702,27 @@ mod tests {
             ingest.kafka.producer_properties["linger.ms"], s.kafka.producer_properties["linger.ms"],
             "other services keep the shared value"
         );
+        // The responder's own default survives a variable for another of its properties,
+        // and a variable for the same property wins over it.
+        let responder = |pairs: &[(&str, &str)]| {
+            Settings::load_from(None, env(pairs))
+                .unwrap()
+                .for_service("fallback-responder")
+                .kafka
+                .producer_properties
+        };
+        assert_eq!(responder(&[])["topic.metadata.propagation.max.ms"], "3000");
+        let p = responder(&[(
+            "LANES__KAFKA__SERVICES__FALLBACK_RESPONDER__PRODUCER_PROPERTIES__LINGER_MS",
+            "1",
+        )]);
+        assert_eq!(p["linger.ms"], "1");
+        assert_eq!(p["topic.metadata.propagation.max.ms"], "3000");
+        let p = responder(&[(
+            "LANES__KAFKA__SERVICES__FALLBACK_RESPONDER__PRODUCER_PROPERTIES__TOPIC_METADATA_PROPAGATION_MAX_MS",
+            "9000",
+        )]);
+        assert_eq!(p["topic.metadata.propagation.max.ms"], "9000");
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("typo.toml");
         std::fs::write(
@@ -804,6 +850,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent/lanes.toml"), "{err}");
+    }
+
+    #[test]
+    fn topics_and_reply_patterns_must_be_names_kafka_takes() {
+        for (value, says) in [("", "0 characters"), ("lanes/predictions", "'/'")] {
+            let err = Settings::load_from(None, env(&[("LANES__TOPICS__PREDICTIONS", value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{value:?}: {err}");
+        }
+        let f = file("[fallback_responder]\nreply_topics = [\"team-a.*\", \"a b.*\"]\n");
+        let err = Settings::load_from(Some(f.path()), HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("reply_topics: \"a b.*\""), "{err}");
+        let f = file("[fallback_responder]\nreply_topics = [\"team-a.*\", \"b\"]\n");
+        let s = Settings::load_from(Some(f.path()), HashMap::new()).unwrap();
+        assert_eq!(s.fallback_responder.reply_topics, ["team-a.*", "b"]);
     }
 
     #[test]

@@ -18,6 +18,27 @@ use crate::FastMap;
 use crate::config::KafkaConfig;
 use crate::producer::{Delivery, Producer, Reports};
 
+/// Why `name` is not a topic Kafka would accept: 1 to 249 characters of ASCII letters,
+/// digits, `.`, `_` and `-`, not `.` or `..`. Checked before a name from a client becomes
+/// a registry subject (`<topic>-value`, part of a URL path).
+pub fn check_topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 249 {
+        return Err(format!("{} characters (1 to 249 allowed)", name.len()));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{name:?} is reserved"));
+    }
+    match name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        Some(c) => Err(format!(
+            "{c:?} is not allowed (ASCII letters, digits, '.', '_' and '-' only)"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Properties shared by every client, then `kafka.properties` on top.
 fn base_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -367,6 +388,27 @@ pub fn commit_acknowledged<C: ConsumerContext, K: Consumer<C>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topic_names_are_checked_as_kafka_checks_them() {
+        for ok in ["lanes.responses.a", "A_b-9", ".x", &"t".repeat(249)] {
+            assert_eq!(check_topic_name(ok), Ok(()), "{ok}");
+        }
+        for (bad, says) in [
+            ("", "0 characters"),
+            (&*"t".repeat(250), "250 characters"),
+            (".", "reserved"),
+            ("..", "reserved"),
+            ("lanes.responses.x/../y", "'/'"),
+            ("lanes.responses.x?a=b", "'?'"),
+            ("lanes.responses.x#", "'#'"),
+            ("lanes.responses.x y", "' '"),
+            ("lanes.responses.é", "'é'"),
+        ] {
+            let e = check_topic_name(bad).expect_err(bad);
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+    }
 
     fn positions(t: &OffsetTracker) -> Vec<(String, i32, i64)> {
         let mut v: Vec<_> = t

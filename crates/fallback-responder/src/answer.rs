@@ -56,15 +56,28 @@ fn error_response(req: &PredictionRequest, error: String) -> PredictionResponse 
 }
 
 /// Whether `topic` may receive responses: the configured responses topic, or a name
-/// matching `reply_topics` (exact, or a prefix ending in `*`).
-pub fn reply_allowed(topic: &str, default: &str, allowed: &[String]) -> bool {
-    topic == default
-        || allowed
-            .iter()
-            .any(|pattern| match pattern.strip_suffix('*') {
-                Some(prefix) => topic.starts_with(prefix) && topic.len() > prefix.len(),
-                None => topic == pattern,
-            })
+/// matching `reply_topics` (exact, or a prefix ending in `*`) that Kafka would accept as
+/// a topic. Else why not, quoting at most the first 100 characters of the name.
+pub fn check_reply(topic: &str, default: &str, allowed: &[String]) -> Result<(), String> {
+    if topic == default {
+        return Ok(());
+    }
+    let quoted = || match topic.char_indices().nth(100) {
+        Some((end, _)) => format!("{:?}... ({} bytes)", &topic[..end], topic.len()),
+        None => format!("{topic:?}"),
+    };
+    let listed = allowed
+        .iter()
+        .any(|pattern| match pattern.strip_suffix('*') {
+            Some(prefix) => topic.starts_with(prefix) && topic.len() > prefix.len(),
+            None => topic == pattern,
+        });
+    if !listed {
+        return Err(format!("reply_topic {} is not allowed", quoted()));
+    }
+    // What a prefix lets a client add would otherwise become a registry subject.
+    lanes_common::kafka::check_topic_name(topic)
+        .map_err(|e| format!("reply_topic {} is not a valid topic name: {e}", quoted()))
 }
 
 /// Why a request is refused before any work: its own times.
@@ -318,7 +331,23 @@ pub async fn respond(
         .reply_topic
         .clone()
         .unwrap_or_else(|| core.responses_topic.clone());
-    let mut resp = if reply_allowed(&topic, &core.responses_topic, &core.cfg.reply_topics) {
+    let refused_reply = match check_reply(&topic, &core.responses_topic, &core.cfg.reply_topics) {
+        Err(e) => Some(("reply_topic", e)),
+        Ok(()) if topic != core.responses_topic => core
+            .replies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(&topic, Instant::now())
+            .err()
+            .map(|e| {
+                (
+                    "new_reply_topic",
+                    format!("reply_topic {topic:?} not taken: {e}"),
+                )
+            }),
+        Ok(()) => None,
+    };
+    let mut resp = if refused_reply.is_none() {
         // A request refused for its own times gets that reason, not a wait for a slot.
         let refusal = refused(core, &req, now_millis());
         match refusal {
@@ -341,17 +370,19 @@ pub async fn respond(
             },
         }
     } else {
-        core.metrics
-            .refused
-            .with_label_values(&["reply_topic"])
-            .inc();
+        let (reason, error) = refused_reply.unwrap_or_default();
+        core.metrics.refused.with_label_values(&[reason]).inc();
         core.metrics.outcome("error");
-        let e = error_response(&req, format!("reply_topic {topic:?} is not allowed"));
+        let e = error_response(&req, error);
         return Box::pin(send(core, &core.responses_topic, e, headers, started)).await;
     };
     resp.responded_at = now_millis();
     match Box::pin(send(core, &topic, resp.clone(), headers.clone(), started)).await {
         Err(Failure::Poison { message, .. }) if topic != core.responses_topic => {
+            core.replies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .forget(&topic);
             core.metrics
                 .refused
                 .with_label_values(&["reply_topic"])
@@ -442,19 +473,37 @@ mod tests {
     }
 
     #[test]
-    fn reply_topics_are_allowed_by_name_or_prefix() {
+    fn reply_topics_are_allowed_by_name_or_prefix_and_must_be_topic_names() {
         let allowed = vec![
             "lanes.responses.*".to_string(),
             "team-a.answers".to_string(),
         ];
-        let ok = |t: &str| reply_allowed(t, "lanes.responses", &allowed);
-        assert!(ok("lanes.responses"));
-        assert!(ok("lanes.responses.team-b"));
-        assert!(ok("team-a.answers"));
-        assert!(!ok("lanes.responses."), "the prefix alone is no topic");
-        assert!(!ok("lanes.predictions"));
-        assert!(!ok("lanes.dlq"));
-        assert!(!ok("team-a.answers.x"));
-        assert!(!ok("__consumer_offsets"));
+        let check = |t: &str| check_reply(t, "lanes.responses", &allowed);
+        assert_eq!(check("lanes.responses"), Ok(()));
+        assert_eq!(check("lanes.responses.team-b"), Ok(()));
+        assert_eq!(check("team-a.answers"), Ok(()));
+        let refused = |t: &str| check(t).expect_err(t);
+        assert!(
+            refused("lanes.responses.").contains("not allowed"),
+            "the prefix alone is no topic"
+        );
+        assert!(refused("lanes.predictions").contains("not allowed"));
+        assert!(refused("lanes.dlq").contains("not allowed"));
+        assert!(refused("team-a.answers.x").contains("not allowed"));
+        assert!(refused("__consumer_offsets").contains("not allowed"));
+        // A prefix does not let a client walk the registry's URL.
+        let e = refused("lanes.responses.x/../../lanes.events");
+        assert!(
+            e.contains("not a valid topic name") && e.contains("'/'"),
+            "{e}"
+        );
+        assert!(refused("lanes.responses.x?y").contains("'?'"));
+        let long = format!("lanes.responses.{}", "x".repeat(300));
+        let e = refused(&long);
+        assert!(
+            e.contains("316 characters") && e.contains("(316 bytes)"),
+            "{e}"
+        );
+        assert!(e.len() < 250, "a hostile name is not echoed whole: {e}");
     }
 }
