@@ -676,6 +676,7 @@ async fn hostile_requests_get_errors_and_the_responder_stays_up() {
     lane.create_topics().await;
     let locked = format!("{}.responses.locked", lane.id);
     occupy_subject(&lane.settings, &format!("{locked}-value")).await;
+    create_topics(&lane.settings, &[&locked]).await;
     let running = lane.start(&[lanes_fallback_responder::def(), lanes_cache_writer::def()]);
     running.ready().await;
     let c = Client::new(&lane).await;
@@ -1115,131 +1116,140 @@ async fn stale_while_refresh_answers_at_once_and_refreshes_once_per_entity() {
     running.stop().await;
 }
 
-/// Reply topics are the client's to name: one that walks the registry's URL is refused
-/// by name; new ones are taken at `new_reply_topics_per_minute`, so a client naming a
-/// fresh topic per request cannot grow the registry or the responder; one that does not
-/// exist is answered ERROR within seconds and must be taken again.
+/// Reply topics are the client's to name. One Kafka would not take is refused by name;
+/// one the broker does not list is answered ERROR without registering a subject or
+/// making a topic, however many a client names; one made just before the request is
+/// found; at most `max_reply_topics` are kept; and a registry that will not take a reply
+/// subject holds its request for a bounded time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reply_topics_a_client_names_cannot_grow_or_stall_the_responder() {
     let mut lane = responder_lane("reply-topics");
-    lane.settings.fallback_responder.new_reply_topics_per_minute = 4;
+    let registry = lanes_tests::proxy::SlowProxy::start(
+        lane.settings.registry.url.trim_start_matches("http://"),
+    )
+    .await;
+    lane.settings.registry.url = format!("http://{}", registry.addr);
+    lane.settings.registry.timeout_ms = 300;
+    lane.settings.fallback_responder.max_reply_topics = 2;
     lane.create_topics().await;
     let reply = |name: &str| format!("{}.responses.{name}", lane.id);
-    let mine = reply("mine");
-    create_topics(&lane.settings, &[&mine]).await;
+    let (mine, late, third, slow) = (reply("mine"), reply("late"), reply("third"), reply("slow"));
+    create_topics(&lane.settings, &[&mine, &third, &slow]).await;
     let running = lane.start(&[lanes_fallback_responder::def()]);
     running.ready().await;
     let c = Client::new(&lane).await;
-    let to = |topic: String| {
+    let to = |topic: &str| {
         let mut r = Client::request("someone", None, None);
-        r.reply_topic = Some(topic);
+        r.reply_topic = Some(topic.to_string());
         r
     };
-    let subjects = || async {
-        let all: Vec<String> = http()
-            .get(format!("{}/subjects", lane.settings.registry.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let mut ours: Vec<String> = all
-            .into_iter()
-            .filter(|s| s.starts_with(&lane.id))
-            .collect();
-        ours.sort();
-        ours
+    // Answered on `topic`, as NOT_FOUND (no entity).
+    let answered_on = |topic: String| {
+        let c = &c;
+        async move {
+            let on = consumer(&c.lane.settings, &[&topic]);
+            let req = to(&topic);
+            c.send(std::slice::from_ref(&req)).await;
+            // From the topic's start: an earlier answer there comes first.
+            loop {
+                let m = consume_n(&on, 1, Duration::from_secs(30)).await;
+                let r = c
+                    .codec
+                    .decode::<PredictionResponse>(payload(&m[0]))
+                    .await
+                    .unwrap()
+                    .record;
+                if r.request_id == req.request_id {
+                    assert_eq!(r.status, ResponseStatus::NotFound, "{topic}");
+                    break;
+                }
+            }
+        }
+    };
+    let kept = || running.metric("lanes_fallback_responder_reply_topics", &[]);
+    let error = |r: PredictionResponse| {
+        assert_eq!(r.status, ResponseStatus::Error, "{r:?}");
+        r.error.unwrap()
     };
 
     // A name the prefix allows but Kafka would not take: refused before its subject is
     // registered (it was, "/.." and all, before the broker refused the response).
-    let walk = c.one(to(reply(&format!("x/../{}.victim", lane.id)))).await;
-    assert_eq!(walk.status, ResponseStatus::Error);
-    let e = walk.error.unwrap();
+    let e = error(c.one(to(&reply(&format!("x/../{}.victim", lane.id)))).await);
     assert!(
         e.contains("not a valid topic name") && e.contains("'/'"),
         "{e}"
     );
 
-    // A topic the client made gets its answer there.
-    let mine_consumer = consumer(&lane.settings, &[&mine]);
-    let req = to(mine.clone());
-    c.send(std::slice::from_ref(&req)).await;
-    let m = consume_n(&mine_consumer, 1, Duration::from_secs(30)).await;
-    let r = c
-        .codec
-        .decode::<PredictionResponse>(payload(&m[0]))
-        .await
-        .unwrap()
-        .record;
-    assert_eq!(
-        (r.request_id, r.status),
-        (req.request_id, ResponseStatus::NotFound)
-    );
+    answered_on(mine.clone()).await;
+    assert_eq!(kept(), 1.0);
 
-    // One that does not exist: ERROR within seconds (the producer's 3 s, not 30 s).
+    // Not on the broker: refused within a listing (no produce held for librdkafka's 30 s
+    // wait for the topic to appear), fifty fresh ones as one.
     let started = std::time::Instant::now();
-    let r = c.one(to(reply("nowhere"))).await;
+    let e = error(c.one(to(&reply("nowhere"))).await);
+    assert!(e.contains("does not exist"), "{e}");
     assert!(
-        r.error.as_deref().unwrap().contains("refused the response"),
-        "{r:?}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
+        started.elapsed() < Duration::from_secs(10),
         "{:?}",
         started.elapsed()
     );
+    let fresh: Vec<_> = (0..50).map(|i| to(&reply(&format!("t{i}")))).collect();
+    for r in c.ask(&fresh).await.into_values() {
+        let e = error(r);
+        assert!(e.contains("does not exist"), "{e}");
+    }
 
-    // A fresh topic per request: two more are taken (four a minute), the rest refused at
-    // once, and nothing of theirs is registered.
-    let fresh: Vec<_> = (0..50).map(|i| to(reply(&format!("t{i}")))).collect();
-    let answers = c.ask(&fresh).await;
-    let says = |what: &str| {
-        answers
-            .values()
-            .filter(|r| {
-                r.status == ResponseStatus::Error && r.error.as_deref().unwrap().contains(what)
-            })
-            .count()
-    };
-    assert_eq!(says("refused the response"), 2, "{answers:?}");
-    assert_eq!(says("new_reply_topics_per_minute"), 48, "{answers:?}");
-    // The topic that refused was not kept: naming it again is naming a new one.
-    let r = c.one(to(reply("nowhere"))).await;
+    // Made just before the request: found (a listing newer than the question).
+    create_topics(&lane.settings, &[&late]).await;
+    answered_on(late.clone()).await;
+    // Two kept at most: `mine`, used least recently, leaves, and is found again.
+    answered_on(third.clone()).await;
+    assert_eq!(kept(), 2.0);
+    answered_on(mine.clone()).await;
+    assert_eq!(kept(), 2.0);
+
+    // A registry that will not take the reply subject (here too slow to answer): the
+    // request is answered on the default topic after a bounded wait, not held.
+    registry.set_delay(Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    let e = error(c.one(to(&slow)).await);
+    assert!(e.contains("did not take subject"), "{e}");
     assert!(
-        r.error
-            .as_deref()
-            .unwrap()
-            .contains("new_reply_topics_per_minute"),
-        "{r:?}"
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
     );
-    // A kept topic is not limited.
-    let req = to(mine.clone());
-    c.send(std::slice::from_ref(&req)).await;
-    let m = consume_n(&mine_consumer, 1, Duration::from_secs(30)).await;
-    assert_eq!(m[0].key(), Some(req.request_id.as_bytes()));
+    registry.set_delay(Duration::ZERO);
 
-    let ours = subjects().await;
-    let replies: Vec<_> = ours.iter().filter(|s| s.starts_with(&reply(""))).collect();
+    let all: Vec<String> = http()
+        .get(format!("{}/subjects", lane.settings.registry.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut replies: Vec<_> = all.iter().filter(|s| s.starts_with(&reply(""))).collect();
+    replies.sort();
+    let subject = |t: &str| format!("{t}-value");
     assert_eq!(
-        replies.len(),
-        4,
-        "mine, nowhere and two fresh ones: {ours:?}"
+        replies,
+        [
+            &subject(&late),
+            &subject(&mine),
+            &subject(&slow),
+            &subject(&third)
+        ],
+        "only topics on the broker (slow's registration was taken, its answer too late)"
     );
-    assert!(ours.iter().all(|s| !s.contains("victim")), "{ours:?}");
-    let refused = |reason| {
+    assert_eq!(
         running.metric(
             "lanes_fallback_responder_refused_total",
-            &[("reason", reason)],
-        )
-    };
-    assert_eq!(refused("new_reply_topic"), 49.0);
-    assert_eq!(
-        refused("reply_topic"),
-        4.0,
-        "the walk, nowhere and two fresh ones"
+            &[("reason", "reply_topic")]
+        ),
+        53.0,
+        "the walk, nowhere, fifty fresh ones and slow"
     );
-    // No response is left waiting on a topic that is not there.
+    // Stopping waits for every response: none is left held.
     running.stop().await;
 }

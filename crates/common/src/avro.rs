@@ -3,7 +3,7 @@
 //! (`<topic>-value`).
 //!
 //! Encoding registers the record's compiled-in schema once per subject and caches the
-//! id; decoding fetches a writer schema once per id and caches it. Decode failures are
+//! id (until [`AvroCodec::forget_topic`]); decoding fetches a writer schema once per id and caches it. Decode failures are
 //! split into poison (dead-letter the record) and transient (retry, never dead-letter).
 
 use std::collections::HashMap;
@@ -69,6 +69,8 @@ pub struct AvroCodec {
     /// Registration goes straight to the registry: the converter's encoder keeps every
     /// subject it ever saw, and reply topics are chosen by clients.
     registry: Arc<SrSettings>,
+    /// Held while registering, so a burst of first encodes makes one registry call.
+    registering: Arc<tokio::sync::Mutex<()>>,
     decoder: Arc<AvroDecoder>,
     unknown: Arc<Mutex<UnknownIds>>,
     known: Arc<RwLock<Known>>,
@@ -86,30 +88,6 @@ struct Known {
     own: FastMap<(u32, &'static str), bool>,
     /// Whether a writer schema id is recursive ([`is_recursive`]), walked once per id.
     recursive: FastMap<u32, bool>,
-    /// The topics of `ids`, oldest first, so that at most [`MAX_KNOWN_TOPICS`] are kept.
-    topics: std::collections::VecDeque<String>,
-}
-
-/// How many topics' schema ids a codec keeps. Reply topics are chosen by clients; past
-/// this the longest known is forgotten, and found again with one registry call when
-/// next used.
-pub const MAX_KNOWN_TOPICS: usize = 4096;
-
-impl Known {
-    fn remember(&mut self, topic: &str, record: &'static str, id: u32) {
-        if !self.ids.contains_key(topic) {
-            if self.topics.len() >= MAX_KNOWN_TOPICS
-                && let Some(oldest) = self.topics.pop_front()
-            {
-                self.ids.remove(&oldest);
-            }
-            self.topics.push_back(topic.to_string());
-        }
-        self.ids
-            .entry(topic.to_string())
-            .or_default()
-            .insert(record, id);
-    }
 }
 
 /// For how long after a schema id is first found missing it is asked for again: a
@@ -238,6 +216,7 @@ impl AvroCodec {
         })?;
         Ok(Self {
             registry: Arc::new(settings.clone()),
+            registering: Arc::default(),
             decoder: Arc::new(AvroDecoder::new(settings)),
             unknown: Arc::default(),
             known: Arc::default(),
@@ -279,9 +258,19 @@ impl AvroCodec {
             .copied()
     }
 
+    /// Forgets the ids of `topic` (a reply topic no longer kept); a later encode for it
+    /// registers again, which the registry answers with the same id.
+    pub fn forget_topic(&self, topic: &str) {
+        self.learn().ids.remove(topic);
+    }
+
     /// Registers `R`'s schema under `topic`'s subject (the registry answers the existing
     /// id when it is there already) and keeps the id.
     async fn register<R: Record>(&self, topic: &str) -> Result<u32, EncodeError> {
+        let _one_at_a_time = self.registering.lock().await;
+        if let Some(id) = self.known_id::<R>(topic) {
+            return Ok(id);
+        }
         let schema = SuppliedSchema::new(
             Some(R::NAME.to_string()),
             SchemaType::Avro,
@@ -297,7 +286,11 @@ impl AvroCodec {
                 message: format!("encode {} for {topic}: {}", R::NAME, describe(&e)),
             })?
             .id;
-        self.learn().remember(topic, R::NAME, id);
+        self.learn()
+            .ids
+            .entry(topic.to_string())
+            .or_default()
+            .insert(R::NAME, id);
         Ok(id)
     }
 
@@ -702,26 +695,6 @@ mod tests {
             Unknown::Ask,
             "ids are independent"
         );
-    }
-
-    #[test]
-    fn at_most_max_known_topics_are_kept_the_longest_known_forgotten_first() {
-        let mut k = Known::default();
-        k.remember("own", "Prediction", 1);
-        k.remember("own", "PredictionResponse", 2);
-        for i in 0..MAX_KNOWN_TOPICS + 10 {
-            k.remember(&format!("reply.{i}"), "PredictionResponse", 3);
-        }
-        assert_eq!(k.ids.len(), MAX_KNOWN_TOPICS);
-        assert_eq!(k.topics.len(), MAX_KNOWN_TOPICS);
-        assert!(!k.ids.contains_key("own"), "the longest known went first");
-        // 4,107 topics for 4,096 places: "own" and reply.0 to reply.9 left.
-        assert!(!k.ids.contains_key("reply.9"));
-        assert!(k.ids.contains_key("reply.10"));
-        // A second record type of a kept topic takes no new place.
-        k.remember("reply.10", "Prediction", 4);
-        assert_eq!(k.ids["reply.10"].len(), 2);
-        assert_eq!(k.topics.len(), MAX_KNOWN_TOPICS);
     }
 
     #[test]

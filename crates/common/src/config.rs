@@ -120,9 +120,6 @@ pub struct FallbackResponderConfig {
     /// Topics a request may name as `reply_topic`, besides `topics.responses`: exact
     /// names, or prefixes ending in `*`. Others get an ERROR on `topics.responses`.
     pub reply_topics: Vec<String>,
-    /// Reply topics new to the responder it takes per minute; past that a request naming
-    /// one gets an ERROR on `topics.responses`.
-    pub new_reply_topics_per_minute: usize,
     /// Reply topics the responder keeps (the least recently used leave first).
     pub max_reply_topics: usize,
 }
@@ -505,16 +502,16 @@ impl Settings {
                 r.hit_ratio_floor
             ));
         }
-        if r.new_reply_topics_per_minute == 0 || r.max_reply_topics == 0 {
-            return invalid(
-                "fallback_responder.new_reply_topics_per_minute and max_reply_topics must be > 0"
-                    .into(),
-            );
+        if r.max_reply_topics == 0 {
+            return invalid("fallback_responder.max_reply_topics must be > 0".into());
         }
         for pattern in &r.reply_topics {
-            // A prefix is checked as a name: what a request adds to it is checked per request.
+            // A prefix is checked as a name (what a request adds to it, per request); a
+            // bare "*" allows any topic.
             let name = pattern.strip_suffix('*').unwrap_or(pattern);
-            if let Err(e) = crate::kafka::check_topic_name(name) {
+            if let Err(e) = crate::kafka::check_topic_name(name)
+                && pattern != "*"
+            {
                 return invalid(format!(
                     "fallback_responder.reply_topics: {pattern:?} names no valid topic: {e}"
                 ));
@@ -702,27 +699,30 @@ mod tests {
             ingest.kafka.producer_properties["linger.ms"], s.kafka.producer_properties["linger.ms"],
             "other services keep the shared value"
         );
-        // The responder's own default survives a variable for another of its properties,
-        // and a variable for the same property wins over it.
+        // A file's entry for a service (spelled with a dash) survives a variable for
+        // another of its properties (spelled with an underscore), and a variable for the
+        // same property wins over it.
+        let f = file(
+            "[kafka.services.fallback-responder.producer_properties]\n\"linger.ms\" = \"7\"\n",
+        );
         let responder = |pairs: &[(&str, &str)]| {
-            Settings::load_from(None, env(pairs))
+            Settings::load_from(Some(f.path()), env(pairs))
                 .unwrap()
                 .for_service("fallback-responder")
                 .kafka
                 .producer_properties
         };
-        assert_eq!(responder(&[])["topic.metadata.propagation.max.ms"], "3000");
+        assert_eq!(responder(&[])["linger.ms"], "7");
+        let p = responder(&[(
+            "LANES__KAFKA__SERVICES__FALLBACK_RESPONDER__PRODUCER_PROPERTIES__BATCH_SIZE",
+            "1000",
+        )]);
+        assert_eq!((&*p["linger.ms"], &*p["batch.size"]), ("7", "1000"));
         let p = responder(&[(
             "LANES__KAFKA__SERVICES__FALLBACK_RESPONDER__PRODUCER_PROPERTIES__LINGER_MS",
             "1",
         )]);
         assert_eq!(p["linger.ms"], "1");
-        assert_eq!(p["topic.metadata.propagation.max.ms"], "3000");
-        let p = responder(&[(
-            "LANES__KAFKA__SERVICES__FALLBACK_RESPONDER__PRODUCER_PROPERTIES__TOPIC_METADATA_PROPAGATION_MAX_MS",
-            "9000",
-        )]);
-        assert_eq!(p["topic.metadata.propagation.max.ms"], "9000");
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("typo.toml");
         std::fs::write(
@@ -865,9 +865,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("reply_topics: \"a b.*\""), "{err}");
-        let f = file("[fallback_responder]\nreply_topics = [\"team-a.*\", \"b\"]\n");
+        let f = file("[fallback_responder]\nreply_topics = [\"team-a.*\", \"b\", \"*\"]\n");
         let s = Settings::load_from(Some(f.path()), HashMap::new()).unwrap();
-        assert_eq!(s.fallback_responder.reply_topics, ["team-a.*", "b"]);
+        assert_eq!(s.fallback_responder.reply_topics, ["team-a.*", "b", "*"]);
     }
 
     #[test]

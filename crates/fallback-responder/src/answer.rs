@@ -3,9 +3,11 @@
 //! topic. A reply topic that refuses the response gets an ERROR on the default topic
 //! instead; nothing a client sends can stop the service.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lanes_common::avro::EncodeError;
 use lanes_common::config::OnDeadline;
 use lanes_common::dlq::ErrorClass;
 use lanes_common::error::Failure;
@@ -15,7 +17,7 @@ use lanes_common::records::{
     now_millis,
 };
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::{FutureRecord, Producer as _};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::decide::{self, Decision, Stale};
@@ -332,19 +334,8 @@ pub async fn respond(
         .clone()
         .unwrap_or_else(|| core.responses_topic.clone());
     let refused_reply = match check_reply(&topic, &core.responses_topic, &core.cfg.reply_topics) {
-        Err(e) => Some(("reply_topic", e)),
-        Ok(()) if topic != core.responses_topic => core
-            .replies
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .admit(&topic, Instant::now())
-            .err()
-            .map(|e| {
-                (
-                    "new_reply_topic",
-                    format!("reply_topic {topic:?} not taken: {e}"),
-                )
-            }),
+        Err(e) => Some(e),
+        Ok(()) if topic != core.responses_topic => Box::pin(admit_reply(core, &topic)).await.err(),
         Ok(()) => None,
     };
     let mut resp = if refused_reply.is_none() {
@@ -370,19 +361,18 @@ pub async fn respond(
             },
         }
     } else {
-        let (reason, error) = refused_reply.unwrap_or_default();
-        core.metrics.refused.with_label_values(&[reason]).inc();
+        core.metrics
+            .refused
+            .with_label_values(&["reply_topic"])
+            .inc();
         core.metrics.outcome("error");
-        let e = error_response(&req, error);
+        let e = error_response(&req, refused_reply.unwrap_or_default());
         return Box::pin(send(core, &core.responses_topic, e, headers, started)).await;
     };
     resp.responded_at = now_millis();
     match Box::pin(send(core, &topic, resp.clone(), headers.clone(), started)).await {
         Err(Failure::Poison { message, .. }) if topic != core.responses_topic => {
-            core.replies
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .forget(&topic);
+            forget_reply(core, &topic);
             core.metrics
                 .refused
                 .with_label_values(&["reply_topic"])
@@ -397,6 +387,80 @@ pub async fn respond(
         other => other,
     }
 }
+
+/// Whether a response may go to `topic`, a reply topic other than the default: one kept
+/// may; a new one if the broker lists it (never one a response would create), and it is
+/// then kept.
+async fn admit_reply(core: &Core, topic: &str) -> Result<(), String> {
+    let replies = || core.replies.lock().unwrap_or_else(|e| e.into_inner());
+    if replies().touch(topic, Instant::now()) {
+        return Ok(());
+    }
+    let asked = tokio::time::Instant::now();
+    let listed = core
+        .reply_listing
+        .has(topic, asked, || listed_reply_topics(core))
+        .await;
+    // A broker that cannot be listed cannot take the response either: its producer
+    // says so.
+    if listed == Some(false) {
+        return Err(format!("reply_topic {topic:?} does not exist"));
+    }
+    let left = replies().keep(topic, Instant::now());
+    if let Some(left) = left {
+        core.codec.forget_topic(&left);
+    }
+    core.metrics.reply_topics.set(replies().kept() as i64);
+    Ok(())
+}
+
+/// `topic` refused a response: the next request naming it is checked again.
+fn forget_reply(core: &Core, topic: &str) {
+    let mut replies = core.replies.lock().unwrap_or_else(|e| e.into_inner());
+    if replies.forget(topic) {
+        core.codec.forget_topic(topic);
+    }
+    core.metrics.reply_topics.set(replies.kept() as i64);
+}
+
+/// The broker's topics that requests may name as reply topics, or `None` when it could
+/// not be asked.
+async fn listed_reply_topics(core: &Core) -> Option<HashSet<String>> {
+    let producer = core.producer.clone();
+    let default = core.responses_topic.clone();
+    let allowed = core.cfg.reply_topics.clone();
+    let listed = tokio::task::spawn_blocking(move || {
+        producer
+            .inner()
+            .client()
+            .fetch_metadata(None, LISTING_TIMEOUT)
+            .map(|md| {
+                md.topics()
+                    .iter()
+                    .map(|t| t.name())
+                    .filter(|t| check_reply(t, &default, &allowed).is_ok())
+                    .map(str::to_string)
+                    .collect()
+            })
+    })
+    .await;
+    match listed {
+        Ok(Ok(topics)) => Some(topics),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not list the broker's topics for reply topics");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// How long a listing of the broker's topics may take.
+const LISTING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the registry is retried for a reply topic's subject before its request is
+/// answered on the default topic instead: a subject a client picked can be refused for
+/// good in ways that read as passing (a 403 from rights per subject).
+const REPLY_REGISTRY_PATIENCE: Duration = Duration::from_secs(10);
 
 async fn send(
     core: &Core,
@@ -414,11 +478,24 @@ async fn send(
         .inc();
     // A refused schema concerns this reply topic only (its subject holds another
     // schema): poison, so the request is answered on the default topic instead.
-    let bytes = lanes_common::retry::retrying("schema registry", &core.stop, || {
+    let encoding = lanes_common::retry::retrying("schema registry", &core.stop, || {
         core.codec.encode(topic, &resp)
-    })
-    .await
-    .map_err(|e| match e.retriable {
+    });
+    let encoded = if topic == core.responses_topic {
+        encoding.await
+    } else {
+        tokio::time::timeout(REPLY_REGISTRY_PATIENCE, encoding)
+            .await
+            .unwrap_or_else(|_| {
+                Err(EncodeError {
+                    retriable: false,
+                    message: format!(
+                        "the registry did not take subject {topic}-value within {REPLY_REGISTRY_PATIENCE:?}"
+                    ),
+                })
+            })
+    };
+    let bytes = encoded.map_err(|e| match e.retriable {
         true => Failure::transient(e.message),
         false => Failure::poison(ErrorClass::ProduceError, e.message),
     })?;

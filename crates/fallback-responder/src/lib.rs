@@ -15,8 +15,8 @@
 //!
 //! Requests are hostile until checked ([`answer`]): a `requested_at` far ahead or before
 //! 2000, a request older than `max_request_age_ms`, or a `reply_topic` off the allow-list
-//! or not a topic name gets an ERROR response on the default topic; reply topics new to
-//! the responder are taken at a bounded rate ([`replies`]). Background work (refreshes, cache
+//! or not a topic name or not on the broker gets an ERROR response on the default topic
+//! ([`replies`]). Background work (refreshes, cache
 //! warming, scorings past their deadline) counts against `max_in_flight` with the
 //! requests, so memory stays bounded under any load.
 
@@ -155,6 +155,7 @@ pub struct Core {
     predictions_topic: String,
     responses_topic: String,
     replies: Mutex<replies::ReplyTopics>,
+    reply_listing: replies::Listing,
     flights: SingleFlight<Scored>,
     /// Scorings and cache warmings still running, whoever started them.
     background: Arc<AtomicUsize>,
@@ -486,10 +487,8 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         producer: io.producer.clone(),
         predictions_topic: s.topics.predictions.clone(),
         responses_topic: s.topics.responses.clone(),
-        replies: Mutex::new(replies::ReplyTopics::new(
-            cfg.new_reply_topics_per_minute,
-            cfg.max_reply_topics,
-        )),
+        replies: Mutex::new(replies::ReplyTopics::new(cfg.max_reply_topics)),
+        reply_listing: replies::Listing::new(Duration::from_secs(1)),
         flights: SingleFlight::default(),
         background: Arc::new(AtomicUsize::new(0)),
         slots: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),

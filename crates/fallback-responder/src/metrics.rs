@@ -29,6 +29,7 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     pub refused: IntCounterVec,
     pub background: IntGauge,
+    pub reply_topics: IntGauge,
     /// Requests that read the cache, by result: fresh, miss, stale_age, stale_version,
     /// stale_features, unavailable (the cache could not be read).
     pub lookups: IntCounterVec,
@@ -125,13 +126,17 @@ impl Metrics {
             refused: IntCounterVec::new(
                 Opts::new(
                     name("refused_total"),
-                    "Requests answered ERROR without an answer, by reason (requested_at: a clock far off, expired: older than max_request_age_ms when read, no_slot: could not start in time for max_request_age_ms, reply_topic: not allowed, not a topic name or refusing writes, new_reply_topic: past new_reply_topics_per_minute).",
+                    "Requests answered ERROR without an answer, by reason (requested_at: a clock far off, expired: older than max_request_age_ms when read, no_slot: could not start in time for max_request_age_ms, reply_topic: not allowed, not a topic name, not on the broker or refusing writes).",
                 ),
                 &["reason"],
             )?,
             background: IntGauge::new(
                 name("background_tasks"),
                 "Scorings and cache warmings running beside the requests; with them, at most max_in_flight.",
+            )?,
+            reply_topics: IntGauge::new(
+                name("reply_topics"),
+                "Reply topics other than the default the responder keeps (at most max_reply_topics).",
             )?,
             lookups: IntCounterVec::new(
                 Opts::new(
@@ -166,13 +171,7 @@ impl Metrics {
         lanes_common::metrics::zeroed(&m.lookups, &LOOKUP_RESULTS);
         lanes_common::metrics::zeroed(
             &m.refused,
-            &[
-                "requested_at",
-                "expired",
-                "no_slot",
-                "reply_topic",
-                "new_reply_topic",
-            ],
+            &["requested_at", "expired", "no_slot", "reply_topic"],
         );
         let outcomes = [
             "fresh_hit",
@@ -209,6 +208,7 @@ impl Metrics {
         r.register(Box::new(m.dead_letters.clone()))?;
         r.register(Box::new(m.refused.clone()))?;
         r.register(Box::new(m.background.clone()))?;
+        r.register(Box::new(m.reply_topics.clone()))?;
         r.register(Box::new(m.lookups.clone()))?;
         r.register(Box::new(m.hit_ratio.clone()))?;
         r.register(Box::new(m.hit_ratio_floor.clone()))?;
