@@ -3,7 +3,7 @@
 //! (`<topic>-value`).
 //!
 //! Encoding registers the record's compiled-in schema once per subject and caches the
-//! id (until [`AvroCodec::forget_topic`]); decoding fetches a writer schema once per id and caches it. Decode failures are
+//! id; decoding fetches a writer schema once per id and caches it. Decode failures are
 //! split into poison (dead-letter the record) and transient (retry, never dead-letter).
 
 use std::collections::HashMap;
@@ -69,7 +69,9 @@ pub struct AvroCodec {
     /// Registration goes straight to the registry: the converter's encoder keeps every
     /// subject it ever saw, and reply topics are chosen by clients.
     registry: Arc<SrSettings>,
-    /// Held while registering, so a burst of first encodes makes one registry call.
+    /// Held while registering: a burst of first encodes for one subject makes one registry
+    /// call (registrations of different subjects wait for each other; each service has
+    /// its own codec).
     registering: Arc<tokio::sync::Mutex<()>>,
     decoder: Arc<AvroDecoder>,
     unknown: Arc<Mutex<UnknownIds>>,
@@ -258,10 +260,13 @@ impl AvroCodec {
             .copied()
     }
 
-    /// Forgets the ids of `topic` (a reply topic no longer kept); a later encode for it
-    /// registers again, which the registry answers with the same id.
-    pub fn forget_topic(&self, topic: &str) {
-        self.learn().ids.remove(topic);
+    /// Forgets the id `R` is written with under `topic` (a reply topic that refused a
+    /// response); a later encode registers again, which the registry answers with the
+    /// same id if the subject takes it.
+    pub fn forget_id<R: Record>(&self, topic: &str) {
+        if let Some(ids) = self.learn().ids.get_mut(topic) {
+            ids.remove(R::NAME);
+        }
     }
 
     /// Registers `R`'s schema under `topic`'s subject (the registry answers the existing

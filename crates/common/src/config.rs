@@ -120,8 +120,6 @@ pub struct FallbackResponderConfig {
     /// Topics a request may name as `reply_topic`, besides `topics.responses`: exact
     /// names, or prefixes ending in `*`. Others get an ERROR on `topics.responses`.
     pub reply_topics: Vec<String>,
-    /// Reply topics the responder keeps (the least recently used leave first).
-    pub max_reply_topics: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -501,9 +499,6 @@ impl Settings {
                 "fallback_responder.hit_ratio_floor must be within 0 and 1, got {}",
                 r.hit_ratio_floor
             ));
-        }
-        if r.max_reply_topics == 0 {
-            return invalid("fallback_responder.max_reply_topics must be > 0".into());
         }
         for pattern in &r.reply_topics {
             // A prefix is checked as a name (what a request adds to it, per request); a

@@ -21,6 +21,7 @@ use rdkafka::producer::{FutureRecord, Producer as _};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::decide::{self, Decision, Stale};
+use crate::replies::{Listed, REFUSED_FOR};
 use crate::{Core, Warm};
 
 fn response(
@@ -372,7 +373,10 @@ pub async fn respond(
     resp.responded_at = now_millis();
     match Box::pin(send(core, &topic, resp.clone(), headers.clone(), started)).await {
         Err(Failure::Poison { message, .. }) if topic != core.responses_topic => {
-            forget_reply(core, &topic);
+            core.reply_listing
+                .refused(&topic, tokio::time::Instant::now());
+            // Registered again (one call) if it is taken again.
+            core.codec.forget_id::<PredictionResponse>(&topic);
             core.metrics
                 .refused
                 .with_label_values(&["reply_topic"])
@@ -388,39 +392,26 @@ pub async fn respond(
     }
 }
 
-/// Whether a response may go to `topic`, a reply topic other than the default: one kept
-/// may; a new one if the broker lists it (never one a response would create), and it is
-/// then kept.
+/// Whether a response may go to `topic`, a reply topic other than the default: only if
+/// the broker lists it (a response must never make a topic) and it has not refused one
+/// lately.
 async fn admit_reply(core: &Core, topic: &str) -> Result<(), String> {
-    let replies = || core.replies.lock().unwrap_or_else(|e| e.into_inner());
-    if replies().touch(topic, Instant::now()) {
-        return Ok(());
-    }
     let asked = tokio::time::Instant::now();
-    let listed = core
+    match core
         .reply_listing
         .has(topic, asked, || listed_reply_topics(core))
-        .await;
-    // A broker that cannot be listed cannot take the response either: its producer
-    // says so.
-    if listed == Some(false) {
-        return Err(format!("reply_topic {topic:?} does not exist"));
+        .await
+    {
+        Listed::Yes => Ok(()),
+        Listed::No => Err(format!("reply_topic {topic:?} does not exist")),
+        Listed::Refused => Err(format!(
+            "reply_topic {topic:?} refused a response within the last {}s",
+            REFUSED_FOR.as_secs()
+        )),
+        Listed::Unknown => Err(format!(
+            "reply_topic {topic:?} could not be looked up: the broker's topics could not be listed"
+        )),
     }
-    let left = replies().keep(topic, Instant::now());
-    if let Some(left) = left {
-        core.codec.forget_topic(&left);
-    }
-    core.metrics.reply_topics.set(replies().kept() as i64);
-    Ok(())
-}
-
-/// `topic` refused a response: the next request naming it is checked again.
-fn forget_reply(core: &Core, topic: &str) {
-    let mut replies = core.replies.lock().unwrap_or_else(|e| e.into_inner());
-    if replies.forget(topic) {
-        core.codec.forget_topic(topic);
-    }
-    core.metrics.reply_topics.set(replies.kept() as i64);
 }
 
 /// The broker's topics that requests may name as reply topics, or `None` when it could

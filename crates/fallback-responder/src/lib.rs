@@ -154,7 +154,6 @@ pub struct Core {
     producer: Producer,
     predictions_topic: String,
     responses_topic: String,
-    replies: Mutex<replies::ReplyTopics>,
     reply_listing: replies::Listing,
     flights: SingleFlight<Scored>,
     /// Scorings and cache warmings still running, whoever started them.
@@ -487,7 +486,6 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         producer: io.producer.clone(),
         predictions_topic: s.topics.predictions.clone(),
         responses_topic: s.topics.responses.clone(),
-        replies: Mutex::new(replies::ReplyTopics::new(cfg.max_reply_topics)),
         reply_listing: replies::Listing::new(Duration::from_secs(1)),
         flights: SingleFlight::default(),
         background: Arc::new(AtomicUsize::new(0)),

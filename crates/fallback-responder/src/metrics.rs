@@ -29,7 +29,6 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     pub refused: IntCounterVec,
     pub background: IntGauge,
-    pub reply_topics: IntGauge,
     /// Requests that read the cache, by result: fresh, miss, stale_age, stale_version,
     /// stale_features, unavailable (the cache could not be read).
     pub lookups: IntCounterVec,
@@ -134,10 +133,6 @@ impl Metrics {
                 name("background_tasks"),
                 "Scorings and cache warmings running beside the requests; with them, at most max_in_flight.",
             )?,
-            reply_topics: IntGauge::new(
-                name("reply_topics"),
-                "Reply topics other than the default the responder keeps (at most max_reply_topics).",
-            )?,
             lookups: IntCounterVec::new(
                 Opts::new(
                     name("cache_lookups_total"),
@@ -208,7 +203,6 @@ impl Metrics {
         r.register(Box::new(m.dead_letters.clone()))?;
         r.register(Box::new(m.refused.clone()))?;
         r.register(Box::new(m.background.clone()))?;
-        r.register(Box::new(m.reply_topics.clone()))?;
         r.register(Box::new(m.lookups.clone()))?;
         r.register(Box::new(m.hit_ratio.clone()))?;
         r.register(Box::new(m.hit_ratio_floor.clone()))?;

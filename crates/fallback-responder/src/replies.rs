@@ -2,119 +2,132 @@
 //! handle in the producer and, on a broker that creates topics when written to, a topic.
 //! So the responder answers only on reply topics the broker lists ([`Listing`]): it never
 //! makes one, and what it registers and keeps is bounded by the cluster's topics, not by
-//! what clients send. Of those it keeps the [`ReplyTopics`] most recently used.
+//! what clients send.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::time::Duration;
 
-/// Reply topics answered on lately, at most `capacity`.
-#[derive(Debug)]
-pub struct ReplyTopics {
-    capacity: usize,
-    /// Each kept topic and when it was last answered on.
-    used: HashMap<String, Instant>,
+use tokio::time::Instant;
+
+/// What [`Listing::has`] found for a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listed {
+    Yes,
+    No,
+    /// It refused a response within [`REFUSED_FOR`]: not tried again yet.
+    Refused,
+    /// The broker could not be listed.
+    Unknown,
 }
 
-impl ReplyTopics {
-    pub fn new(capacity: usize) -> Self {
-        Self {
-            capacity: capacity.max(1),
-            used: HashMap::new(),
+/// How long a reply topic that refused a response is answered for without trying it
+/// (each try may cost a registry call).
+pub const REFUSED_FOR: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Default)]
+struct Known {
+    /// When the last listing was asked for, whether it answered, and the topics of the
+    /// last one that did.
+    at: Option<Instant>,
+    answered: bool,
+    topics: HashSet<String>,
+    /// Topics that refused a response, and when.
+    refused: HashMap<String, Instant>,
+}
+
+impl Known {
+    /// The answer for `topic` asked at `asked`, if what is known gives one.
+    fn answer(&self, topic: &str, asked: Instant) -> Option<Listed> {
+        if self
+            .refused
+            .get(topic)
+            .is_some_and(|t| asked.saturating_duration_since(*t) < REFUSED_FOR)
+        {
+            return Some(Listed::Refused);
         }
-    }
-
-    /// Whether `topic` is kept; if so it counts as used `now`.
-    pub fn touch(&mut self, topic: &str, now: Instant) -> bool {
-        match self.used.get_mut(topic) {
-            Some(last) => {
-                *last = now;
-                true
-            }
-            None => false,
+        if self.topics.contains(topic) {
+            return Some(Listed::Yes);
         }
-    }
-
-    /// Keeps `topic`, in place of the least recently used when `capacity` are kept:
-    /// that one is returned, to be forgotten wherever it is known.
-    pub fn keep(&mut self, topic: &str, now: Instant) -> Option<String> {
-        if self.touch(topic, now) {
-            return None;
+        match self.at {
+            Some(at) if at >= asked => Some(if self.answered {
+                Listed::No
+            } else {
+                Listed::Unknown
+            }),
+            _ => None,
         }
-        let evicted = if self.used.len() >= self.capacity {
-            // A scan, but only when a topic new to the responder that exists is named.
-            let oldest = self
-                .used
-                .iter()
-                .min_by_key(|(_, t)| **t)
-                .map(|(topic, _)| topic.clone());
-            oldest.inspect(|t| {
-                self.used.remove(t);
-            })
-        } else {
-            None
-        };
-        self.used.insert(topic.to_string(), now);
-        evicted
-    }
-
-    /// `topic` refused a response (deleted, or will not take it): the next request naming
-    /// it is checked again. Whether it was kept.
-    pub fn forget(&mut self, topic: &str) -> bool {
-        self.used.remove(topic).is_some()
-    }
-
-    pub fn kept(&self) -> usize {
-        self.used.len()
     }
 }
 
 /// The broker's topics that may receive responses, listed again at most once per
-/// `every`, however many requests name topics that are not there.
+/// `every` (failed listings included), however many requests name topics that are not
+/// there.
 #[derive(Debug)]
 pub struct Listing {
     every: Duration,
-    /// When the last listing was asked for, and what it held.
-    last: tokio::sync::Mutex<Option<(tokio::time::Instant, HashSet<String>)>>,
+    known: Mutex<Known>,
+    /// Held while listing: requests waiting for a newer listing share one.
+    listing: tokio::sync::Mutex<()>,
 }
 
 impl Listing {
     pub fn new(every: Duration) -> Self {
         Self {
             every,
-            last: tokio::sync::Mutex::new(None),
+            known: Mutex::default(),
+            listing: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// Whether `topic` exists, by a listing asked for after `asked` unless an earlier one
-    /// holds it, so a topic made just before a request names it is found. `list` asks
-    /// the broker; `None` when it could not, and then so is the answer.
-    pub async fn has<F, Fut>(
-        &self,
-        topic: &str,
-        asked: tokio::time::Instant,
-        list: F,
-    ) -> Option<bool>
+    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `topic` exists: by the topics already listed, else by a listing asked for
+    /// after `asked`, so a topic made just before a request names it is found. `list`
+    /// asks the broker, `None` when it could not.
+    pub async fn has<F, Fut>(&self, topic: &str, asked: Instant, list: F) -> Listed
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Option<HashSet<String>>>,
     {
-        // Held across the listing: requests that name missing topics together share one.
-        let mut last = self.last.lock().await;
-        if let Some((at, topics)) = &*last {
-            if topics.contains(topic) {
-                return Some(true);
-            }
-            if *at >= asked {
-                return Some(false);
-            }
-            tokio::time::sleep_until(*at + self.every).await;
+        if let Some(answer) = self.known().answer(topic, asked) {
+            return answer;
         }
-        let at = tokio::time::Instant::now();
-        let topics = list().await?;
-        let has = topics.contains(topic);
-        *last = Some((at, topics));
-        Some(has)
+        let _listing = self.listing.lock().await;
+        // Another request may have listed while this one waited.
+        let last = {
+            let known = self.known();
+            if let Some(answer) = known.answer(topic, asked) {
+                return answer;
+            }
+            known.at
+        };
+        if let Some(last) = last {
+            tokio::time::sleep_until(last + self.every).await;
+        }
+        let at = Instant::now();
+        let listed = list().await;
+        let mut known = self.known();
+        known.at = Some(at);
+        known.answered = listed.is_some();
+        if let Some(topics) = listed {
+            known.topics = topics;
+        }
+        known.answer(topic, asked).unwrap_or(Listed::Unknown)
+    }
+
+    /// `topic` refused a response (deleted, or will not take it): answered
+    /// [`Listed::Refused`] for [`REFUSED_FOR`], then looked up again.
+    pub fn refused(&self, topic: &str, now: Instant) {
+        let mut known = self.known();
+        known.topics.remove(topic);
+        known
+            .refused
+            .retain(|_, t| now.saturating_duration_since(*t) < REFUSED_FOR);
+        known.refused.insert(topic.to_string(), now);
     }
 }
 
@@ -123,29 +136,6 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
-
-    #[test]
-    fn at_most_capacity_are_kept_the_least_recently_used_leaving() {
-        let t0 = Instant::now();
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        let mut r = ReplyTopics::new(3);
-        assert_eq!(r.keep("a", at(0)), None);
-        assert_eq!(r.keep("b", at(1)), None);
-        assert_eq!(r.keep("c", at(2)), None);
-        assert!(r.touch("a", at(3)));
-        assert_eq!(
-            r.keep("d", at(4)),
-            Some("b".into()),
-            "b was used least recently"
-        );
-        assert_eq!(r.kept(), 3);
-        assert!(!r.touch("b", at(5)));
-        assert_eq!(r.keep("a", at(6)), None, "a kept topic takes no new place");
-        assert!(r.forget("a"));
-        assert!(!r.forget("a"));
-        assert!(!r.touch("a", at(7)));
-        assert_eq!(r.kept(), 2);
-    }
 
     fn listed(names: &[&str]) -> Option<HashSet<String>> {
         Some(names.iter().map(|n| n.to_string()).collect())
@@ -159,43 +149,93 @@ mod tests {
             calls.fetch_add(1, Ordering::SeqCst);
             async move { listed(names) }
         };
-        let t0 = tokio::time::Instant::now();
-        assert_eq!(listing.has("a", t0, || list(&["a"])).await, Some(true));
-        // Listed: no new listing, whatever time it is asked.
+        let t0 = Instant::now();
+        assert_eq!(listing.has("a", t0, || list(&["a"])).await, Listed::Yes);
+        // Listed: no new listing, whenever it is asked.
         tokio::time::advance(Duration::from_secs(5)).await;
-        let now = tokio::time::Instant::now();
-        assert_eq!(listing.has("a", now, || list(&["a"])).await, Some(true));
+        assert_eq!(
+            listing.has("a", Instant::now(), || list(&[])).await,
+            Listed::Yes
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 1);
-        // Missing: a listing newer than the question, once a second at most.
-        let asked = tokio::time::Instant::now();
-        assert_eq!(listing.has("b", asked, || list(&["a"])).await, Some(false));
+        // Missing: a listing newer than the question.
+        let asked = Instant::now();
+        assert_eq!(listing.has("b", asked, || list(&["a"])).await, Listed::No);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
-        assert_eq!(listing.has("b", asked, || list(&["a"])).await, Some(false));
+        assert_eq!(listing.has("b", asked, || list(&["a"])).await, Listed::No);
         assert_eq!(calls.load(Ordering::SeqCst), 2, "asked before that listing");
         // Asked after it: the next listing, a second after the last.
         tokio::time::advance(Duration::from_millis(10)).await;
-        let asked = tokio::time::Instant::now();
+        let asked = Instant::now();
         assert_eq!(
             listing.has("b", asked, || list(&["a", "b"])).await,
-            Some(true)
+            Listed::Yes
         );
         assert_eq!(calls.load(Ordering::SeqCst), 3);
         assert_eq!(asked.elapsed(), Duration::from_millis(990));
-        // A broker that cannot be asked: no answer, and the last listing stays.
-        tokio::time::advance(Duration::from_secs(1)).await;
-        let asked = tokio::time::Instant::now();
-        assert_eq!(listing.has("c", asked, || async { None }).await, None);
-        assert_eq!(listing.has("b", asked, || list(&[])).await, Some(true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broker_that_cannot_be_listed_is_asked_once_a_second_and_lets_nothing_in() {
+        let listing = Listing::new(Duration::from_secs(1));
+        let calls = AtomicUsize::new(0);
+        let failing = || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { None }
+        };
+        let asked = Instant::now();
+        assert_eq!(listing.has("a", asked, failing).await, Listed::Unknown);
+        assert_eq!(listing.has("b", asked, failing).await, Listed::Unknown);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "one failed listing answers both"
+        );
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let asked = Instant::now();
+        assert_eq!(listing.has("a", asked, failing).await, Listed::Unknown);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            asked.elapsed(),
+            Duration::from_millis(990),
+            "failures wait too"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_topic_that_refused_is_not_tried_for_a_while_then_looked_up_again() {
+        let listing = Listing::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert_eq!(
+            listing.has("a", t0, || async { listed(&["a"]) }).await,
+            Listed::Yes
+        );
+        listing.refused("a", t0);
+        tokio::time::advance(REFUSED_FOR - Duration::from_millis(1)).await;
+        let never = || async { panic!("no listing while refused") };
+        assert_eq!(
+            listing.has("a", Instant::now(), never).await,
+            Listed::Refused
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        // No longer taken from the old listing: looked up again.
+        assert_eq!(
+            listing
+                .has("a", Instant::now(), || async { listed(&[]) })
+                .await,
+            Listed::No
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn requests_waiting_together_share_one_listing() {
         let listing = Arc::new(Listing::new(Duration::from_secs(1)));
         let calls = Arc::new(AtomicUsize::new(0));
-        let t0 = tokio::time::Instant::now();
-        listing.has("x", t0, || async { listed(&[]) }).await;
+        listing
+            .has("x", Instant::now(), || async { listed(&[]) })
+            .await;
         tokio::time::advance(Duration::from_millis(10)).await;
-        let asked = tokio::time::Instant::now();
+        let asked = Instant::now();
         let mut waiting = Vec::new();
         for i in 0..50 {
             let (listing, calls) = (listing.clone(), calls.clone());
@@ -210,7 +250,7 @@ mod tests {
         }
         let mut found = 0;
         for w in waiting {
-            found += usize::from(w.await.unwrap() == Some(true));
+            found += usize::from(w.await.unwrap() == Listed::Yes);
         }
         assert_eq!(found, 1);
         assert_eq!(calls.load(Ordering::SeqCst), 1, "one listing for all fifty");
