@@ -69,14 +69,19 @@ pub struct AvroCodec {
     /// Registration goes straight to the registry: the converter's encoder keeps every
     /// subject it ever saw, and reply topics are chosen by clients.
     registry: Arc<SrSettings>,
-    /// Held while registering: a burst of first encodes for one subject makes one registry
-    /// call (registrations of different subjects wait for each other; each service has
-    /// its own codec).
-    registering: Arc<tokio::sync::Mutex<()>>,
+    /// Held while registering, with the subjects whose registration failed lately: a
+    /// burst of first encodes for one subject makes one registry call, and one that
+    /// keeps failing (a subject holding another schema, refused rights) at most one a
+    /// [`REGISTER_RETRY_AFTER`]. Registrations of different subjects wait for each
+    /// other; each service has its own codec.
+    registering: Arc<tokio::sync::Mutex<FailedRegistrations>>,
     decoder: Arc<AvroDecoder>,
     unknown: Arc<Mutex<UnknownIds>>,
     known: Arc<RwLock<Known>>,
 }
+
+/// Registrations that failed lately, by topic and record: when, and how.
+type FailedRegistrations = HashMap<(String, &'static str), (Instant, EncodeError)>;
 
 /// What the registry has already answered about our own records, so the hot path skips
 /// the converter: no subject strategy or schema text cloned per record, no generic
@@ -91,6 +96,10 @@ struct Known {
     /// Whether a writer schema id is recursive ([`is_recursive`]), walked once per id.
     recursive: FastMap<u32, bool>,
 }
+
+/// How long a failed registration is answered with its error before the registry is
+/// asked again.
+pub const REGISTER_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// For how long after a schema id is first found missing it is asked for again: a
 /// producer may have registered it a moment after writing (another registry replica,
@@ -264,24 +273,41 @@ impl AvroCodec {
     /// response); a later encode registers again, which the registry answers with the
     /// same id if the subject takes it.
     pub fn forget_id<R: Record>(&self, topic: &str) {
-        if let Some(ids) = self.learn().ids.get_mut(topic) {
+        let mut known = self.learn();
+        if let Some(ids) = known.ids.get_mut(topic) {
             ids.remove(R::NAME);
+            if ids.is_empty() {
+                known.ids.remove(topic);
+            }
         }
+    }
+
+    /// Forgets the ids of every topic `gone` says is gone (reply topics no longer on the
+    /// broker), so topics that come and go do not pile up.
+    pub fn forget_topics(&self, gone: impl Fn(&str) -> bool) {
+        self.learn().ids.retain(|topic, _| !gone(topic));
     }
 
     /// Registers `R`'s schema under `topic`'s subject (the registry answers the existing
     /// id when it is there already) and keeps the id.
     async fn register<R: Record>(&self, topic: &str) -> Result<u32, EncodeError> {
-        let _one_at_a_time = self.registering.lock().await;
+        let mut failed = self.registering.lock().await;
         if let Some(id) = self.known_id::<R>(topic) {
             return Ok(id);
+        }
+        let key = (topic.to_string(), R::NAME);
+        let now = Instant::now();
+        if let Some((at, e)) = failed.get(&key)
+            && now.saturating_duration_since(*at) < REGISTER_RETRY_AFTER
+        {
+            return Err(e.clone());
         }
         let schema = SuppliedSchema::new(
             Some(R::NAME.to_string()),
             SchemaType::Avro,
             R::SCHEMA_JSON.to_string(),
         );
-        let id = post_schema(&self.registry, format!("{topic}-value"), schema)
+        let registered = post_schema(&self.registry, format!("{topic}-value"), schema)
             .await
             .map_err(|e| EncodeError {
                 // Refused credentials, rate limits and server errors are the registry's
@@ -289,8 +315,19 @@ impl AvroCodec {
                 retriable: e.retriable
                     || http_status(&e.error).is_some_and(|s| matches!(s, 401 | 403 | 429 | 500..)),
                 message: format!("encode {} for {topic}: {}", R::NAME, describe(&e)),
-            })?
-            .id;
+            });
+        let id = match registered {
+            Ok(r) => {
+                failed.remove(&key);
+                r.id
+            }
+            Err(e) => {
+                failed
+                    .retain(|_, (at, _)| now.saturating_duration_since(*at) < REGISTER_RETRY_AFTER);
+                failed.insert(key, (now, e.clone()));
+                return Err(e);
+            }
+        };
         self.learn()
             .ids
             .entry(topic.to_string())
@@ -699,6 +736,61 @@ mod tests {
             ids.before(8, much_later),
             Unknown::Ask,
             "ids are independent"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_subject_that_fails_to_register_is_asked_for_once_a_second_however_many_encode() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // A "registry" that takes each connection and closes it: every call fails.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                counted.fetch_add(1, Ordering::SeqCst);
+                drop(conn);
+            }
+        });
+        let codec = AvroCodec::new(&RegistryConfig {
+            url,
+            timeout_ms: 2000,
+            basic_auth_user: None,
+            basic_auth_password: None,
+        })
+        .unwrap();
+        let response = crate::records::PredictionResponse {
+            request_id: "r".into(),
+            entity_id: "e".into(),
+            status: crate::records::ResponseStatus::Error,
+            score: None,
+            model_version: None,
+            source: crate::records::ResponseSource::None,
+            cache_age_ms: None,
+            error: None,
+            responded_at: 0,
+        };
+        let e = codec.encode("reply", &response).await.unwrap_err();
+        assert!(e.retriable, "{e}");
+        let first = calls.load(Ordering::SeqCst);
+        assert!(first >= 1);
+        for _ in 0..20 {
+            assert_eq!(
+                codec.encode("reply", &response).await.unwrap_err().message,
+                e.message
+            );
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            first,
+            "answered from the failure"
+        );
+        tokio::time::sleep(REGISTER_RETRY_AFTER).await;
+        codec.encode("reply", &response).await.unwrap_err();
+        assert!(
+            calls.load(Ordering::SeqCst) > first,
+            "asked again after a second"
         );
     }
 

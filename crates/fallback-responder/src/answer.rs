@@ -431,12 +431,21 @@ async fn listed_reply_topics(core: &Core) -> Option<HashSet<String>> {
                     .map(|t| t.name())
                     .filter(|t| check_reply(t, &default, &allowed).is_ok())
                     .map(str::to_string)
-                    .collect()
+                    .collect::<HashSet<_>>()
             })
     })
     .await;
     match listed {
-        Ok(Ok(topics)) => Some(topics),
+        Ok(Ok(topics)) => {
+            // Ids of reply topics no longer on the broker go, so reply topics that come
+            // and go do not pile up.
+            core.codec.forget_topics(|t| {
+                t != core.responses_topic
+                    && check_reply(t, &core.responses_topic, &core.cfg.reply_topics).is_ok()
+                    && !topics.contains(t)
+            });
+            Some(topics)
+        }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "could not list the broker's topics for reply topics");
             None
@@ -446,7 +455,7 @@ async fn listed_reply_topics(core: &Core) -> Option<HashSet<String>> {
 }
 
 /// How long a listing of the broker's topics may take.
-const LISTING_TIMEOUT: Duration = Duration::from_secs(5);
+const LISTING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long the registry is retried for a reply topic's subject before its request is
 /// answered on the default topic instead: a subject a client picked can be refused for

@@ -113,7 +113,13 @@ impl Listing {
         let mut known = self.known();
         known.at = Some(at);
         known.answered = listed.is_some();
-        if let Some(topics) = listed {
+        if let Some(mut topics) = listed {
+            // A topic refused while this listing ran stays refused.
+            for (topic, refused) in &known.refused {
+                if *refused >= at {
+                    topics.remove(topic);
+                }
+            }
             known.topics = topics;
         }
         known.answer(topic, asked).unwrap_or(Listed::Unknown)
@@ -222,6 +228,44 @@ mod tests {
         assert_eq!(
             listing
                 .has("a", Instant::now(), || async { listed(&[]) })
+                .await,
+            Listed::No
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listed_topic_is_answered_while_a_listing_runs_and_a_refusal_outlasts_it() {
+        let listing = Arc::new(Listing::new(Duration::from_secs(1)));
+        let t0 = Instant::now();
+        listing.has("a", t0, || async { listed(&["a", "b"]) }).await;
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let slow = {
+            let listing = listing.clone();
+            tokio::spawn(async move {
+                listing
+                    .has("c", Instant::now(), || async {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        listed(&["a", "b", "c"])
+                    })
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        let started = Instant::now();
+        let never = || async { panic!("a listed topic needs no listing") };
+        assert_eq!(listing.has("a", Instant::now(), never).await, Listed::Yes);
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "no wait behind the listing"
+        );
+        // Refused while the listing runs: that listing does not bring it back.
+        listing.refused("b", Instant::now());
+        assert_eq!(slow.await.unwrap(), Listed::Yes);
+        tokio::time::advance(REFUSED_FOR).await;
+        assert_eq!(
+            listing
+                .has("b", Instant::now(), || async { listed(&[]) })
                 .await,
             Listed::No
         );
