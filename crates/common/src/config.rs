@@ -504,8 +504,8 @@ impl Settings {
             // A prefix is checked as a name (what a request adds to it, per request); a
             // bare "*" allows any topic.
             let name = pattern.strip_suffix('*').unwrap_or(pattern);
-            if let Err(e) = crate::kafka::check_topic_name(name)
-                && pattern != "*"
+            if pattern != "*"
+                && let Err(e) = crate::kafka::check_topic_name(name)
             {
                 return invalid(format!(
                     "fallback_responder.reply_topics: {pattern:?} names no valid topic: {e}"

@@ -16,9 +16,9 @@
 //! Requests are hostile until checked ([`answer`]): a `requested_at` far ahead or before
 //! 2000, a request older than `max_request_age_ms`, or a `reply_topic` off the allow-list
 //! or not a topic name or not on the broker gets an ERROR response on the default topic
-//! ([`replies`]). Background work (refreshes, cache
-//! warming, scorings past their deadline) counts against `max_in_flight` with the
-//! requests, so memory stays bounded under any load.
+//! ([`replies`]). Background work (refreshes, cache warming, scorings past their
+//! deadline) counts against `max_in_flight` with the requests, so memory stays bounded
+//! under any load.
 
 pub mod answer;
 pub mod breaker;
