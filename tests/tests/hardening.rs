@@ -43,6 +43,8 @@ async fn hostile_raw_events_are_dead_lettered_and_ingest_stays_up() {
         raw("ahead", now + 3_600_000, 1.0),
         raw("seconds", now / 1000, 1.0),
         raw("huge", now, 1e39),
+        // A bare NaN (Python's json.dumps writes them) is no entity id.
+        raw("nan-id", now, 1.0).replace("\"nan-id\"", "NaN"),
     ];
     lane.publish_raw(&p, &hostile).await;
     // Just under the producer's 1 MB limit: its dead letter with headers would pass it.
@@ -51,12 +53,13 @@ async fn hostile_raw_events_are_dead_lettered_and_ingest_stays_up() {
     lane.publish_raw(&p, &[raw("fine", now, 1.0)]).await;
 
     let dlq = consumer(&lane.settings, &[&lane.settings.topics.dlq]);
-    let letters = consume_n(&dlq, 5, Duration::from_secs(60)).await;
+    let letters = consume_n(&dlq, 6, Duration::from_secs(60)).await;
     let mut classes: Vec<ErrorClass> = letters.iter().map(class).collect();
     classes.sort();
     assert_eq!(
         classes,
         vec![
+            ErrorClass::MissingField,
             ErrorClass::NonFinite,
             ErrorClass::InvalidEventTime,
             ErrorClass::InvalidEventTime,
@@ -144,10 +147,39 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
         let bytes = codec.encode(topic, &prediction).await.unwrap();
         produce(&p, topic, entity.as_bytes(), &bytes).await;
     }
+    // No entity: it would land on the bare key prefix, which every such record shares.
+    let nameless = prediction_now("", 0.7);
+    let bytes = codec.encode(topic, &nameless).await.unwrap();
+    produce(&p, topic, b"no-entity", &bytes).await;
+    // Events for the online-features loop, past ingest's checks: a value JSON cannot
+    // hold (written as `null`, it would leave the entry's features unreadable) and no
+    // entity, beside one that is fine.
+    let events = &lane.settings.topics.events;
+    let now = now_millis();
+    for (key, entity, amount) in [
+        ("features-nan", "features-nan", f64::NAN),
+        ("features-huge", "features-huge", 1e39),
+        ("features-no-entity", "", 1.0),
+        ("features-ok", "features-ok", 2.5),
+    ] {
+        let mut features: lanes_common::features::Features =
+            FEATURES.iter().map(|f| (f.to_string(), 1.0)).collect();
+        features.insert("amount".into(), amount);
+        let event = Event {
+            event_id: format!("{key}-e"),
+            entity_id: entity.into(),
+            kind: "transaction".into(),
+            event_time: now,
+            ingested_at: now,
+            features,
+        };
+        let bytes = codec.encode(events, &event).await.unwrap();
+        produce(&p, events, key.as_bytes(), &bytes).await;
+    }
     let running = lane.start(&[lanes_cache_writer::def()]);
     running.ready().await;
     let dlq = consumer(&lane.settings, &[&lane.settings.topics.dlq]);
-    let mut letters: Vec<(String, ErrorClass)> = consume_n(&dlq, 3, Duration::from_secs(60))
+    let mut letters: Vec<(String, ErrorClass)> = consume_n(&dlq, 7, Duration::from_secs(60))
         .await
         .iter()
         .map(|m| {
@@ -162,10 +194,33 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
         letters,
         vec![
             ("bad-score".to_string(), ErrorClass::ModelError),
+            ("features-huge".to_string(), ErrorClass::NonFinite),
+            ("features-nan".to_string(), ErrorClass::NonFinite),
+            ("features-no-entity".to_string(), ErrorClass::MissingField),
+            ("no-entity".to_string(), ErrorClass::MissingField),
             ("scored-ahead".to_string(), ErrorClass::InvalidEventTime),
             ("taken".to_string(), ErrorClass::CacheWriteError)
         ]
     );
+    let prefix = &lane.settings.cache_writer.key_prefix;
+    let bare: bool = r.exists(prefix).await.unwrap();
+    assert!(!bare, "nothing written to the bare key prefix");
+    for refused in ["features-nan", "features-huge"] {
+        let held: bool = r.exists(key(refused)).await.unwrap();
+        assert!(!held, "{refused} cached");
+    }
+    let features = wait_for("features-ok's features", Duration::from_secs(30), || {
+        let mut r = r.clone();
+        let key = key("features-ok");
+        async move {
+            r.hget::<_, _, Option<String>>(key, "features")
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+    let features: BTreeMap<String, f64> = serde_json::from_str(&features).unwrap();
+    assert_eq!(features["amount"], 2.5, "{features:?}");
     for (entity, score) in [
         ("ok-1", "0.1"),
         ("garbled", "0.4"),

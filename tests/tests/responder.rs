@@ -718,6 +718,10 @@ async fn hostile_requests_get_errors_and_the_responder_stays_up() {
             "{requested_at}: {r:?}"
         );
     }
+    // No entity: nothing to read, and nothing to warm.
+    let r = c.one(Client::request("", Some(f.clone()), None)).await;
+    assert_eq!(r.status, ResponseStatus::Error);
+    assert_eq!(r.error.as_deref(), Some("entity_id is empty"), "{r:?}");
     // A value finite as f64 but not as the model's f32.
     let mut huge = f.clone();
     huge.insert("amount".into(), 1e39);
@@ -819,6 +823,7 @@ async fn hostile_requests_get_errors_and_the_responder_stays_up() {
         )
     };
     assert_eq!(refused("reply_topic"), 4.0);
+    assert_eq!(refused("entity_id"), 1.0);
     assert_eq!(refused("requested_at"), 3.0);
     assert_eq!(refused("expired"), 1.0);
     running.stop().await;

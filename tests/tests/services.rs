@@ -74,6 +74,11 @@ async fn rejected_batches_are_dead_lettered_and_the_scorer_goes_on() {
     // Another writer's batch whose columns disagree: indexing it would panic.
     let mut ragged = batch("ragged", 3, width, features());
     ragged.entity_ids.pop();
+    // Values the micro-batcher never batches: the model would score them regardless.
+    let mut nan = batch("nan", 3, width, features());
+    nan.features[width + 1] = f32::NAN;
+    let mut infinite = batch("infinite", 2, width, features());
+    infinite.features[0] = f32::NEG_INFINITY;
     for b in [
         batch("short", 4, width - 1, features()),
         batch(
@@ -83,19 +88,23 @@ async fn rejected_batches_are_dead_lettered_and_the_scorer_goes_on() {
             (0..width).map(|i| format!("f{i}")).collect(),
         ),
         ragged,
+        nan,
+        infinite,
         batch("good", 3, width, features()),
     ] {
         produce(&p, topic, b"0", &codec.encode(topic, &b).await.unwrap()).await;
     }
     // Columns of different lengths are a malformed record; the right shape with the
     // wrong feature names is the model's refusal.
-    let dead = dead_letters(&lane, 3).await;
+    let dead = dead_letters(&lane, 5).await;
     assert_eq!(
         dead,
         vec![
             (ErrorClass::DecodeError, "scorer".into()),
             (ErrorClass::ModelError, "scorer".into()),
             (ErrorClass::DecodeError, "scorer".into()),
+            (ErrorClass::NonFinite, "scorer".into()),
+            (ErrorClass::NonFinite, "scorer".into()),
         ]
     );
 
@@ -121,6 +130,13 @@ async fn rejected_batches_are_dead_lettered_and_the_scorer_goes_on() {
         running.metric(
             "lanes_scorer_dead_letters_total",
             &[("class", "DECODE_ERROR")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        running.metric(
+            "lanes_scorer_dead_letters_total",
+            &[("class", "NON_FINITE")]
         ),
         2.0
     );
@@ -569,8 +585,9 @@ async fn undecodable_events_are_dead_lettered_by_the_micro_batcher() {
 }
 
 /// Events written straight to the events topic, past ingest's checks, with a feature the
-/// model cannot take (NaN, or beyond a 32-bit float): each is dead-lettered alone. In a
-/// batch its row would score NaN and the scorer would refuse the whole batch with it.
+/// model cannot take (NaN, or beyond a 32-bit float) or without one: each is
+/// dead-lettered alone. In a batch its row would score NaN and the scorer would refuse
+/// the whole batch with it, or its missing column would be scored as 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_event_with_a_non_finite_feature_is_dead_lettered_alone() {
     let mut lane = Lane::new("mb-nan");
@@ -580,10 +597,24 @@ async fn an_event_with_a_non_finite_feature_is_dead_lettered_alone() {
     let p = producer(&lane.settings);
     let topic = lane.settings.topics.events.clone();
     let now = lanes_common::records::now_millis();
-    for (i, amount) in [1.0, f64::NAN, 2.0, 1e39, 3.0].into_iter().enumerate() {
+    // `None`: the event lacks `amount`, which would be scored as 0.
+    for (i, amount) in [
+        Some(1.0),
+        Some(f64::NAN),
+        Some(2.0),
+        Some(1e39),
+        Some(3.0),
+        None,
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let mut features: lanes_common::features::Features =
             features().into_iter().map(|name| (name, 1.0)).collect();
-        features.insert("amount".into(), amount);
+        match amount {
+            Some(amount) => features.insert("amount".into(), amount),
+            None => features.remove("amount"),
+        };
         let event = Event {
             event_id: format!("e{i}"),
             entity_id: "card-1".into(),
@@ -614,14 +645,15 @@ async fn an_event_with_a_non_finite_feature_is_dead_lettered_alone() {
     assert_eq!(batched, ["e0", "e2", "e4"]);
     let stage = "micro-batcher".to_string();
     assert_eq!(
-        dead_letters(&lane, 2).await,
+        dead_letters(&lane, 3).await,
         vec![
             (ErrorClass::NonFinite, stage.clone()),
-            (ErrorClass::NonFinite, stage)
+            (ErrorClass::NonFinite, stage.clone()),
+            (ErrorClass::MissingField, stage)
         ]
     );
     let events =
         |outcome| running.metric("lanes_micro_batcher_events_total", &[("outcome", outcome)]);
-    assert_eq!((events("batched"), events("dead_letter")), (3.0, 2.0));
+    assert_eq!((events("batched"), events("dead_letter")), (3.0, 3.0));
     running.stop().await;
 }

@@ -25,7 +25,9 @@ use lanes_common::cache::{self, Written};
 use lanes_common::dlq::{ErrorClass, header_str};
 use lanes_common::error::Failure;
 use lanes_common::kafka;
-use lanes_common::records::{Event, Prediction, check_client_time, check_not_ahead, now_millis};
+use lanes_common::records::{
+    Event, Prediction, check_client_time, check_not_ahead, model_value, now_millis,
+};
 use lanes_common::retry;
 use lanes_common::service::{ServiceContext, ServiceDef};
 use lanes_common::source::RecordHeaders;
@@ -207,10 +209,10 @@ impl Stage for FeatureStage {
         let skew = self.0.max_clock_skew_ms;
         let mut checked = Vec::with_capacity(inputs.len());
         checked.extend(inputs.into_iter().filter_map(|i| {
-            match check_client_time("event_time", i.record.event_time, now, skew) {
+            match check_event(&i.record, now, skew) {
                 Ok(()) => Some(i),
-                Err(reason) => {
-                    out.dead_letter(i.message, ErrorClass::InvalidEventTime, reason);
+                Err((class, reason)) => {
+                    out.dead_letter(i.message, class, reason);
                     None
                 }
             }
@@ -241,11 +243,30 @@ impl Stage for FeatureStage {
     }
 }
 
+/// What an entry's online features may not come from (events written to the topic past
+/// ingest's checks): no entity (the bare key prefix), an event time far ahead (it would
+/// outrank every later event), a value the model cannot take (written as JSON `null`,
+/// it would leave the entry's features unreadable for the responder).
+fn check_event(e: &Event, now: i64, skew: u64) -> Result<(), (ErrorClass, String)> {
+    if e.entity_id.is_empty() {
+        return Err((ErrorClass::MissingField, "entity_id is empty".into()));
+    }
+    check_client_time("event_time", e.event_time, now, skew)
+        .map_err(|reason| (ErrorClass::InvalidEventTime, reason))?;
+    for (name, v) in &e.features {
+        model_value(name, *v).map_err(|reason| (ErrorClass::NonFinite, reason))?;
+    }
+    Ok(())
+}
+
 impl Writer {
-    /// What no cache entry may hold: a score that is not finite, an event time far
-    /// ahead (it would outrank every later event), a scoring time far ahead (readers
+    /// What no cache entry may hold: no entity, a score that is not finite, an event time
+    /// far ahead (it would outrank every later event), a scoring time far ahead (readers
     /// age an entry from it, so it would stay fresh however old it grew).
     fn check(&self, p: &Prediction, now: i64) -> Result<(), (ErrorClass, String)> {
+        if p.entity_id.is_empty() {
+            return Err((ErrorClass::MissingField, "entity_id is empty".into()));
+        }
         if !p.score.is_finite() {
             return Err((
                 ErrorClass::ModelError,

@@ -186,6 +186,19 @@ impl ScriptCall<'_> {
     }
 }
 
+/// The most argument space a script call reserves from its first item's sizes.
+const MAX_RESERVED_ARGS: usize = 4 << 20;
+
+/// What to reserve for `rest` items sized like the first (`sizes`): nothing past
+/// [`MAX_RESERVED_ARGS`], so a first item of outsized ids (a hostile record) does not
+/// reserve its size for every item; the buffer then grows as it fills.
+fn reserved_args(sizes: &[usize], rest: usize) -> impl Iterator<Item = usize> + '_ {
+    let per_item = sizes.iter().fold(0usize, |sum, s| sum.saturating_add(*s));
+    let within = per_item.saturating_mul(rest) <= MAX_RESERVED_ARGS;
+    let n = if within { sizes.len() * rest } else { 0 };
+    sizes.iter().copied().cycle().take(n)
+}
+
 /// `EVALSHA hash n key1..keyn ttl args(item1).. args(itemn)`: one key per item.
 fn script_call<'a, T>(
     script: &'a redis::Script,
@@ -200,14 +213,13 @@ fn script_call<'a, T>(
     let items: Vec<T> = items.into_iter().collect();
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(script.get_hash()).arg(items.len());
-    // The buffer is sized from the first key and the first item's arguments: grown by
+    // The buffer is sized from the keys and the first item's arguments: grown by
     // doubling instead, a pipeline of hundreds of items is copied over several times.
     let Some((first, rest)) = items.split_first() else {
         cmd.arg(ttl_seconds);
         return ScriptCall { script, cmd };
     };
-    let key_len = prefix.len() + entity_id(first).len();
-    cmd.reserve_space_for_args(std::iter::repeat_n(key_len, items.len()));
+    cmd.reserve_space_for_args(items.iter().map(|i| prefix.len() + entity_id(i).len()));
     for item in &items {
         // The same text as [`key`], written in place.
         cmd.write_arg_fmt(format_args!("{prefix}{}", entity_id(item)));
@@ -223,7 +235,7 @@ fn script_call<'a, T>(
             _ => 0,
         })
         .collect();
-    cmd.reserve_space_for_args(sizes.iter().copied().cycle().take(sizes.len() * rest.len()));
+    cmd.reserve_space_for_args(reserved_args(&sizes, rest.len()));
     for item in rest {
         args(&mut cmd, item);
     }
@@ -628,6 +640,18 @@ mod tests {
                 _ => "<not a value>".into(),
             })
             .collect()
+    }
+
+    #[test]
+    fn a_first_item_of_outsized_ids_reserves_nothing_for_the_others() {
+        let typical = [13, 13, 8, 1, 1, 18, 5, 5, 6, 13];
+        let per_item: usize = typical.iter().sum();
+        assert_eq!(reserved_args(&typical, 511).sum::<usize>(), per_item * 511);
+        assert_eq!(reserved_args(&typical, 511).count(), typical.len() * 511);
+        // A megabyte event id in the first of 512 items: half a gigabyte, not reserved.
+        assert_eq!(reserved_args(&[13, 13, 1 << 20, 1], 511).count(), 0);
+        assert_eq!(reserved_args(&[usize::MAX, 1], 2).count(), 0, "no overflow");
+        assert_eq!(reserved_args(&typical, 0).count(), 0);
     }
 
     #[test]

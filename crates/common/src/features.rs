@@ -234,6 +234,28 @@ impl FeatureIndex {
         )
     }
 
+    /// The first name of the model (in name order) that `names`, in name order as
+    /// [`Features`] iterates, does not hold: one pass, as [`FeatureIndex::fill`].
+    pub fn first_missing<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Option<&str> {
+        let mut names = names.into_iter().peekable();
+        'model: for (name, _) in &self.sorted {
+            while let Some(given) = names.peek() {
+                match (*given).cmp(name.as_str()) {
+                    Ordering::Less => {
+                        names.next();
+                    }
+                    Ordering::Equal => {
+                        names.next();
+                        continue 'model;
+                    }
+                    Ordering::Greater => break,
+                }
+            }
+            return Some(name);
+        }
+        None
+    }
+
     /// Writes each named value into its columns of `row`, in one pass: `named` must come
     /// in name order (as [`Features`] iterates), as `sorted` does. Columns whose name is not
     /// given keep what they hold; names the model does not take are skipped.
@@ -275,6 +297,23 @@ mod tests {
         (0..index.columns().len())
             .filter(|&c| index.columns()[c] == key)
             .collect()
+    }
+
+    #[test]
+    fn the_first_missing_name_is_found_in_one_pass() {
+        let idx = index(&["hour", "amount", "zeta", "amount"]);
+        let missing = |given: &[&str]| idx.first_missing(given.iter().copied()).map(str::to_string);
+        assert_eq!(missing(&["amount", "hour", "zeta"]), None);
+        assert_eq!(
+            missing(&["a", "amount", "b", "hour", "x", "zeta", "zz"]),
+            None
+        );
+        assert_eq!(missing(&["amount", "zeta"]), Some("hour".into()));
+        assert_eq!(missing(&["hour", "zeta"]), Some("amount".into()));
+        assert_eq!(missing(&["amount", "hour"]), Some("zeta".into()));
+        assert_eq!(missing(&["zz"]), Some("amount".into()));
+        assert_eq!(missing(&[]), Some("amount".into()));
+        assert_eq!(index(&[]).first_missing(["a"]), None);
     }
 
     #[test]

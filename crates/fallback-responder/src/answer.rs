@@ -83,9 +83,12 @@ pub fn check_reply(topic: &str, default: &str, allowed: &[String]) -> Result<(),
         .map_err(|e| format!("reply_topic {} is not a valid topic name: {e}", quoted()))
 }
 
-/// Why a request is refused before any work: its own times.
+/// Why a request is refused before any work: no entity, or its own times.
 fn refusal(core: &Core, req: &PredictionRequest, now: i64) -> Option<(&'static str, String)> {
     let cfg = &core.cfg;
+    if req.entity_id.is_empty() {
+        return Some(("entity_id", "entity_id is empty".into()));
+    }
     if let Err(e) = check_client_time("requested_at", req.requested_at, now, cfg.max_clock_skew_ms)
     {
         return Some(("requested_at", e));

@@ -125,7 +125,7 @@ impl Metrics {
             refused: IntCounterVec::new(
                 Opts::new(
                     name("refused_total"),
-                    "Requests answered ERROR without an answer, by reason (requested_at: a clock far off, expired: older than max_request_age_ms when read, no_slot: could not start in time for max_request_age_ms, reply_topic: not allowed, not a topic name, not on the broker or refusing writes).",
+                    "Requests answered ERROR without an answer, by reason (entity_id: empty, requested_at: a clock far off, expired: older than max_request_age_ms when read, no_slot: could not start in time for max_request_age_ms, reply_topic: not allowed, not a topic name, not on the broker or refusing writes).",
                 ),
                 &["reason"],
             )?,
@@ -166,7 +166,13 @@ impl Metrics {
         lanes_common::metrics::zeroed(&m.lookups, &LOOKUP_RESULTS);
         lanes_common::metrics::zeroed(
             &m.refused,
-            &["requested_at", "expired", "no_slot", "reply_topic"],
+            &[
+                "entity_id",
+                "requested_at",
+                "expired",
+                "no_slot",
+                "reply_topic",
+            ],
         );
         let outcomes = [
             "fresh_hit",

@@ -84,21 +84,39 @@ fn reject<T>(class: ErrorClass, message: impl Into<String>) -> Result<T, Rejecti
 
 /// Parses JSON, accepting `NaN`/`Infinity` as values so they are reported as
 /// NON_FINITE rather than INVALID_JSON (Python's `json.dumps` writes them by default).
-fn parse(raw: &[u8]) -> Result<Value, Rejection> {
+/// `true` with the tree when it holds [`NON_FINITE`] for such a literal: only then is
+/// that text a number and not a client's string.
+fn parse(raw: &[u8]) -> Result<(Value, bool), Rejection> {
     match serde_json::from_slice::<Value>(raw) {
-        Ok(v) => Ok(v),
+        Ok(v) => Ok((v, false)),
         Err(e) => {
             let text = std::str::from_utf8(raw)
                 .map_err(|_| (ErrorClass::InvalidJson, "not UTF-8".to_string()))?;
             let replaced = replace_non_finite(text);
             if replaced != text
                 && let Ok(v) = serde_json::from_str(&replaced)
+                && !non_finite_key(&v)
             {
-                return Ok(v);
+                return Ok((v, true));
             }
             reject(ErrorClass::InvalidJson, format!("invalid JSON: {e}"))
         }
     }
+}
+
+/// Whether a replaced literal stood where a key goes (`{NaN: 1}`), which no JSON
+/// writer emits.
+fn non_finite_key(v: &Value) -> bool {
+    match v {
+        Value::Object(o) => o.iter().any(|(k, v)| k == NON_FINITE || non_finite_key(v)),
+        Value::Array(a) => a.iter().any(non_finite_key),
+        _ => false,
+    }
+}
+
+/// Whether `v` is a replaced `NaN`/`Infinity` literal of a tree read with `marked`.
+fn is_non_finite(v: &Value, marked: bool) -> bool {
+    marked && v.as_str() == Some(NON_FINITE)
 }
 
 /// Replaces bare `NaN`, `Infinity` and `-Infinity` tokens outside strings.
@@ -145,6 +163,8 @@ struct Fields {
     event_time: Option<Value>,
     /// `None` unless `features` is an object.
     features: Option<Given>,
+    /// Read from a tree where `NaN`/`Infinity` literals became [`NON_FINITE`].
+    marked: bool,
 }
 
 /// An event's `features` object read against the model's feature list.
@@ -158,7 +178,8 @@ struct Given {
 
 /// The whole JSON tree: the reference read, and the one a rejection is described by.
 fn read_tree(raw: &[u8], rules: &Rules) -> Result<Fields, Rejection> {
-    let Value::Object(mut obj) = parse(raw)? else {
+    let (tree, marked) = parse(raw)?;
+    let Value::Object(mut obj) = tree else {
         return reject(ErrorClass::InvalidJson, "the event must be a JSON object");
     };
     let features = match obj.remove("features") {
@@ -182,6 +203,7 @@ fn read_tree(raw: &[u8], rules: &Rules) -> Result<Fields, Rejection> {
         kind: take("kind"),
         event_time: take("event_time"),
         features,
+        marked,
     })
 }
 
@@ -285,9 +307,18 @@ impl<'de> Visitor<'de> for FeaturesSeed<'_> {
 }
 
 /// Event time in epoch milliseconds: RFC 3339 text or an integer.
-fn event_time(v: Option<&Value>, origin: &Origin<'_>, now: i64) -> Result<i64, Rejection> {
+fn event_time(
+    v: Option<&Value>,
+    marked: bool,
+    origin: &Origin<'_>,
+    now: i64,
+) -> Result<i64, Rejection> {
     match v {
         None => Ok(origin.timestamp.unwrap_or(now)),
+        Some(v) if is_non_finite(v, marked) => reject(
+            ErrorClass::InvalidEventTime,
+            "event_time must be text or a number, got a non-finite number",
+        ),
         Some(Value::String(s)) => chrono::DateTime::parse_from_rfc3339(s)
             .map(|t| t.timestamp_millis())
             .or_else(|e| {
@@ -310,7 +341,7 @@ fn event_time(v: Option<&Value>, origin: &Origin<'_>, now: i64) -> Result<i64, R
     }
 }
 
-fn features(given: Option<Given>, rules: &Rules) -> Result<Features, Rejection> {
+fn features(given: Option<Given>, marked: bool, rules: &Rules) -> Result<Features, Rejection> {
     let Some(given) = given else {
         return reject(
             ErrorClass::MissingField,
@@ -325,7 +356,7 @@ fn features(given: Option<Given>, rules: &Rules) -> Result<Features, Rejection> 
     let mut values = given.values.into_iter();
     let value = |name: &str| match values.next().flatten() {
         None => Ok(None),
-        Some(Value::String(s)) if s == NON_FINITE => reject(
+        Some(v) if is_non_finite(&v, marked) => reject(
             ErrorClass::NonFinite,
             format!("feature {name:?} is not finite"),
         ),
@@ -401,9 +432,13 @@ fn within_limit(len: usize, rules: &Rules) -> Result<(), Rejection> {
     Ok(())
 }
 
-fn text(v: Option<Value>, name: &str) -> Result<Option<String>, Rejection> {
+fn text(v: Option<Value>, marked: bool, name: &str) -> Result<Option<String>, Rejection> {
     match v {
         None => Ok(None),
+        Some(v) if is_non_finite(&v, marked) => reject(
+            ErrorClass::MissingField,
+            format!("{name} must be non-empty text, got a non-finite number"),
+        ),
         Some(Value::String(s)) if !s.is_empty() => Ok(Some(s)),
         Some(other) => reject(
             ErrorClass::MissingField,
@@ -445,14 +480,16 @@ pub fn validate_by_tree(
 }
 
 fn check(fields: Fields, rules: &Rules, origin: &Origin<'_>, now: i64) -> Result<Event, Rejection> {
-    let entity_id = text(fields.entity_id, "entity_id")?
+    let marked = fields.marked;
+    let entity_id = text(fields.entity_id, marked, "entity_id")?
         .ok_or((ErrorClass::MissingField, "entity_id is missing".to_string()))?;
-    let event_id = text(fields.event_id, "event_id")?.unwrap_or_else(|| derived_event_id(origin));
-    let kind = text(fields.kind, "kind")?.unwrap_or_else(|| rules.default_kind.clone());
-    let event_time = event_time(fields.event_time.as_ref(), origin, now)?;
+    let event_id =
+        text(fields.event_id, marked, "event_id")?.unwrap_or_else(|| derived_event_id(origin));
+    let kind = text(fields.kind, marked, "kind")?.unwrap_or_else(|| rules.default_kind.clone());
+    let event_time = event_time(fields.event_time.as_ref(), marked, origin, now)?;
     check_client_time("event_time", event_time, now, rules.max_clock_skew_ms)
         .map_err(|e| (ErrorClass::InvalidEventTime, e))?;
-    let features = features(fields.features, rules)?;
+    let features = features(fields.features, marked, rules)?;
     Ok(Event {
         event_id,
         entity_id,
@@ -696,6 +733,45 @@ mod tests {
         assert_eq!(
             class(r#"{"entity_id":"say \"NaN\"","features":{"amount":NaN,"hour":2}}"#),
             ErrorClass::NonFinite
+        );
+    }
+
+    #[test]
+    fn non_finite_literals_are_numbers_only_where_numbers_go() {
+        // A bare `NaN` is a number, not text: it names no entity, event or kind (it
+        // once became one shared stand-in id for every such event).
+        for raw in [
+            r#"{"entity_id":NaN,"features":{"amount":1,"hour":2}}"#,
+            r#"{"entity_id":"c","event_id":Infinity,"features":{"amount":1,"hour":2}}"#,
+            r#"{"entity_id":"c","kind":-Infinity,"features":{"amount":1,"hour":2}}"#,
+        ] {
+            let (class, message) = check(raw).unwrap_err();
+            assert_eq!(class, ErrorClass::MissingField, "{raw}");
+            assert!(message.contains("non-finite number"), "{message}");
+        }
+        assert_eq!(
+            class(r#"{"entity_id":"c","event_time":NaN,"features":{"amount":1,"hour":2}}"#),
+            ErrorClass::InvalidEventTime
+        );
+        // Where a key goes it is not JSON any writer emits.
+        for raw in [
+            r#"{"entity_id":"c",NaN:1,"features":{"amount":1,"hour":2}}"#,
+            r#"{"entity_id":"c","features":{"amount":1,"hour":2,NaN:3}}"#,
+            r#"{"entity_id":"c","x":[{Infinity:1}],"features":{"amount":1,"hour":2}}"#,
+        ] {
+            assert_eq!(class(raw), ErrorClass::InvalidJson, "{raw}");
+        }
+        // A client's text that reads like the stand-in stays text.
+        let e = check(&format!(
+            r#"{{"entity_id":"{NON_FINITE}","features":{{"amount":1,"hour":2}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(e.entity_id, NON_FINITE);
+        assert_eq!(
+            class(&format!(
+                r#"{{"entity_id":"c","features":{{"amount":"{NON_FINITE}","hour":2}}}}"#
+            )),
+            ErrorClass::NonNumeric
         );
     }
 

@@ -104,8 +104,8 @@ impl Stage for Batcher {
             record: event,
         } in inputs
         {
-            if let Some(reason) = self.windows.unscorable(&event) {
-                out.dead_letter(m, ErrorClass::NonFinite, reason);
+            if let Some((class, reason)) = self.windows.unscorable(&event) {
+                out.dead_letter(m, class, reason);
                 unscorable += 1;
                 continue;
             }

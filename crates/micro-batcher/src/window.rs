@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use lanes_common::dlq::ErrorClass;
 use lanes_common::features::{FeatureIndex, Features};
 use lanes_common::records::{CloseReason, Event, MicroBatch, model_value};
 use tokio::time::Instant;
@@ -129,17 +130,28 @@ impl Windows {
         }
     }
 
-    /// Why `event` cannot join a batch: a feature the model takes that is not finite as
-    /// a 32-bit float (written to the events topic past ingest's checks). The model
-    /// would score its row `NaN` and the scorer refuse the whole batch with it.
-    pub fn unscorable(&self, event: &Event) -> Option<String> {
+    /// Why `event` cannot join a batch (written to the events topic past ingest's
+    /// checks): a feature the model takes that is not finite as a 32-bit float (the
+    /// model would score its row `NaN` and the scorer refuse the whole batch with it),
+    /// or one it lacks (its column would be scored as 0, a wrong score cached).
+    pub fn unscorable(&self, event: &Event) -> Option<(ErrorClass, String)> {
         // Values first (a float test each); a name is looked up only for one that fails.
-        event
+        if let Some(reason) = event
             .features
             .iter()
             .filter(|(_, v)| !(**v as f32).is_finite())
             .find(|(name, _)| self.index.contains(name))
             .and_then(|(name, v)| model_value(name, *v).err())
+        {
+            return Some((ErrorClass::NonFinite, reason));
+        }
+        let missing = self
+            .index
+            .first_missing(event.features.keys().map(String::as_str))?;
+        Some((
+            ErrorClass::MissingField,
+            format!("feature {missing:?} is missing"),
+        ))
     }
 
     pub fn open_windows(&self) -> usize {
@@ -200,7 +212,7 @@ impl Windows {
         w.offsets.push(offset);
         let b = &mut w.batch;
         b.last_offset = offset;
-        // Validated upstream; a missing feature here is a contract breach, scored as 0.
+        // Every model feature is given ([`Windows::unscorable`]).
         let row = b.features.len();
         b.features.resize(row + b.feature_names.len(), 0.0);
         fill_row(&mut b.features[row..], &self.index, &event.features);
@@ -420,12 +432,30 @@ mod tests {
         for bad in [f64::NAN, f64::INFINITY, 1e39] {
             let mut e = event(1, "t");
             e.features.insert("b".into(), bad);
-            let reason = w.unscorable(&e).expect("unscorable");
+            let (class, reason) = w.unscorable(&e).expect("unscorable");
+            assert_eq!(class, ErrorClass::NonFinite);
             assert!(reason.contains("\"b\""), "{reason}");
             let mut e = event(1, "t");
             e.features.insert("not_in_model".into(), bad);
             assert_eq!(w.unscorable(&e), None, "the model never reads it");
         }
+    }
+
+    #[test]
+    fn an_event_without_every_model_feature_is_unscorable() {
+        let w = Windows::new(cfg(3, 1 << 20, 1000), "events");
+        for (drop, keep) in [("a", "b"), ("b", "a")] {
+            let mut e = event(1, "t");
+            e.features.remove(drop);
+            e.features.insert("c".into(), 1.0);
+            let (class, reason) = w.unscorable(&e).expect("unscorable");
+            assert_eq!(class, ErrorClass::MissingField);
+            assert!(reason.contains(&format!("{drop:?}")), "{reason}");
+            assert!(!reason.contains(&format!("{keep:?}")), "{reason}");
+        }
+        let mut e = event(1, "t");
+        e.features = Features::default();
+        assert!(w.unscorable(&e).is_some());
     }
 
     #[tokio::test(start_paused = true)]

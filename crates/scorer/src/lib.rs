@@ -214,6 +214,19 @@ impl Scorer {
             self.dead_letter(m, ErrorClass::ModelError, message, out);
             return Ok(());
         }
+        // The micro-batcher leaves such rows out; another writer's batch may not, and a
+        // tree ensemble scores NaN as a branch taken, so its output alone cannot tell.
+        if let Some(at) = batch.features.iter().position(|v| !v.is_finite()) {
+            let width = batch.feature_names.len();
+            let message = format!(
+                "feature {:?} of row {} is {}, not a finite number",
+                batch.feature_names[at % width],
+                at / width,
+                batch.features[at]
+            );
+            self.dead_letter(m, ErrorClass::NonFinite, message, out);
+            return Ok(());
+        }
         let started = Instant::now();
         let features = Arc::new(std::mem::take(&mut batch.features));
         // ONNX Runtime blocks; keep it off the async workers.
