@@ -152,19 +152,29 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
     let bytes = codec.encode(topic, &nameless).await.unwrap();
     produce(&p, topic, b"no-entity", &bytes).await;
     // Events for the online-features loop, past ingest's checks: a value JSON cannot
-    // hold (written as `null`, it would leave the entry's features unreadable) and no
-    // entity, beside one that is fine.
+    // hold (written as `null`, it would leave the entry's features unreadable), no
+    // entity, a model feature left out (the responder could not score from the entry),
+    // beside two that are fine, one with a feature the model does not take.
     let events = &lane.settings.topics.events;
     let now = now_millis();
     for (key, entity, amount) in [
-        ("features-nan", "features-nan", f64::NAN),
-        ("features-huge", "features-huge", 1e39),
-        ("features-no-entity", "", 1.0),
-        ("features-ok", "features-ok", 2.5),
+        ("features-nan", "features-nan", Some(f64::NAN)),
+        ("features-huge", "features-huge", Some(1e39)),
+        ("features-no-entity", "", Some(1.0)),
+        ("features-missing", "features-missing", None),
+        ("features-extra", "features-extra", Some(3.5)),
+        ("features-ok", "features-ok", Some(2.5)),
     ] {
         let mut features: lanes_common::features::Features =
             FEATURES.iter().map(|f| (f.to_string(), 1.0)).collect();
-        features.insert("amount".into(), amount);
+        match amount {
+            Some(amount) => features.insert("amount".into(), amount),
+            None => features.remove("amount"),
+        };
+        if key == "features-extra" {
+            // Not the model's: not read, not kept, whatever its value.
+            features.insert("not_in_model".into(), f64::NAN);
+        }
         let event = Event {
             event_id: format!("{key}-e"),
             entity_id: entity.into(),
@@ -179,7 +189,7 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
     let running = lane.start(&[lanes_cache_writer::def()]);
     running.ready().await;
     let dlq = consumer(&lane.settings, &[&lane.settings.topics.dlq]);
-    let mut letters: Vec<(String, ErrorClass)> = consume_n(&dlq, 7, Duration::from_secs(60))
+    let mut letters: Vec<(String, ErrorClass)> = consume_n(&dlq, 8, Duration::from_secs(60))
         .await
         .iter()
         .map(|m| {
@@ -195,6 +205,7 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
         vec![
             ("bad-score".to_string(), ErrorClass::ModelError),
             ("features-huge".to_string(), ErrorClass::NonFinite),
+            ("features-missing".to_string(), ErrorClass::MissingField),
             ("features-nan".to_string(), ErrorClass::NonFinite),
             ("features-no-entity".to_string(), ErrorClass::MissingField),
             ("no-entity".to_string(), ErrorClass::MissingField),
@@ -205,22 +216,31 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
     let prefix = &lane.settings.cache_writer.key_prefix;
     let bare: bool = r.exists(prefix).await.unwrap();
     assert!(!bare, "nothing written to the bare key prefix");
-    for refused in ["features-nan", "features-huge"] {
+    for refused in ["features-nan", "features-huge", "features-missing"] {
         let held: bool = r.exists(key(refused)).await.unwrap();
         assert!(!held, "{refused} cached");
     }
-    let features = wait_for("features-ok's features", Duration::from_secs(30), || {
-        let mut r = r.clone();
-        let key = key("features-ok");
+    // Each entity's online features, once written.
+    let features = |entity: &str| {
+        let (r, key) = (r.clone(), key(entity));
         async move {
-            r.hget::<_, _, Option<String>>(key, "features")
-                .await
-                .unwrap()
+            let json = wait_for(&key, Duration::from_secs(30), || {
+                let (mut r, key) = (r.clone(), key.clone());
+                async move {
+                    r.hget::<_, _, Option<String>>(key, "features")
+                        .await
+                        .unwrap()
+                }
+            })
+            .await;
+            serde_json::from_str::<BTreeMap<String, f64>>(&json).unwrap()
         }
-    })
-    .await;
-    let features: BTreeMap<String, f64> = serde_json::from_str(&features).unwrap();
-    assert_eq!(features["amount"], 2.5, "{features:?}");
+    };
+    let ok = features("features-ok").await;
+    assert_eq!(ok["amount"], 2.5, "{ok:?}");
+    let extra = features("features-extra").await;
+    assert_eq!(extra.len(), FEATURES.len(), "the model's only: {extra:?}");
+    assert_eq!(extra["amount"], 3.5);
     for (entity, score) in [
         ("ok-1", "0.1"),
         ("garbled", "0.4"),

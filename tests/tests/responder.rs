@@ -757,6 +757,20 @@ async fn hostile_requests_get_errors_and_the_responder_stays_up() {
         "{r:?}"
     );
 
+    // Stale, with cached features the model cannot take (one left out): the entry is
+    // served as it is, not an ERROR for the cache's contents.
+    c.seed("partial", &prediction_fields(0.375, "1", 200_000))
+        .await;
+    let mut partial = f.clone();
+    partial.remove("amount");
+    c.seed("partial", &feature_fields(&partial, now_millis()))
+        .await;
+    let r = c.one(Client::request("partial", None, None)).await;
+    assert_eq!(
+        (r.status, r.source, r.score),
+        (ResponseStatus::Ok, ResponseSource::StaleCache, Some(0.375)),
+        "{r:?}"
+    );
     // Request features warm the cache with the responder's clock as event time, never
     // the client's requested_at.
     let mut req = Client::request("warm", Some(f.clone()), None);

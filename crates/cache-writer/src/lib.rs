@@ -24,9 +24,11 @@ use anyhow::Context;
 use lanes_common::cache::{self, Written};
 use lanes_common::dlq::{ErrorClass, header_str};
 use lanes_common::error::Failure;
+use lanes_common::features::FeatureIndex;
 use lanes_common::kafka;
+use lanes_common::model::ModelSpec;
 use lanes_common::records::{
-    Event, Prediction, check_client_time, check_not_ahead, model_value, now_millis,
+    Event, Prediction, check_client_time, check_not_ahead, now_millis, unusable_event,
 };
 use lanes_common::retry;
 use lanes_common::service::{ServiceContext, ServiceDef};
@@ -147,7 +149,13 @@ async fn consume(ctx: ServiceContext, mode: Mode, metrics: Metrics) -> anyhow::R
     }
     match mode {
         Mode::Predictions => stage::run(&ctx, plan, PredictionStage(w), io).await,
-        Mode::Features => stage::run(&ctx, plan, FeatureStage(w), io).await,
+        Mode::Features => {
+            // The model's features: what an entry's online features must hold for the
+            // responder to score from them, and all they keep.
+            let spec = ModelSpec::read(&s.model.resolve()?)?;
+            let stage = FeatureStage(w, FeatureIndex::new(spec.features));
+            stage::run(&ctx, plan, stage, io).await
+        }
     }
 }
 
@@ -166,7 +174,7 @@ async fn connect(
 }
 
 struct PredictionStage(Writer);
-struct FeatureStage(Writer);
+struct FeatureStage(Writer, FeatureIndex);
 
 impl Stage for PredictionStage {
     type Input = Prediction;
@@ -208,9 +216,16 @@ impl Stage for FeatureStage {
         let now = now_millis();
         let skew = self.0.max_clock_skew_ms;
         let mut checked = Vec::with_capacity(inputs.len());
-        checked.extend(inputs.into_iter().filter_map(|i| {
-            match check_event(&i.record, now, skew) {
-                Ok(()) => Some(i),
+        let index = &self.1;
+        checked.extend(inputs.into_iter().filter_map(|mut i| {
+            match check_event(&i.record, index, now, skew) {
+                Ok(()) => {
+                    // Every model feature is there: any more are not the model's.
+                    if i.record.features.len() > index.sorted().len() {
+                        i.record.features.retain(|name| index.contains(name));
+                    }
+                    Some(i)
+                }
                 Err((class, reason)) => {
                     out.dead_letter(i.message, class, reason);
                     None
@@ -243,20 +258,21 @@ impl Stage for FeatureStage {
     }
 }
 
-/// What an entry's online features may not come from (events written to the topic past
-/// ingest's checks): no entity (the bare key prefix), an event time far ahead (it would
-/// outrank every later event), a value the model cannot take (written as JSON `null`,
-/// it would leave the entry's features unreadable for the responder).
-fn check_event(e: &Event, now: i64, skew: u64) -> Result<(), (ErrorClass, String)> {
-    if e.entity_id.is_empty() {
-        return Err((ErrorClass::MissingField, "entity_id is empty".into()));
+/// What an entry's online features may not come from: an event the model cannot use
+/// ([`unusable_event`]; the responder scores stale entries from these features, and a
+/// value JSON cannot hold would leave them unreadable), or one whose time is far ahead
+/// (it would outrank every later event).
+fn check_event(
+    e: &Event,
+    index: &FeatureIndex,
+    now: i64,
+    skew: u64,
+) -> Result<(), (ErrorClass, String)> {
+    if let Some(unusable) = unusable_event(e, index) {
+        return Err(unusable);
     }
     check_client_time("event_time", e.event_time, now, skew)
-        .map_err(|reason| (ErrorClass::InvalidEventTime, reason))?;
-    for (name, v) in &e.features {
-        model_value(name, *v).map_err(|reason| (ErrorClass::NonFinite, reason))?;
-    }
-    Ok(())
+        .map_err(|reason| (ErrorClass::InvalidEventTime, reason))
 }
 
 impl Writer {

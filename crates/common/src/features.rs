@@ -35,6 +35,11 @@ impl Features {
         self.position(name).ok().map(|i| self.0.remove(i).1)
     }
 
+    /// Keeps the entries whose name `keep` accepts.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.0.retain(|(name, _)| keep(name));
+    }
+
     pub fn len(&self) -> usize {
         self.0.len()
     }

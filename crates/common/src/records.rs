@@ -12,7 +12,8 @@ use apache_avro::writer::datum::GenericDatumWriter;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::features::Features;
+use crate::dlq::ErrorClass;
+use crate::features::{FeatureIndex, Features};
 
 /// A record with its Avro schema.
 pub trait Record: Serialize + DeserializeOwned + Send + Sync + 'static {
@@ -384,6 +385,32 @@ pub fn model_value(name: &str, v: f64) -> Result<f32, String> {
             "feature {name:?} is not finite as a 32-bit float: {v}"
         ))
     }
+}
+
+/// Why an `Event` from the events topic cannot serve the model whose features `index`
+/// holds. Any writer can reach that topic past ingest's checks, so each reader checks
+/// what it uses: an entity (the cache key), every feature the model takes (a missing
+/// column would be scored as 0), each finite as a 32-bit float (its row would score
+/// `NaN`, and JSON cannot hold it). Features the model does not take are not read.
+pub fn unusable_event(event: &Event, index: &FeatureIndex) -> Option<(ErrorClass, String)> {
+    if event.entity_id.is_empty() {
+        return Some((ErrorClass::MissingField, "entity_id is empty".into()));
+    }
+    // Values first (a float test each); a name is looked up only for one that fails.
+    if let Some(reason) = event
+        .features
+        .iter()
+        .filter(|(_, v)| !(**v as f32).is_finite())
+        .find(|(name, _)| index.contains(name))
+        .and_then(|(name, v)| model_value(name, *v).err())
+    {
+        return Some((ErrorClass::NonFinite, reason));
+    }
+    let missing = index.first_missing(event.features.keys().map(String::as_str))?;
+    Some((
+        ErrorClass::MissingField,
+        format!("feature {missing:?} is missing"),
+    ))
 }
 
 /// Milliseconds since the Unix epoch, now.

@@ -761,7 +761,8 @@ mod tests {
         ] {
             assert_eq!(class(raw), ErrorClass::InvalidJson, "{raw}");
         }
-        // A client's text that reads like the stand-in stays text.
+        // A client's text that reads like the stand-in stays text (in a record with a
+        // bare literal too it is refused: never taken for a number and let through).
         let e = check(&format!(
             r#"{{"entity_id":"{NON_FINITE}","features":{{"amount":1,"hour":2}}}}"#
         ))

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use lanes_common::dlq::ErrorClass;
 use lanes_common::features::{FeatureIndex, Features};
-use lanes_common::records::{CloseReason, Event, MicroBatch, model_value};
+use lanes_common::records::{CloseReason, Event, MicroBatch, unusable_event};
 use tokio::time::Instant;
 
 use crate::adaptive::{Adaptive, Limits};
@@ -130,28 +130,10 @@ impl Windows {
         }
     }
 
-    /// Why `event` cannot join a batch (written to the events topic past ingest's
-    /// checks): a feature the model takes that is not finite as a 32-bit float (the
-    /// model would score its row `NaN` and the scorer refuse the whole batch with it),
-    /// or one it lacks (its column would be scored as 0, a wrong score cached).
+    /// Why `event` cannot join a batch ([`unusable_event`]): in a batch, a row of a
+    /// value past f32 would score `NaN` and the scorer refuse the whole batch with it.
     pub fn unscorable(&self, event: &Event) -> Option<(ErrorClass, String)> {
-        // Values first (a float test each); a name is looked up only for one that fails.
-        if let Some(reason) = event
-            .features
-            .iter()
-            .filter(|(_, v)| !(**v as f32).is_finite())
-            .find(|(name, _)| self.index.contains(name))
-            .and_then(|(name, v)| model_value(name, *v).err())
-        {
-            return Some((ErrorClass::NonFinite, reason));
-        }
-        let missing = self
-            .index
-            .first_missing(event.features.keys().map(String::as_str))?;
-        Some((
-            ErrorClass::MissingField,
-            format!("feature {missing:?} is missing"),
-        ))
+        unusable_event(event, &self.index)
     }
 
     pub fn open_windows(&self) -> usize {
@@ -456,6 +438,13 @@ mod tests {
         let mut e = event(1, "t");
         e.features = Features::default();
         assert!(w.unscorable(&e).is_some());
+        // No entity: its prediction would have no cache key.
+        let mut e = event(1, "t");
+        e.entity_id.clear();
+        assert_eq!(
+            w.unscorable(&e).map(|u| u.0),
+            Some(ErrorClass::MissingField)
+        );
     }
 
     #[tokio::test(start_paused = true)]
