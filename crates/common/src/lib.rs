@@ -40,7 +40,7 @@ pub use config::Settings;
 /// Every Lanes process allocates through jemalloc. Records are copied out of librdkafka
 /// on polling threads and freed on the runtime's workers; jemalloc's thread caches took
 /// the allocator from 19% to 11% of `lanes up`'s samples in a drain, where mimalloc paid
-/// for collecting those frees (README, Benchmarks). `_RJEM_MALLOC_CONF` tunes it.
+/// for collecting those frees (docs/performance.md). `_RJEM_MALLOC_CONF` tunes it.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
