@@ -109,6 +109,12 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
 /// One consumer loop: predictions, or online features.
 async fn consume(ctx: ServiceContext, mode: Mode, metrics: Metrics) -> anyhow::Result<()> {
     let s = &ctx.settings;
+    // The model's features: what an entry's online features must hold for the responder
+    // to score from them, and all they keep. Read first: a bad `model.dir` fails at once.
+    let model_features = match mode {
+        Mode::Features => Some(ModelSpec::read(&s.model.resolve()?)?.features),
+        Mode::Predictions => None,
+    };
     let client = cache::client(&s.redis).context("redis")?;
     let redis = match connect(&client, &ctx).await {
         Ok(c) => c,
@@ -147,13 +153,10 @@ async fn consume(ctx: ServiceContext, mode: Mode, metrics: Metrics) -> anyhow::R
         // The guard header (see `PredictionStage`).
         plan.headers = RecordHeaders::Keep;
     }
-    match mode {
-        Mode::Predictions => stage::run(&ctx, plan, PredictionStage(w), io).await,
-        Mode::Features => {
-            // The model's features: what an entry's online features must hold for the
-            // responder to score from them, and all they keep.
-            let spec = ModelSpec::read(&s.model.resolve()?)?;
-            let stage = FeatureStage(w, FeatureIndex::new(spec.features));
+    match model_features {
+        None => stage::run(&ctx, plan, PredictionStage(w), io).await,
+        Some(features) => {
+            let stage = FeatureStage(w, FeatureIndex::new(features));
             stage::run(&ctx, plan, stage, io).await
         }
     }

@@ -199,6 +199,16 @@ pub async fn answer(
                 },
                 guard: from_request,
             });
+            // Cached features the serving model cannot take (one left out, written past
+            // ingest's checks or before a deployment changed the features) are as good
+            // as none: the stale entry is the answer, as with no features at all.
+            if !from_request
+                && let Some(s) = &stale
+                && !core.scorable(&features)
+            {
+                m.outcome("stale_served");
+                return stale_response(req, s);
+            }
             if let Some(s) = &stale
                 && req
                     .stale_while_refresh
@@ -226,19 +236,10 @@ pub async fn answer(
                     model_version: Some(scoring.model.spec.version.clone()),
                     ..response(req, ResponseStatus::Ok, ResponseSource::Realtime)
                 },
-                Some(Err(e)) => match &stale {
-                    // Cached features the model cannot take (left by another writer, or
-                    // before a deployment changed the features): the entry still answers.
-                    Some(s) if !from_request => {
-                        tracing::debug!(error = %e, "cached features not scorable; serving the entry");
-                        m.outcome("stale_served");
-                        stale_response(req, s)
-                    }
-                    _ => {
-                        m.outcome("error");
-                        error_response(req, format!("real-time scoring failed: {e}"))
-                    }
-                },
+                Some(Err(e)) => {
+                    m.outcome("error");
+                    error_response(req, format!("real-time scoring failed: {e}"))
+                }
                 None => {
                     m.deadline_misses.inc();
                     match (core.cfg.on_deadline, stale) {

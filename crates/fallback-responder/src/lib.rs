@@ -357,6 +357,19 @@ impl Core {
         flight
     }
 
+    /// Whether the serving model takes `features`: each of its features given, in range.
+    /// Without a model, scoring says why.
+    pub(crate) fn scorable(&self, features: &BTreeMap<String, f64>) -> bool {
+        let Some(model) = self.model.as_ref().map(ModelWatch::current) else {
+            return true;
+        };
+        model.spec.features.iter().all(|name| {
+            features
+                .get(name)
+                .is_some_and(|v| lanes_common::records::model_value(name, *v).is_ok())
+        })
+    }
+
     async fn score_now(&self, features: &BTreeMap<String, f64>, from_request: bool) -> Scored {
         let Some(model) = self.model.as_ref().map(ModelWatch::current) else {
             return Err(format!(
