@@ -363,11 +363,7 @@ impl Core {
         let Some(model) = self.model.as_ref().map(ModelWatch::current) else {
             return true;
         };
-        model.spec.features.iter().all(|name| {
-            features
-                .get(name)
-                .is_some_and(|v| lanes_common::records::model_value(name, *v).is_ok())
-        })
+        model_row(&model.spec.features, features).is_ok()
     }
 
     async fn score_now(&self, features: &BTreeMap<String, f64>, from_request: bool) -> Scored {
@@ -377,14 +373,7 @@ impl Core {
                 self.model_error.as_deref().unwrap_or("not loaded")
             ));
         };
-        let wanted = &model.spec.features;
-        let mut row = Vec::with_capacity(wanted.len());
-        for name in wanted {
-            match features.get(name) {
-                Some(v) => row.push(lanes_common::records::model_value(name, *v)?),
-                None => return Err(format!("feature {name:?} is missing")),
-            }
-        }
+        let row = model_row(&model.spec.features, features)?;
         // By the model's index: a scan of its names per key grew with the square of a
         // wide model's width, on every request.
         if from_request && let Some(extra) = features.keys().find(|k| !model.index().contains(k)) {
@@ -545,4 +534,16 @@ impl Stage for Responder {
     fn busy(&self) -> usize {
         self.0.background.load(Ordering::Relaxed)
     }
+}
+
+/// The model's input row from `features`: each of the model's features (`wanted`, in
+/// its order), present and in range.
+fn model_row(wanted: &[String], features: &BTreeMap<String, f64>) -> Result<Vec<f32>, String> {
+    wanted
+        .iter()
+        .map(|name| match features.get(name) {
+            Some(v) => lanes_common::records::model_value(name, *v),
+            None => Err(format!("feature {name:?} is missing")),
+        })
+        .collect()
 }
