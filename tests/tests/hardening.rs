@@ -266,8 +266,9 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
 }
 
 /// A record of a registered writer schema whose type contains itself, nested as deep as
-/// its bytes allow. apache-avro decodes by recursion: read, it would overflow the stack
-/// and abort the process with every service in it.
+/// its bytes allow, and one of arrays of nulls. apache-avro decodes by recursion and
+/// bounds each array's allocation alone: read, the first would overflow the stack and
+/// the second (with larger counts) exhaust memory, taking every service in the process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_record_of_a_recursive_schema_is_dead_lettered_and_the_writer_stays_up() {
     let lane = Lane::new("recursive");
@@ -290,6 +291,23 @@ async fn a_record_of_a_recursive_schema_is_dead_lettered_and_the_writer_stays_up
     // Twice: the second is refused on the verdict kept for its schema id.
     produce(&p, topic, b"deep", &deep).await;
     produce(&p, topic, b"deep", &deep).await;
+    // Arrays of nulls read no bytes per item: four inner arrays of 1,000 here; forged
+    // counts a few kilobytes long would ask for gigabytes.
+    let r = register_schema(
+        &lane.settings,
+        &format!("{}-value", unique("nothing")),
+        r#"{"type":"record","name":"Nothing","fields":[{"name":"a","type":{"type":"array","items":{"type":"array","items":"null"}}}]}"#,
+    )
+    .await;
+    let id = u32::try_from(r["id"].as_u64().unwrap()).unwrap();
+    let mut nothing = vec![0u8];
+    nothing.extend_from_slice(&id.to_be_bytes());
+    nothing.push(8); // zigzag 4 outer items
+    for _ in 0..4 {
+        nothing.extend_from_slice(&[0xd0, 0x0f, 0]); // zigzag 1,000 nulls, end
+    }
+    nothing.push(0);
+    produce(&p, topic, b"nothing", &nothing).await;
     let after = codec
         .encode(topic, &prediction_now("after-deep", 0.7))
         .await
@@ -298,11 +316,18 @@ async fn a_record_of_a_recursive_schema_is_dead_lettered_and_the_writer_stays_up
     let running = lane.start(&[lanes_cache_writer::def()]);
     running.ready().await;
     let dlq = consumer(&lane.settings, &[&lane.settings.topics.dlq]);
-    for letter in consume_n(&dlq, 2, Duration::from_secs(60)).await {
-        assert_eq!(letter.key(), Some(&b"deep"[..]));
+    let letters = consume_n(&dlq, 3, Duration::from_secs(60)).await;
+    let mut keys: Vec<_> = letters.iter().map(|l| l.key().unwrap().to_vec()).collect();
+    keys.sort();
+    assert_eq!(keys, [&b"deep"[..], b"deep", b"nothing"]);
+    for letter in letters {
         assert_eq!(class(&letter), ErrorClass::DecodeError);
         let reason = dlq::header_str(letter.headers().unwrap(), dlq::HEADER_MESSAGE).unwrap();
-        assert!(reason.contains("recursive"), "{reason}");
+        let expected = match letter.key() {
+            Some(b"deep") => "recursive",
+            _ => "has an array whose items take no bytes",
+        };
+        assert!(reason.contains(expected), "{reason}");
     }
     let r = redis(&lane.settings)
         .get_multiplexed_async_connection()

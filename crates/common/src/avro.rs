@@ -93,8 +93,9 @@ struct Known {
     /// Whether a writer schema id reads as a record type's own schema (same Parsing
     /// Canonical Form, so the same binary layout).
     own: FastMap<(u32, &'static str), bool>,
-    /// Whether a writer schema id is recursive ([`is_recursive`]), walked once per id.
-    recursive: FastMap<u32, bool>,
+    /// Why a writer schema id is not read, if it is not ([`unreadable`]), walked once
+    /// per id.
+    unreadable: FastMap<u32, Option<&'static str>>,
 }
 
 /// How long a failed registration is answered with its error before the registry is
@@ -382,7 +383,7 @@ impl AvroCodec {
             return Err(unknown(verdict));
         }
         if own.is_none() {
-            self.refuse_recursive(schema_id).await?;
+            self.refuse_unreadable(schema_id).await?;
         }
         let decoded = match self.decoder.decode(Some(bytes)).await {
             Ok(d) => d,
@@ -433,39 +434,38 @@ impl AvroCodec {
         Ok(Decoded { record, schema_id })
     }
 
-    /// Refuses a writer schema whose types contain themselves ([`is_recursive`]):
-    /// apache-avro decodes by recursion, so a record of such a schema nested as deep
-    /// as its bytes allow would overflow the stack and abort the process. No Lanes
-    /// record is recursive. A schema the registry cannot give is left to the decode,
-    /// which classifies that failure.
-    async fn refuse_recursive(&self, schema_id: u32) -> Result<(), DecodeError> {
-        let known = self.known().recursive.get(&schema_id).copied();
-        let recursive = match known {
+    /// Refuses a writer schema whose data could take the process down ([`unreadable`]):
+    /// apache-avro decodes by recursion and bounds each collection's allocation only on
+    /// its own, so a recursive type nested as deep as its bytes allow overflows the stack,
+    /// and arrays of items that take no bytes allocate without reading any. No Lanes
+    /// record is either. A schema the registry cannot give is left to the decode, which
+    /// classifies that failure.
+    async fn refuse_unreadable(&self, schema_id: u32) -> Result<(), DecodeError> {
+        let known = self.known().unreadable.get(&schema_id).copied();
+        let verdict = match known {
             Some(verdict) => verdict,
             None => match self.decoder.get_schema(schema_id).await {
                 Ok(writer) => {
-                    let verdict = is_recursive(&writer.parsed);
-                    self.learn().recursive.insert(schema_id, verdict);
+                    let verdict = unreadable(&writer.parsed);
+                    self.learn().unreadable.insert(schema_id, verdict);
                     verdict
                 }
-                Err(_) => false,
+                Err(_) => None,
             },
         };
-        if recursive {
-            return Err(DecodeError::poison(
+        match verdict {
+            Some(why) => Err(DecodeError::poison(
                 ErrorClass::DecodeError,
-                format!(
-                    "schema id {schema_id} is recursive (a type that contains itself); not read"
-                ),
-            ));
+                format!("schema id {schema_id} {why}; not read"),
+            )),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Decodes Confluent-framed bytes of any registered schema into JSON (for tools).
     pub async fn decode_json(&self, bytes: &[u8]) -> Result<(serde_json::Value, u32), DecodeError> {
         let schema_id = check_framing(bytes)?;
-        self.refuse_recursive(schema_id).await?;
+        self.refuse_unreadable(schema_id).await?;
         let decoded = self
             .decoder
             .decode(Some(bytes))
@@ -506,8 +506,8 @@ pub fn write_framed<R: Record, T: serde::Serialize>(
 /// linked list, a tree). Data of such a schema can nest as deep as its bytes go. Each
 /// named type is walked once, so a schema that refers to one type many times is not
 /// walked once per path.
-pub fn is_recursive(schema: &apache_avro::Schema) -> bool {
-    use apache_avro::schema::{Name, NamesRef, ResolvedSchema, Schema};
+fn is_recursive(schema: &apache_avro::Schema, names: &apache_avro::schema::NamesRef<'_>) -> bool {
+    use apache_avro::schema::{Name, NamesRef, Schema};
     use std::collections::HashSet;
     // Names being walked (a cycle when met again) and names walked to the end.
     struct Walk<'s> {
@@ -553,16 +553,114 @@ pub fn is_recursive(schema: &apache_avro::Schema) -> bool {
             }
         }
     }
-    // A schema that does not resolve fails its decode anyway.
-    let Ok(resolved) = ResolvedSchema::try_from(schema) else {
-        return false;
-    };
     Walk {
-        names: resolved.get_names().clone(),
+        names: names.clone(),
         open: HashSet::new(),
         done: HashSet::new(),
     }
     .cycles(schema, None)
+}
+
+/// Why data of a writer `schema` is not decoded, if it is not: a type that contains
+/// itself ([`is_recursive`]), or an array of items that take no bytes (null, fixed of
+/// size 0, a record of only such), whose forged item counts allocate without reading
+/// any input.
+pub fn unreadable(schema: &apache_avro::Schema) -> Option<&'static str> {
+    // A schema that does not resolve fails its decode anyway.
+    let resolved = apache_avro::schema::ResolvedSchema::try_from(schema).ok()?;
+    let names = resolved.get_names();
+    if is_recursive(schema, names) {
+        Some("is recursive (a type that contains itself)")
+    } else if has_array_of_nothing(schema, names) {
+        Some("has an array whose items take no bytes")
+    } else {
+        None
+    }
+}
+
+/// Whether an array of `schema` holds items that take no bytes. `schema` is not
+/// recursive; each named type is walked once.
+fn has_array_of_nothing(
+    schema: &apache_avro::Schema,
+    names: &apache_avro::schema::NamesRef<'_>,
+) -> bool {
+    use apache_avro::schema::{InnerDecimalSchema, Name, NamesRef, Schema};
+    use std::collections::{HashMap, HashSet};
+    struct Walk<'s> {
+        names: NamesRef<'s>,
+        walked: HashSet<Name>,
+        empty: HashMap<Name, bool>,
+    }
+    impl Walk<'_> {
+        fn arrays(&mut self, schema: &Schema, ns: Option<&str>) -> bool {
+            match schema {
+                Schema::Array(a) => self.takes_nothing(&a.items, ns) || self.arrays(&a.items, ns),
+                Schema::Map(m) => self.arrays(&m.types, ns),
+                Schema::Union(u) => u.variants().iter().any(|v| self.arrays(v, ns)),
+                Schema::Record(r) => {
+                    let name = r.name.fully_qualified_name(ns).into_owned();
+                    if !self.walked.insert(name.clone()) {
+                        return false;
+                    }
+                    let inner = name.namespace();
+                    r.fields.iter().any(|f| self.arrays(&f.schema, inner))
+                }
+                Schema::Ref { name } => {
+                    let name = name.fully_qualified_name(ns).into_owned();
+                    match self.names.get(&name).copied() {
+                        Some(def) if !self.walked.contains(&name) => {
+                            self.arrays(def, name.namespace())
+                        }
+                        _ => false,
+                    }
+                }
+                _ => false,
+            }
+        }
+
+        fn takes_nothing(&mut self, schema: &Schema, ns: Option<&str>) -> bool {
+            match schema {
+                Schema::Null => true,
+                Schema::Fixed(f) => f.size == 0,
+                Schema::Decimal(d) => {
+                    matches!(&d.inner, InnerDecimalSchema::Fixed(f) if f.size == 0)
+                }
+                Schema::Record(r) => {
+                    let name = r.name.fully_qualified_name(ns).into_owned();
+                    self.record_takes_nothing(&name, &r.fields)
+                }
+                Schema::Ref { name } => {
+                    let name = name.fully_qualified_name(ns).into_owned();
+                    match self.names.get(&name).copied() {
+                        Some(Schema::Record(r)) => self.record_takes_nothing(&name, &r.fields),
+                        Some(def) => self.takes_nothing(def, name.namespace()),
+                        None => false,
+                    }
+                }
+                _ => false,
+            }
+        }
+
+        fn record_takes_nothing(
+            &mut self,
+            name: &Name,
+            fields: &[apache_avro::schema::RecordField],
+        ) -> bool {
+            if let Some(&empty) = self.empty.get(name) {
+                return empty;
+            }
+            let inner = name.namespace();
+            let empty = fields.iter().all(|f| self.takes_nothing(&f.schema, inner));
+            self.empty.insert(name.clone(), empty);
+            empty
+        }
+    }
+    Walk {
+        names: names.clone(),
+        walked: HashSet::new(),
+        empty: HashMap::new(),
+    }
+    .arrays(schema, None)
 }
 
 /// The magic byte and schema id, before any registry call.
@@ -619,7 +717,8 @@ mod tests {
     use super::*;
 
     fn recursive(text: &str) -> bool {
-        is_recursive(&apache_avro::Schema::parse_str(text).expect("a valid schema"))
+        unreadable(&apache_avro::Schema::parse_str(text).expect("a valid schema"))
+            .is_some_and(|why| why.contains("recursive"))
     }
 
     #[test]
@@ -651,7 +750,7 @@ mod tests {
             PredictionRequest::schema(),
             PredictionResponse::schema(),
         ] {
-            assert!(!is_recursive(schema), "{}", schema.canonical_form());
+            assert_eq!(unreadable(schema), None, "{}", schema.canonical_form());
         }
         // 40 types, each naming the next twice: walked once per type, not 2^40 times
         // (which would not end).
@@ -667,6 +766,53 @@ mod tests {
             fields.join(",")
         );
         assert!(!recursive(&text));
+    }
+
+    #[test]
+    fn arrays_of_items_that_take_no_bytes_are_unreadable() {
+        let why = |text: &str| unreadable(&apache_avro::Schema::parse_str(text).expect(text));
+        for text in [
+            r#"{"type":"array","items":"null"}"#,
+            r#"{"type":"record","name":"X","fields":[{"name":"a","type":{"type":"array","items":{"type":"array","items":"null"}}}]}"#,
+            r#"{"type":"record","name":"X","fields":[{"name":"a","type":{"type":"array","items":{"type":"record","name":"E","fields":[]}}}]}"#,
+            r#"{"type":"record","name":"X","fields":[{"name":"e","type":{"type":"record","name":"E","namespace":"n","fields":[{"name":"z","type":{"type":"fixed","name":"Z","size":0}}]}},{"name":"a","type":["null",{"type":"map","values":{"type":"array","items":"n.E"}}]}]}"#,
+        ] {
+            assert_eq!(
+                why(text),
+                Some("has an array whose items take no bytes"),
+                "{text}"
+            );
+        }
+        // Items of at least one byte: an array's own count, a union's branch, a string's
+        // length, an enum's index.
+        for text in [
+            r#"{"type":"array","items":{"type":"array","items":"long"}}"#,
+            r#"{"type":"array","items":["null","long"]}"#,
+            r#"{"type":"array","items":{"type":"record","name":"R","fields":[{"name":"n","type":"null"},{"name":"s","type":"string"}]}}"#,
+            r#"{"type":"array","items":{"type":"enum","name":"One","symbols":["a"]}}"#,
+            r#"{"type":"map","values":"null"}"#,
+        ] {
+            assert_eq!(why(text), None, "{text}");
+        }
+        assert!(
+            why(r#"{"type":"record","name":"N","fields":[{"name":"next","type":["null","N"]}]}"#)
+                .is_some_and(|w| w.contains("recursive"))
+        );
+        // 40 types, each naming the next twice, down to a record of nulls: each type is
+        // asked once whether it takes no bytes, not 2^40 times.
+        let mut fields = vec![r#"{"name":"f40","type":{"type":"record","name":"L40","fields":[{"name":"x","type":"null"}]}}"#.to_string()];
+        for i in (0..40).rev() {
+            let next = i + 1;
+            fields.push(format!(
+                r#"{{"name":"f{i}","type":{{"type":"record","name":"L{i}","fields":[{{"name":"a","type":"L{next}"}},{{"name":"b","type":"L{next}"}}]}}}}"#
+            ));
+        }
+        fields.push(r#"{"name":"all","type":{"type":"array","items":"L0"}}"#.to_string());
+        let text = format!(
+            r#"{{"type":"record","name":"R","fields":[{}]}}"#,
+            fields.join(",")
+        );
+        assert_eq!(why(&text), Some("has an array whose items take no bytes"));
     }
 
     #[test]
