@@ -68,7 +68,11 @@ impl ModelConfig {
     }
 
     /// The version folders to try, best first: the pinned one, or every version
-    /// highest first.
+    /// highest first that may stand beside the lowest readable one ([`check_spec`]).
+    /// The lowest sets the deployment's model, so a version that changes the name or
+    /// the features is refused at start as the watcher refuses it while serving:
+    /// services restarted in any order read the same features. A version whose
+    /// `model.toml` cannot be read stays, for loading to refuse with its reason.
     pub fn candidates(&self) -> Result<Vec<PathBuf>, ModelError> {
         if let Some(dir) = self.pinned_folder() {
             return Ok(vec![dir]);
@@ -81,7 +85,33 @@ impl ModelConfig {
         if all.is_empty() {
             return Err(spec_err("holds no model version folder".into()));
         }
-        Ok(all.iter().rev().map(|v| self.dir.join(v)).collect())
+        let found: Vec<(PathBuf, Option<ModelSpec>)> = all
+            .iter()
+            .rev()
+            .map(|v| self.dir.join(v))
+            .map(|dir| {
+                let spec = ModelSpec::read(&dir).ok();
+                (dir, spec)
+            })
+            .collect();
+        let Some(lowest) = found.iter().rposition(|(_, spec)| spec.is_some()) else {
+            return Ok(found.into_iter().map(|(dir, _)| dir).collect());
+        };
+        let base = found[lowest].1.clone().expect("readable");
+        Ok(found
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, (dir, spec))| match spec {
+                Some(spec) if i != lowest => match check_spec(&base, &spec, &dir) {
+                    Ok(()) => Some(dir),
+                    Err(e) => {
+                        tracing::error!(dir = %dir.display(), error = %e, base = %base.version, "model version refused");
+                        None
+                    }
+                },
+                _ => Some(dir),
+            })
+            .collect())
     }
 
     /// The folder whose `model.toml` is served: the highest version with a readable
@@ -131,27 +161,33 @@ impl ModelConfig {
 /// Why `next` may not replace `current`, if it may not. Streams already carry columns in
 /// the serving model's feature order, so a new version must keep it.
 pub fn check_successor(current: &Model, next: &Model) -> Result<(), String> {
-    let folder = next
-        .dir
+    check_spec(&current.spec, &next.spec, &next.dir)
+}
+
+/// Why the version in `dir`, whose `model.toml` is `next`, may not stand beside the one
+/// whose `model.toml` is `base`: its version must name its folder, its name and its
+/// features must be `base`'s.
+pub fn check_spec(base: &ModelSpec, next: &ModelSpec, dir: &Path) -> Result<(), String> {
+    let folder = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    if next.spec.version != folder {
+    if next.version != folder {
         return Err(format!(
             "model.toml says version {:?} but the folder is {folder:?}",
-            next.spec.version
+            next.version
         ));
     }
-    if next.spec.name != current.spec.name {
+    if next.name != base.name {
         return Err(format!(
             "model.toml names {:?}, the served model is {:?}",
-            next.spec.name, current.spec.name
+            next.name, base.name
         ));
     }
-    if next.spec.features != current.spec.features {
+    if next.features != base.features {
         return Err(format!(
             "features {:?} differ from the served {:?}; a feature change needs a new deployment",
-            next.spec.features, current.spec.features
+            next.features, base.features
         ));
     }
     Ok(())
@@ -397,6 +433,43 @@ mod tests {
         assert_eq!(cfg.shadow_folder().unwrap(), root.path().join("1"));
         cfg.dir = root.path().join("missing");
         assert!(cfg.resolve().is_err());
+    }
+
+    #[test]
+    fn versions_that_change_the_lowest_ones_features_are_not_candidates() {
+        let root = tempfile::tempdir().unwrap();
+        let write = |v: &str, name: &str, features: &str| {
+            let dir = root.path().join(v);
+            std::fs::create_dir(&dir).unwrap();
+            let toml = format!(
+                "name = \"{name}\"\nversion = \"{v}\"\nfeatures = [{features}]\ninput = \"x\"\n\
+                 output = \"y\"\noutput_kind = \"score\"\npositive_label = \"p\"\nnegative_label = \"n\"\n"
+            );
+            std::fs::write(dir.join("model.toml"), toml).unwrap();
+        };
+        std::fs::create_dir(root.path().join("0")).unwrap(); // no model.toml: skipped as base
+        write("1", "m", r#""a", "b""#);
+        write("2", "m", r#""a", "b""#);
+        write("3", "m", r#""a", "b", "c""#); // a feature added
+        write("4", "m", r#""b", "a""#); // reordered
+        write("5", "other", r#""a", "b""#);
+        write("6", "m", r#""a", "b""#);
+        let cfg = ModelConfig {
+            dir: root.path().to_path_buf(),
+            version: LATEST.into(),
+            watch_interval_ms: 1000,
+            shadow_version: String::new(),
+        };
+        assert_eq!(
+            cfg.candidates().unwrap(),
+            ["6", "2", "1", "0"].map(|v| root.path().join(v))
+        );
+        assert_eq!(cfg.resolve().unwrap(), root.path().join("6"));
+        // Once the old versions are gone, the lowest left sets the features.
+        for v in ["0", "1", "2"] {
+            std::fs::remove_dir_all(root.path().join(v)).unwrap();
+        }
+        assert_eq!(cfg.resolve().unwrap(), root.path().join("3"));
     }
 
     #[test]
