@@ -1219,6 +1219,19 @@ async fn reply_topics_a_client_names_cannot_grow_or_stall_the_responder() {
     }
     within(started, 10);
 
+    // A response too large for the broker (its request's id is 400 KB, carried in its
+    // key, value and correlation header): that request is dead-lettered, and the topic
+    // stays open to others.
+    let dlq = consumer(&lane.settings, &[&lane.settings.topics.dlq]);
+    let mut huge = to(&mine);
+    huge.request_id = "r".repeat(400_000);
+    c.send(std::slice::from_ref(&huge)).await;
+    let letter = &consume_n(&dlq, 1, Duration::from_secs(30)).await[0];
+    let class =
+        lanes_common::dlq::header_str(letter.headers().unwrap(), lanes_common::dlq::HEADER_CLASS);
+    assert_eq!(class, Some("TOO_LARGE"));
+    answered_on(mine.clone()).await;
+
     // Made just before the request: found (a listing newer than the question); and a
     // topic already listed is answered on again.
     create_topics(&lane.settings, &[&late]).await;

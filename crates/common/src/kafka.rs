@@ -110,10 +110,28 @@ fn apply(c: &mut ClientConfig, props: &BTreeMap<String, String>) {
 /// An idempotent producer (`acks=all`, no duplicates on internal retries). Users may
 /// tune it through `kafka.producer_properties`, but not turn idempotence off.
 pub fn producer(cfg: &KafkaConfig, client_id: &str) -> KafkaResult<Producer> {
+    Ok(Producer::new(
+        producer_config(cfg, client_id).create_with_context(Reports)?,
+    ))
+}
+
+/// The names of librdkafka's local delivery timeout.
+const DELIVERY_TIMEOUT: [&str; 2] = ["message.timeout.ms", "delivery.timeout.ms"];
+
+fn producer_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
     let mut c = base_config(cfg, client_id);
+    // Offsets wait for deliveries, so a delivery librdkafka gives up on (after 300 s
+    // by default) would stop the service and replay its inputs; never giving up
+    // (0) keeps retrying in order until the broker is back, as Kafka advises for
+    // pipelines that must not lose records (KIP-91). A timeout the user sets stands.
+    let user_set =
+        |k: &str| cfg.properties.contains_key(k) || cfg.producer_properties.contains_key(k);
+    if !DELIVERY_TIMEOUT.iter().any(|k| user_set(k)) {
+        c.set(DELIVERY_TIMEOUT[0], "0");
+    }
     apply(&mut c, &cfg.producer_properties);
     c.set("enable.idempotence", "true").set("acks", "all");
-    Ok(Producer::new(c.create_with_context(Reports)?))
+    c
 }
 
 /// Hands `record` to the producer without waiting for its acknowledgement, waiting only
@@ -408,6 +426,32 @@ mod tests {
             let e = check_topic_name(bad).expect_err(bad);
             assert!(e.contains(says), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn producers_never_give_up_on_a_delivery_unless_told_to() {
+        let mut cfg = crate::Settings::load_from(None, Default::default())
+            .unwrap()
+            .kafka;
+        cfg.bootstrap_servers = "127.0.0.1:1".into();
+        let timeout = |cfg: &KafkaConfig| {
+            let c = producer_config(cfg, "t");
+            DELIVERY_TIMEOUT.map(|k| c.get(k).map(str::to_string))
+        };
+        assert_eq!(timeout(&cfg), [Some("0".into()), None]);
+        // librdkafka takes it beside linger and idempotence.
+        cfg.producer_properties
+            .insert("linger.ms".into(), "5".into());
+        producer(&cfg, "t").expect("a producer that never times out a delivery");
+        let mut own = cfg.clone();
+        own.producer_properties
+            .insert("delivery.timeout.ms".into(), "30000".into());
+        assert_eq!(timeout(&own), [None, Some("30000".into())]);
+        let mut shared = cfg.clone();
+        shared
+            .properties
+            .insert("message.timeout.ms".into(), "60000".into());
+        assert_eq!(timeout(&shared), [Some("60000".into()), None]);
     }
 
     fn positions(t: &OffsetTracker) -> Vec<(String, i32, i64)> {

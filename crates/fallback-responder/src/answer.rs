@@ -58,29 +58,58 @@ fn error_response(req: &PredictionRequest, error: String) -> PredictionResponse 
     }
 }
 
-/// Whether `topic` may receive responses: the configured responses topic, or a name
+/// Which topics may receive responses: the configured responses topic, or a name
 /// matching `reply_topics` (exact, or a prefix ending in `*`) that Kafka would accept as
-/// a topic. Else why not, quoting at most the first 100 characters of the name.
-pub fn check_reply(topic: &str, default: &str, allowed: &[String]) -> Result<(), String> {
-    if topic == default {
-        return Ok(());
+/// a topic and that is none of Lanes' other topics nor one of Kafka's own (`__...`).
+#[derive(Debug, Clone)]
+pub struct ReplyTopics {
+    pub default: String,
+    pub allowed: Vec<String>,
+    /// Lanes' topics other than `default`: a response there would feed a service or
+    /// take a subject its records need, whatever `reply_topics` allows.
+    pub reserved: Vec<String>,
+}
+
+impl ReplyTopics {
+    pub fn new(s: &lanes_common::Settings) -> Self {
+        let default = s.topics.responses.clone();
+        Self {
+            reserved: s
+                .topics
+                .all()
+                .into_iter()
+                .filter(|t| *t != default)
+                .map(str::to_string)
+                .collect(),
+            allowed: s.fallback_responder.reply_topics.clone(),
+            default,
+        }
     }
-    let quoted = || match topic.char_indices().nth(100) {
-        Some((end, _)) => format!("{:?}... ({} bytes)", &topic[..end], topic.len()),
-        None => format!("{topic:?}"),
-    };
-    let listed = allowed
-        .iter()
-        .any(|pattern| match pattern.strip_suffix('*') {
-            Some(prefix) => topic.starts_with(prefix) && topic.len() > prefix.len(),
-            None => topic == pattern,
-        });
-    if !listed {
-        return Err(format!("reply_topic {} is not allowed", quoted()));
+
+    /// Whether `topic` may receive responses; else why not, quoting at most the first
+    /// 100 characters of the name.
+    pub fn check(&self, topic: &str) -> Result<(), String> {
+        if topic == self.default {
+            return Ok(());
+        }
+        let quoted = || match topic.char_indices().nth(100) {
+            Some((end, _)) => format!("{:?}... ({} bytes)", &topic[..end], topic.len()),
+            None => format!("{topic:?}"),
+        };
+        let listed = self
+            .allowed
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => topic.starts_with(prefix) && topic.len() > prefix.len(),
+                None => topic == pattern,
+            });
+        if !listed || topic.starts_with("__") || self.reserved.iter().any(|t| t == topic) {
+            return Err(format!("reply_topic {} is not allowed", quoted()));
+        }
+        // What a prefix lets a client add would otherwise become a registry subject.
+        lanes_common::kafka::check_topic_name(topic)
+            .map_err(|e| format!("reply_topic {} is not a valid topic name: {e}", quoted()))
     }
-    // What a prefix lets a client add would otherwise become a registry subject.
-    lanes_common::kafka::check_topic_name(topic)
-        .map_err(|e| format!("reply_topic {} is not a valid topic name: {e}", quoted()))
 }
 
 /// Why a request is refused before any work: no entity, or its own times.
@@ -347,7 +376,7 @@ pub async fn respond(
         .reply_topic
         .clone()
         .unwrap_or_else(|| core.responses_topic.clone());
-    let refused_reply = match check_reply(&topic, &core.responses_topic, &core.cfg.reply_topics) {
+    let refused_reply = match core.reply_topics.check(&topic) {
         Err(e) => Some(e),
         Ok(()) if topic != core.responses_topic => Box::pin(admit_reply(core, &topic)).await.err(),
         Ok(()) => None,
@@ -385,7 +414,12 @@ pub async fn respond(
     };
     resp.responded_at = now_millis();
     match Box::pin(send(core, &topic, resp.clone(), headers.clone(), started)).await {
-        Err(Failure::Poison { message, .. }) if topic != core.responses_topic => {
+        // A response too large for the broker is this request's own fault, not the
+        // topic's (an error response would carry the same id and headers): the request
+        // is dead-lettered TOO_LARGE and the topic stays open to others.
+        Err(Failure::Poison { class, message })
+            if topic != core.responses_topic && class != ErrorClass::TooLarge =>
+        {
             core.reply_listing
                 .refused(&topic, tokio::time::Instant::now());
             // Registered again (one call) if it is taken again.
@@ -431,8 +465,7 @@ async fn admit_reply(core: &Core, topic: &str) -> Result<(), String> {
 /// not be asked.
 async fn listed_reply_topics(core: &Core) -> Option<HashSet<String>> {
     let producer = core.producer.clone();
-    let default = core.responses_topic.clone();
-    let allowed = core.cfg.reply_topics.clone();
+    let rule = core.reply_topics.clone();
     let listed = tokio::task::spawn_blocking(move || {
         producer
             .inner()
@@ -442,7 +475,7 @@ async fn listed_reply_topics(core: &Core) -> Option<HashSet<String>> {
                 md.topics()
                     .iter()
                     .map(|t| t.name())
-                    .filter(|t| check_reply(t, &default, &allowed).is_ok())
+                    .filter(|t| rule.check(t).is_ok())
                     .map(str::to_string)
                     .collect::<HashSet<_>>()
             })
@@ -454,7 +487,7 @@ async fn listed_reply_topics(core: &Core) -> Option<HashSet<String>> {
             // and go do not pile up.
             core.codec.forget_topics(|t| {
                 t != core.responses_topic
-                    && check_reply(t, &core.responses_topic, &core.cfg.reply_topics).is_ok()
+                    && core.reply_topics.check(t).is_ok()
                     && !topics.contains(t)
             });
             Some(topics)
@@ -474,6 +507,10 @@ const LISTING_TIMEOUT: Duration = Duration::from_secs(2);
 /// answered on the default topic instead: a subject a client picked can be refused for
 /// good in ways that read as passing (a 403 from rights per subject).
 const REPLY_REGISTRY_PATIENCE: Duration = Duration::from_secs(10);
+
+/// How long a response to a reply topic other than the default may wait for its
+/// delivery before its request is answered on the default topic instead.
+const REPLY_DELIVERY_PATIENCE: Duration = Duration::from_secs(10);
 
 async fn send(
     core: &Core,
@@ -524,7 +561,21 @@ async fn send(
     core.metrics
         .response_seconds
         .observe(started.elapsed().as_secs_f64());
-    delivered(d).await.map_err(|e| Failure::from_produce(&e))?;
+    if topic == core.responses_topic {
+        delivered(d).await
+    } else {
+        // Producers never give up on a delivery; a reply topic a client picked must not
+        // hold its request (and the offsets behind it) while it has no leader.
+        tokio::time::timeout(REPLY_DELIVERY_PATIENCE, delivered(d))
+            .await
+            .map_err(|_| {
+                Failure::poison(
+                    ErrorClass::ProduceError,
+                    format!("not delivered to {topic} within {REPLY_DELIVERY_PATIENCE:?}"),
+                )
+            })?
+    }
+    .map_err(|e| Failure::from_produce(&e))?;
     Ok(())
 }
 
@@ -564,11 +615,13 @@ mod tests {
 
     #[test]
     fn reply_topics_are_allowed_by_name_or_prefix_and_must_be_topic_names() {
-        let allowed = vec![
+        let mut s = lanes_common::Settings::load_from(None, Default::default()).unwrap();
+        s.fallback_responder.reply_topics = vec![
             "lanes.responses.*".to_string(),
             "team-a.answers".to_string(),
         ];
-        let check = |t: &str| check_reply(t, "lanes.responses", &allowed);
+        let rule = ReplyTopics::new(&s);
+        let check = |t: &str| rule.check(t);
         assert_eq!(check("lanes.responses"), Ok(()));
         assert_eq!(check("lanes.responses.team-b"), Ok(()));
         assert_eq!(check("team-a.answers"), Ok(()));
@@ -581,6 +634,19 @@ mod tests {
         assert!(refused("lanes.dlq").contains("not allowed"));
         assert!(refused("team-a.answers.x").contains("not allowed"));
         assert!(refused("__consumer_offsets").contains("not allowed"));
+        // Allowing any topic still keeps Lanes' own and Kafka's.
+        s.fallback_responder.reply_topics = vec!["*".to_string()];
+        let any = ReplyTopics::new(&s);
+        assert_eq!(any.check("team-b"), Ok(()));
+        assert_eq!(any.check("lanes.responses"), Ok(()));
+        for t in [
+            "lanes.dlq",
+            "lanes.events.raw",
+            "lanes.predictions.shadow",
+            "__consumer_offsets",
+        ] {
+            assert!(any.check(t).expect_err(t).contains("not allowed"), "{t}");
+        }
         // A prefix does not let a client walk the registry's URL.
         let e = refused("lanes.responses.x/../../lanes.events");
         assert!(

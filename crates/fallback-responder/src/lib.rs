@@ -154,6 +154,7 @@ pub struct Core {
     producer: Producer,
     predictions_topic: String,
     responses_topic: String,
+    reply_topics: Arc<answer::ReplyTopics>,
     reply_listing: replies::Listing,
     flights: SingleFlight<Scored>,
     /// Scorings and cache warmings still running, whoever started them.
@@ -488,6 +489,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         producer: io.producer.clone(),
         predictions_topic: s.topics.predictions.clone(),
         responses_topic: s.topics.responses.clone(),
+        reply_topics: Arc::new(answer::ReplyTopics::new(s)),
         reply_listing: replies::Listing::new(Duration::from_secs(1)),
         flights: SingleFlight::default(),
         background: Arc::new(AtomicUsize::new(0)),
