@@ -95,6 +95,9 @@ impl ProducerContext<NoCustomPartitioner> for Reports {
     }
 }
 
+/// The longest wait between tries to enqueue into librdkafka's full queue.
+const QUEUE_FULL_MAX_WAIT: Duration = Duration::from_millis(64);
+
 /// An idempotent producer with a polling thread for its delivery reports. Cheap to clone.
 #[derive(Clone)]
 pub struct Producer {
@@ -193,12 +196,16 @@ impl Producer {
             headers: record.headers,
             delivery_opaque: Box::new(ticket),
         };
+        // Full while the broker is slow or away: waits double up to a cap, so an
+        // outage is not a wake-up every millisecond.
+        let mut wait = Duration::from_millis(1);
         loop {
             match self.inner.send(base) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     base = r;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(QUEUE_FULL_MAX_WAIT);
                 }
                 Err((e, _)) => return Err(e),
             }

@@ -1204,8 +1204,16 @@ pub struct Acks {
     commit_failing: bool,
 }
 
+/// What an input holds in memory: key, value and the headers a stage keeps (any
+/// producer may send a megabyte of them with an empty value).
 fn size(m: &OwnedMessage) -> usize {
-    m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len)
+    use rdkafka::message::Headers;
+    let headers = m.headers().map_or(0, |h| {
+        h.iter()
+            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+            .sum()
+    });
+    m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len) + headers
 }
 
 impl Acks {
@@ -1352,17 +1360,22 @@ impl Acks {
         partitions: &[(String, i32)],
         done: std_mpsc::SyncSender<()>,
     ) -> anyhow::Result<()> {
-        self.drain().await?;
+        // What was acknowledged is committed even when something was not: the
+        // tracker only lets a commit reach acknowledged inputs.
+        let drained = self.drain().await;
         self.commit(consumer).await;
+        drained?;
         self.forget(partitions);
         let _ = done.send(());
         Ok(())
     }
 
-    /// At shutdown: waits for every acknowledgement, commits, and leaves the group.
+    /// At shutdown: waits for every acknowledgement, commits what was acknowledged, and
+    /// leaves the group.
     pub async fn finish(mut self, source: Source) -> anyhow::Result<()> {
-        self.drain().await?;
+        let drained = self.drain().await;
         self.commit(source.consumer()).await;
+        drained?;
         source.close().await;
         Ok(())
     }
@@ -1380,6 +1393,33 @@ mod tests {
     use super::{Continuity, REFETCH_EVERY, ROOM, RoomBell, Step, Verdict, sift, verdict};
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn an_inputs_size_counts_the_headers_it_keeps() {
+        use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
+        let message = |headers| {
+            OwnedMessage::new(
+                Some(b"value".to_vec()),
+                Some(b"key".to_vec()),
+                "t".into(),
+                Timestamp::NotAvailable,
+                0,
+                0,
+                headers,
+            )
+        };
+        assert_eq!(super::size(&message(None)), 8);
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "big",
+                value: Some(&[0u8; 1000][..]),
+            })
+            .insert(Header::<&[u8]> {
+                key: "none",
+                value: None,
+            });
+        assert_eq!(super::size(&message(Some(headers))), 8 + 3 + 1000 + 4);
+    }
 
     /// A thread waiting for room is rung once, when half the channel is free; a thread
     /// that is not waiting, or finds the room already made, is not.
