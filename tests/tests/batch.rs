@@ -296,13 +296,30 @@ async fn a_bad_row_anywhere_stops_the_run_before_anything_is_published() {
         now + 3_600_000
     ));
     let path = dir.path().join("late-row.csv");
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, &text).unwrap();
     let out = lane.lanes(&["batch", path.to_str().unwrap(), "--batch-size", "16"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("row 301") && stderr.contains("ahead"),
         "{stderr}"
+    );
+    // The last row's id is too long for its prediction to fit one Kafka message: the
+    // broker would refuse it after the first 300 were published.
+    let mut text: String = text.lines().take(301).map(|l| format!("{l}\n")).collect();
+    text.push_str(&format!(
+        "card-{},{now},2,3,0.1,5,6,7,8,9,1,0\n",
+        "x".repeat(400_000)
+    ));
+    let path = dir.path().join("long-id.csv");
+    std::fs::write(&path, text).unwrap();
+    let out = lane.lanes(&["batch", path.to_str().unwrap(), "--batch-size", "16"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("row 301") && stderr.contains("entity_id of 400005 bytes"),
+        "{}",
+        &stderr[..stderr.len().min(2000)]
     );
     let predictions = consumer(&lane.settings, &[&lane.settings.topics.predictions]);
     let got = tokio::time::timeout(Duration::from_secs(5), predictions.recv()).await;
