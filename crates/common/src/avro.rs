@@ -562,105 +562,161 @@ fn is_recursive(schema: &apache_avro::Schema, names: &apache_avro::schema::Names
 }
 
 /// Why data of a writer `schema` is not decoded, if it is not: a type that contains
-/// itself ([`is_recursive`]), or an array of items that take no bytes (null, fixed of
-/// size 0, a record of only such), whose forged item counts allocate without reading
-/// any input.
+/// itself ([`is_recursive`]), or an array or map whose items can allocate far more
+/// than the bytes they are read from ([`costly_items`]).
 pub fn unreadable(schema: &apache_avro::Schema) -> Option<&'static str> {
     // A schema that does not resolve fails its decode anyway.
     let resolved = apache_avro::schema::ResolvedSchema::try_from(schema).ok()?;
     let names = resolved.get_names();
     if is_recursive(schema, names) {
         Some("is recursive (a type that contains itself)")
-    } else if has_array_of_nothing(schema, names) {
-        Some("has an array whose items take no bytes")
     } else {
-        None
+        costly_items(schema, names)
     }
 }
 
-/// Whether an array of `schema` holds items that take no bytes. `schema` is not
-/// recursive; each named type is walked once.
-fn has_array_of_nothing(
+/// The most one item of an array or map may allocate, decoded, per byte it is read
+/// from. A generic value costs about one `Value` per scalar (Lanes' own arrays of
+/// strings, floats and longs come to a fifth of this); a field name or an enum symbol
+/// is copied into every value that holds it.
+const MAX_ALLOC_PER_BYTE: u64 = 256;
+
+/// Why an array or map of `schema` is refused, if one is. apache-avro bounds each
+/// collection's allocation only on its own (16 MiB here), so items that read no bytes
+/// (null, fixed of size 0, a record of only such), or that copy long names or many
+/// fields per byte read, let a few kilobytes of nested forged counts ask for
+/// gigabytes. `schema` is not recursive; each named type is walked and costed once.
+fn costly_items(
     schema: &apache_avro::Schema,
     names: &apache_avro::schema::NamesRef<'_>,
-) -> bool {
-    use apache_avro::schema::{InnerDecimalSchema, Name, NamesRef, Schema};
+) -> Option<&'static str> {
+    use apache_avro::schema::{InnerDecimalSchema, Name, NamesRef, RecordField, Schema};
     use std::collections::{HashMap, HashSet};
+    const VALUE: u64 = std::mem::size_of::<apache_avro::types::Value>() as u64;
+    const STRING: u64 = std::mem::size_of::<String>() as u64;
+    /// Fewest bytes a value is read from, and what it allocates beyond the bytes it
+    /// copies from the input.
+    type Cost = (u64, u64);
     struct Walk<'s> {
         names: NamesRef<'s>,
         walked: HashSet<Name>,
-        empty: HashMap<Name, bool>,
+        records: HashMap<Name, Cost>,
     }
     impl Walk<'_> {
-        fn arrays(&mut self, schema: &Schema, ns: Option<&str>) -> bool {
+        fn check(&mut self, schema: &Schema, ns: Option<&str>) -> Option<&'static str> {
             match schema {
-                Schema::Array(a) => self.takes_nothing(&a.items, ns) || self.arrays(&a.items, ns),
-                Schema::Map(m) => self.arrays(&m.types, ns),
-                Schema::Union(u) => u.variants().iter().any(|v| self.arrays(v, ns)),
+                Schema::Array(a) => self
+                    .items(&a.items, ns, (0, 0))
+                    .or_else(|| self.check(&a.items, ns)),
+                // Each entry also reads its key (one byte at least) into a String.
+                Schema::Map(m) => self
+                    .items(&m.types, ns, (1, STRING))
+                    .or_else(|| self.check(&m.types, ns)),
+                Schema::Union(u) => u.variants().iter().find_map(|v| self.check(v, ns)),
                 Schema::Record(r) => {
                     let name = r.name.fully_qualified_name(ns).into_owned();
                     if !self.walked.insert(name.clone()) {
-                        return false;
+                        return None;
                     }
                     let inner = name.namespace();
-                    r.fields.iter().any(|f| self.arrays(&f.schema, inner))
+                    r.fields.iter().find_map(|f| self.check(&f.schema, inner))
                 }
                 Schema::Ref { name } => {
                     let name = name.fully_qualified_name(ns).into_owned();
                     match self.names.get(&name).copied() {
                         Some(def) if !self.walked.contains(&name) => {
-                            self.arrays(def, name.namespace())
+                            self.check(def, name.namespace())
                         }
-                        _ => false,
+                        _ => None,
                     }
                 }
-                _ => false,
+                _ => None,
             }
         }
 
-        fn takes_nothing(&mut self, schema: &Schema, ns: Option<&str>) -> bool {
+        fn items(&mut self, item: &Schema, ns: Option<&str>, key: Cost) -> Option<&'static str> {
+            let (min, alloc) = self.cost(item, ns);
+            let (min, alloc) = (min + key.0, alloc.saturating_add(key.1));
+            if min == 0 {
+                Some("has an array whose items take no bytes")
+            } else if alloc > MAX_ALLOC_PER_BYTE.saturating_mul(min) {
+                Some(
+                    "has an array or map whose items allocate over 256 bytes per byte read (long names or enum symbols, many fields)",
+                )
+            } else {
+                None
+            }
+        }
+
+        fn cost(&mut self, schema: &Schema, ns: Option<&str>) -> Cost {
             match schema {
-                Schema::Null => true,
-                Schema::Fixed(f) => f.size == 0,
-                Schema::Decimal(d) => {
-                    matches!(&d.inner, InnerDecimalSchema::Fixed(f) if f.size == 0)
+                Schema::Null => (0, VALUE),
+                Schema::Float => (4, VALUE),
+                Schema::Double => (8, VALUE),
+                Schema::Fixed(f) | Schema::Duration(f) => (f.size as u64, VALUE),
+                Schema::Decimal(d) => match &d.inner {
+                    InnerDecimalSchema::Fixed(f) => (f.size as u64, VALUE),
+                    InnerDecimalSchema::Bytes => (1, VALUE),
+                },
+                Schema::Enum(e) => {
+                    let longest = e.symbols.iter().map(String::len).max().unwrap_or(0);
+                    (1, VALUE + longest as u64)
                 }
+                // The branch that allocates the most per byte (boxed in its Value).
+                Schema::Union(u) => u
+                    .variants()
+                    .iter()
+                    .map(|v| {
+                        let (min, alloc) = self.cost(v, ns);
+                        (min + 1, alloc.saturating_add(VALUE))
+                    })
+                    .max_by(|(m1, a1), (m2, a2)| {
+                        (u128::from(*a1) * u128::from(*m2))
+                            .cmp(&(u128::from(*a2) * u128::from(*m1)))
+                    })
+                    .unwrap_or((1, VALUE)),
                 Schema::Record(r) => {
                     let name = r.name.fully_qualified_name(ns).into_owned();
-                    self.record_takes_nothing(&name, &r.fields)
+                    self.record(name, &r.fields)
                 }
                 Schema::Ref { name } => {
                     let name = name.fully_qualified_name(ns).into_owned();
                     match self.names.get(&name).copied() {
-                        Some(Schema::Record(r)) => self.record_takes_nothing(&name, &r.fields),
-                        Some(def) => self.takes_nothing(def, name.namespace()),
-                        None => false,
+                        Some(Schema::Record(r)) => self.record(name, &r.fields),
+                        Some(def) => self.cost(def, name.namespace()),
+                        None => (1, VALUE),
                     }
                 }
-                _ => false,
+                // Every other value reads a byte at least (a count, a length, a
+                // varint); its items, if any, are costed as a collection of their own.
+                _ => (1, VALUE),
             }
         }
 
-        fn record_takes_nothing(
-            &mut self,
-            name: &Name,
-            fields: &[apache_avro::schema::RecordField],
-        ) -> bool {
-            if let Some(&empty) = self.empty.get(name) {
-                return empty;
+        fn record(&mut self, name: Name, fields: &[RecordField]) -> Cost {
+            if let Some(&cost) = self.records.get(&name) {
+                return cost;
             }
             let inner = name.namespace();
-            let empty = fields.iter().all(|f| self.takes_nothing(&f.schema, inner));
-            self.empty.insert(name.clone(), empty);
-            empty
+            let mut cost = (0u64, VALUE);
+            for f in fields {
+                let (min, alloc) = self.cost(&f.schema, inner);
+                cost.0 = cost.0.saturating_add(min);
+                cost.1 = cost
+                    .1
+                    .saturating_add(STRING + f.name.len() as u64)
+                    .saturating_add(alloc);
+            }
+            self.records.insert(name, cost);
+            cost
         }
     }
     Walk {
         names: names.clone(),
         walked: HashSet::new(),
-        empty: HashMap::new(),
+        records: HashMap::new(),
     }
-    .arrays(schema, None)
+    .check(schema, None)
 }
 
 /// The magic byte and schema id, before any registry call.
@@ -769,28 +825,53 @@ mod tests {
     }
 
     #[test]
-    fn arrays_of_items_that_take_no_bytes_are_unreadable() {
+    fn arrays_of_items_that_read_little_and_allocate_much_are_unreadable() {
         let why = |text: &str| unreadable(&apache_avro::Schema::parse_str(text).expect(text));
+        let nothing = Some("has an array whose items take no bytes");
         for text in [
             r#"{"type":"array","items":"null"}"#,
             r#"{"type":"record","name":"X","fields":[{"name":"a","type":{"type":"array","items":{"type":"array","items":"null"}}}]}"#,
             r#"{"type":"record","name":"X","fields":[{"name":"a","type":{"type":"array","items":{"type":"record","name":"E","fields":[]}}}]}"#,
             r#"{"type":"record","name":"X","fields":[{"name":"e","type":{"type":"record","name":"E","namespace":"n","fields":[{"name":"z","type":{"type":"fixed","name":"Z","size":0}}]}},{"name":"a","type":["null",{"type":"map","values":{"type":"array","items":"n.E"}}]}]}"#,
         ] {
-            assert_eq!(
-                why(text),
-                Some("has an array whose items take no bytes"),
-                "{text}"
+            assert_eq!(why(text), nothing, "{text}");
+        }
+        // One byte read, a long symbol or name copied, or many values made.
+        let symbol = "S".repeat(100_000);
+        let name = "f".repeat(1_000);
+        let nulls: Vec<String> = (0..10)
+            .map(|i| format!(r#"{{"name":"n{i}","type":"null"}}"#))
+            .collect();
+        for text in [
+            format!(
+                r#"{{"type":"array","items":{{"type":"enum","name":"E","symbols":["{symbol}"]}}}}"#
+            ),
+            format!(
+                r#"{{"type":"array","items":{{"type":"record","name":"R","fields":[{{"name":"{name}","type":"int"}}]}}}}"#
+            ),
+            format!(
+                r#"{{"type":"map","values":{{"type":"record","name":"R","fields":[{},{{"name":"i","type":"int"}}]}}}}"#,
+                nulls.join(",")
+            ),
+            format!(
+                r#"{{"type":"array","items":["null",{{"type":"enum","name":"E","symbols":["{symbol}"]}}]}}"#
+            ),
+        ] {
+            assert!(
+                why(&text).is_some_and(|w| w.contains("256 bytes per byte read")),
+                "{}",
+                &text[..text.len().min(200)]
             );
         }
-        // Items of at least one byte: an array's own count, a union's branch, a string's
-        // length, an enum's index.
+        // Items of at least one byte that make about a value per byte: an array's own
+        // count, a union's branch, a string's length, an enum's index, a map's key.
         for text in [
             r#"{"type":"array","items":{"type":"array","items":"long"}}"#,
             r#"{"type":"array","items":["null","long"]}"#,
             r#"{"type":"array","items":{"type":"record","name":"R","fields":[{"name":"n","type":"null"},{"name":"s","type":"string"}]}}"#,
             r#"{"type":"array","items":{"type":"enum","name":"One","symbols":["a"]}}"#,
             r#"{"type":"map","values":"null"}"#,
+            r#"{"type":"array","items":["null",{"type":"record","name":"P","fields":[{"name":"entity_id","type":"string"},{"name":"score","type":"double"},{"name":"label","type":["null","string"]},{"name":"event_time","type":"long"}]}]}"#,
         ] {
             assert_eq!(why(text), None, "{text}");
         }
@@ -799,7 +880,7 @@ mod tests {
                 .is_some_and(|w| w.contains("recursive"))
         );
         // 40 types, each naming the next twice, down to a record of nulls: each type is
-        // asked once whether it takes no bytes, not 2^40 times.
+        // costed once, not 2^40 times.
         let mut fields = vec![r#"{"name":"f40","type":{"type":"record","name":"L40","fields":[{"name":"x","type":"null"}]}}"#.to_string()];
         for i in (0..40).rev() {
             let next = i + 1;
@@ -812,7 +893,7 @@ mod tests {
             r#"{{"type":"record","name":"R","fields":[{}]}}"#,
             fields.join(",")
         );
-        assert_eq!(why(&text), Some("has an array whose items take no bytes"));
+        assert_eq!(why(&text), nothing);
     }
 
     #[test]
