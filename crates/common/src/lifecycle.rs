@@ -68,8 +68,8 @@ impl ModelConfig {
     }
 
     /// The version folders to try, best first: the pinned one, or every version
-    /// highest first that may stand beside the lowest readable one ([`check_spec`]).
-    /// The lowest sets the deployment's model, so a version that changes the name or
+    /// highest first that may stand beside the lowest readable one that names its own
+    /// folder ([`check_spec`]). That one sets the deployment's model, so a version that changes the name or
     /// the features is refused at start as the watcher refuses it while serving:
     /// services restarted in any order read the same features. A version whose
     /// `model.toml` cannot be read stays, for loading to refuse with its reason.
@@ -94,7 +94,16 @@ impl ModelConfig {
                 (dir, spec)
             })
             .collect();
-        let Some(lowest) = found.iter().rposition(|(_, spec)| spec.is_some()) else {
+        // The base names its own folder: a copy left unrenamed (`fraud-2`, sorted below
+        // the numbers) does not set the features.
+        let names_its_folder = |dir: &Path, spec: &ModelSpec| {
+            dir.file_name()
+                .is_some_and(|n| n.to_string_lossy() == spec.version)
+        };
+        let Some(lowest) = found
+            .iter()
+            .rposition(|(dir, spec)| spec.as_ref().is_some_and(|s| names_its_folder(dir, s)))
+        else {
             return Ok(found.into_iter().map(|(dir, _)| dir).collect());
         };
         let base = found[lowest].1.clone().expect("readable");
@@ -448,12 +457,16 @@ mod tests {
             std::fs::write(dir.join("model.toml"), toml).unwrap();
         };
         std::fs::create_dir(root.path().join("0")).unwrap(); // no model.toml: skipped as base
+        // A copy left unrenamed (its model.toml says 3) sorts below the numbers.
+        let copy = root.path().join("m-3");
+        std::fs::create_dir(&copy).unwrap();
         write("1", "m", r#""a", "b""#);
         write("2", "m", r#""a", "b""#);
         write("3", "m", r#""a", "b", "c""#); // a feature added
         write("4", "m", r#""b", "a""#); // reordered
         write("5", "other", r#""a", "b""#);
         write("6", "m", r#""a", "b""#);
+        std::fs::copy(root.path().join("3/model.toml"), copy.join("model.toml")).unwrap();
         let cfg = ModelConfig {
             dir: root.path().to_path_buf(),
             version: LATEST.into(),
