@@ -107,26 +107,37 @@ fn apply(c: &mut ClientConfig, props: &BTreeMap<String, String>) {
     }
 }
 
-/// An idempotent producer (`acks=all`, no duplicates on internal retries). Users may
-/// tune it through `kafka.producer_properties`, but not turn idempotence off.
+/// An idempotent producer (`acks=all`, no duplicates on internal retries) for a tool or
+/// a job, which gives up on a delivery after librdkafka's `message.timeout.ms` and
+/// reports it. Users may tune it through `kafka.producer_properties`, but not turn
+/// idempotence off.
 pub fn producer(cfg: &KafkaConfig, client_id: &str) -> KafkaResult<Producer> {
     Ok(Producer::new(
-        producer_config(cfg, client_id).create_with_context(Reports)?,
+        producer_config(cfg, client_id, false).create_with_context(Reports)?,
+    ))
+}
+
+/// [`producer`] for a service: it never gives up on a delivery unless the user sets a
+/// timeout.
+pub fn service_producer(cfg: &KafkaConfig, client_id: &str) -> KafkaResult<Producer> {
+    Ok(Producer::new(
+        producer_config(cfg, client_id, true).create_with_context(Reports)?,
     ))
 }
 
 /// The names of librdkafka's local delivery timeout.
 const DELIVERY_TIMEOUT: [&str; 2] = ["message.timeout.ms", "delivery.timeout.ms"];
 
-fn producer_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
+fn producer_config(cfg: &KafkaConfig, client_id: &str, never_give_up: bool) -> ClientConfig {
     let mut c = base_config(cfg, client_id);
-    // Offsets wait for deliveries, so a delivery librdkafka gives up on (after 300 s
-    // by default) would stop the service and replay its inputs; never giving up
-    // (0) keeps retrying in order until the broker is back, as Kafka advises for
-    // pipelines that must not lose records (KIP-91). A timeout the user sets stands.
+    // A service commits its inputs only once their outputs are delivered, so a
+    // delivery librdkafka gives up on (after 300 s by default) would stop it and replay
+    // its inputs; never giving up (0) keeps retrying in order until the broker is
+    // back, as Kafka advises for pipelines that must not lose records (KIP-91). A
+    // timeout the user sets stands.
     let user_set =
         |k: &str| cfg.properties.contains_key(k) || cfg.producer_properties.contains_key(k);
-    if !DELIVERY_TIMEOUT.iter().any(|k| user_set(k)) {
+    if never_give_up && !DELIVERY_TIMEOUT.iter().any(|k| user_set(k)) {
         c.set(DELIVERY_TIMEOUT[0], "0");
     }
     apply(&mut c, &cfg.producer_properties);
@@ -435,14 +446,17 @@ mod tests {
             .kafka;
         cfg.bootstrap_servers = "127.0.0.1:1".into();
         let timeout = |cfg: &KafkaConfig| {
-            let c = producer_config(cfg, "t");
+            let c = producer_config(cfg, "t", true);
             DELIVERY_TIMEOUT.map(|k| c.get(k).map(str::to_string))
         };
         assert_eq!(timeout(&cfg), [Some("0".into()), None]);
+        // A tool or a job gives up after librdkafka's default and says so.
+        let tool = producer_config(&cfg, "t", false);
+        assert_eq!(DELIVERY_TIMEOUT.map(|k| tool.get(k)), [None, None]);
         // librdkafka takes it beside linger and idempotence.
         cfg.producer_properties
             .insert("linger.ms".into(), "5".into());
-        producer(&cfg, "t").expect("a producer that never times out a delivery");
+        service_producer(&cfg, "t").expect("a producer that never times out a delivery");
         let mut own = cfg.clone();
         own.producer_properties
             .insert("delivery.timeout.ms".into(), "30000".into());

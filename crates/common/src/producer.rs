@@ -283,7 +283,7 @@ impl Producers {
         if let Some(p) = shared.get(&key) {
             return Ok(p.clone());
         }
-        let p = crate::kafka::producer(cfg, &self.client_id)?;
+        let p = crate::kafka::service_producer(cfg, &self.client_id)?;
         shared.insert(key, p.clone());
         Ok(p)
     }
