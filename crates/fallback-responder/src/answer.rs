@@ -414,20 +414,21 @@ pub async fn respond(
     };
     resp.responded_at = now_millis();
     match Box::pin(send(core, &topic, resp.clone(), headers.clone(), started)).await {
-        // A response too large for the broker is this request's own fault, not the
-        // topic's (an error response would carry the same id and headers): the request
-        // is dead-lettered TOO_LARGE and the topic stays open to others.
-        Err(Failure::Poison { class, message })
-            if topic != core.responses_topic && class != ErrorClass::TooLarge =>
-        {
-            core.reply_listing
-                .refused(&topic, tokio::time::Instant::now());
-            // Registered again (one call) if it is taken again.
-            core.codec.forget_id::<PredictionResponse>(&topic);
-            core.metrics
-                .refused
-                .with_label_values(&["reply_topic"])
-                .inc();
+        Err(Failure::Poison { class, message }) if topic != core.responses_topic => {
+            // A response too large is this request's own (an id or headers near the
+            // limit, or a topic with a lower one): the topic stays open to others. Its
+            // error response, carrying the same id, may be too large as well; then the
+            // request is dead-lettered TOO_LARGE.
+            if class != ErrorClass::TooLarge {
+                core.reply_listing
+                    .refused(&topic, tokio::time::Instant::now());
+                // Registered again (one call) if it is taken again.
+                core.codec.forget_id::<PredictionResponse>(&topic);
+                core.metrics
+                    .refused
+                    .with_label_values(&["reply_topic"])
+                    .inc();
+            }
             tracing::warn!(reply_topic = %topic, error = %message, "reply topic refused the response");
             let e = error_response(
                 &req,
@@ -509,7 +510,8 @@ const LISTING_TIMEOUT: Duration = Duration::from_secs(2);
 const REPLY_REGISTRY_PATIENCE: Duration = Duration::from_secs(10);
 
 /// How long a response to a reply topic other than the default may wait for its
-/// delivery before its request is answered on the default topic instead.
+/// delivery, while responses reach the default topic, before its request is answered
+/// there instead.
 const REPLY_DELIVERY_PATIENCE: Duration = Duration::from_secs(10);
 
 async fn send(
@@ -561,22 +563,56 @@ async fn send(
     core.metrics
         .response_seconds
         .observe(started.elapsed().as_secs_f64());
-    if topic == core.responses_topic {
-        delivered(d).await
+    let delivery = delivered(d);
+    let result = if topic == core.responses_topic {
+        let result = delivery.await;
+        if result.is_ok() {
+            core.responses_delivered.mark();
+        }
+        result
     } else {
         // Producers never give up on a delivery; a reply topic a client picked must not
-        // hold its request (and the offsets behind it) while it has no leader.
-        tokio::time::timeout(REPLY_DELIVERY_PATIENCE, delivered(d))
-            .await
-            .map_err(|_| {
-                Failure::poison(
-                    ErrorClass::ProduceError,
-                    format!("not delivered to {topic} within {REPLY_DELIVERY_PATIENCE:?}"),
-                )
-            })?
-    }
-    .map_err(|e| Failure::from_produce(&e))?;
+        // hold its request (and the offsets behind it) while it has no leader. Only
+        // while responses still reach the default topic is that this topic's fault: in
+        // an outage every response waits for the broker alike.
+        let enqueued = Instant::now();
+        tokio::pin!(delivery);
+        loop {
+            match tokio::time::timeout(REPLY_DELIVERY_PATIENCE, &mut delivery).await {
+                Ok(result) => break result,
+                Err(_) if core.responses_delivered.since(enqueued) => {
+                    return Err(Failure::poison(
+                        ErrorClass::ProduceError,
+                        format!(
+                            "not delivered to {topic} within {REPLY_DELIVERY_PATIENCE:?}, while responses reach {}",
+                            core.responses_topic
+                        ),
+                    ));
+                }
+                Err(_) => {}
+            }
+        }
+    };
+    result.map_err(|e| Failure::from_produce(&e))?;
     Ok(())
+}
+
+/// When a response last reached the default topic: whether the broker takes responses
+/// at all, so a reply topic that takes none can be told from an outage.
+#[derive(Debug, Default)]
+pub struct LastDelivery(std::sync::Mutex<Option<Instant>>);
+
+impl LastDelivery {
+    fn mark(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    fn since(&self, t: Instant) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at >= t)
+    }
 }
 
 #[cfg(test)]

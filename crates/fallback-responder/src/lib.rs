@@ -155,6 +155,7 @@ pub struct Core {
     predictions_topic: String,
     responses_topic: String,
     reply_topics: Arc<answer::ReplyTopics>,
+    responses_delivered: answer::LastDelivery,
     reply_listing: replies::Listing,
     flights: SingleFlight<Scored>,
     /// Scorings and cache warmings still running, whoever started them.
@@ -490,6 +491,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         predictions_topic: s.topics.predictions.clone(),
         responses_topic: s.topics.responses.clone(),
         reply_topics: Arc::new(answer::ReplyTopics::new(s)),
+        responses_delivered: answer::LastDelivery::default(),
         reply_listing: replies::Listing::new(Duration::from_secs(1)),
         flights: SingleFlight::default(),
         background: Arc::new(AtomicUsize::new(0)),
