@@ -59,7 +59,7 @@ pub struct RunnerConfig {
     /// Inputs read and not yet acknowledged, at most; past it the source pauses its
     /// partitions (and keeps polling, so the member stays in its group).
     pub max_in_flight: usize,
-    /// Their key and value bytes, at most.
+    /// Their key, value and kept header bytes, at most.
     pub max_in_flight_bytes: usize,
     /// On each partition assignment, start this many records before the committed
     /// offset and skip them: a broker that answers a fetch from the next record batch

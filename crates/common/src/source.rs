@@ -1204,13 +1204,17 @@ pub struct Acks {
     commit_failing: bool,
 }
 
+/// What librdkafka keeps per header besides its name and value.
+const HEADER_OVERHEAD: usize = 48;
+
 /// What an input holds in memory: key, value and the headers a stage keeps (any
-/// producer may send a megabyte of them with an empty value).
+/// producer may send a megabyte of them with an empty value), each header with its
+/// bookkeeping, so that a flood of empty ones counts too.
 fn size(m: &OwnedMessage) -> usize {
     use rdkafka::message::Headers;
     let headers = m.headers().map_or(0, |h| {
         h.iter()
-            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+            .map(|h| HEADER_OVERHEAD + h.key.len() + h.value.map_or(0, <[u8]>::len))
             .sum()
     });
     m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len) + headers
@@ -1288,7 +1292,7 @@ impl Acks {
         self.tracker.in_flight()
     }
 
-    /// The key and value bytes of those inputs.
+    /// The key, value and kept header bytes of those inputs.
     pub fn in_flight_bytes(&self) -> usize {
         self.bytes
     }
@@ -1418,7 +1422,10 @@ mod tests {
                 key: "none",
                 value: None,
             });
-        assert_eq!(super::size(&message(Some(headers))), 8 + 3 + 1000 + 4);
+        assert_eq!(
+            super::size(&message(Some(headers))),
+            8 + 2 * super::HEADER_OVERHEAD + 3 + 1000 + 4
+        );
     }
 
     /// A thread waiting for room is rung once, when half the channel is free; a thread

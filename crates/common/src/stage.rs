@@ -115,7 +115,7 @@ pub struct Plan {
     pub max_batch: usize,
     /// Inputs read and not yet done, at most; then the source pauses.
     pub max_in_flight: usize,
-    /// Their key and value bytes, at most.
+    /// Their key, value and kept header bytes, at most.
     pub max_in_flight_bytes: usize,
     /// Whether inputs keep their Kafka headers; [`RecordHeaders::Skip`] unless the stage reads
     /// them.
