@@ -385,8 +385,8 @@ impl AvroCodec {
         if own.is_none() {
             self.refuse_unreadable(schema_id).await?;
         }
-        let decoded = match self.decoder.decode(Some(bytes)).await {
-            Ok(d) => d,
+        let value = match self.read_value(schema_id, bytes).await {
+            Ok(v) => v,
             Err(e) => {
                 let err = classify(&e);
                 if matches!(
@@ -415,8 +415,7 @@ impl AvroCodec {
         self.unknown.lock().expect("unknown ids").found(schema_id);
         // Avro schema resolution of the writer's schema to this reader's: fields it lacks
         // take their defaults, fields it adds are dropped, numbers are promoted.
-        let record = decoded
-            .value
+        let record = value
             .resolve(R::schema())
             .and_then(|v| apache_avro::from_value::<R>(&v))
             .map_err(|e| {
@@ -462,16 +461,28 @@ impl AvroCodec {
         }
     }
 
+    /// The generic value of Confluent-framed `bytes` of writer schema `schema_id`, read
+    /// only from the bytes there are ([`Ends`]).
+    async fn read_value(
+        &self,
+        schema_id: u32,
+        bytes: &[u8],
+    ) -> Result<apache_avro::types::Value, SRCError> {
+        let writer = self.decoder.get_schema(schema_id).await?;
+        read_datum(&writer.parsed, &bytes[5..]).map_err(|e| {
+            SRCError::non_retryable_with_cause(e, "Could not transform bytes using schema")
+        })
+    }
+
     /// Decodes Confluent-framed bytes of any registered schema into JSON (for tools).
     pub async fn decode_json(&self, bytes: &[u8]) -> Result<(serde_json::Value, u32), DecodeError> {
         let schema_id = check_framing(bytes)?;
         self.refuse_unreadable(schema_id).await?;
-        let decoded = self
-            .decoder
-            .decode(Some(bytes))
+        let value = self
+            .read_value(schema_id, bytes)
             .await
             .map_err(|e| classify(&e))?;
-        let json = serde_json::Value::try_from(decoded.value)
+        let json = serde_json::Value::try_from(value)
             .map_err(|e| DecodeError::poison(ErrorClass::DecodeError, e.to_string()))?;
         Ok((json, schema_id))
     }
@@ -485,6 +496,37 @@ impl AvroCodec {
         stop: &CancellationToken,
     ) -> Result<Decoded<R>, DecodeError> {
         crate::retry::retrying("schema registry", stop, || self.decode(bytes)).await
+    }
+}
+
+/// The generic value of `bytes` written with `schema`, read only from the bytes there
+/// are ([`Ends`]).
+fn read_datum(
+    schema: &apache_avro::Schema,
+    bytes: &[u8],
+) -> Result<apache_avro::types::Value, apache_avro::Error> {
+    apache_avro::reader::datum::GenericDatumReader::builder(schema)
+        .build()?
+        .read_value(&mut Ends(bytes))
+}
+
+/// A record's bytes, whose end is an error rather than an end of input: apache-avro reads
+/// a union or a boolean met at the end of its input as null, without reading a byte,
+/// so a forged count of such items would be decoded from nothing.
+struct Ends<'a>(&'a [u8]);
+
+impl std::io::Read for Ends<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.0.is_empty() && !buf.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the record ends before its schema does",
+            ));
+        }
+        let n = buf.len().min(self.0.len());
+        buf[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        Ok(n)
     }
 }
 
@@ -578,25 +620,44 @@ pub fn unreadable(schema: &apache_avro::Schema) -> Option<&'static str> {
 /// The most one item of an array or map may allocate, decoded, per byte it is read
 /// from. A generic value costs about one `Value` per scalar (Lanes' own arrays of
 /// strings, floats and longs come to a fifth of this); a field name or an enum symbol
-/// is copied into every value that holds it.
-const MAX_ALLOC_PER_BYTE: u64 = 256;
+/// is copied into every value that holds it. So a 1 MiB record may still make about
+/// 256 MiB of short-lived values.
+const MAX_ALLOC_PER_BYTE: i64 = 256;
 
 /// Why an array or map of `schema` is refused, if one is. apache-avro bounds each
 /// collection's allocation only on its own (16 MiB here), so items that read no bytes
 /// (null, fixed of size 0, a record of only such), or that copy long names or many
 /// fields per byte read, let a few kilobytes of nested forged counts ask for
-/// gigabytes. `schema` is not recursive; each named type is walked and costed once.
+/// gigabytes; and it zero-fills a fixed before reading it, so a fixed past that bound
+/// is refused too. `schema` is not recursive; each named type is walked and costed
+/// once.
 fn costly_items(
     schema: &apache_avro::Schema,
     names: &apache_avro::schema::NamesRef<'_>,
 ) -> Option<&'static str> {
     use apache_avro::schema::{InnerDecimalSchema, Name, NamesRef, RecordField, Schema};
     use std::collections::{HashMap, HashSet};
-    const VALUE: u64 = std::mem::size_of::<apache_avro::types::Value>() as u64;
-    const STRING: u64 = std::mem::size_of::<String>() as u64;
-    /// Fewest bytes a value is read from, and what it allocates beyond the bytes it
-    /// copies from the input.
-    type Cost = (u64, u64);
+    const VALUE: i64 = std::mem::size_of::<apache_avro::types::Value>() as i64;
+    const STRING: i64 = std::mem::size_of::<String>() as i64;
+    /// Of the values a type can decode to: the fewest bytes one is read from, and the
+    /// most one allocates beyond [`MAX_ALLOC_PER_BYTE`] per byte read ("slack"). A
+    /// record's slack is its fields' summed and a union's its worst branch's, so the
+    /// worst value is found exactly; an item of positive slack is refused.
+    #[derive(Clone, Copy)]
+    struct Cost {
+        min: u64,
+        slack: i64,
+    }
+    fn reads(bytes: u64, alloc: i64) -> Cost {
+        let per_byte = i64::try_from(bytes).unwrap_or(i64::MAX);
+        Cost {
+            min: bytes,
+            slack: alloc.saturating_sub(MAX_ALLOC_PER_BYTE.saturating_mul(per_byte)),
+        }
+    }
+    fn big(size: usize) -> Option<&'static str> {
+        (size > MAX_AVRO_ALLOCATION_BYTES).then_some("has a fixed larger than 16 MiB")
+    }
     struct Walk<'s> {
         names: NamesRef<'s>,
         walked: HashSet<Name>,
@@ -606,11 +667,11 @@ fn costly_items(
         fn check(&mut self, schema: &Schema, ns: Option<&str>) -> Option<&'static str> {
             match schema {
                 Schema::Array(a) => self
-                    .items(&a.items, ns, (0, 0))
+                    .items(&a.items, ns, reads(0, 0))
                     .or_else(|| self.check(&a.items, ns)),
                 // Each entry also reads its key (one byte at least) into a String.
                 Schema::Map(m) => self
-                    .items(&m.types, ns, (1, STRING))
+                    .items(&m.types, ns, reads(1, STRING))
                     .or_else(|| self.check(&m.types, ns)),
                 Schema::Union(u) => u.variants().iter().find_map(|v| self.check(v, ns)),
                 Schema::Record(r) => {
@@ -630,16 +691,20 @@ fn costly_items(
                         _ => None,
                     }
                 }
+                Schema::Fixed(f) | Schema::Duration(f) => big(f.size),
+                Schema::Decimal(d) => match &d.inner {
+                    InnerDecimalSchema::Fixed(f) => big(f.size),
+                    InnerDecimalSchema::Bytes => None,
+                },
                 _ => None,
             }
         }
 
         fn items(&mut self, item: &Schema, ns: Option<&str>, key: Cost) -> Option<&'static str> {
-            let (min, alloc) = self.cost(item, ns);
-            let (min, alloc) = (min + key.0, alloc.saturating_add(key.1));
-            if min == 0 {
+            let cost = self.cost(item, ns);
+            if cost.min.saturating_add(key.min) == 0 {
                 Some("has an array whose items take no bytes")
-            } else if alloc > MAX_ALLOC_PER_BYTE.saturating_mul(min) {
+            } else if cost.slack.saturating_add(key.slack) > 0 {
                 Some(
                     "has an array or map whose items allocate over 256 bytes per byte read (long names or enum symbols, many fields)",
                 )
@@ -650,31 +715,37 @@ fn costly_items(
 
         fn cost(&mut self, schema: &Schema, ns: Option<&str>) -> Cost {
             match schema {
-                Schema::Null => (0, VALUE),
-                Schema::Float => (4, VALUE),
-                Schema::Double => (8, VALUE),
-                Schema::Fixed(f) | Schema::Duration(f) => (f.size as u64, VALUE),
+                Schema::Null => reads(0, VALUE),
+                Schema::Float => reads(4, VALUE),
+                Schema::Double => reads(8, VALUE),
+                Schema::Fixed(f) | Schema::Duration(f) => reads(f.size as u64, VALUE),
                 Schema::Decimal(d) => match &d.inner {
-                    InnerDecimalSchema::Fixed(f) => (f.size as u64, VALUE),
-                    InnerDecimalSchema::Bytes => (1, VALUE),
+                    InnerDecimalSchema::Fixed(f) => reads(f.size as u64, VALUE),
+                    InnerDecimalSchema::Bytes => reads(1, VALUE),
                 },
                 Schema::Enum(e) => {
                     let longest = e.symbols.iter().map(String::len).max().unwrap_or(0);
-                    (1, VALUE + longest as u64)
+                    reads(1, VALUE.saturating_add(longest as i64))
                 }
-                // The branch that allocates the most per byte (boxed in its Value).
-                Schema::Union(u) => u
-                    .variants()
-                    .iter()
-                    .map(|v| {
-                        let (min, alloc) = self.cost(v, ns);
-                        (min + 1, alloc.saturating_add(VALUE))
+                // Its index byte and box, and the worst branch.
+                Schema::Union(u) => {
+                    let index = reads(1, VALUE);
+                    let mut worst: Option<Cost> = None;
+                    for v in u.variants() {
+                        let c = self.cost(v, ns);
+                        worst = Some(match worst {
+                            Some(w) => Cost {
+                                min: w.min.min(c.min),
+                                slack: w.slack.max(c.slack),
+                            },
+                            None => c,
+                        });
+                    }
+                    worst.map_or(index, |c| Cost {
+                        min: c.min.saturating_add(index.min),
+                        slack: c.slack.saturating_add(index.slack),
                     })
-                    .max_by(|(m1, a1), (m2, a2)| {
-                        (u128::from(*a1) * u128::from(*m2))
-                            .cmp(&(u128::from(*a2) * u128::from(*m1)))
-                    })
-                    .unwrap_or((1, VALUE)),
+                }
                 Schema::Record(r) => {
                     let name = r.name.fully_qualified_name(ns).into_owned();
                     self.record(name, &r.fields)
@@ -684,28 +755,30 @@ fn costly_items(
                     match self.names.get(&name).copied() {
                         Some(Schema::Record(r)) => self.record(name, &r.fields),
                         Some(def) => self.cost(def, name.namespace()),
-                        None => (1, VALUE),
+                        None => reads(1, VALUE),
                     }
                 }
                 // Every other value reads a byte at least (a count, a length, a
                 // varint); its items, if any, are costed as a collection of their own.
-                _ => (1, VALUE),
+                _ => reads(1, VALUE),
             }
         }
 
+        /// A record: one value holding, per field, its name copied, a String and the
+        /// field's value.
         fn record(&mut self, name: Name, fields: &[RecordField]) -> Cost {
             if let Some(&cost) = self.records.get(&name) {
                 return cost;
             }
             let inner = name.namespace();
-            let mut cost = (0u64, VALUE);
+            let mut cost = reads(0, VALUE);
             for f in fields {
-                let (min, alloc) = self.cost(&f.schema, inner);
-                cost.0 = cost.0.saturating_add(min);
-                cost.1 = cost
-                    .1
-                    .saturating_add(STRING + f.name.len() as u64)
-                    .saturating_add(alloc);
+                let c = self.cost(&f.schema, inner);
+                cost.min = cost.min.saturating_add(c.min);
+                cost.slack = cost
+                    .slack
+                    .saturating_add(STRING.saturating_add(f.name.len() as i64))
+                    .saturating_add(c.slack);
             }
             self.records.insert(name, cost);
             cost
@@ -856,6 +929,17 @@ mod tests {
             format!(
                 r#"{{"type":"array","items":["null",{{"type":"enum","name":"E","symbols":["{symbol}"]}}]}}"#
             ),
+            // The branch with the lower ratio but the larger allocation is the worse one
+            // beside another field: 80 bytes read, 20 KB by the first branch, about
+            // 100 x 600 by the second.
+            format!(
+                r#"{{"type":"array","items":{{"type":"record","name":"R","fields":[{{"name":"p","type":{{"type":"fixed","name":"P","size":80}}}},{{"name":"u","type":[{{"type":"enum","name":"E","symbols":["{}"]}},{{"type":"record","name":"B","fields":[{}]}}]}}]}}}}"#,
+                "S".repeat(20_000),
+                (0..100)
+                    .map(|i| format!(r#"{{"name":"b{i}","type":{{"type":"enum","name":"E{i}","symbols":["{}"]}}}}"#, "T".repeat(500)))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
         ] {
             assert!(
                 why(&text).is_some_and(|w| w.contains("256 bytes per byte read")),
@@ -879,6 +963,13 @@ mod tests {
             why(r#"{"type":"record","name":"N","fields":[{"name":"next","type":["null","N"]}]}"#)
                 .is_some_and(|w| w.contains("recursive"))
         );
+        // Zero-filled before it is read.
+        assert_eq!(
+            why(
+                r#"{"type":"record","name":"X","fields":[{"name":"f","type":{"type":"fixed","name":"F","size":1000000000}}]}"#
+            ),
+            Some("has a fixed larger than 16 MiB")
+        );
         // 40 types, each naming the next twice, down to a record of nulls: each type is
         // costed once, not 2^40 times.
         let mut fields = vec![r#"{"name":"f40","type":{"type":"record","name":"L40","fields":[{"name":"x","type":"null"}]}}"#.to_string()];
@@ -894,6 +985,41 @@ mod tests {
             fields.join(",")
         );
         assert_eq!(why(&text), nothing);
+    }
+
+    #[test]
+    fn a_record_is_read_only_from_the_bytes_it_has() {
+        // An array of 64-field records of ["null","int"]: a count of 1,000 then
+        // nothing. At the end of its input apache-avro reads each union as null from no
+        // bytes, so every item would be made from nothing.
+        let fields: Vec<String> = (0..64)
+            .map(|i| format!(r#"{{"name":"f{i}","type":["null","int"]}}"#))
+            .collect();
+        let text = format!(
+            r#"{{"type":"array","items":{{"type":"record","name":"R","fields":[{}]}}}}"#,
+            fields.join(",")
+        );
+        let schema = apache_avro::Schema::parse_str(&text).unwrap();
+        // A block count: zigzag, then 7 bits a byte.
+        let count = |n: u64| {
+            let (mut z, mut out) = (n << 1, Vec::new());
+            while z >= 0x80 {
+                out.push((z as u8) | 0x80);
+                z >>= 7;
+            }
+            out.push(z as u8);
+            out
+        };
+        // Refused at the first union, not after making a thousand items (the next block
+        // count fails either way).
+        let read = format!("{:?}", read_datum(&schema, &count(1_000)).unwrap_err());
+        assert!(read.contains("ends before its schema does"), "{read}");
+        // Whole records read as before: one item of 64 nulls, then the end of the array.
+        let mut whole = count(1);
+        whole.extend(std::iter::repeat_n(0u8, 64));
+        whole.push(0);
+        let value = read_datum(&schema, &whole).unwrap();
+        assert!(matches!(value, apache_avro::types::Value::Array(items) if items.len() == 1));
     }
 
     #[test]
