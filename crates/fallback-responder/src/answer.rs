@@ -510,8 +510,8 @@ const LISTING_TIMEOUT: Duration = Duration::from_secs(2);
 const REPLY_REGISTRY_PATIENCE: Duration = Duration::from_secs(10);
 
 /// How long a response to a reply topic other than the default may wait for its
-/// delivery, while responses reach the default topic, before its request is answered
-/// there instead.
+/// delivery, while other responses are delivered, before its request is answered on
+/// the default topic instead.
 const REPLY_DELIVERY_PATIENCE: Duration = Duration::from_secs(10);
 
 async fn send(
@@ -565,16 +565,12 @@ async fn send(
         .observe(started.elapsed().as_secs_f64());
     let delivery = delivered(d);
     let result = if topic == core.responses_topic {
-        let result = delivery.await;
-        if result.is_ok() {
-            core.responses_delivered.mark();
-        }
-        result
+        delivery.await
     } else {
         // Producers never give up on a delivery; a reply topic a client picked must not
         // hold its request (and the offsets behind it) while it has no leader. Only
-        // while responses still reach the default topic is that this topic's fault: in
-        // an outage every response waits for the broker alike.
+        // while other responses are delivered is that this topic's fault: in an
+        // outage every response waits for the broker alike.
         let enqueued = Instant::now();
         tokio::pin!(delivery);
         loop {
@@ -584,8 +580,7 @@ async fn send(
                     return Err(Failure::poison(
                         ErrorClass::ProduceError,
                         format!(
-                            "not delivered to {topic} within {REPLY_DELIVERY_PATIENCE:?}, while responses reach {}",
-                            core.responses_topic
+                            "not delivered to {topic} within {REPLY_DELIVERY_PATIENCE:?}, while other responses are"
                         ),
                     ));
                 }
@@ -593,11 +588,14 @@ async fn send(
             }
         }
     };
+    if result.is_ok() {
+        core.responses_delivered.mark();
+    }
     result.map_err(|e| Failure::from_produce(&e))?;
     Ok(())
 }
 
-/// When a response last reached the default topic: whether the broker takes responses
+/// When a response was last delivered, to any topic: whether the broker takes responses
 /// at all, so a reply topic that takes none can be told from an outage.
 #[derive(Debug, Default)]
 pub struct LastDelivery(std::sync::Mutex<Option<Instant>>);
