@@ -382,11 +382,8 @@ impl AvroCodec {
         if verdict == Unknown::Missing {
             return Err(unknown(verdict));
         }
-        if own.is_none() {
-            self.refuse_unreadable(schema_id).await?;
-        }
-        let value = match self.read_value(schema_id, bytes).await {
-            Ok(v) => v,
+        let writer = match self.decoder.get_schema(schema_id).await {
+            Ok(w) => w,
             Err(e) => {
                 let err = classify(&e);
                 if matches!(
@@ -412,6 +409,10 @@ impl AvroCodec {
                 return Err(err);
             }
         };
+        if own.is_none() {
+            self.refuse_unreadable(schema_id, &writer.parsed)?;
+        }
+        let value = read_framed(schema_id, &writer.parsed, bytes)?;
         self.unknown.lock().expect("unknown ids").found(schema_id);
         // Avro schema resolution of the writer's schema to this reader's: fields it lacks
         // take their defaults, fields it adds are dropped, numbers are promoted.
@@ -424,34 +425,29 @@ impl AvroCodec {
                     format!("schema id {schema_id} does not resolve to {}: {e}", R::NAME),
                 )
             })?;
-        if own.is_none()
-            && let Ok(writer) = self.decoder.get_schema(schema_id).await
-        {
+        if own.is_none() {
             let same = writer.parsed.canonical_form() == R::schema().canonical_form();
             self.learn().own.insert((schema_id, R::NAME), same);
         }
         Ok(Decoded { record, schema_id })
     }
 
-    /// Refuses a writer schema whose data could take the process down ([`unreadable`]):
-    /// apache-avro decodes by recursion and bounds each collection's allocation only on
-    /// its own, so a recursive type nested as deep as its bytes allow overflows the stack,
-    /// and arrays of items that take no bytes allocate without reading any. No Lanes
-    /// record is either. A schema the registry cannot give is left to the decode, which
-    /// classifies that failure.
-    async fn refuse_unreadable(&self, schema_id: u32) -> Result<(), DecodeError> {
+    /// Refuses writer schema `schema_id` (`writer`) when its data could take the process
+    /// down ([`unreadable`]): apache-avro decodes by recursion and bounds each
+    /// collection's allocation only on its own, so a recursive type nested as deep as its
+    /// bytes allow overflows the stack, and arrays of items that read little or nothing
+    /// allocate without end. No Lanes record is either. Judged once per id.
+    fn refuse_unreadable(
+        &self,
+        schema_id: u32,
+        writer: &apache_avro::Schema,
+    ) -> Result<(), DecodeError> {
         let known = self.known().unreadable.get(&schema_id).copied();
-        let verdict = match known {
-            Some(verdict) => verdict,
-            None => match self.decoder.get_schema(schema_id).await {
-                Ok(writer) => {
-                    let verdict = unreadable(&writer.parsed);
-                    self.learn().unreadable.insert(schema_id, verdict);
-                    verdict
-                }
-                Err(_) => None,
-            },
-        };
+        let verdict = known.unwrap_or_else(|| {
+            let verdict = unreadable(writer);
+            self.learn().unreadable.insert(schema_id, verdict);
+            verdict
+        });
         match verdict {
             Some(why) => Err(DecodeError::poison(
                 ErrorClass::DecodeError,
@@ -461,27 +457,16 @@ impl AvroCodec {
         }
     }
 
-    /// The generic value of Confluent-framed `bytes` of writer schema `schema_id`, read
-    /// only from the bytes there are ([`Ends`]).
-    async fn read_value(
-        &self,
-        schema_id: u32,
-        bytes: &[u8],
-    ) -> Result<apache_avro::types::Value, SRCError> {
-        let writer = self.decoder.get_schema(schema_id).await?;
-        read_datum(&writer.parsed, &bytes[5..]).map_err(|e| {
-            SRCError::non_retryable_with_cause(e, "Could not transform bytes using schema")
-        })
-    }
-
     /// Decodes Confluent-framed bytes of any registered schema into JSON (for tools).
     pub async fn decode_json(&self, bytes: &[u8]) -> Result<(serde_json::Value, u32), DecodeError> {
         let schema_id = check_framing(bytes)?;
-        self.refuse_unreadable(schema_id).await?;
-        let value = self
-            .read_value(schema_id, bytes)
+        let writer = self
+            .decoder
+            .get_schema(schema_id)
             .await
             .map_err(|e| classify(&e))?;
+        self.refuse_unreadable(schema_id, &writer.parsed)?;
+        let value = read_framed(schema_id, &writer.parsed, bytes)?;
         let json = serde_json::Value::try_from(value)
             .map_err(|e| DecodeError::poison(ErrorClass::DecodeError, e.to_string()))?;
         Ok((json, schema_id))
@@ -497,6 +482,21 @@ impl AvroCodec {
     ) -> Result<Decoded<R>, DecodeError> {
         crate::retry::retrying("schema registry", stop, || self.decode(bytes)).await
     }
+}
+
+/// The generic value of Confluent-framed `bytes` of writer schema `schema_id`
+/// (`writer`), read only from the bytes there are; a record they do not hold is poison.
+fn read_framed(
+    schema_id: u32,
+    writer: &apache_avro::Schema,
+    bytes: &[u8],
+) -> Result<apache_avro::types::Value, DecodeError> {
+    read_datum(writer, &bytes[5..]).map_err(|e| {
+        DecodeError::poison(
+            ErrorClass::DecodeError,
+            format!("schema id {schema_id}: could not read its bytes: {e}"),
+        )
+    })
 }
 
 /// The generic value of `bytes` written with `schema`, read only from the bytes there
