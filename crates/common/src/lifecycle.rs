@@ -96,13 +96,9 @@ impl ModelConfig {
             .collect();
         // The base names its own folder: a copy left unrenamed (`fraud-2`, sorted below
         // the numbers) does not set the features.
-        let names_its_folder = |dir: &Path, spec: &ModelSpec| {
-            dir.file_name()
-                .is_some_and(|n| n.to_string_lossy() == spec.version)
-        };
         let Some(lowest) = found
             .iter()
-            .rposition(|(dir, spec)| spec.as_ref().is_some_and(|s| names_its_folder(dir, s)))
+            .rposition(|(dir, spec)| spec.as_ref().is_some_and(|s| check_folder(s, dir).is_ok()))
         else {
             return Ok(found.into_iter().map(|(dir, _)| dir).collect());
         };
@@ -177,16 +173,7 @@ pub fn check_successor(current: &Model, next: &Model) -> Result<(), String> {
 /// whose `model.toml` is `base`: its version must name its folder, its name and its
 /// features must be `base`'s.
 pub fn check_spec(base: &ModelSpec, next: &ModelSpec, dir: &Path) -> Result<(), String> {
-    let folder = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    if next.version != folder {
-        return Err(format!(
-            "model.toml says version {:?} but the folder is {folder:?}",
-            next.version
-        ));
-    }
+    check_folder(next, dir)?;
     if next.name != base.name {
         return Err(format!(
             "model.toml names {:?}, the served model is {:?}",
@@ -197,6 +184,21 @@ pub fn check_spec(base: &ModelSpec, next: &ModelSpec, dir: &Path) -> Result<(), 
         return Err(format!(
             "features {:?} differ from the served {:?}; a feature change needs a new deployment",
             next.features, base.features
+        ));
+    }
+    Ok(())
+}
+
+/// Why `spec`, read from `dir`, does not name its folder as its version, if it does not.
+fn check_folder(spec: &ModelSpec, dir: &Path) -> Result<(), String> {
+    let folder = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if spec.version != folder {
+        return Err(format!(
+            "model.toml says version {:?} but the folder is {folder:?}",
+            spec.version
         ));
     }
     Ok(())
