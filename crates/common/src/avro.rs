@@ -150,10 +150,15 @@ impl UnknownIds {
 
     /// The registry said `id` does not exist.
     pub fn missing(&mut self, id: u32, now: Instant) -> Unknown {
-        // Bounded: a flood of random ids cannot grow this without end.
+        // Bounded: a flood of random ids cannot grow this without end. Emptied when
+        // every entry is recent, so the scan comes once per 10,000 ids, not per id;
+        // a forgotten id costs one more registry call (`windows` still bounds rechecks).
         if self.since.len() >= 10_000 {
             self.since
                 .retain(|_, (t, _)| now.duration_since(*t) < UNKNOWN_ID_FORGET);
+            if self.since.len() >= 10_000 {
+                self.since.clear();
+            }
         }
         match self.since.entry(id) {
             std::collections::hash_map::Entry::Occupied(mut e) => {
@@ -361,7 +366,10 @@ impl AvroCodec {
                 .map_err(|e| {
                     DecodeError::poison(
                         ErrorClass::DecodeError,
-                        format!("schema id {schema_id} does not fit {}: {e}", R::NAME),
+                        crate::dlq::reason(format_args!(
+                            "schema id {schema_id} does not fit {}: {e}",
+                            R::NAME
+                        )),
                     )
                 });
         }
@@ -422,7 +430,10 @@ impl AvroCodec {
             .map_err(|e| {
                 DecodeError::poison(
                     ErrorClass::DecodeError,
-                    format!("schema id {schema_id} does not resolve to {}: {e}", R::NAME),
+                    crate::dlq::reason(format_args!(
+                        "schema id {schema_id} does not resolve to {}: {e}",
+                        R::NAME
+                    )),
                 )
             })?;
         if own.is_none() {
@@ -494,7 +505,9 @@ fn read_framed(
     read_datum(writer, &bytes[5..]).map_err(|e| {
         DecodeError::poison(
             ErrorClass::DecodeError,
-            format!("schema id {schema_id}: could not read its bytes: {e}"),
+            crate::dlq::reason(format_args!(
+                "schema id {schema_id}: could not read its bytes: {e}"
+            )),
         )
     })
 }
@@ -1048,6 +1061,25 @@ mod tests {
                 })
             ));
         }
+    }
+
+    /// A flood of random ids within a minute: the map never holds more than 10,000, and
+    /// it is emptied once full rather than scanned again for every id.
+    #[test]
+    fn a_flood_of_missing_ids_is_bounded() {
+        let mut ids = UnknownIds::default();
+        let t0 = Instant::now();
+        for id in 0..25_000 {
+            ids.missing(id, t0);
+            assert!(ids.since.len() <= 10_000, "{} ids held", ids.since.len());
+        }
+        assert_eq!(ids.since.len(), 5_000, "emptied at 10,000 and 20,000");
+        assert!(ids.windows.len() <= UNKNOWN_IDS_RECHECKED);
+        assert_eq!(
+            ids.missing(0, t0),
+            Unknown::Missing,
+            "a forgotten id gets no second recheck window"
+        );
     }
 
     #[test]

@@ -231,6 +231,35 @@ impl DlqWriter {
 }
 
 /// The longest prefix of `s` within `max` bytes, cut on a character boundary.
+/// A dead letter's reason from `args`, cut at [`MAX_REASON_BYTES`] while it is
+/// written: an error may print a whole decoded value (apache-avro's do), which made
+/// 180 MB of text of a 1 MB record before any cut. Formatting stops at the cut.
+pub fn reason(args: std::fmt::Arguments<'_>) -> String {
+    struct Capped(String);
+    impl std::fmt::Write for Capped {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            let room = MAX_REASON_BYTES - self.0.len();
+            if s.len() <= room {
+                self.0.push_str(s);
+                Ok(())
+            } else {
+                self.0.push_str(truncate_str(s, room));
+                Err(std::fmt::Error)
+            }
+        }
+    }
+    let mut out = Capped(String::new());
+    let _ = std::fmt::write(&mut out, args);
+    out.0
+}
+
+/// `message` cut at [`MAX_REASON_BYTES`], as the header will be.
+pub fn cut_reason(mut message: String) -> String {
+    let keep = truncate_str(&message, MAX_REASON_BYTES).len();
+    message.truncate(keep);
+    message
+}
+
 pub fn truncate_str(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
@@ -261,6 +290,43 @@ pub fn header_str<'a, H: Headers>(headers: &'a H, key: &str) -> Option<&'a str> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reason stops being written at its cut, even from an error that prints a whole
+    /// decoded value: apache-avro's resolution error for a megabyte of items.
+    #[test]
+    fn a_reason_is_cut_while_it_is_written() {
+        use apache_avro::Schema;
+        use apache_avro::types::Value;
+        struct Counted<'a>(&'a std::cell::Cell<usize>);
+        impl std::fmt::Display for Counted<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                for _ in 0..1_000_000 {
+                    self.0.set(self.0.get() + 1);
+                    f.write_str("é")?;
+                }
+                Ok(())
+            }
+        }
+        let writes = std::cell::Cell::new(0);
+        let cut = super::reason(format_args!("x{}", Counted(&writes)));
+        assert_eq!(cut.len(), MAX_REASON_BYTES - 1, "cut at a char boundary");
+        assert!(writes.get() <= MAX_REASON_BYTES, "{} writes", writes.get());
+
+        let items = Value::Array(vec![Value::Boolean(true); 1_000_000]);
+        let e = items
+            .resolve(&Schema::map(Schema::Boolean).build())
+            .unwrap_err();
+        let whole = e.to_string().len();
+        assert!(
+            whole > 1_000_000,
+            "the error holds the value: {whole} bytes"
+        );
+        assert_eq!(super::reason(format_args!("{e}")).len(), MAX_REASON_BYTES);
+        assert_eq!(
+            super::cut_reason("é".repeat(MAX_REASON_BYTES)).len(),
+            MAX_REASON_BYTES
+        );
+    }
 
     #[test]
     fn classes_roundtrip_through_their_names() {
