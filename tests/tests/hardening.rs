@@ -717,3 +717,74 @@ async fn a_hung_redis_trips_the_sweep_into_the_breaker_and_shutdown_still_ends_i
     );
     signal(&redis_proc.0, "CONT");
 }
+
+/// Micro-batches of 900,000 empty event ids, written straight to the batch topic: each
+/// is under a megabyte on the wire and 21 MB of strings decoded. A backlog of them (held
+/// up behind a slow registry, as after any outage) is decoded one record at a time, so
+/// the scorer's peak memory stays near one record's worth above its own; decoded a
+/// prefetch's worth at once (eight or nine), they took it past 250 MiB, and with the
+/// in-flight limit at its 64 MiB default, to gigabytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_of_records_that_decode_large_is_decoded_one_at_a_time() {
+    use lanes_common::records::{CloseReason, MicroBatch};
+    use lanes_tests::fleet::Fleet;
+
+    let mut lane = Lane::new("decode-large");
+    // The raw bytes in flight, kept small so that what is decoded shows.
+    lane.settings.runner.max_in_flight_bytes = 8 << 20;
+    lane.create_topics().await;
+    let codec = AvroCodec::new(&lane.settings.registry).unwrap();
+    let registry = lane.settings.registry.url.trim_start_matches("http://");
+    let proxy = lanes_tests::proxy::SlowProxy::start(registry.trim_end_matches('/')).await;
+    let mut slow = lane.clone();
+    slow.settings.registry.url = format!("http://{}", proxy.addr);
+    let p = producer(&lane.settings);
+    let topic = &lane.settings.topics.batches;
+    let large = MicroBatch {
+        batch_id: "large".into(),
+        source_partition: 0,
+        first_offset: 0,
+        last_offset: 0,
+        opened_at: 1,
+        closed_at: 2,
+        close_reason: CloseReason::Count,
+        feature_names: FEATURES.iter().map(|f| f.to_string()).collect(),
+        features: Vec::new(),
+        event_ids: vec![String::new(); 900_000],
+        entity_ids: Vec::new(),
+        kinds: Vec::new(),
+        event_times: Vec::new(),
+        ingested_ats: Vec::new(),
+    };
+    let bytes = codec.encode(topic, &large).await.unwrap();
+    assert!(bytes.len() < 1_000_000, "{} bytes", bytes.len());
+    // A batch that scores: its schema id is then known as the scorer's own, read
+    // straight into the record (the generic path refuses arrays over 16 MiB of values).
+    let good = MicroBatch {
+        batch_id: "good".into(),
+        features: vec![1.0; FEATURES.len()],
+        event_ids: vec!["good-e".into()],
+        entity_ids: vec!["good".into()],
+        kinds: vec!["transaction".into()],
+        event_times: vec![now_millis()],
+        ingested_ats: vec![now_millis()],
+        ..large.clone()
+    };
+    let good = codec.encode(topic, &good).await.unwrap();
+    let fleet = Fleet::start(&slow, &[lanes_scorer::def()]).await;
+    // The scorer's first record waits for its writer schema while the rest arrive.
+    proxy.set_delay(Duration::from_secs(3));
+    produce(&p, topic, b"good", &good).await;
+    let n = 30;
+    for i in 0..n {
+        produce(&p, topic, format!("large-{i}").as_bytes(), &bytes).await;
+    }
+    let dlq = consumer(&lane.settings, &[&lane.settings.topics.dlq]);
+    let letters = consume_n(&dlq, n, Duration::from_secs(120)).await;
+    for m in &letters {
+        assert_eq!(class(m), ErrorClass::DecodeError);
+    }
+    let peak = fleet.stop().await["scorer"];
+    eprintln!("scorer peak RSS {peak:.0} MiB");
+    assert!(peak < 200.0, "scorer peak RSS {peak:.0} MiB");
+}

@@ -363,6 +363,87 @@ async fn a_source_left_unread_hands_on_its_backlog_in_order_once_read() {
     );
 }
 
+/// Any producer may write records of half a megabyte: a source left unread (its
+/// service waiting on a dependency) holds about 8 MiB of them, not the 4,096 records
+/// its channel has room for (2 GiB of these), and hands on every one once read. The
+/// services' 1 MiB `queued.max.messages.kbytes` keeps each polling turn near a
+/// megabyte; raised (here to librdkafka's own 64 MiB default), eight turns held 35 MiB
+/// of this backlog before the channel was bounded by bytes.
+#[tokio::test]
+async fn a_source_left_unread_holds_megabytes_of_large_records_not_gigabytes() {
+    use futures::future::join_all;
+    use rdkafka::producer::FutureRecord;
+
+    let mut s = settings();
+    s.kafka.partitions = 8;
+    s.kafka
+        .consumer_properties
+        .insert("queued.max.messages.kbytes".into(), "65536".into());
+    let topic = unique("large-unread");
+    create_topics(&s, &[&topic]).await;
+    // 64 MiB in 128 records.
+    let (n, value) = (128, vec![b'x'; 512 << 10]);
+    let p = producer(&s);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(16) {
+        for sent in join_all(chunk.iter().map(|i| {
+            let (p, topic, value) = (p.clone(), topic.clone(), value.clone());
+            async move {
+                let key = i.to_string();
+                p.send(
+                    FutureRecord::to(&topic)
+                        .key(&key)
+                        .partition(i % 8)
+                        .payload(&value),
+                )
+                .await
+            }
+        }))
+        .await
+        {
+            sent.expect("delivered");
+        }
+    }
+    let mut source = source(
+        &s,
+        "test",
+        &unique("large-unread-group"),
+        &[&topic],
+        Duration::from_secs(10),
+    );
+    // The polling thread fills the channel, then waits for room.
+    let mut held = 0;
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < until {
+        held = held.max(source.prefetched_bytes());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    const MIB: usize = 1 << 20;
+    assert!(
+        (4 * MIB..=12 * MIB).contains(&held),
+        "held {:.1} MiB of a 64 MiB backlog unread",
+        held as f64 / MIB as f64
+    );
+    let mut keys = Vec::with_capacity(n as usize);
+    while keys.len() < n as usize {
+        let m = next_message(&mut source, Duration::from_secs(60)).await;
+        assert_eq!(m.payload().map(<[u8]>::len), Some(value.len()));
+        let key: i32 = std::str::from_utf8(m.key().unwrap())
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(m.partition(), key % 8);
+        keys.push(key);
+    }
+    assert_eq!(source.prefetched_bytes(), 0, "everything read was let go");
+    source.close().await;
+    // In order within each partition, every record once.
+    for part in 0..8 {
+        let of: Vec<i32> = keys.iter().copied().filter(|k| k % 8 == part).collect();
+        let sent: Vec<i32> = (0..n).filter(|k| k % 8 == part).collect();
+        assert_eq!(of, sent, "partition {part}");
+    }
+}
+
 /// A one-partition topic of ten record batches of a hundred, and a group that
 /// committed offset 150, inside the second batch.
 async fn committed_inside_a_batch(s: &lanes_common::Settings, what: &str) -> (String, String) {

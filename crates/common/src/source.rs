@@ -6,6 +6,7 @@
 //! which the thread drains only while the service has room. When the service falls
 //! behind (a dependency is down, its in-flight limit is reached) those queues are left
 //! alone: librdkafka stops fetching once a partition holds `queued.max.messages.kbytes`,
+//! the channel to the service holds at most 4,096 records and about 8 MiB of them,
 //! while the thread keeps polling the consumer's own queue, so the member stays in its
 //! group and rebalances are still served. Nothing is paused and nothing refetched: on
 //! the embedded broker a fetch that starts inside a record batch skips the rest of that
@@ -37,7 +38,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 use std::time::Duration;
 
@@ -78,7 +79,8 @@ pub enum SourceEvent {
 /// wake-up for up to [`TURN`] of them rather than one per record.
 #[derive(Debug)]
 enum Handoff {
-    Messages(Vec<OwnedMessage>),
+    /// Records and the bytes they hold (see [`size`]).
+    Messages(Vec<OwnedMessage>, usize),
     Event(SourceEvent),
 }
 
@@ -578,20 +580,30 @@ impl SourceContext {
         }
     }
 
-    /// Hands waiting messages on, a turn's worth at a time, while the channel has room.
-    /// Returns false once the service has gone away.
-    fn forward(&self, tx: &mpsc::Sender<Handoff>) -> bool {
+    /// Hands waiting messages on, a turn's worth (or [`TURN_BYTES`]) at a time, while
+    /// the channel has room. Returns false once the service has gone away.
+    fn forward(&self, tx: &mpsc::Sender<Handoff>, room: &RoomBell) -> bool {
         if tx.is_closed() {
             return false;
         }
         let mut pending = self.pending.lock().expect("source lock");
         // Only while there is room: a turn copied out and refused is copied back.
-        while !pending.is_empty() && tx.capacity() > 0 {
-            let n = pending.len().min(TURN);
+        while !pending.is_empty() && tx.capacity() > 0 && !room.over() {
+            let (mut n, mut bytes) = (0, 0);
+            for m in pending.iter().take(TURN) {
+                if bytes >= TURN_BYTES {
+                    break;
+                }
+                n += 1;
+                bytes += size(m);
+            }
             let chunk: Vec<OwnedMessage> = pending.drain(..n).collect();
-            match tx.try_send(Handoff::Messages(chunk)) {
+            // Counted before the send: the service may take it before a count after.
+            room.handed(bytes);
+            match tx.try_send(Handoff::Messages(chunk, bytes)) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(Handoff::Messages(chunk))) => {
+                Err(mpsc::error::TrySendError::Full(Handoff::Messages(chunk, _))) => {
+                    room.taken(bytes);
                     for m in chunk.into_iter().rev() {
                         pending.push_front(m);
                     }
@@ -603,12 +615,24 @@ impl SourceContext {
         true
     }
 
-    /// Hands `chunk` on; with no room it waits in `pending`, which must be empty (it
-    /// follows anything waiting there).
-    fn hand_on(&self, tx: &mpsc::Sender<Handoff>, chunk: Vec<OwnedMessage>) -> Taken {
-        match tx.try_send(Handoff::Messages(chunk)) {
+    /// Hands `chunk` (of `bytes`) on; with no room, by count or by bytes, it waits in
+    /// `pending`, which must be empty (it follows anything waiting there).
+    fn hand_on(
+        &self,
+        tx: &mpsc::Sender<Handoff>,
+        room: &RoomBell,
+        chunk: Vec<OwnedMessage>,
+        bytes: usize,
+    ) -> Taken {
+        if room.over() {
+            self.pending.lock().expect("source lock").extend(chunk);
+            return Taken::Full;
+        }
+        room.handed(bytes);
+        match tx.try_send(Handoff::Messages(chunk, bytes)) {
             Ok(()) => Taken::Yes,
-            Err(mpsc::error::TrySendError::Full(Handoff::Messages(chunk))) => {
+            Err(mpsc::error::TrySendError::Full(Handoff::Messages(chunk, _))) => {
+                room.taken(bytes);
                 self.pending.lock().expect("source lock").extend(chunk);
                 Taken::Full
             }
@@ -879,15 +903,24 @@ impl Source {
     }
 
     fn unpack(&mut self, handoff: Handoff) -> SourceEvent {
-        self.room.made(self.events.capacity());
+        if let Handoff::Messages(_, bytes) = &handoff {
+            self.room.taken(*bytes);
+        }
+        self.room.made(self.room.free(self.events.capacity()));
         match handoff {
             Handoff::Event(e) => e,
-            Handoff::Messages(chunk) => {
+            Handoff::Messages(chunk, _) => {
                 self.received = chunk.into_iter();
                 let first = self.received.next();
                 SourceEvent::Message(first.expect("a turn hands on at least one record"))
             }
         }
+    }
+
+    /// Bytes of the records fetched and handed on to the service, not yet taken by it:
+    /// at most about 8 MiB plus a record, whatever the records' sizes.
+    pub fn prefetched_bytes(&self) -> usize {
+        self.room.held.load(Ordering::Relaxed)
     }
 
     pub fn consumer(&self) -> &Arc<SourceConsumer> {
@@ -952,6 +985,15 @@ const TURN: usize = 512;
 /// service's memory beside librdkafka's own queues.
 const PREFETCH: usize = 4096;
 
+/// About how many bytes of records wait in the channel: any producer may write records
+/// of a megabyte, and 4,096 of those would hold gigabytes. With the runner's
+/// `max_in_flight_bytes` and librdkafka's `queued.max.messages.kbytes` it bounds what
+/// a service holds of its input.
+const PREFETCH_BYTES: usize = 8 << 20;
+/// A turn is handed on once it holds this many bytes, so that one turn of large records
+/// cannot take the whole prefetch.
+const TURN_BYTES: usize = PREFETCH_BYTES / (PREFETCH / TURN);
+
 /// How long an idle polling thread sleeps when nothing rings: it bounds a missed ring.
 /// librdkafka rings a queue only when it goes from empty to not empty, and the thread
 /// empties every queue it serves before it sleeps.
@@ -976,6 +1018,8 @@ struct RoomBell {
     /// Set while the thread waits for room.
     wanted: AtomicBool,
     ring: std_mpsc::SyncSender<()>,
+    /// Bytes of the records handed on and not yet taken by the service.
+    held: AtomicUsize,
 }
 
 impl RoomBell {
@@ -983,6 +1027,31 @@ impl RoomBell {
         Self {
             wanted: AtomicBool::new(false),
             ring,
+            held: AtomicUsize::new(0),
+        }
+    }
+
+    fn handed(&self, bytes: usize) {
+        self.held.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn taken(&self, bytes: usize) {
+        self.held.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Whether the channel holds its bytes' worth: nothing more is handed on.
+    fn over(&self) -> bool {
+        self.held.load(Ordering::Relaxed) >= PREFETCH_BYTES
+    }
+
+    /// The channel's free turns, `capacity`, while it holds at most half its bytes'
+    /// worth; none past that, so a thread stopped by bytes waits, like one stopped by
+    /// count, until half the room is free.
+    fn free(&self, capacity: usize) -> usize {
+        if self.held.load(Ordering::Relaxed) > PREFETCH_BYTES / 2 {
+            0
+        } else {
+            capacity
         }
     }
 
@@ -1054,6 +1123,10 @@ fn poll_loop(
     let mut taken = Vec::with_capacity(TURN);
     let keep = ctx.headers == RecordHeaders::Keep;
     let mut continuity: HashMap<(String, i32), Continuity> = HashMap::new();
+    // The mean size of the records last taken: a take asks for no more of them than
+    // fill a turn's bytes, so a partition prefetching megabyte records (a raised
+    // `queued.max.messages.kbytes`) is not moved out of librdkafka all at once.
+    let mut record_bytes = 1;
     while !stop.load(Ordering::Relaxed) {
         // Events (rebalances, errors), and messages fetched before their partition's
         // queue was split off: those are older than anything in that queue. `poll`
@@ -1104,7 +1177,7 @@ fn poll_loop(
                 }
             }
         }
-        if !ctx.forward(tx) {
+        if !ctx.forward(tx, &room) {
             break;
         }
         // Whether a partition's queue gave anything, handed on or not: one left with
@@ -1112,6 +1185,7 @@ fn poll_loop(
         let mut took = false;
         let mut full = !ctx.pending.lock().expect("source lock").is_empty();
         let mut chunk = Vec::with_capacity(TURN);
+        let mut chunk_bytes = 0;
         'queues: for (key, q) in &mut queues {
             if full {
                 break;
@@ -1125,13 +1199,16 @@ fn poll_loop(
             // At most a turn from each queue, taken no faster than the chunk fills.
             let mut from_queue = 0;
             while from_queue < TURN {
-                let want = (TURN - from_queue).min(TURN - chunk.len());
+                let want = (TURN - from_queue)
+                    .min(TURN - chunk.len())
+                    .min((TURN_BYTES / record_bytes).max(1));
                 let got = q.take(want, &mut taken);
                 if got == 0 {
                     break;
                 }
                 took = true;
                 from_queue += got;
+                let before = chunk.len();
                 let sought = sift(
                     taken.drain(..),
                     &mut chunk,
@@ -1142,8 +1219,12 @@ fn poll_loop(
                     },
                     |e| tracing::warn!(service = %ctx.service, error = %e, "consumer error"),
                 );
-                if chunk.len() >= TURN {
-                    match ctx.hand_on(tx, std::mem::replace(&mut chunk, Vec::with_capacity(TURN))) {
+                let bytes: usize = chunk[before..].iter().map(size).sum();
+                record_bytes = (bytes / (chunk.len() - before).max(1)).max(1);
+                chunk_bytes += bytes;
+                if chunk.len() >= TURN || chunk_bytes >= TURN_BYTES {
+                    let turn = std::mem::replace(&mut chunk, Vec::with_capacity(TURN));
+                    match ctx.hand_on(tx, &room, turn, std::mem::take(&mut chunk_bytes)) {
                         Taken::Yes => {}
                         Taken::Full => {
                             full = true;
@@ -1157,7 +1238,7 @@ fn poll_loop(
                 }
             }
         }
-        if !chunk.is_empty() && ctx.hand_on(tx, chunk) == Taken::Full {
+        if !chunk.is_empty() && ctx.hand_on(tx, &room, chunk, chunk_bytes) == Taken::Full {
             full = true;
         }
         if !took {
@@ -1171,7 +1252,7 @@ fn poll_loop(
             } else {
                 IDLE_WAIT
             };
-            if full && !room.want(|| tx.capacity()) {
+            if full && !room.want(|| room.free(tx.capacity())) {
                 continue;
             }
             let _ = wake.recv_timeout(wait);
@@ -1233,9 +1314,12 @@ impl Acks {
     }
 
     /// A message was read; its offset must not be committed until acknowledged.
-    pub fn track(&mut self, m: &OwnedMessage) {
-        self.bytes += size(m);
+    /// Returns the bytes it holds.
+    pub fn track(&mut self, m: &OwnedMessage) -> usize {
+        let bytes = size(m);
+        self.bytes += bytes;
         self.tracker.track(m.topic(), m.partition(), m.offset());
+        bytes
     }
 
     /// `inputs` are done once `work` resolves `Ok`. Poison dead-letters them (e.g. a
@@ -1263,6 +1347,8 @@ impl Acks {
     /// Dead-letters `m`; its offset is acknowledged once the dead letter is.
     pub fn dead_letter(&mut self, m: OwnedMessage, class: ErrorClass, message: String) {
         let dlq = self.dlq.clone();
+        // Held until the letter is acknowledged, beside the input it quotes.
+        let message = crate::dlq::cut_reason(message);
         self.pending.push(Box::pin(async move {
             let letter = DeadLetter {
                 class,
@@ -1394,7 +1480,10 @@ impl Acks {
 
 #[cfg(test)]
 mod tests {
-    use super::{Continuity, REFETCH_EVERY, ROOM, RoomBell, Step, Verdict, sift, verdict};
+    use super::{
+        Continuity, PREFETCH, PREFETCH_BYTES, REFETCH_EVERY, ROOM, RoomBell, Step, TURN,
+        TURN_BYTES, Verdict, sift, verdict,
+    };
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
@@ -1455,6 +1544,36 @@ mod tests {
         bell.woke();
         bell.made(ROOM);
         assert!(rings.try_recv().is_err(), "woken otherwise: no ring");
+    }
+
+    /// Past its bytes' worth the channel takes nothing more, and a thread waiting for
+    /// room is rung only once half of those bytes are taken, as for half its turns.
+    #[test]
+    fn the_channel_is_full_at_its_bytes_as_at_its_count() {
+        let (ring, rings) = mpsc::sync_channel(1);
+        let bell = RoomBell::new(ring);
+        let turns = PREFETCH / TURN;
+        bell.handed(PREFETCH_BYTES - 1);
+        assert!(!bell.over());
+        assert_eq!(
+            bell.free(turns),
+            0,
+            "over half the bytes: no room to ring for"
+        );
+        bell.handed(1);
+        assert!(bell.over(), "a turn of big records fills it");
+        assert!(bell.want(|| bell.free(turns - 1)), "the thread sleeps");
+        bell.taken(PREFETCH_BYTES / 4);
+        bell.made(bell.free(turns));
+        assert!(rings.try_recv().is_err(), "three quarters held: not yet");
+        bell.taken(PREFETCH_BYTES / 4);
+        assert!(!bell.over());
+        bell.made(bell.free(ROOM));
+        assert!(
+            rings.try_recv().is_ok(),
+            "half held, half the turns free: rung"
+        );
+        assert_eq!(TURN_BYTES * turns, PREFETCH_BYTES);
     }
 
     #[test]
