@@ -135,6 +135,7 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
         ("bad-score", f64::NAN),
         ("scored-ahead", 0.5),
         ("ingested-long-ago", 0.6),
+        ("long-version", 0.8),
     ] {
         let mut prediction = prediction_now(entity, score);
         match entity {
@@ -142,6 +143,9 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
             "scored-ahead" => prediction.scored_at += 3_600_000,
             // Only a latency metric reads it; it must not stop the writer.
             "ingested-long-ago" => prediction.ingested_at = Some(i64::MIN),
+            // Copied into every answer from the entry: a 60-byte request would get
+            // 500 KB back.
+            "long-version" => prediction.model_version = "v".repeat(500_000),
             _ => {}
         }
         let bytes = codec.encode(topic, &prediction).await.unwrap();
@@ -189,7 +193,7 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
     let running = lane.start(&[lanes_cache_writer::def()]);
     running.ready().await;
     let dlq = consumer(&lane.settings, &[&lane.settings.topics.dlq]);
-    let mut letters: Vec<(String, ErrorClass)> = consume_n(&dlq, 8, Duration::from_secs(60))
+    let mut letters: Vec<(String, ErrorClass)> = consume_n(&dlq, 9, Duration::from_secs(60))
         .await
         .iter()
         .map(|m| {
@@ -208,6 +212,7 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
             ("features-missing".to_string(), ErrorClass::MissingField),
             ("features-nan".to_string(), ErrorClass::NonFinite),
             ("features-no-entity".to_string(), ErrorClass::MissingField),
+            ("long-version".to_string(), ErrorClass::TooLarge),
             ("no-entity".to_string(), ErrorClass::MissingField),
             ("scored-ahead".to_string(), ErrorClass::InvalidEventTime),
             ("taken".to_string(), ErrorClass::CacheWriteError)
@@ -216,7 +221,12 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
     let prefix = &lane.settings.cache_writer.key_prefix;
     let bare: bool = r.exists(prefix).await.unwrap();
     assert!(!bare, "nothing written to the bare key prefix");
-    for refused in ["features-nan", "features-huge", "features-missing"] {
+    for refused in [
+        "features-nan",
+        "features-huge",
+        "features-missing",
+        "long-version",
+    ] {
         let held: bool = r.exists(key(refused)).await.unwrap();
         assert!(!held, "{refused} cached");
     }

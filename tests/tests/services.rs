@@ -79,6 +79,9 @@ async fn rejected_batches_are_dead_lettered_and_the_scorer_goes_on() {
     nan.features[width + 1] = f32::NAN;
     let mut infinite = batch("infinite", 2, width, features());
     infinite.features[0] = f32::NEG_INFINITY;
+    // An id copied into each row's prediction: 100 KB of it would make 5 MB of these.
+    let mut long_id = batch("long", 50, width, features());
+    long_id.batch_id = "x".repeat(100_000);
     for b in [
         batch("short", 4, width - 1, features()),
         batch(
@@ -90,13 +93,14 @@ async fn rejected_batches_are_dead_lettered_and_the_scorer_goes_on() {
         ragged,
         nan,
         infinite,
+        long_id,
         batch("good", 3, width, features()),
     ] {
         produce(&p, topic, b"0", &codec.encode(topic, &b).await.unwrap()).await;
     }
     // Columns of different lengths are a malformed record; the right shape with the
     // wrong feature names is the model's refusal.
-    let dead = dead_letters(&lane, 5).await;
+    let dead = dead_letters(&lane, 6).await;
     assert_eq!(
         dead,
         vec![
@@ -105,6 +109,7 @@ async fn rejected_batches_are_dead_lettered_and_the_scorer_goes_on() {
             (ErrorClass::DecodeError, "scorer".into()),
             (ErrorClass::NonFinite, "scorer".into()),
             (ErrorClass::NonFinite, "scorer".into()),
+            (ErrorClass::DecodeError, "scorer".into()),
         ]
     );
 
@@ -131,7 +136,7 @@ async fn rejected_batches_are_dead_lettered_and_the_scorer_goes_on() {
             "lanes_scorer_dead_letters_total",
             &[("class", "DECODE_ERROR")]
         ),
-        2.0
+        3.0
     );
     assert_eq!(
         running.metric(

@@ -286,6 +286,22 @@ impl Writer {
         if p.entity_id.is_empty() {
             return Err((ErrorClass::MissingField, "entity_id is empty".into()));
         }
+        for (field, value) in [
+            ("model_name", p.model_name.as_str()),
+            ("model_version", p.model_version.as_str()),
+            ("label", p.label.as_deref().unwrap_or_default()),
+        ] {
+            if value.len() > cache::MAX_MODEL_FIELD_BYTES {
+                return Err((
+                    ErrorClass::TooLarge,
+                    format!(
+                        "{field} is {} bytes, over {}",
+                        value.len(),
+                        cache::MAX_MODEL_FIELD_BYTES
+                    ),
+                ));
+            }
+        }
         if !p.score.is_finite() {
             return Err((
                 ErrorClass::ModelError,

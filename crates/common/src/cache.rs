@@ -189,6 +189,12 @@ impl ScriptCall<'_> {
 /// The most argument space a script call reserves from its first item's sizes.
 const MAX_RESERVED_ARGS: usize = 4 << 20;
 
+/// The longest model name, version or label a model may have and a cache entry may
+/// hold: the version is copied into every answer served from an entry, so a prediction
+/// written straight to the topic with a megabyte of it would turn each small request
+/// into a megabyte response.
+pub const MAX_MODEL_FIELD_BYTES: usize = 256;
+
 /// What to reserve for `rest` items sized like the first (`sizes`): nothing past
 /// [`MAX_RESERVED_ARGS`], so a first item of outsized ids (a hostile record) does not
 /// reserve its size for every item; the buffer then grows as it fills.
@@ -374,7 +380,13 @@ impl Cached {
         let int = |k: &str| h.get(k).and_then(|v| v.parse::<i64>().ok());
         Some(Self {
             score: num("score").filter(|s| s.is_finite()),
-            model_version: h.get("model_version").filter(|v| !v.is_empty()).cloned(),
+            // Copied into every answer from this entry: one written before the
+            // cache-writer bounded it must not make each small request a large response.
+            // Cut, it still differs from any serving version, so the entry is stale.
+            model_version: h
+                .get("model_version")
+                .filter(|v| !v.is_empty())
+                .map(|v| crate::dlq::truncate_str(v, MAX_MODEL_FIELD_BYTES + 1).to_string()),
             event_time: int("event_time"),
             scored_at: int("scored_at"),
             features: h.get("features").and_then(|f| serde_json::from_str(f).ok()),
@@ -548,6 +560,28 @@ mod tests {
             None,
             "a NaN score is no prediction"
         );
+        let long = "v".repeat(500_000);
+        let version = |v: &str| {
+            let h: HashMap<String, String> = [("score", "0.5"), ("scored_at", "5")]
+                .into_iter()
+                .chain([("model_version", v)])
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Cached::from_hash(&h).unwrap()
+        };
+        let cut = version(&long);
+        assert_eq!(
+            cut.model_version.as_deref().map(str::len),
+            Some(MAX_MODEL_FIELD_BYTES + 1),
+            "a version no answer carries whole"
+        );
+        let serving = &long[..MAX_MODEL_FIELD_BYTES];
+        assert_eq!(
+            cut.staleness(60_000, Some(serving), 10),
+            Some(Staleness::ModelVersion),
+            "and no serving version is"
+        );
+        assert_eq!(version("7").model_version.as_deref(), Some("7"));
     }
 
     #[test]

@@ -131,6 +131,23 @@ impl ModelSpec {
                 message: "features must not be empty".into(),
             });
         }
+        for (field, value) in [
+            ("name", &spec.name),
+            ("version", &spec.version),
+            ("positive_label", &spec.positive_label),
+            ("negative_label", &spec.negative_label),
+        ] {
+            if value.len() > crate::cache::MAX_MODEL_FIELD_BYTES {
+                return Err(ModelError::Spec {
+                    path,
+                    message: format!(
+                        "{field} is {} bytes, over {}",
+                        value.len(),
+                        crate::cache::MAX_MODEL_FIELD_BYTES
+                    ),
+                });
+            }
+        }
         Ok(spec)
     }
 }

@@ -145,10 +145,22 @@ impl CloseReason {
     }
 }
 
+/// The longest `batch_id` a micro-batch may carry; the micro-batcher's ids (topic,
+/// partition and offsets) stay under 320 bytes.
+pub const MAX_BATCH_ID_BYTES: usize = 512;
+
 impl MicroBatch {
     /// Rows, once every column is checked to agree: any writer that can reach the batch
     /// topic could send a batch whose columns disagree, and the scorer indexes them.
     pub fn rows(&self) -> Result<usize, String> {
+        // Copied into every row's prediction: half a megabyte of id over ten thousand
+        // small rows would make gigabytes of one record.
+        if self.batch_id.len() > MAX_BATCH_ID_BYTES {
+            return Err(format!(
+                "batch_id of {} bytes is over {MAX_BATCH_ID_BYTES}",
+                self.batch_id.len()
+            ));
+        }
         let rows = self.event_ids.len();
         let width = self.feature_names.len();
         for (name, len) in [
@@ -631,5 +643,10 @@ mod tests {
         let mut b = batch();
         b.feature_names.push("extra".into());
         assert!(b.rows().is_err());
+        let mut b = batch();
+        b.batch_id = "b".repeat(MAX_BATCH_ID_BYTES);
+        assert!(b.rows().is_ok());
+        b.batch_id.push('b');
+        assert!(b.rows().unwrap_err().contains("batch_id of 513 bytes"));
     }
 }
