@@ -122,6 +122,13 @@ fn refusal(core: &Core, req: &PredictionRequest, now: i64) -> Option<(&'static s
     {
         return Some(("requested_at", e));
     }
+    if let Some(e) = req
+        .features
+        .as_ref()
+        .and_then(|f| core.too_many_features(f))
+    {
+        return Some(("features", e));
+    }
     let age = now - req.requested_at;
     if cfg.max_request_age_ms > 0 && age > cfg.max_request_age_ms as i64 {
         return Some((

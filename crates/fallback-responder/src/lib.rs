@@ -368,6 +368,21 @@ impl Core {
         model_row(&model.spec.features, features).is_ok()
     }
 
+    /// A name among a request's `features` that the serving model does not take, when
+    /// there are more of them than the model's features: such a request is refused
+    /// before any copy of its map is made (a megabyte of names made tens of them).
+    pub(crate) fn too_many_features(&self, features: &BTreeMap<String, f64>) -> Option<String> {
+        let model = self.model.as_ref().map(ModelWatch::current)?;
+        if features.len() <= model.spec.features.len() {
+            return None;
+        }
+        let extra = features.keys().find(|k| !model.index().contains(k))?;
+        Some(format!(
+            "unknown feature {:?}",
+            lanes_common::dlq::truncate_str(extra, 256)
+        ))
+    }
+
     async fn score_now(&self, features: &BTreeMap<String, f64>, from_request: bool) -> Scored {
         let Some(model) = self.model.as_ref().map(ModelWatch::current) else {
             return Err(format!(

@@ -172,6 +172,7 @@ impl Metrics {
                 "expired",
                 "no_slot",
                 "reply_topic",
+                "features",
             ],
         );
         let outcomes = [
