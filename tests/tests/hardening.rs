@@ -378,6 +378,65 @@ async fn entries_stay_paired_with_their_keys_when_one_is_gone() {
     let _: () = r.del(&keys).await.unwrap();
 }
 
+/// An entry's fields a reader does not use are never read back: an entity whose hash
+/// holds a 32 MB `event_id` costs a request or a sweep page the few fields it reads,
+/// not the 32 MB (Redis's own count of the bytes it sent says so).
+#[tokio::test]
+async fn readers_read_only_the_fields_they_use() {
+    let lane = Lane::new("read-fields");
+    let mut r = redis(&lane.settings)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("{}long-event-id", lane.settings.cache_writer.key_prefix);
+    let _: () = r
+        .hset_multiple(
+            &key,
+            &[
+                ("score", "0.25".to_string()),
+                ("scored_at", "7".into()),
+                ("model_version", "1".into()),
+                ("event_id", "e".repeat(32 << 20)),
+            ],
+        )
+        .await
+        .unwrap();
+    let sent = |info: String| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("INFO stats has total_net_output_bytes")
+    };
+    let before = sent(
+        redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut r)
+            .await
+            .unwrap(),
+    );
+    let one = cache::read(&mut r, &key).await.unwrap().expect("an entry");
+    let page = cache::entries(&mut r, std::slice::from_ref(&key))
+        .await
+        .unwrap();
+    let after = sent(
+        redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut r)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(one.score, Some(0.25));
+    assert_eq!(one.model_version.as_deref(), Some("1"));
+    assert_eq!(page[0].as_ref().and_then(|c| c.score), Some(0.25));
+    // Other tests' traffic shares the counter; 32 MB read twice would be 64.
+    assert!(
+        after - before < 8 << 20,
+        "Redis sent {} bytes for two reads of the entry",
+        after - before
+    );
+    let _: () = r.del(&key).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_age_refresh_of_an_entry_lands() {
     let mut lane = Lane::new("refresh-twice");

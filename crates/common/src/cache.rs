@@ -462,6 +462,45 @@ pub async fn scan<C: redis::aio::ConnectionLike>(
         .await
 }
 
+/// The fields of an entry that [`Cached`] reads. Readers ask for these by `HMGET`, not
+/// for the whole hash: the rest (`event_id` above all, any length a writer chose) is
+/// never read back, so a request or a sweep page costs what a reader uses.
+const READ_FIELDS: [&str; 6] = [
+    "score",
+    "model_version",
+    "event_time",
+    "scored_at",
+    "features",
+    "features_event_time",
+];
+
+/// The `HMGET` of [`READ_FIELDS`] for `key`.
+fn read_cmd(key: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("HMGET");
+    cmd.arg(key).arg(&READ_FIELDS[..]);
+    cmd
+}
+
+/// An entry from the values of [`READ_FIELDS`], in order; `None` when it has none of
+/// them (the key is gone).
+fn from_fields(values: Vec<Option<String>>) -> Option<Cached> {
+    let h: HashMap<String, String> = READ_FIELDS
+        .iter()
+        .zip(values)
+        .filter_map(|(k, v)| Some((k.to_string(), v?)))
+        .collect();
+    Cached::from_hash(&h)
+}
+
+/// The entry under `key`, in one round trip.
+pub async fn read<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+) -> redis::RedisResult<Option<Cached>> {
+    let values: Vec<Option<String>> = read_cmd(key).query_async(conn).await?;
+    Ok(from_fields(values))
+}
+
 /// Each key's entry in one pipeline, in the keys' order: `None` where the key is gone
 /// (expired or deleted since a SCAN listed it), so no key is paired with another's hash.
 pub async fn entries<C: redis::aio::ConnectionLike>(
@@ -473,10 +512,10 @@ pub async fn entries<C: redis::aio::ConnectionLike>(
     }
     let mut pipe = redis::pipe();
     for k in keys {
-        pipe.cmd("HGETALL").arg(k);
+        pipe.add_command(read_cmd(k));
     }
-    let hashes: Vec<HashMap<String, String>> = pipe.query_async(conn).await?;
-    Ok(hashes.iter().map(Cached::from_hash).collect())
+    let values: Vec<Vec<Option<String>>> = pipe.query_async(conn).await?;
+    Ok(values.into_iter().map(from_fields).collect())
 }
 
 /// A Redis failure: the connection or the server's state (transient, retried), or this

@@ -2,7 +2,7 @@
 //! its `reply_topic` (else `lanes.responses`), keyed by request id, with the request's
 //! headers copied for correlation. It is a [`Stage`] of the common runner.
 //!
-//! One Redis read (`HGETALL` of the entity's hash: prediction and online features)
+//! One Redis read (`HMGET` of the fields a reader uses: prediction and online features)
 //! decides the path ([`decide`]): a fresh cached prediction is served (CACHE); a stale or
 //! missing one is scored in-process with the scorer's model code from the request's or
 //! the online features (REALTIME) and published to `lanes.predictions` so the cache
@@ -30,7 +30,7 @@ pub use metrics::LOOKUP_RESULTS;
 pub mod replies;
 pub mod sweep;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -192,16 +192,14 @@ impl Core {
             .map(|m| m.current().spec.version.clone())
     }
 
-    /// The entity's hash in one round trip, through the circuit breaker. `Err` when the
+    /// The entity's entry in one round trip, through the circuit breaker. `Err` when the
     /// cache could not be asked.
     pub async fn read(&self, entity: &str) -> Result<Option<Cached>, String> {
         let key = cache::key(&self.prefix, entity);
-        let h: HashMap<String, String> = self
-            .call(self.cfg.redis_timeout_ms, move |mut conn| async move {
-                redis::cmd("HGETALL").arg(&key).query_async(&mut conn).await
-            })
-            .await?;
-        Ok(Cached::from_hash(&h))
+        self.call(self.cfg.redis_timeout_ms, move |mut conn| async move {
+            cache::read(&mut conn, &key).await
+        })
+        .await
     }
 
     /// One Redis call through the circuit breaker, failing after `timeout_ms`. The
@@ -370,7 +368,7 @@ impl Core {
 
     /// A name among a request's `features` that the serving model does not take, when
     /// there are more of them than the model's features: such a request is refused
-    /// before any copy of its map is made (a megabyte of names made tens of them).
+    /// before its map is copied or keyed (fifty thousand names were, twice).
     pub(crate) fn too_many_features(&self, features: &BTreeMap<String, f64>) -> Option<String> {
         let model = self.model.as_ref().map(ModelWatch::current)?;
         if features.len() <= model.spec.features.len() {

@@ -53,6 +53,11 @@ fn timeout_ms(core: &Core) -> u64 {
     core.cfg.redis_timeout_ms.saturating_mul(10).max(1)
 }
 
+/// Keys asked of each SCAN step: every listed key's entry is then read in one pipeline,
+/// so a page of entities with long ids (a key may be as long as a Kafka record) stays
+/// near a hundred of them.
+const SCAN_PAGE: usize = 100;
+
 /// One SCAN step: keys of the cache and the next cursor.
 async fn scan(core: &Core, cursor: u64, count: usize) -> Result<(u64, Vec<String>), String> {
     let prefix = core.prefix.clone();
@@ -88,7 +93,7 @@ pub async fn sample(core: &Core) -> Result<f64, String> {
     let now = now_millis();
     let version = core.model_version();
     loop {
-        let (next, keys) = scan(core, cursor, 1000).await?;
+        let (next, keys) = scan(core, cursor, SCAN_PAGE).await?;
         for c in entries(core, &keys).await?.into_iter().flatten() {
             if seen >= core.cfg.sample_keys {
                 break;
@@ -132,7 +137,7 @@ pub async fn sweep(
     let budget = (per_second * core.cfg.sweep_interval_ms / 1000).max(1);
     let mut done = 0u64;
     loop {
-        let (next, keys) = scan(core, cursor, 1000).await?;
+        let (next, keys) = scan(core, cursor, SCAN_PAGE).await?;
         let now = now_millis();
         for (key, c) in keys.iter().zip(entries(core, &keys).await?) {
             if done >= budget || stop.is_cancelled() {
