@@ -151,12 +151,13 @@ impl UnknownIds {
     /// The registry said `id` does not exist.
     pub fn missing(&mut self, id: u32, now: Instant) -> Unknown {
         // Bounded: a flood of random ids cannot grow this without end. Emptied when
-        // every entry is recent, so the scan comes once per 10,000 ids, not per id;
-        // a forgotten id costs one more registry call (`windows` still bounds rechecks).
+        // half or more is recent, so the scan comes once per 5,000 ids at least, not
+        // per id; a forgotten id costs one more registry call (`windows` still bounds
+        // rechecks).
         if self.since.len() >= 10_000 {
             self.since
                 .retain(|_, (t, _)| now.duration_since(*t) < UNKNOWN_ID_FORGET);
-            if self.since.len() >= 10_000 {
+            if self.since.len() >= 5_000 {
                 self.since.clear();
             }
         }

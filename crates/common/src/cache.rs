@@ -382,11 +382,12 @@ impl Cached {
             score: num("score").filter(|s| s.is_finite()),
             // Copied into every answer from this entry: one written before the
             // cache-writer bounded it must not make each small request a large response.
-            // Cut, it still differs from any serving version, so the entry is stale.
+            // Cut, it is still longer than any serving version (a character is at
+            // most 4 bytes), so the entry is stale.
             model_version: h
                 .get("model_version")
                 .filter(|v| !v.is_empty())
-                .map(|v| crate::dlq::truncate_str(v, MAX_MODEL_FIELD_BYTES + 1).to_string()),
+                .map(|v| crate::dlq::truncate_str(v, MAX_MODEL_FIELD_BYTES + 4).to_string()),
             event_time: int("event_time"),
             scored_at: int("scored_at"),
             features: h.get("features").and_then(|f| serde_json::from_str(f).ok()),
@@ -611,8 +612,13 @@ mod tests {
         let cut = version(&long);
         assert_eq!(
             cut.model_version.as_deref().map(str::len),
-            Some(MAX_MODEL_FIELD_BYTES + 1),
+            Some(MAX_MODEL_FIELD_BYTES + 4),
             "a version no answer carries whole"
+        );
+        let wide = version(&"é".repeat(1000));
+        assert!(
+            wide.model_version.unwrap().len() > MAX_MODEL_FIELD_BYTES,
+            "cut on a character boundary, still longer than any serving version"
         );
         let serving = &long[..MAX_MODEL_FIELD_BYTES];
         assert_eq!(

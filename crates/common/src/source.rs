@@ -1119,14 +1119,14 @@ fn poll_loop(
     let ctx = consumer.context();
     let events = EventQueue::consumer(consumer.client(), ring.clone())
         .expect("a source's consumer has a group");
-    let mut queues: HashMap<(String, i32), RecordQueue<'_>> = HashMap::new();
+    // Each partition's queue, and the mean size of the records last taken from it: a
+    // take asks for no more of them than fill a turn's bytes (the first take, one), so
+    // a partition prefetching megabyte records (a raised `queued.max.messages.kbytes`)
+    // is not moved out of librdkafka all at once.
+    let mut queues: HashMap<(String, i32), (RecordQueue<'_>, usize)> = HashMap::new();
     let mut taken = Vec::with_capacity(TURN);
     let keep = ctx.headers == RecordHeaders::Keep;
     let mut continuity: HashMap<(String, i32), Continuity> = HashMap::new();
-    // The mean size of the records last taken: a take asks for no more of them than
-    // fill a turn's bytes, so a partition prefetching megabyte records (a raised
-    // `queued.max.messages.kbytes`) is not moved out of librdkafka all at once.
-    let mut record_bytes = 1;
     while !stop.load(Ordering::Relaxed) {
         // Events (rebalances, errors), and messages fetched before their partition's
         // queue was split off: those are older than anything in that queue. `poll`
@@ -1170,7 +1170,7 @@ fn poll_loop(
             match RecordQueue::split(consumer.client(), &topic, partition, keep, ring.clone()) {
                 Some(q) => {
                     continuity.entry((topic.clone(), partition)).or_default();
-                    queues.insert((topic, partition), q);
+                    queues.insert((topic, partition), (q, TURN_BYTES));
                 }
                 None => {
                     tracing::warn!(service = %ctx.service, %topic, partition, "cannot split the partition's queue")
@@ -1186,7 +1186,7 @@ fn poll_loop(
         let mut full = !ctx.pending.lock().expect("source lock").is_empty();
         let mut chunk = Vec::with_capacity(TURN);
         let mut chunk_bytes = 0;
-        'queues: for (key, q) in &mut queues {
+        'queues: for (key, (q, record_bytes)) in &mut queues {
             if full {
                 break;
             }
@@ -1201,7 +1201,7 @@ fn poll_loop(
             while from_queue < TURN {
                 let want = (TURN - from_queue)
                     .min(TURN - chunk.len())
-                    .min((TURN_BYTES / record_bytes).max(1));
+                    .min((TURN_BYTES / *record_bytes).max(1));
                 let got = q.take(want, &mut taken);
                 if got == 0 {
                     break;
@@ -1220,7 +1220,7 @@ fn poll_loop(
                     |e| tracing::warn!(service = %ctx.service, error = %e, "consumer error"),
                 );
                 let bytes: usize = chunk[before..].iter().map(size).sum();
-                record_bytes = (bytes / (chunk.len() - before).max(1)).max(1);
+                *record_bytes = (bytes / (chunk.len() - before).max(1)).max(1);
                 chunk_bytes += bytes;
                 if chunk.len() >= TURN || chunk_bytes >= TURN_BYTES {
                     let turn = std::mem::replace(&mut chunk, Vec::with_capacity(TURN));

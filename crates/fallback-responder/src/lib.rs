@@ -169,6 +169,10 @@ pub struct Core {
     stop: tokio_util::sync::CancellationToken,
 }
 
+/// Feature names a request may carry, or the model's count if that is more, before it
+/// is refused unread.
+pub const MAX_REQUEST_FEATURES: usize = 1024;
+
 impl Core {
     pub fn policy(&self) -> Policy {
         let model_version = self.model_version();
@@ -367,11 +371,12 @@ impl Core {
     }
 
     /// A name among a request's `features` that the serving model does not take, when
-    /// there are more of them than the model's features: such a request is refused
-    /// before its map is copied or keyed (fifty thousand names were, twice).
+    /// there are more of them than [`MAX_REQUEST_FEATURES`] and the model's: such a
+    /// request is refused before its map is copied or keyed (fifty thousand names were,
+    /// twice). A few names too many still go the usual way: a fresh entry answers them.
     pub(crate) fn too_many_features(&self, features: &BTreeMap<String, f64>) -> Option<String> {
         let model = self.model.as_ref().map(ModelWatch::current)?;
-        if features.len() <= model.spec.features.len() {
+        if features.len() <= model.spec.features.len().max(MAX_REQUEST_FEATURES) {
             return None;
         }
         let extra = features.keys().find(|k| !model.index().contains(k))?;
