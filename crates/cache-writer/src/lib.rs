@@ -286,21 +286,12 @@ impl Writer {
         if p.entity_id.is_empty() {
             return Err((ErrorClass::MissingField, "entity_id is empty".into()));
         }
-        for (field, value) in [
+        if let Some(reason) = cache::overlong([
             ("model_name", p.model_name.as_str()),
-            ("model_version", p.model_version.as_str()),
+            ("model_version", &p.model_version),
             ("label", p.label.as_deref().unwrap_or_default()),
-        ] {
-            if value.len() > cache::MAX_MODEL_FIELD_BYTES {
-                return Err((
-                    ErrorClass::TooLarge,
-                    format!(
-                        "{field} is {} bytes, over {}",
-                        value.len(),
-                        cache::MAX_MODEL_FIELD_BYTES
-                    ),
-                ));
-            }
+        ]) {
+            return Err((ErrorClass::TooLarge, reason));
         }
         if !p.score.is_finite() {
             return Err((

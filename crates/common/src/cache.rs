@@ -195,6 +195,20 @@ const MAX_RESERVED_ARGS: usize = 4 << 20;
 /// into a megabyte response.
 pub const MAX_MODEL_FIELD_BYTES: usize = 256;
 
+/// Why the first of `fields` (name, value) longer than [`MAX_MODEL_FIELD_BYTES`] is
+/// refused, if one is: a model's spec and each prediction the cache-writer takes.
+pub fn overlong<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>) -> Option<String> {
+    fields
+        .into_iter()
+        .find(|(_, value)| value.len() > MAX_MODEL_FIELD_BYTES)
+        .map(|(field, value)| {
+            format!(
+                "{field} is {} bytes, over {MAX_MODEL_FIELD_BYTES}",
+                value.len()
+            )
+        })
+}
+
 /// What to reserve for `rest` items sized like the first (`sizes`): nothing past
 /// [`MAX_RESERVED_ARGS`], so a first item of outsized ids (a hostile record) does not
 /// reserve its size for every item; the buffer then grows as it fills.

@@ -131,22 +131,13 @@ impl ModelSpec {
                 message: "features must not be empty".into(),
             });
         }
-        for (field, value) in [
-            ("name", &spec.name),
+        if let Some(message) = crate::cache::overlong([
+            ("name", spec.name.as_str()),
             ("version", &spec.version),
             ("positive_label", &spec.positive_label),
             ("negative_label", &spec.negative_label),
-        ] {
-            if value.len() > crate::cache::MAX_MODEL_FIELD_BYTES {
-                return Err(ModelError::Spec {
-                    path,
-                    message: format!(
-                        "{field} is {} bytes, over {}",
-                        value.len(),
-                        crate::cache::MAX_MODEL_FIELD_BYTES
-                    ),
-                });
-            }
+        ]) {
+            return Err(ModelError::Spec { path, message });
         }
         Ok(spec)
     }
