@@ -275,6 +275,99 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
     running.stop().await;
 }
 
+/// Writes refused with `NOREPLICAS`, as a primary refuses them while it has fewer
+/// replicas than `min-replicas-to-write`, pass when the replica comes back: the writer
+/// holds its records and retries, a lone record as well as a call of many, and
+/// dead-letters none of them. Taken for good, every write while it lasted was
+/// dead-lettered, and a record alone in its call stopped the writer after each restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_refused_for_want_of_replicas_wait_for_them() {
+    let port = free_port();
+    let _own = redis_server(port);
+    let mut lane = Lane::new("noreplicas");
+    lane.settings.redis.url = format!("redis://127.0.0.1:{port}");
+    lane.create_topics().await;
+    let running = lane.start(&[lanes_cache_writer::def()]);
+    running.ready().await;
+    let mut r = redis(&lane.settings)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let replicas = |n: &'static str| {
+        let mut r = r.clone();
+        async move {
+            let _: () = redis::cmd("CONFIG")
+                .arg(&["SET", "min-replicas-to-write", n])
+                .query_async(&mut r)
+                .await
+                .unwrap();
+        }
+    };
+    let codec = AvroCodec::new(&lane.settings.registry).unwrap();
+    let p = producer(&lane.settings);
+    let dlq = consumer(&lane.settings, &[&lane.settings.topics.dlq]);
+    let errors = "lanes_cache_writer_redis_errors_total";
+    // The server has no replica.
+    replicas("1").await;
+    // One prediction alone in its call, then an entity's features alone in theirs.
+    let predictions = &lane.settings.topics.predictions;
+    let bytes = codec
+        .encode(predictions, &prediction_now("alone", 0.25))
+        .await
+        .unwrap();
+    produce(&p, predictions, b"alone", &bytes).await;
+    running.wait_metric(errors, &[], 2.0).await;
+    let events = &lane.settings.topics.events;
+    let now = now_millis();
+    let event = Event {
+        event_id: unique("e"),
+        entity_id: "alone-features".into(),
+        kind: "transaction".into(),
+        event_time: now,
+        ingested_at: now,
+        features: FEATURES.iter().map(|f| (f.to_string(), 1.0)).collect(),
+    };
+    let bytes = codec.encode(events, &event).await.unwrap();
+    produce(&p, events, b"alone-features", &bytes).await;
+    // Then a few, produced together.
+    let many: Vec<String> = (0..5).map(|i| format!("many-{i}")).collect();
+    for entity in &many {
+        let bytes = codec
+            .encode(predictions, &prediction_now(entity, 0.5))
+            .await
+            .unwrap();
+        produce(&p, predictions, entity.as_bytes(), &bytes).await;
+    }
+    let seen = running.metric(errors, &[]);
+    running.wait_metric(errors, &[], seen + 3.0).await;
+    for (task, _, handle) in &running.tasks {
+        assert!(!handle.is_finished(), "{task} stopped");
+    }
+    replicas("0").await;
+    let key = |e: &str| format!("{}{e}", lane.settings.cache_writer.key_prefix);
+    let written = ["alone"].into_iter().chain(many.iter().map(String::as_str));
+    for (entity, field) in written
+        .map(|e| (e, "score"))
+        .chain([("alone-features", "features")])
+    {
+        let (r, key) = (r.clone(), key(entity));
+        wait_for(
+            &format!("{entity} written"),
+            Duration::from_secs(30),
+            || {
+                let (mut r, key) = (r.clone(), key.clone());
+                async move { r.hget::<_, _, Option<String>>(key, field).await.unwrap() }
+            },
+        )
+        .await;
+    }
+    let letter = tokio::time::timeout(Duration::from_secs(2), dlq.recv()).await;
+    assert!(letter.is_err(), "dead-lettered: {letter:?}");
+    let score: String = r.hget(key("alone"), "score").await.unwrap();
+    assert_eq!(score, "0.25");
+    running.stop().await;
+}
+
 /// A record of a registered writer schema whose type contains itself, nested as deep as
 /// its bytes allow, and one of arrays of nulls. apache-avro decodes by recursion and
 /// bounds each array's allocation alone: read, the first would overflow the stack and

@@ -377,9 +377,13 @@ impl Writer {
         let items: Vec<&Item> = good.iter().map(|(_, item)| item).collect();
         let stop = out.stop().clone();
         let results = match self.invoke(&items, &stop).await {
+            Ok(r) => r,
             // The whole call refused for good: some item's entry is one the script cannot
-            // read. Write them one by one so only that item is dead-lettered.
-            Err(Failure::Poison { message, .. }) if items.len() > 1 => {
+            // read (WRONGTYPE). Alone, that item is dead-lettered: stopping would read it
+            // again after every restart.
+            Err(e @ Failure::Poison { .. }) if items.len() == 1 => vec![Err(e)],
+            // Among others, they are written one by one so only that item is.
+            Err(Failure::Poison { message, .. }) => {
                 tracing::warn!(items = items.len(), error = %message, "a cache write call was refused; writing its items one by one");
                 let mut each = Vec::with_capacity(items.len());
                 for item in &items {
@@ -391,7 +395,6 @@ impl Writer {
                 }
                 each
             }
-            Ok(r) => r,
             Err(e) => return Err(not_written(e, items.len(), &stop)),
         };
         let predictions = matches!(good.first(), Some((_, Item::Prediction(..))));

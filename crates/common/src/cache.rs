@@ -547,8 +547,10 @@ pub fn classify(e: &redis::RedisError) -> Failure {
 }
 
 /// Server states that pass: loading, busy, failover, out of memory, a flushed script
-/// cache, or credentials an operator is fixing.
-const PASSING: [&str; 11] = [
+/// cache, writes refused while a primary has too few replicas (`min-replicas-to-write`)
+/// or cannot save (`stop-writes-on-bgsave-error`), or credentials an operator is fixing.
+/// Any of them taken for good would dead-letter every write while it lasts.
+const PASSING: [&str; 13] = [
     "LOADING",
     "BUSY",
     "TRYAGAIN",
@@ -557,6 +559,8 @@ const PASSING: [&str; 11] = [
     "OOM",
     "NOSCRIPT",
     "CLUSTERDOWN",
+    "NOREPLICAS",
+    "MISCONF",
     "NOAUTH",
     "WRONGPASS",
     "NOPERM",
@@ -708,15 +712,19 @@ mod tests {
             Value::Int(2),
             Value::BulkString(b"WRONGTYPE Operation against a key holding the wrong kind".to_vec()),
             Value::BulkString(b"OOM command not allowed".to_vec()),
+            Value::BulkString(b"NOREPLICAS Not enough good replicas to write.".to_vec()),
+            Value::BulkString(b"MISCONF Errors writing to the AOF file".to_vec()),
         ]);
-        let r = replies(reply.clone(), 5).unwrap();
+        let r = replies(reply.clone(), 7).unwrap();
         assert_eq!(r[0], Ok(Written::Written));
         assert_eq!(r[1], Ok(Written::Stale));
         assert_eq!(r[2], Ok(Written::Duplicate));
         assert!(
             matches!(&r[3], Err(Failure::Poison { class: ErrorClass::CacheWriteError, message }) if message.starts_with("WRONGTYPE"))
         );
-        assert!(r[4].as_ref().unwrap_err().is_transient());
+        for passing in &r[4..] {
+            assert!(passing.as_ref().unwrap_err().is_transient(), "{passing:?}");
+        }
         assert!(
             matches!(replies(reply, 4), Err(Failure::Fatal(_))),
             "a reply that does not match the keys is not guessed at"
