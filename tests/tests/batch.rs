@@ -304,12 +304,12 @@ async fn a_bad_row_anywhere_stops_the_run_before_anything_is_published() {
         stderr.contains("row 301") && stderr.contains("ahead"),
         "{stderr}"
     );
-    // The last row's id is too long for its prediction to fit one Kafka message: the
-    // broker would refuse it after the first 300 were published.
+    // The last row's id is longer than the cache takes: the cache-writer would refuse
+    // it after the first 300 were published.
     let mut text: String = text.lines().take(301).map(|l| format!("{l}\n")).collect();
     text.push_str(&format!(
         "card-{},{now},2,3,0.1,5,6,7,8,9,1,0\n",
-        "x".repeat(400_000)
+        "x".repeat(508)
     ));
     let path = dir.path().join("long-id.csv");
     std::fs::write(&path, text).unwrap();
@@ -317,7 +317,10 @@ async fn a_bad_row_anywhere_stops_the_run_before_anything_is_published() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("row 301") && stderr.contains("entity_id of 400005 bytes"),
+        stderr.contains("row 301")
+            && stderr.contains(
+                "entity_id of 513 bytes: the cache takes none longer (ids up to 512 bytes fit)"
+            ),
         "{}",
         &stderr[..stderr.len().min(2000)]
     );

@@ -45,6 +45,8 @@ async fn hostile_raw_events_are_dead_lettered_and_ingest_stays_up() {
         raw("huge", now, 1e39),
         // A bare NaN (Python's json.dumps writes them) is no entity id.
         raw("nan-id", now, 1.0).replace("\"nan-id\"", "NaN"),
+        // A cache key and a Kafka key longer than the cache takes.
+        raw(&"l".repeat(513), now, 1.0),
     ];
     lane.publish_raw(&p, &hostile).await;
     // Just under the producer's 1 MB limit: its dead letter with headers would pass it.
@@ -53,7 +55,7 @@ async fn hostile_raw_events_are_dead_lettered_and_ingest_stays_up() {
     lane.publish_raw(&p, &[raw("fine", now, 1.0)]).await;
 
     let dlq = consumer(&lane.settings, &[&lane.settings.topics.dlq]);
-    let letters = consume_n(&dlq, 6, Duration::from_secs(60)).await;
+    let letters = consume_n(&dlq, 7, Duration::from_secs(60)).await;
     let mut classes: Vec<ErrorClass> = letters.iter().map(class).collect();
     classes.sort();
     assert_eq!(
@@ -64,12 +66,23 @@ async fn hostile_raw_events_are_dead_lettered_and_ingest_stays_up() {
             ErrorClass::InvalidEventTime,
             ErrorClass::InvalidEventTime,
             ErrorClass::InvalidEventTime,
+            ErrorClass::TooLarge,
             ErrorClass::TooLarge
         ]
     );
+    let reason = |m: &OwnedMessage| {
+        dlq::header_str(m.headers().unwrap(), dlq::HEADER_MESSAGE).map(str::to_string)
+    };
+    assert!(
+        letters
+            .iter()
+            .any(|m| reason(m).as_deref() == Some("entity_id is 513 bytes, over 512")),
+        "{:?}",
+        letters.iter().map(reason).collect::<Vec<_>>()
+    );
     let cut = letters
         .iter()
-        .find(|m| class(m) == ErrorClass::TooLarge)
+        .find(|m| class(m) == ErrorClass::TooLarge && payload(m).len() > 1000)
         .unwrap();
     let h = cut.headers().unwrap();
     assert_eq!(
@@ -136,9 +149,14 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
         ("scored-ahead", 0.5),
         ("ingested-long-ago", 0.6),
         ("long-version", 0.8),
+        ("long-entity", 0.9),
+        ("long-event-id", 0.9),
     ] {
         let mut prediction = prediction_now(entity, score);
         match entity {
+            // A cache key longer than the cache takes; an id no writer of Lanes makes.
+            "long-entity" => prediction.entity_id = "l".repeat(513),
+            "long-event-id" => prediction.event_id = "l".repeat(1025),
             // Readers age an entry from its scoring time: this one would never age.
             "scored-ahead" => prediction.scored_at += 3_600_000,
             // Only a latency metric reads it; it must not stop the writer.
@@ -168,6 +186,7 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
         ("features-missing", "features-missing", None),
         ("features-extra", "features-extra", Some(3.5)),
         ("features-ok", "features-ok", Some(2.5)),
+        ("features-long-entity", &"l".repeat(513), Some(1.0)),
     ] {
         let mut features: lanes_common::features::Features =
             FEATURES.iter().map(|f| (f.to_string(), 1.0)).collect();
@@ -193,7 +212,7 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
     let running = lane.start(&[lanes_cache_writer::def()]);
     running.ready().await;
     let dlq = consumer(&lane.settings, &[&lane.settings.topics.dlq]);
-    let mut letters: Vec<(String, ErrorClass)> = consume_n(&dlq, 9, Duration::from_secs(60))
+    let mut letters: Vec<(String, ErrorClass)> = consume_n(&dlq, 12, Duration::from_secs(60))
         .await
         .iter()
         .map(|m| {
@@ -209,9 +228,12 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
         vec![
             ("bad-score".to_string(), ErrorClass::ModelError),
             ("features-huge".to_string(), ErrorClass::NonFinite),
+            ("features-long-entity".to_string(), ErrorClass::TooLarge),
             ("features-missing".to_string(), ErrorClass::MissingField),
             ("features-nan".to_string(), ErrorClass::NonFinite),
             ("features-no-entity".to_string(), ErrorClass::MissingField),
+            ("long-entity".to_string(), ErrorClass::TooLarge),
+            ("long-event-id".to_string(), ErrorClass::TooLarge),
             ("long-version".to_string(), ErrorClass::TooLarge),
             ("no-entity".to_string(), ErrorClass::MissingField),
             ("scored-ahead".to_string(), ErrorClass::InvalidEventTime),
@@ -226,6 +248,8 @@ async fn a_key_redis_refuses_is_dead_lettered_alone() {
         "features-huge",
         "features-missing",
         "long-version",
+        "long-event-id",
+        &"l".repeat(513),
     ] {
         let held: bool = r.exists(key(refused)).await.unwrap();
         assert!(!held, "{refused} cached");

@@ -722,6 +722,29 @@ async fn hostile_requests_get_errors_and_the_responder_stays_up() {
     let r = c.one(Client::request("", Some(f.clone()), None)).await;
     assert_eq!(r.status, ResponseStatus::Error);
     assert_eq!(r.error.as_deref(), Some("entity_id is empty"), "{r:?}");
+    // Ids longer than the cache takes: an entity id is its key, and a request id names
+    // the prediction the request's features warm.
+    let long = "l".repeat(513);
+    let r = c.one(Client::request(&long, Some(f.clone()), None)).await;
+    assert_eq!(
+        (r.status, r.error.as_deref()),
+        (
+            ResponseStatus::Error,
+            Some("entity_id is 513 bytes, over 512")
+        ),
+        "{r:?}"
+    );
+    let mut req = Client::request("long-request", Some(f.clone()), None);
+    req.request_id = long;
+    let r = c.one(req).await;
+    assert_eq!(
+        (r.status, r.error.as_deref()),
+        (
+            ResponseStatus::Error,
+            Some("request_id is 513 bytes, over 512")
+        ),
+        "{r:?}"
+    );
     // A value finite as f64 but not as the model's f32.
     let mut huge = f.clone();
     huge.insert("amount".into(), 1e39);
@@ -846,7 +869,8 @@ async fn hostile_requests_get_errors_and_the_responder_stays_up() {
         )
     };
     assert_eq!(refused("reply_topic"), 4.0);
-    assert_eq!(refused("entity_id"), 1.0);
+    assert_eq!(refused("entity_id"), 2.0);
+    assert_eq!(refused("request_id"), 1.0);
     assert_eq!(refused("requested_at"), 3.0);
     assert_eq!(refused("expired"), 1.0);
     assert_eq!(

@@ -29,7 +29,9 @@ use lanes_common::avro::{AvroCodec, write_framed};
 use lanes_common::kafka;
 use lanes_common::model::Model;
 use lanes_common::producer::{Group, Producer, Reported};
-use lanes_common::records::{Lane, Prediction, PredictionView, check_client_time, now_millis};
+use lanes_common::records::{
+    Lane, MAX_ENTITY_ID_BYTES, Prediction, PredictionView, check_client_time, now_millis,
+};
 use rdkafka::producer::{FutureRecord, Producer as _};
 use tokio_util::sync::CancellationToken;
 
@@ -243,17 +245,17 @@ fn connected_producer(settings: &Settings) -> anyhow::Result<Producer> {
 /// What every row of a run to be published is checked against.
 struct Limits {
     max_skew_ms: u64,
-    /// The longest entity id whose prediction the producer takes.
+    /// The longest entity id the cache takes whose prediction the producer takes.
     max_entity_bytes: usize,
 }
 
-/// The longest entity id whose prediction fits `max_message_bytes`: the id is the key
-/// and is written twice in the value (as itself and in the event id), beside the
-/// model's name, version and label and the fixed fields.
+/// The longest entity id the cache takes ([`MAX_ENTITY_ID_BYTES`]) whose prediction fits
+/// `max_message_bytes`: the id is the key and is written twice in the value (as itself
+/// and in the event id), beside the model's name, version and label and the fixed fields.
 fn max_entity_bytes(spec: &lanes_common::model::ModelSpec, max_message_bytes: usize) -> usize {
     let label = spec.positive_label.len().max(spec.negative_label.len());
     let fixed = 1024 + spec.name.len() + spec.version.len() + label;
-    max_message_bytes.saturating_sub(fixed) / 3
+    (max_message_bytes.saturating_sub(fixed) / 3).min(MAX_ENTITY_ID_BYTES)
 }
 
 fn check_all(job: &Job, features: &[String], limits: &Limits) -> anyhow::Result<u64> {
@@ -273,8 +275,12 @@ fn check_all(job: &Job, features: &[String], limits: &Limits) -> anyhow::Result<
             .enumerate()
             .find(|(_, e)| e.len() > limits.max_entity_bytes)
         {
+            let why = match e.len() > MAX_ENTITY_ID_BYTES {
+                true => "the cache takes none longer",
+                false => "its prediction would pass the producer's message.max.bytes",
+            };
             anyhow::bail!(
-                "{}: row {}: entity_id of {} bytes: its prediction would pass the producer's message.max.bytes (ids up to {} bytes fit)",
+                "{}: row {}: entity_id of {} bytes: {why} (ids up to {} bytes fit)",
                 job.input.display(),
                 row(i),
                 e.len(),

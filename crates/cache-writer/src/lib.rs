@@ -28,7 +28,7 @@ use lanes_common::features::FeatureIndex;
 use lanes_common::kafka;
 use lanes_common::model::ModelSpec;
 use lanes_common::records::{
-    Event, Prediction, check_client_time, check_not_ahead, now_millis, unusable_event,
+    Event, Prediction, check_client_time, check_ids, check_not_ahead, now_millis, unusable_event,
 };
 use lanes_common::retry;
 use lanes_common::service::{ServiceContext, ServiceDef};
@@ -279,13 +279,11 @@ fn check_event(
 }
 
 impl Writer {
-    /// What no cache entry may hold: no entity, a score that is not finite, an event time
+    /// What no cache entry may hold: no entity, ids over their limits, a score that is not finite, an event time
     /// far ahead (it would outrank every later event), a scoring time far ahead (readers
     /// age an entry from it, so it would stay fresh however old it grew).
     fn check(&self, p: &Prediction, now: i64) -> Result<(), (ErrorClass, String)> {
-        if p.entity_id.is_empty() {
-            return Err((ErrorClass::MissingField, "entity_id is empty".into()));
-        }
+        check_ids(&p.entity_id, &p.event_id)?;
         if let Some(reason) = cache::overlong([
             ("model_name", p.model_name.as_str()),
             ("model_version", &p.model_version),

@@ -405,8 +405,8 @@ pub fn model_value(name: &str, v: f64) -> Result<f32, String> {
 /// column would be scored as 0), each finite as a 32-bit float (its row would score
 /// `NaN`, and JSON cannot hold it). Features the model does not take are not read.
 pub fn unusable_event(event: &Event, index: &FeatureIndex) -> Option<(ErrorClass, String)> {
-    if event.entity_id.is_empty() {
-        return Some((ErrorClass::MissingField, "entity_id is empty".into()));
+    if let Err(refused) = check_ids(&event.entity_id, &event.event_id) {
+        return Some(refused);
     }
     // Values first (a float test each); a name is looked up only for one that fails.
     if let Some(reason) = event
@@ -423,6 +423,38 @@ pub fn unusable_event(event: &Event, index: &FeatureIndex) -> Option<(ErrorClass
         ErrorClass::MissingField,
         format!("feature {missing:?} is missing"),
     ))
+}
+
+/// The longest entity id Lanes takes. It is a Redis key and a Kafka key, and the cache's
+/// sweep reads keys a page at a time: ids as long as a record would make pages of
+/// a hundred megabytes.
+pub const MAX_ENTITY_ID_BYTES: usize = 512;
+
+/// The longest event id: room for ids made from an entity id (the batch lane's).
+pub const MAX_EVENT_ID_BYTES: usize = 1024;
+
+/// The longest request id a responder answers: its request features warm the cache with
+/// a prediction whose event id is `request-<request_id>`.
+pub const MAX_REQUEST_ID_BYTES: usize = 512;
+
+/// Why an entity and event id cannot enter the cache, if they cannot: no entity, or an
+/// id over [`MAX_ENTITY_ID_BYTES`] or [`MAX_EVENT_ID_BYTES`] (`TOO_LARGE`).
+pub fn check_ids(entity_id: &str, event_id: &str) -> Result<(), (ErrorClass, String)> {
+    if entity_id.is_empty() {
+        return Err((ErrorClass::MissingField, "entity_id is empty".into()));
+    }
+    for (field, id, max) in [
+        ("entity_id", entity_id, MAX_ENTITY_ID_BYTES),
+        ("event_id", event_id, MAX_EVENT_ID_BYTES),
+    ] {
+        if id.len() > max {
+            return Err((
+                ErrorClass::TooLarge,
+                format!("{field} is {} bytes, over {max}", id.len()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -648,5 +680,31 @@ mod tests {
         assert!(b.rows().is_ok());
         b.batch_id.push('b');
         assert!(b.rows().unwrap_err().contains("batch_id of 513 bytes"));
+    }
+
+    #[test]
+    fn ids_are_checked_at_their_limits() {
+        let (entity, event) = (
+            "c".repeat(MAX_ENTITY_ID_BYTES),
+            "e".repeat(MAX_EVENT_ID_BYTES),
+        );
+        assert_eq!(check_ids(&entity, &event), Ok(()));
+        assert_eq!(
+            check_ids("c", ""),
+            Ok(()),
+            "an event id may be derived later"
+        );
+        assert_eq!(check_ids("", "e").unwrap_err().0, ErrorClass::MissingField);
+        let refused = check_ids(&format!("{entity}c"), "e").unwrap_err();
+        assert_eq!(refused.0, ErrorClass::TooLarge);
+        assert_eq!(refused.1, "entity_id is 513 bytes, over 512");
+        let refused = check_ids("c", &format!("{event}é")).unwrap_err();
+        assert_eq!(
+            refused,
+            (
+                ErrorClass::TooLarge,
+                "event_id is 1026 bytes, over 1024".into()
+            )
+        );
     }
 }

@@ -13,8 +13,8 @@ use lanes_common::dlq::ErrorClass;
 use lanes_common::error::Failure;
 use lanes_common::kafka::{delivered, enqueue};
 use lanes_common::records::{
-    PredictionRequest, PredictionResponse, ResponseSource, ResponseStatus, check_client_time,
-    now_millis,
+    MAX_REQUEST_ID_BYTES, PredictionRequest, PredictionResponse, ResponseSource, ResponseStatus,
+    check_client_time, check_ids, now_millis,
 };
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureRecord, Producer as _};
@@ -112,11 +112,22 @@ impl ReplyTopics {
     }
 }
 
-/// Why a request is refused before any work: no entity, or its own times.
+/// Why a request is refused before any work: no entity, ids over their limits (the
+/// cache takes no longer entity id, and the request id names the prediction its features
+/// warm), or its own times.
 fn refusal(core: &Core, req: &PredictionRequest, now: i64) -> Option<(&'static str, String)> {
     let cfg = &core.cfg;
-    if req.entity_id.is_empty() {
-        return Some(("entity_id", "entity_id is empty".into()));
+    if let Err((_, e)) = check_ids(&req.entity_id, "") {
+        return Some(("entity_id", e));
+    }
+    if req.request_id.len() > MAX_REQUEST_ID_BYTES {
+        return Some((
+            "request_id",
+            format!(
+                "request_id is {} bytes, over {MAX_REQUEST_ID_BYTES}",
+                req.request_id.len()
+            ),
+        ));
     }
     if let Err(e) = check_client_time("requested_at", req.requested_at, now, cfg.max_clock_skew_ms)
     {

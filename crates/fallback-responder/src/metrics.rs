@@ -168,6 +168,7 @@ impl Metrics {
             &m.refused,
             &[
                 "entity_id",
+                "request_id",
                 "requested_at",
                 "expired",
                 "no_slot",

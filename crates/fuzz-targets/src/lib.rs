@@ -134,7 +134,10 @@ pub fn raw_event(data: &[u8]) {
             event.event_time <= now + 60_000,
             "a future time got through"
         );
-        assert!(!event.entity_id.is_empty());
+        assert_eq!(
+            lanes_common::records::check_ids(&event.entity_id, &event.event_id),
+            Ok(())
+        );
         assert_eq!(event.features.len(), rules.features().len());
         assert!(event.features.values().all(|v| v.is_finite()));
     }

@@ -11,7 +11,7 @@ use std::fmt;
 use lanes_common::config::IngestConfig;
 use lanes_common::dlq::ErrorClass;
 use lanes_common::features::{Cursor, FeatureIndex, Features};
-use lanes_common::records::{Event, check_client_time, model_value};
+use lanes_common::records::{Event, check_client_time, check_ids, model_value};
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::Value;
 
@@ -485,6 +485,7 @@ fn check(fields: Fields, rules: &Rules, origin: &Origin<'_>, now: i64) -> Result
         .ok_or((ErrorClass::MissingField, "entity_id is missing".to_string()))?;
     let event_id =
         text(fields.event_id, marked, "event_id")?.unwrap_or_else(|| derived_event_id(origin));
+    check_ids(&entity_id, &event_id)?;
     let kind = text(fields.kind, marked, "kind")?.unwrap_or_else(|| rules.default_kind.clone());
     let event_time = event_time(fields.event_time.as_ref(), marked, origin, now)?;
     check_client_time("event_time", event_time, now, rules.max_clock_skew_ms)
@@ -512,12 +513,10 @@ pub fn validate_event(
     now: i64,
 ) -> Result<Event, Rejection> {
     within_limit(len, rules)?;
-    if event.entity_id.is_empty() {
-        return reject(ErrorClass::MissingField, "entity_id is empty");
-    }
     if event.event_id.is_empty() {
         event.event_id = derived_event_id(origin);
     }
+    check_ids(&event.entity_id, &event.event_id)?;
     if event.kind.is_empty() {
         event.kind.clone_from(&rules.default_kind);
     }
@@ -999,5 +998,52 @@ mod tests {
                 .0,
             ErrorClass::TooLarge
         );
+    }
+
+    #[test]
+    fn ids_past_their_limits_are_too_large_raw_or_published() {
+        let rules = Rules::with_limits(
+            vec!["amount".into(), "hour".into()],
+            8192,
+            "event".into(),
+            300_000,
+        );
+        let raw = |entity: usize, event: usize| {
+            let raw = format!(
+                r#"{{"event_id":"{}","entity_id":"{}","features":{{"amount":1,"hour":2}}}}"#,
+                "e".repeat(event),
+                "c".repeat(entity)
+            );
+            validate(raw.as_bytes(), &rules, &ORIGIN, NOW)
+        };
+        let published = |entity: usize, event: usize| {
+            let e = Event {
+                entity_id: "c".repeat(entity),
+                event_id: "e".repeat(event),
+                ..published()
+            };
+            validate_event(e, 2000, &rules, &ORIGIN, NOW)
+        };
+        for check in [
+            &raw as &dyn Fn(usize, usize) -> Result<Event, Rejection>,
+            &published,
+        ] {
+            assert!(check(512, 1024).is_ok());
+            assert_eq!(
+                check(513, 1).unwrap_err(),
+                (
+                    ErrorClass::TooLarge,
+                    "entity_id is 513 bytes, over 512".into()
+                )
+            );
+            assert_eq!(
+                check(1, 1025).unwrap_err(),
+                (
+                    ErrorClass::TooLarge,
+                    "event_id is 1025 bytes, over 1024".into()
+                )
+            );
+        }
+        assert_eq!(published(0, 1).unwrap_err().0, ErrorClass::MissingField);
     }
 }

@@ -445,6 +445,13 @@ mod tests {
             w.unscorable(&e).map(|u| u.0),
             Some(ErrorClass::MissingField)
         );
+        // Ids the cache would refuse: refused before they are batched and scored.
+        let mut e = event(1, "t");
+        e.entity_id = "c".repeat(513);
+        assert_eq!(w.unscorable(&e).map(|u| u.0), Some(ErrorClass::TooLarge));
+        let mut e = event(1, "t");
+        e.event_id = "e".repeat(1025);
+        assert_eq!(w.unscorable(&e).map(|u| u.0), Some(ErrorClass::TooLarge));
     }
 
     #[tokio::test(start_paused = true)]
