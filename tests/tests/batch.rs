@@ -318,9 +318,7 @@ async fn a_bad_row_anywhere_stops_the_run_before_anything_is_published() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("row 301")
-            && stderr.contains(
-                "entity_id of 513 bytes: the cache takes none longer (ids up to 512 bytes fit)"
-            ),
+            && stderr.contains("entity_id of 513 bytes is over 512, the longest the cache takes"),
         "{}",
         &stderr[..stderr.len().min(2000)]
     );

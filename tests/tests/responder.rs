@@ -745,6 +745,15 @@ async fn hostile_requests_get_errors_and_the_responder_stays_up() {
         ),
         "{r:?}"
     );
+    // At the limits, both are answered.
+    let mut req = Client::request(&"l".repeat(512), Some(f.clone()), None);
+    req.request_id = "r".repeat(512);
+    let r = c.one(req).await;
+    assert_eq!(
+        (r.status, r.source),
+        (ResponseStatus::Ok, ResponseSource::Realtime),
+        "{r:?}"
+    );
     // A value finite as f64 but not as the model's f32.
     let mut huge = f.clone();
     huge.insert("amount".into(), 1e39);

@@ -116,11 +116,8 @@ pub async fn run(
     // would leave half a run in the cache. It is read twice; publishing costs more.
     if job.publish {
         let (job, features) = (job.clone(), model.spec.features.clone());
-        let limits = Limits {
-            max_skew_ms: settings.ingest.max_clock_skew_ms,
-            max_entity_bytes: max_entity_bytes(&model.spec, settings.producer_message_max_bytes()),
-        };
-        tokio::task::spawn_blocking(move || check_all(&job, &features, &limits)).await??;
+        let skew = settings.ingest.max_clock_skew_ms;
+        tokio::task::spawn_blocking(move || check_all(&job, &features, skew)).await??;
     }
     let snapshot = tokio::task::spawn_blocking({
         let (job, features) = (job.clone(), model.spec.features.clone());
@@ -241,24 +238,11 @@ fn connected_producer(settings: &Settings) -> anyhow::Result<Producer> {
 }
 
 /// Reads every row of the snapshot as the run will, and checks its event times as the
-/// cache-writer will (not before 2000, not far ahead). Returns the rows.
-/// What every row of a run to be published is checked against.
-struct Limits {
-    max_skew_ms: u64,
-    /// The longest entity id the cache takes whose prediction the producer takes.
-    max_entity_bytes: usize,
-}
-
-/// The longest entity id the cache takes ([`MAX_ENTITY_ID_BYTES`]) whose prediction fits
-/// `max_message_bytes`: the id is the key and is written twice in the value (as itself
-/// and in the event id), beside the model's name, version and label and the fixed fields.
-fn max_entity_bytes(spec: &lanes_common::model::ModelSpec, max_message_bytes: usize) -> usize {
-    let label = spec.positive_label.len().max(spec.negative_label.len());
-    let fixed = 1024 + spec.name.len() + spec.version.len() + label;
-    (max_message_bytes.saturating_sub(fixed) / 3).min(MAX_ENTITY_ID_BYTES)
-}
-
-fn check_all(job: &Job, features: &[String], limits: &Limits) -> anyhow::Result<u64> {
+/// cache-writer will (not before 2000, not far ahead, by `max_skew_ms`) and its entity ids
+/// against the cache's limit. Returns the rows. A prediction of an id within the limit
+/// fits any `message.max.bytes` the settings allow (4 KiB over `micro_batcher.max_bytes`
+/// at least; the model's strings are 256 bytes at most).
+fn check_all(job: &Job, features: &[String], max_skew_ms: u64) -> anyhow::Result<u64> {
     let snapshot = Snapshot::open(&job.input, job.format, features, job.batch_size, job.as_of)?;
     let now = now_millis();
     let mut rows = 0u64;
@@ -266,25 +250,17 @@ fn check_all(job: &Job, features: &[String], limits: &Limits) -> anyhow::Result<
         let chunk = chunk?;
         let row = |i: usize| chunk.first_row + i as u64;
         for (i, t) in chunk.event_times.iter().enumerate() {
-            check_client_time("event_time", *t, now, limits.max_skew_ms)
+            check_client_time("event_time", *t, now, max_skew_ms)
                 .map_err(|e| anyhow::anyhow!("{}: row {}: {e}", job.input.display(), row(i)))?;
         }
-        if let Some((i, e)) = chunk
-            .entity_ids
-            .iter()
-            .enumerate()
-            .find(|(_, e)| e.len() > limits.max_entity_bytes)
+        if let Some((i, e)) =
+            (chunk.entity_ids.iter().enumerate()).find(|(_, e)| e.len() > MAX_ENTITY_ID_BYTES)
         {
-            let why = match e.len() > MAX_ENTITY_ID_BYTES {
-                true => "the cache takes none longer",
-                false => "its prediction would pass the producer's message.max.bytes",
-            };
             anyhow::bail!(
-                "{}: row {}: entity_id of {} bytes: {why} (ids up to {} bytes fit)",
+                "{}: row {}: entity_id of {} bytes is over {MAX_ENTITY_ID_BYTES}, the longest the cache takes",
                 job.input.display(),
                 row(i),
                 e.len(),
-                limits.max_entity_bytes
             );
         }
         rows += chunk.rows() as u64;

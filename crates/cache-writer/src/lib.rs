@@ -376,11 +376,13 @@ impl Writer {
         let stop = out.stop().clone();
         let results = match self.invoke(&items, &stop).await {
             Ok(r) => r,
-            // The whole call refused for good: some item's entry is one the script cannot
-            // read (WRONGTYPE). Alone, that item is dead-lettered: stopping would read it
-            // again after every restart.
+            // The whole call refused for good, by an error that is no passing state (a key
+            // the script cannot read answers on its own, not for the call). Alone, the
+            // item is dead-lettered with it: stopping would read it again after every
+            // restart.
             Err(e @ Failure::Poison { .. }) if items.len() == 1 => vec![Err(e)],
-            // Among others, they are written one by one so only that item is.
+            // Among others, they are written one by one so only an item it was
+            // refused for is.
             Err(Failure::Poison { message, .. }) => {
                 tracing::warn!(items = items.len(), error = %message, "a cache write call was refused; writing its items one by one");
                 let mut each = Vec::with_capacity(items.len());

@@ -540,7 +540,7 @@ pub fn classify(e: &redis::RedisError) -> Failure {
         return Failure::transient(e.to_string());
     }
     match e.code() {
-        Some(code) if PASSING.contains(&code) => Failure::transient(e.to_string()),
+        Some(code) if passing(code, &e.to_string()) => Failure::transient(e.to_string()),
         Some(_) => Failure::poison(ErrorClass::CacheWriteError, e.to_string()),
         None => Failure::transient(e.to_string()),
     }
@@ -566,10 +566,16 @@ const PASSING: [&str; 13] = [
     "NOPERM",
 ];
 
+/// Whether a server error of `code` (its text `message`) is a passing state: one of
+/// [`PASSING`], or a server at its `maxclients`, which says so under the generic `ERR`.
+fn passing(code: &str, message: &str) -> bool {
+    PASSING.contains(&code) || (code == "ERR" && message.contains("max number of clients"))
+}
+
 /// [`classify`] for an error a script returned as text (`CODE message`).
 fn classify_code(message: &str) -> Failure {
     let code = message.split_whitespace().next().unwrap_or_default();
-    if PASSING.contains(&code) {
+    if passing(code, message) {
         Failure::transient(message.to_string())
     } else {
         Failure::poison(ErrorClass::CacheWriteError, message.to_string())
@@ -714,8 +720,9 @@ mod tests {
             Value::BulkString(b"OOM command not allowed".to_vec()),
             Value::BulkString(b"NOREPLICAS Not enough good replicas to write.".to_vec()),
             Value::BulkString(b"MISCONF Errors writing to the AOF file".to_vec()),
+            Value::BulkString(b"ERR max number of clients reached".to_vec()),
         ]);
-        let r = replies(reply.clone(), 7).unwrap();
+        let r = replies(reply.clone(), 8).unwrap();
         assert_eq!(r[0], Ok(Written::Written));
         assert_eq!(r[1], Ok(Written::Stale));
         assert_eq!(r[2], Ok(Written::Duplicate));

@@ -179,6 +179,13 @@ impl MicroBatch {
                 self.features.len()
             ));
         }
+        // The micro-batcher batches no event whose ids the cache would refuse.
+        if let Some((row, (_, reason))) = (self.entity_ids.iter().zip(&self.event_ids))
+            .enumerate()
+            .find_map(|(row, (entity, event))| check_ids(entity, event).err().map(|e| (row, e)))
+        {
+            return Err(format!("row {row}: {reason}"));
+        }
         Ok(rows)
     }
 }
@@ -680,6 +687,15 @@ mod tests {
         assert!(b.rows().is_ok());
         b.batch_id.push('b');
         assert!(b.rows().unwrap_err().contains("batch_id of 513 bytes"));
+        let mut b = batch();
+        b.entity_ids[0] = "c".repeat(MAX_ENTITY_ID_BYTES + 1);
+        assert_eq!(
+            b.rows().unwrap_err(),
+            "row 0: entity_id is 513 bytes, over 512"
+        );
+        let mut b = batch();
+        b.entity_ids[0].clear();
+        assert!(b.rows().unwrap_err().contains("entity_id is empty"));
     }
 
     #[test]

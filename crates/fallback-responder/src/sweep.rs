@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lanes_common::records::now_millis;
+use lanes_common::records::{MAX_ENTITY_ID_BYTES, now_millis};
 use tokio_util::sync::CancellationToken;
 
 use crate::Core;
@@ -153,7 +153,12 @@ pub async fn sweep(
             ) else {
                 continue;
             };
-            let Some(entity) = key.strip_prefix(core.prefix.as_str()) else {
+            // An id the cache-writer refuses (a key written before the limit, or by
+            // another writer) would be re-scored and dead-lettered on every pass.
+            let Some(entity) = key
+                .strip_prefix(core.prefix.as_str())
+                .filter(|e| e.len() <= MAX_ENTITY_ID_BYTES)
+            else {
                 continue;
             };
             let event_time = c.features_event_time.unwrap_or(now);
