@@ -384,6 +384,53 @@ async fn writes_refused_for_want_of_replicas_wait_for_them() {
     running.stop().await;
 }
 
+/// The writer schemas a service keeps are bounded: anyone who can register schemas can
+/// register many and write one small record of each, and the decoder kept every one for
+/// good. Past `registry.max_writer_schemas` it starts over: the first schema read is
+/// fetched again (here from a registry that has turned slow), the last is still held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writer_schemas_past_the_cache_limit_are_let_go() {
+    let mut lane = Lane::new("writers");
+    let registry = lane.settings.registry.url.trim_start_matches("http://");
+    let proxy = lanes_tests::proxy::SlowProxy::start(registry.trim_end_matches('/')).await;
+    lane.settings.registry.url = format!("http://{}", proxy.addr);
+    lane.settings.registry.max_writer_schemas = 4;
+    let codec = AvroCodec::new(&lane.settings.registry).unwrap();
+    let mut framed = Vec::new();
+    for i in 0..6 {
+        let name = unique("w").replace('-', "_");
+        let schema = format!(
+            r#"{{"type":"record","name":"{name}","fields":[{{"name":"n{i}","type":"int"}}]}}"#
+        );
+        let r = register_schema(&lane.settings, &format!("{name}-value"), &schema).await;
+        let id = u32::try_from(r["id"].as_u64().unwrap()).unwrap();
+        // The int i, zigzag-encoded.
+        let mut bytes = vec![0u8];
+        bytes.extend_from_slice(&id.to_be_bytes());
+        bytes.push(2 * i as u8);
+        framed.push(bytes);
+    }
+    for (i, bytes) in framed.iter().enumerate() {
+        let (json, _) = codec.decode_json(bytes).await.unwrap();
+        assert_eq!(json[format!("n{i}")], i, "{json}");
+    }
+    // Four, then the fifth started the cache over: two counted since.
+    let held = codec.writer_schemas();
+    assert_eq!(held.schemas, 2, "{held:?}");
+    proxy.set_delay(Duration::from_secs(30));
+    let last = tokio::time::timeout(Duration::from_secs(5), codec.decode_json(&framed[5])).await;
+    assert!(
+        matches!(last, Ok(Ok(_))),
+        "the last schema is held: {last:?}"
+    );
+    let first = tokio::time::timeout(Duration::from_secs(3), codec.decode_json(&framed[0])).await;
+    assert!(
+        !matches!(first, Ok(Ok(_))),
+        "the first schema was let go, so it is asked for again: {first:?}"
+    );
+    proxy.set_delay(Duration::ZERO);
+}
+
 /// A record of a registered writer schema whose type contains itself, nested as deep as
 /// its bytes allow, and one of arrays of nulls. apache-avro decodes by recursion and
 /// bounds each array's allocation alone: read, the first would overflow the stack and

@@ -3,8 +3,10 @@
 //! (`<topic>-value`).
 //!
 //! Encoding registers the record's compiled-in schema once per subject and caches the
-//! id; decoding fetches a writer schema once per id and caches it. Decode failures are
-//! split into poison (dead-letter the record) and transient (retry, never dead-letter).
+//! id; decoding fetches a writer schema once per id and caches it, up to
+//! `registry.max_writer_schemas` of them and [`MAX_WRITER_SCHEMA_BYTES`] of their text.
+//! Decode failures are split into poison (dead-letter the record) and transient (retry,
+//! never dead-letter).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -14,6 +16,7 @@ use tokio::time::Instant;
 
 use schema_registry_converter::async_impl::avro::AvroDecoder;
 use schema_registry_converter::async_impl::schema_registry::{SrSettings, post_schema};
+use schema_registry_converter::avro_common::AvroSchema;
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
 
@@ -75,9 +78,14 @@ pub struct AvroCodec {
     /// [`REGISTER_RETRY_AFTER`]. Registrations of different subjects wait for each
     /// other; each service has its own codec.
     registering: Arc<tokio::sync::Mutex<FailedRegistrations>>,
-    decoder: Arc<AvroDecoder>,
+    /// The converter's decoder, which keeps every writer schema it fetched: replaced by
+    /// an empty one when [`Known::writers`] is full. A record of our own schema is read
+    /// without it.
+    decoder: Arc<RwLock<Arc<AvroDecoder>>>,
     unknown: Arc<Mutex<UnknownIds>>,
     known: Arc<RwLock<Known>>,
+    /// `registry.max_writer_schemas`.
+    max_writers: usize,
 }
 
 /// Registrations that failed lately, by topic and record: when, and how.
@@ -94,8 +102,40 @@ struct Known {
     /// Canonical Form, so the same binary layout).
     own: FastMap<(u32, &'static str), bool>,
     /// Why a writer schema id is not read, if it is not ([`unreadable`]), walked once
-    /// per id.
+    /// per id: the ids the decoder holds.
     unreadable: FastMap<u32, Option<&'static str>>,
+    /// What the decoder holds.
+    writers: WriterBudget,
+}
+
+/// The most writer schema text a codec keeps. Anyone who can register schemas can
+/// register many of up to the registry's body limit (1 MiB) and write one small record
+/// of each; a parsed schema takes several times its text.
+pub const MAX_WRITER_SCHEMA_BYTES: usize = 8 << 20;
+
+/// Writer schemas fetched by id and kept, by count and by text size.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WriterBudget {
+    pub schemas: usize,
+    pub bytes: usize,
+}
+
+impl WriterBudget {
+    /// Counts a newly fetched schema of `bytes`; false when it does not fit under
+    /// `max_schemas` and [`MAX_WRITER_SCHEMA_BYTES`] beside those already kept, so
+    /// the cache is to start over from it. A schema larger than the whole budget is
+    /// kept alone.
+    pub fn admit(&mut self, bytes: usize, max_schemas: usize) -> bool {
+        let fits = self.schemas == 0
+            || (self.schemas < max_schemas
+                && self.bytes.saturating_add(bytes) <= MAX_WRITER_SCHEMA_BYTES);
+        if !fits {
+            *self = Self::default();
+        }
+        self.schemas += 1;
+        self.bytes = self.bytes.saturating_add(bytes);
+        fits
+    }
 }
 
 /// How long a failed registration is answered with its error before the registry is
@@ -235,10 +275,23 @@ impl AvroCodec {
         Ok(Self {
             registry: Arc::new(settings.clone()),
             registering: Arc::default(),
-            decoder: Arc::new(AvroDecoder::new(settings)),
+            decoder: Arc::new(RwLock::new(Arc::new(AvroDecoder::new(settings)))),
             unknown: Arc::default(),
             known: Arc::default(),
+            max_writers: cfg.max_writer_schemas.max(1),
         })
+    }
+
+    fn decoder(&self) -> Arc<AvroDecoder> {
+        self.decoder
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// How many writer schemas, and how many bytes of their text, the decoder holds.
+    pub fn writer_schemas(&self) -> WriterBudget {
+        self.known().writers
     }
 
     fn known(&self) -> std::sync::RwLockReadGuard<'_, Known> {
@@ -391,7 +444,8 @@ impl AvroCodec {
         if verdict == Unknown::Missing {
             return Err(unknown(verdict));
         }
-        let writer = match self.decoder.get_schema(schema_id).await {
+        let decoder = self.decoder();
+        let writer = match decoder.get_schema(schema_id).await {
             Ok(w) => w,
             Err(e) => {
                 let err = classify(&e);
@@ -403,7 +457,7 @@ impl AvroCodec {
                     }
                 ) {
                     // The decoder caches the 404; drop it so the id can be asked again.
-                    self.decoder.remove_errors_from_cache();
+                    decoder.remove_errors_from_cache();
                     let verdict = self
                         .unknown
                         .lock()
@@ -413,13 +467,13 @@ impl AvroCodec {
                 }
                 if err.is_transient() {
                     // The decoder caches non-retriable errors; an HTTP 500 must not stick.
-                    self.decoder.remove_errors_from_cache();
+                    decoder.remove_errors_from_cache();
                 }
                 return Err(err);
             }
         };
         if own.is_none() {
-            self.refuse_unreadable(schema_id, &writer.parsed)?;
+            self.refuse_unreadable(schema_id, &writer)?;
         }
         let value = read_framed(schema_id, &writer.parsed, bytes)?;
         self.unknown.lock().expect("unknown ids").found(schema_id);
@@ -448,16 +502,17 @@ impl AvroCodec {
     /// down ([`unreadable`]): apache-avro decodes by recursion and bounds each
     /// collection's allocation only on its own, so a recursive type nested as deep as its
     /// bytes allow overflows the stack, and arrays of items that read little or nothing
-    /// allocate without end. No Lanes record is either. Judged once per id.
-    fn refuse_unreadable(
-        &self,
-        schema_id: u32,
-        writer: &apache_avro::Schema,
-    ) -> Result<(), DecodeError> {
+    /// allocate without end. No Lanes record is either. Judged once per id, when the
+    /// id is new to the decoder: it is counted then ([`WriterBudget`]).
+    fn refuse_unreadable(&self, schema_id: u32, writer: &AvroSchema) -> Result<(), DecodeError> {
         let known = self.known().unreadable.get(&schema_id).copied();
         let verdict = known.unwrap_or_else(|| {
-            let verdict = unreadable(writer);
-            self.learn().unreadable.insert(schema_id, verdict);
+            let verdict = unreadable(&writer.parsed);
+            let mut known = self.learn();
+            if !known.writers.admit(writer.raw.len(), self.max_writers) {
+                self.start_over(&mut known);
+            }
+            known.unreadable.insert(schema_id, verdict);
             verdict
         });
         match verdict {
@@ -469,15 +524,34 @@ impl AvroCodec {
         }
     }
 
+    /// Empties the decoder's cache of writer schemas (a new decoder; one still reading
+    /// keeps the old until it is done) and what is known of their ids, but for ids of
+    /// our own schemas, which are read without the decoder. `known.writers` has been
+    /// started over already.
+    fn start_over(&self, known: &mut Known) {
+        tracing::warn!(
+            max_schemas = self.max_writers,
+            max_bytes = MAX_WRITER_SCHEMA_BYTES,
+            "writer schemas fill the cache; emptying it (each is fetched again when read)"
+        );
+        *self.decoder.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(AvroDecoder::new((*self.registry).clone()));
+        known.unreadable.clear();
+        known.own.retain(|_, same| *same);
+        if known.own.len() > self.max_writers {
+            known.own.clear();
+        }
+    }
+
     /// Decodes Confluent-framed bytes of any registered schema into JSON (for tools).
     pub async fn decode_json(&self, bytes: &[u8]) -> Result<(serde_json::Value, u32), DecodeError> {
         let schema_id = check_framing(bytes)?;
         let writer = self
-            .decoder
+            .decoder()
             .get_schema(schema_id)
             .await
             .map_err(|e| classify(&e))?;
-        self.refuse_unreadable(schema_id, &writer.parsed)?;
+        self.refuse_unreadable(schema_id, &writer)?;
         let value = read_framed(schema_id, &writer.parsed, bytes)?;
         let json = serde_json::Value::try_from(value)
             .map_err(|e| DecodeError::poison(ErrorClass::DecodeError, e.to_string()))?;
@@ -1037,6 +1111,38 @@ mod tests {
     }
 
     #[test]
+    fn the_writer_cache_starts_over_past_its_count_or_its_bytes() {
+        let mut b = WriterBudget::default();
+        assert!(b.admit(100, 2));
+        assert!(b.admit(100, 2));
+        assert!(!b.admit(300, 2), "a third of two");
+        assert_eq!(
+            b,
+            WriterBudget {
+                schemas: 1,
+                bytes: 300
+            }
+        );
+        let mut b = WriterBudget::default();
+        assert!(b.admit(MAX_WRITER_SCHEMA_BYTES - 10, 1000));
+        assert!(b.admit(10, 1000));
+        assert!(!b.admit(1, 1000), "a byte over");
+        assert_eq!(
+            b,
+            WriterBudget {
+                schemas: 1,
+                bytes: 1
+            }
+        );
+        let mut b = WriterBudget::default();
+        assert!(
+            b.admit(MAX_WRITER_SCHEMA_BYTES + 1, 1000),
+            "alone, it is kept"
+        );
+        assert!(!b.admit(1, 1000));
+    }
+
+    #[test]
     fn framing_classifies_magic_byte_and_truncation() {
         assert_eq!(check_framing(&[0, 0, 0, 1, 2, 9]), Ok(258));
         assert!(matches!(
@@ -1144,6 +1250,7 @@ mod tests {
             timeout_ms: 2000,
             basic_auth_user: None,
             basic_auth_password: None,
+            max_writer_schemas: 1000,
         })
         .unwrap();
         let response = crate::records::PredictionResponse {

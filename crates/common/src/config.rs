@@ -235,6 +235,14 @@ pub struct RegistryConfig {
     pub basic_auth_user: Option<String>,
     #[serde(default)]
     pub basic_auth_password: Option<Secret>,
+    /// Writer schemas a service keeps, fetched by id; past this (or 8 MiB of their text)
+    /// it empties its cache and fetches each again when read.
+    #[serde(default = "default_max_writer_schemas")]
+    pub max_writer_schemas: usize,
+}
+
+fn default_max_writer_schemas() -> usize {
+    1000
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
