@@ -240,8 +240,8 @@ fn connected_producer(settings: &Settings) -> anyhow::Result<Producer> {
 /// Reads every row of the snapshot as the run will, and checks its event times as the
 /// cache-writer will (not before 2000, not far ahead, by `max_skew_ms`) and its entity ids
 /// against the cache's limit. Returns the rows. A prediction of an id within the limit
-/// fits any `message.max.bytes` the settings allow (4 KiB over `micro_batcher.max_bytes`
-/// at least; the model's strings are 256 bytes at most).
+/// fits any `message.max.bytes` the settings allow
+/// ([`lanes_common::config::MIN_PREDICTION_MESSAGE_BYTES`]).
 fn check_all(job: &Job, features: &[String], max_skew_ms: u64) -> anyhow::Result<u64> {
     let snapshot = Snapshot::open(&job.input, job.format, features, job.batch_size, job.as_of)?;
     let now = now_millis();

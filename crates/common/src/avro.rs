@@ -111,7 +111,19 @@ struct Known {
 /// The most writer schema text a codec keeps. Anyone who can register schemas can
 /// register many of up to the registry's body limit (1 MiB) and write one small record
 /// of each; a parsed schema takes several times its text.
-pub const MAX_WRITER_SCHEMA_BYTES: usize = 8 << 20;
+pub const MAX_WRITER_SCHEMA_BYTES: usize = 2 << 20;
+
+/// The verdict on a writer schema id the registry answered for good with an error that is
+/// not "not found" (a schema the converter cannot parse, of another type).
+const NOT_FETCHED: &str = "could not be fetched and parsed (see its first dead letter)";
+
+/// The error for a record of writer schema `schema_id`, judged unreadable for `why`.
+fn not_read(schema_id: u32, why: &str) -> DecodeError {
+    DecodeError::poison(
+        ErrorClass::DecodeError,
+        format!("schema id {schema_id} {why}; not read"),
+    )
+}
 
 /// Writer schemas fetched by id and kept, by count and by text size.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -444,6 +456,7 @@ impl AvroCodec {
         if verdict == Unknown::Missing {
             return Err(unknown(verdict));
         }
+        self.refused_before(schema_id)?;
         let decoder = self.decoder();
         let writer = match decoder.get_schema(schema_id).await {
             Ok(w) => w,
@@ -465,9 +478,12 @@ impl AvroCodec {
                         .missing(schema_id, Instant::now());
                     return Err(unknown(verdict));
                 }
-                if err.is_transient() {
-                    // The decoder caches non-retriable errors; an HTTP 500 must not stick.
-                    decoder.remove_errors_from_cache();
+                // The decoder caches non-retriable errors for good (their text can hold
+                // the whole schema), and an HTTP 500 must not stick. One that will not
+                // pass is kept here, counted.
+                decoder.remove_errors_from_cache();
+                if let DecodeError::Poison { message, .. } = &err {
+                    self.keep_verdict(schema_id, message.len(), Some(NOT_FETCHED));
                 }
                 return Err(err);
             }
@@ -493,7 +509,11 @@ impl AvroCodec {
             })?;
         if own.is_none() {
             let same = writer.parsed.canonical_form() == R::schema().canonical_form();
-            self.learn().own.insert((schema_id, R::NAME), same);
+            let mut known = self.learn();
+            // Not if the cache started over meanwhile: the id is to be counted again.
+            if known.unreadable.contains_key(&schema_id) {
+                known.own.insert((schema_id, R::NAME), same);
+            }
         }
         Ok(Decoded { record, schema_id })
     }
@@ -508,49 +528,78 @@ impl AvroCodec {
         let known = self.known().unreadable.get(&schema_id).copied();
         let verdict = known.unwrap_or_else(|| {
             let verdict = unreadable(&writer.parsed);
-            let mut known = self.learn();
-            if !known.writers.admit(writer.raw.len(), self.max_writers) {
-                self.start_over(&mut known);
-            }
-            known.unreadable.insert(schema_id, verdict);
+            // What is parsed holds every schema the writer's references, each pasted in
+            // where used: it can be far longer than the writer's own text.
+            let bytes = match verdict {
+                Some(_) => writer.raw.len(),
+                None => writer.raw.len().max(writer.parsed.canonical_form().len()),
+            };
+            self.keep_verdict(schema_id, bytes, verdict);
             verdict
         });
         match verdict {
-            Some(why) => Err(DecodeError::poison(
-                ErrorClass::DecodeError,
-                format!("schema id {schema_id} {why}; not read"),
-            )),
+            Some(why) => Err(not_read(schema_id, why)),
             None => Ok(()),
+        }
+    }
+
+    /// Refuses at once a writer schema id already judged unreadable or found not to be
+    /// fetched for good, without asking the decoder.
+    fn refused_before(&self, schema_id: u32) -> Result<(), DecodeError> {
+        match self.known().unreadable.get(&schema_id) {
+            Some(Some(why)) => Err(not_read(schema_id, why)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Keeps `verdict` on writer schema id `schema_id`, new to the decoder, counting
+    /// `bytes` for it ([`WriterBudget`]); past the budget the cache starts over first.
+    fn keep_verdict(&self, schema_id: u32, bytes: usize, verdict: Option<&'static str>) {
+        let emptied = {
+            let mut known = self.learn();
+            let emptied = (!known.writers.admit(bytes, self.max_writers))
+                .then(|| self.start_over(&mut known));
+            known.unreadable.insert(schema_id, verdict);
+            emptied
+        };
+        // Dropped, with up to a cache of parsed schemas, outside the locks.
+        if let Some(emptied) = emptied {
+            drop(emptied);
+            tracing::warn!(
+                max_schemas = self.max_writers,
+                max_bytes = MAX_WRITER_SCHEMA_BYTES,
+                "writer schemas filled the cache; emptied it (each is fetched again when read)"
+            );
         }
     }
 
     /// Empties the decoder's cache of writer schemas (a new decoder; one still reading
     /// keeps the old until it is done) and what is known of their ids, but for ids of
     /// our own schemas, which are read without the decoder. `known.writers` has been
-    /// started over already.
-    fn start_over(&self, known: &mut Known) {
-        tracing::warn!(
-            max_schemas = self.max_writers,
-            max_bytes = MAX_WRITER_SCHEMA_BYTES,
-            "writer schemas fill the cache; emptying it (each is fetched again when read)"
+    /// started over already. Returns the old decoder.
+    fn start_over(&self, known: &mut Known) -> Arc<AvroDecoder> {
+        let fresh = Arc::new(AvroDecoder::new((*self.registry).clone()));
+        let emptied = std::mem::replace(
+            &mut *self.decoder.write().unwrap_or_else(|e| e.into_inner()),
+            fresh,
         );
-        *self.decoder.write().unwrap_or_else(|e| e.into_inner()) =
-            Arc::new(AvroDecoder::new((*self.registry).clone()));
         known.unreadable.clear();
         known.own.retain(|_, same| *same);
         if known.own.len() > self.max_writers {
             known.own.clear();
         }
+        emptied
     }
 
     /// Decodes Confluent-framed bytes of any registered schema into JSON (for tools).
     pub async fn decode_json(&self, bytes: &[u8]) -> Result<(serde_json::Value, u32), DecodeError> {
         let schema_id = check_framing(bytes)?;
-        let writer = self
-            .decoder()
-            .get_schema(schema_id)
-            .await
-            .map_err(|e| classify(&e))?;
+        self.refused_before(schema_id)?;
+        let decoder = self.decoder();
+        let writer = decoder.get_schema(schema_id).await.map_err(|e| {
+            decoder.remove_errors_from_cache();
+            classify(&e)
+        })?;
         self.refuse_unreadable(schema_id, &writer)?;
         let value = read_framed(schema_id, &writer.parsed, bytes)?;
         let json = serde_json::Value::try_from(value)

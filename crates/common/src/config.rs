@@ -235,7 +235,7 @@ pub struct RegistryConfig {
     pub basic_auth_user: Option<String>,
     #[serde(default)]
     pub basic_auth_password: Option<Secret>,
-    /// Writer schemas a service keeps, fetched by id; past this (or 8 MiB of their text)
+    /// Writer schemas a service keeps, fetched by id; past this (or 2 MiB of their text)
     /// it empties its cache and fetches each again when read.
     #[serde(default = "default_max_writer_schemas")]
     pub max_writer_schemas: usize,
@@ -367,6 +367,11 @@ const REDACTED: &str = "***";
 
 /// Room kept under `message.max.bytes` for the record's framing, key and headers.
 pub const BATCH_HEADROOM: usize = 4096;
+
+/// The smallest `message.max.bytes` a service producing predictions may have: one with a
+/// 512-byte entity id, a 1,024-byte event id, 256-byte model strings and a 512-byte
+/// batch id is about 3.5 KB with its key.
+pub const MIN_PREDICTION_MESSAGE_BYTES: usize = 4096;
 
 impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -538,6 +543,19 @@ impl Settings {
                 "micro_batcher.max_bytes ({}) plus {BATCH_HEADROOM} bytes of headroom exceeds the producer's message.max.bytes ({limit})",
                 self.micro_batcher.max_bytes
             ));
+        }
+        // The services that produce predictions. A whole `lanes batch` run is checked
+        // against this before anything is published.
+        for service in ["scorer", "batch", "fallback-responder"] {
+            let limit = self.for_service(service).producer_message_max_bytes();
+            if limit < MIN_PREDICTION_MESSAGE_BYTES {
+                return invalid(format!(
+                    "{service}'s producer message.max.bytes ({limit}) is under {MIN_PREDICTION_MESSAGE_BYTES}: a prediction with the longest ids and model strings Lanes takes would not fit"
+                ));
+            }
+        }
+        if self.registry.max_writer_schemas == 0 {
+            return invalid("registry.max_writer_schemas must be > 0".into());
         }
         let topics = self.topics.all();
         for (i, t) in topics.iter().enumerate() {
@@ -853,6 +871,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent/lanes.toml"), "{err}");
+        // A service producing predictions whose messages could not hold one with the
+        // longest ids Lanes takes: a batch run would stop halfway, published in part.
+        let err = Settings::load_from(
+            None,
+            env(&[(
+                "LANES__KAFKA__SERVICES__BATCH__PRODUCER_PROPERTIES__MESSAGE_MAX_BYTES",
+                "4095",
+            )]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("batch's producer message.max.bytes (4095)"),
+            "{err}"
+        );
+        let err = Settings::load_from(None, env(&[("LANES__REGISTRY__MAX_WRITER_SCHEMAS", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("registry.max_writer_schemas"), "{err}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lanes_common::records::{MAX_ENTITY_ID_BYTES, now_millis};
+use lanes_common::records::{check_ids, now_millis};
 use tokio_util::sync::CancellationToken;
 
 use crate::Core;
@@ -153,11 +153,12 @@ pub async fn sweep(
             ) else {
                 continue;
             };
-            // An id the cache-writer refuses (a key written before the limit, or by
-            // another writer) would be re-scored and dead-lettered on every pass.
+            // An id the cache-writer refuses (a key written before the limit, by
+            // another writer, or the bare prefix) would be re-scored and dead-lettered on
+            // every pass.
             let Some(entity) = key
                 .strip_prefix(core.prefix.as_str())
-                .filter(|e| e.len() <= MAX_ENTITY_ID_BYTES)
+                .filter(|e| check_ids(e, "").is_ok())
             else {
                 continue;
             };
