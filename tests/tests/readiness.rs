@@ -225,6 +225,49 @@ async fn readyz(port: u16) -> Option<(bool, serde_json::Value)> {
     Some((ready, r.json().await.ok()?))
 }
 
+/// A flood of `/readyz` calls probes the dependencies once: each probe opens a Redis
+/// connection (and asks the registry and the brokers), so two hundred calls at once
+/// took two hundred connections from the Redis the service writes to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_readiness_calls_probes_the_dependencies_once() {
+    let port = free_port();
+    let _own = redis_server(port);
+    let mut lane = Lane::new("readyz-flood");
+    lane.settings.redis.url = format!("redis://127.0.0.1:{port}");
+    lane.create_topics().await;
+    let _writer = lane.spawn("lanes-cache-writer", &[]);
+    let admin = lane.settings.admin.ports.cache_writer;
+    wait_for("ready", std::time::Duration::from_secs(30), || async {
+        readyz(admin).await.filter(|(ready, _)| *ready)
+    })
+    .await;
+    let mut conn = redis(&lane.settings)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut connections = async || {
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = connections().await;
+    let answers = futures::future::join_all((0..200).map(|_| readyz(admin))).await;
+    let opened = connections().await - before;
+    assert!(
+        answers.iter().all(|a| matches!(a, Some((true, _)))),
+        "every call answered ready"
+    );
+    assert!(opened <= 2, "{opened} Redis connections for 200 calls");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_credentials_keep_a_service_not_ready_and_consuming_nothing() {
     use rdkafka::consumer::{BaseConsumer, Consumer};

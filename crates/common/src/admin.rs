@@ -23,6 +23,11 @@ use crate::config::{KafkaConfig, RegistryConfig};
 /// How long one readiness probe may take before it counts as failed.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a probe of the dependencies answers later `/readyz` calls. Each probe opens
+/// a Redis connection and asks the registry and the brokers (on a blocking thread): a
+/// flood of calls, one probe each, would take connections from the services' own.
+const PROBE_REUSE: Duration = Duration::from_secs(1);
+
 /// One dependency or condition `/readyz` asks about.
 pub trait ReadinessCheck: Send + Sync {
     fn name(&self) -> &str;
@@ -111,7 +116,8 @@ impl ReadinessCheck for KafkaCheck {
     }
 }
 
-/// The schema registry answers `GET /subjects`.
+/// The schema registry answers `GET /config` (its compatibility level: a few bytes,
+/// where `GET /subjects` lists every subject anyone registered).
 pub struct RegistryCheck {
     client: reqwest::Client,
     url: String,
@@ -125,7 +131,7 @@ impl RegistryCheck {
                 .timeout(CHECK_TIMEOUT)
                 .build()
                 .expect("a default HTTP client builds"),
-            url: format!("{}/subjects", cfg.url.trim_end_matches('/')),
+            url: format!("{}/config", cfg.url.trim_end_matches('/')),
             auth: cfg.basic_auth_user.clone().map(|u| {
                 (
                     u,
@@ -195,7 +201,13 @@ impl ReadinessCheck for RedisCheck {
 struct AdminState {
     registry: Registry,
     checks: Arc<Vec<Box<dyn ReadinessCheck>>>,
+    /// The last probe of the dependencies, and when it ended; locked while one runs, so
+    /// calls meanwhile wait for it.
+    probed: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, Outcomes)>>>,
 }
+
+/// Each check's name and outcome.
+type Outcomes = Arc<Vec<(String, Result<(), String>)>>;
 
 /// The admin routes, for tests and for servers that add their own.
 pub fn router(registry: Registry, checks: Vec<Box<dyn ReadinessCheck>>) -> Router {
@@ -206,6 +218,7 @@ pub fn router(registry: Registry, checks: Vec<Box<dyn ReadinessCheck>>) -> Route
         .with_state(AdminState {
             registry,
             checks: Arc::new(checks),
+            probed: Arc::default(),
         })
 }
 
@@ -218,23 +231,16 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
-    let results = join_all(state.checks.iter().map(|c| async move {
-        let outcome = match tokio::time::timeout(CHECK_TIMEOUT, c.check()).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
-        };
-        (c.name().to_string(), outcome)
-    }))
-    .await;
-    for (check, (name, r)) in state.checks.iter().zip(&results) {
-        if let (Err(e), true) = (r, check.is_dependency()) {
-            tracing::warn!(dependency = %name, error = %e, "dependency refused or unreachable; not ready");
-        }
-    }
-    let ready = results.iter().all(|(_, r)| r.is_ok());
+    // The service's own conditions are read each time; they cost nothing.
+    let own = outcomes(state.checks.iter().filter(|c| !c.is_dependency())).await;
+    let dependencies = dependencies(&state).await;
+    let results = own.iter().chain(dependencies.iter());
+    let ready = results.clone().all(|(_, r)| r.is_ok());
     let checks: serde_json::Map<String, serde_json::Value> = results
-        .into_iter()
-        .map(|(name, r)| (name, r.err().unwrap_or_else(|| "ok".into()).into()))
+        .map(|(name, r)| {
+            let says = r.as_ref().err().map_or("ok", String::as_str);
+            (name.clone(), says.into())
+        })
         .collect();
     let body = serde_json::json!({ "ready": ready, "checks": checks });
     let status = if ready {
@@ -243,6 +249,40 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, axum::Json(body)).into_response()
+}
+
+/// The dependencies' outcomes: of a probe that ended within [`PROBE_REUSE`], or of a
+/// new one.
+async fn dependencies(state: &AdminState) -> Outcomes {
+    let mut probed = state.probed.lock().await;
+    if let Some((at, outcomes)) = probed.as_ref()
+        && at.elapsed() < PROBE_REUSE
+    {
+        return outcomes.clone();
+    }
+    let outcomes = outcomes(state.checks.iter().filter(|c| c.is_dependency())).await;
+    for (name, r) in &outcomes {
+        if let Err(e) = r {
+            tracing::warn!(dependency = %name, error = %e, "dependency refused or unreachable; not ready");
+        }
+    }
+    let outcomes = Arc::new(outcomes);
+    *probed = Some((tokio::time::Instant::now(), outcomes.clone()));
+    outcomes
+}
+
+/// Runs `checks` at once, each within [`CHECK_TIMEOUT`].
+async fn outcomes<'a>(
+    checks: impl Iterator<Item = &'a Box<dyn ReadinessCheck>>,
+) -> Vec<(String, Result<(), String>)> {
+    join_all(checks.map(|c| async move {
+        let outcome = match tokio::time::timeout(CHECK_TIMEOUT, c.check()).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
+        };
+        (c.name().to_string(), outcome)
+    }))
+    .await
 }
 
 /// Binds `host:port`; port 0 picks a free one.
@@ -276,6 +316,47 @@ mod tests {
         fn check(&self) -> BoxFuture<'_, Result<(), String>> {
             Box::pin(async { Err("connection refused".into()) })
         }
+    }
+
+    /// A dependency that answers after a moment, counting its probes.
+    struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+    impl ReadinessCheck for Counted {
+        fn name(&self) -> &str {
+            "counted"
+        }
+        fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(())
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_at_once_share_one_probe_of_the_dependencies() {
+        let probes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let flag = ReadyFlag::new("started");
+        let checks: Vec<Box<dyn ReadinessCheck>> =
+            vec![Box::new(flag.clone()), Box::new(Counted(probes.clone()))];
+        let (url, token) = start(router(Registry::new(), checks)).await;
+        let http = reqwest::Client::new();
+        let calls = (0..50).map(|_| http.get(format!("{url}/readyz")).send());
+        for r in join_all(calls).await {
+            assert_eq!(r.unwrap().status(), 503, "not started");
+        }
+        assert_eq!(probes.load(Ordering::Relaxed), 1);
+        // The service's own flag is read each time, the probe's outcome reused.
+        flag.set(true);
+        let r = http.get(format!("{url}/readyz")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(probes.load(Ordering::Relaxed), 1);
+        // Past the reuse window, probed again.
+        tokio::time::sleep(PROBE_REUSE).await;
+        let r = http.get(format!("{url}/readyz")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(probes.load(Ordering::Relaxed), 2);
+        token.cancel();
     }
 
     async fn start(app: Router) -> (String, CancellationToken) {
