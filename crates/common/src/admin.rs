@@ -116,8 +116,9 @@ impl ReadinessCheck for KafkaCheck {
     }
 }
 
-/// The schema registry answers `GET /config` (its compatibility level: a few bytes,
-/// where `GET /subjects` lists every subject anyone registered).
+/// The schema registry answers `GET /subjects`: any user may ask (a registry with access
+/// rules lists only the subjects the user may read; Karapace answers 401 to `/config`
+/// without a grant on it), and [`PROBE_REUSE`] bounds how often the list is read.
 pub struct RegistryCheck {
     client: reqwest::Client,
     url: String,
@@ -131,7 +132,7 @@ impl RegistryCheck {
                 .timeout(CHECK_TIMEOUT)
                 .build()
                 .expect("a default HTTP client builds"),
-            url: format!("{}/config", cfg.url.trim_end_matches('/')),
+            url: format!("{}/subjects", cfg.url.trim_end_matches('/')),
             auth: cfg.basic_auth_user.clone().map(|u| {
                 (
                     u,
@@ -204,6 +205,8 @@ struct AdminState {
     /// The last probe of the dependencies, and when it ended; locked while one runs, so
     /// calls meanwhile wait for it.
     probed: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, Outcomes)>>>,
+    /// [`PROBE_REUSE`], but in tests.
+    reuse: Duration,
 }
 
 /// Each check's name and outcome.
@@ -211,6 +214,15 @@ type Outcomes = Arc<Vec<(String, Result<(), String>)>>;
 
 /// The admin routes, for tests and for servers that add their own.
 pub fn router(registry: Registry, checks: Vec<Box<dyn ReadinessCheck>>) -> Router {
+    router_reusing(registry, checks, PROBE_REUSE)
+}
+
+/// [`router`], reusing a probe of the dependencies for `reuse`.
+fn router_reusing(
+    registry: Registry,
+    checks: Vec<Box<dyn ReadinessCheck>>,
+    reuse: Duration,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -219,6 +231,7 @@ pub fn router(registry: Registry, checks: Vec<Box<dyn ReadinessCheck>>) -> Route
             registry,
             checks: Arc::new(checks),
             probed: Arc::default(),
+            reuse,
         })
 }
 
@@ -231,9 +244,9 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
-    // The service's own conditions are read each time; they cost nothing.
-    let own = outcomes(state.checks.iter().filter(|c| !c.is_dependency())).await;
     let dependencies = dependencies(&state).await;
+    // The service's own conditions are read each time, after any wait; they cost nothing.
+    let own = outcomes(state.checks.iter().filter(|c| !c.is_dependency())).await;
     let results = own.iter().chain(dependencies.iter());
     let ready = results.clone().all(|(_, r)| r.is_ok());
     let checks: serde_json::Map<String, serde_json::Value> = results
@@ -251,24 +264,33 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-/// The dependencies' outcomes: of a probe that ended within [`PROBE_REUSE`], or of a
-/// new one.
+/// The dependencies' outcomes: of a probe that ended within the reuse window, or of a
+/// new one. The probe runs in a task of its own that keeps the lock, so a caller that
+/// gives up (a probe's own timeout) neither cancels it nor loses its outcome for the
+/// callers waiting behind it.
 async fn dependencies(state: &AdminState) -> Outcomes {
-    let mut probed = state.probed.lock().await;
+    let mut probed = state.probed.clone().lock_owned().await;
     if let Some((at, outcomes)) = probed.as_ref()
-        && at.elapsed() < PROBE_REUSE
+        && at.elapsed() < state.reuse
     {
         return outcomes.clone();
     }
-    let outcomes = outcomes(state.checks.iter().filter(|c| c.is_dependency())).await;
-    for (name, r) in &outcomes {
-        if let Err(e) = r {
-            tracing::warn!(dependency = %name, error = %e, "dependency refused or unreachable; not ready");
+    let checks = state.checks.clone();
+    let probe = tokio::spawn(async move {
+        let outcomes = outcomes(checks.iter().filter(|c| c.is_dependency())).await;
+        for (name, r) in &outcomes {
+            if let Err(e) = r {
+                tracing::warn!(dependency = %name, error = %e, "dependency refused or unreachable; not ready");
+            }
         }
+        let outcomes = Arc::new(outcomes);
+        *probed = Some((tokio::time::Instant::now(), outcomes.clone()));
+        outcomes
+    });
+    match probe.await {
+        Ok(outcomes) => outcomes,
+        Err(e) => Arc::new(vec![("readiness".into(), Err(e.to_string()))]),
     }
-    let outcomes = Arc::new(outcomes);
-    *probed = Some((tokio::time::Instant::now(), outcomes.clone()));
-    outcomes
 }
 
 /// Runs `checks` at once, each within [`CHECK_TIMEOUT`].
@@ -318,8 +340,8 @@ mod tests {
         }
     }
 
-    /// A dependency that answers after a moment, counting its probes.
-    struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+    /// A dependency that answers after a while, counting its probes.
+    struct Counted(Arc<std::sync::atomic::AtomicUsize>, Duration);
     impl ReadinessCheck for Counted {
         fn name(&self) -> &str {
             "counted"
@@ -327,7 +349,7 @@ mod tests {
         fn check(&self) -> BoxFuture<'_, Result<(), String>> {
             self.0.fetch_add(1, Ordering::Relaxed);
             Box::pin(async {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(self.1).await;
                 Ok(())
             })
         }
@@ -337,9 +359,16 @@ mod tests {
     async fn calls_at_once_share_one_probe_of_the_dependencies() {
         let probes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let flag = ReadyFlag::new("started");
-        let checks: Vec<Box<dyn ReadinessCheck>> =
-            vec![Box::new(flag.clone()), Box::new(Counted(probes.clone()))];
-        let (url, token) = start(router(Registry::new(), checks)).await;
+        let checks: Vec<Box<dyn ReadinessCheck>> = vec![
+            Box::new(flag.clone()),
+            Box::new(Counted(probes.clone(), Duration::from_millis(50))),
+        ];
+        let (url, token) = start(router_reusing(
+            Registry::new(),
+            checks,
+            Duration::from_secs(600),
+        ))
+        .await;
         let http = reqwest::Client::new();
         let calls = (0..50).map(|_| http.get(format!("{url}/readyz")).send());
         for r in join_all(calls).await {
@@ -351,11 +380,42 @@ mod tests {
         let r = http.get(format!("{url}/readyz")).send().await.unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(probes.load(Ordering::Relaxed), 1);
-        // Past the reuse window, probed again.
-        tokio::time::sleep(PROBE_REUSE).await;
+        token.cancel();
+        // Past the reuse window, each call probes again.
+        let checks: Vec<Box<dyn ReadinessCheck>> =
+            vec![Box::new(Counted(probes.clone(), Duration::ZERO))];
+        let (url, token) = start(router_reusing(Registry::new(), checks, Duration::ZERO)).await;
+        for _ in 0..2 {
+            let r = http.get(format!("{url}/readyz")).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+        }
+        assert_eq!(probes.load(Ordering::Relaxed), 3);
+        token.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_gives_up_leaves_the_probe_to_the_next() {
+        let probes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let checks: Vec<Box<dyn ReadinessCheck>> = vec![Box::new(Counted(
+            probes.clone(),
+            Duration::from_millis(500),
+        ))];
+        let (url, token) = start(router_reusing(
+            Registry::new(),
+            checks,
+            Duration::from_secs(600),
+        ))
+        .await;
+        let http = reqwest::Client::new();
+        let gave_up = http
+            .get(format!("{url}/readyz"))
+            .timeout(Duration::from_millis(100))
+            .send()
+            .await;
+        assert!(gave_up.is_err());
         let r = http.get(format!("{url}/readyz")).send().await.unwrap();
         assert_eq!(r.status(), 200);
-        assert_eq!(probes.load(Ordering::Relaxed), 2);
+        assert_eq!(probes.load(Ordering::Relaxed), 1, "the first probe went on");
         token.cancel();
     }
 
