@@ -363,12 +363,7 @@ mod tests {
             Box::new(flag.clone()),
             Box::new(Counted(probes.clone(), Duration::from_millis(50))),
         ];
-        let (url, token) = start(router_reusing(
-            Registry::new(),
-            checks,
-            Duration::from_secs(600),
-        ))
-        .await;
+        let (url, token) = start_reusing(checks, Duration::from_secs(600)).await;
         let http = reqwest::Client::new();
         let calls = (0..50).map(|_| http.get(format!("{url}/readyz")).send());
         for r in join_all(calls).await {
@@ -384,7 +379,7 @@ mod tests {
         // Past the reuse window, each call probes again.
         let checks: Vec<Box<dyn ReadinessCheck>> =
             vec![Box::new(Counted(probes.clone(), Duration::ZERO))];
-        let (url, token) = start(router_reusing(Registry::new(), checks, Duration::ZERO)).await;
+        let (url, token) = start_reusing(checks, Duration::ZERO).await;
         for _ in 0..2 {
             let r = http.get(format!("{url}/readyz")).send().await.unwrap();
             assert_eq!(r.status(), 200);
@@ -400,12 +395,7 @@ mod tests {
             probes.clone(),
             Duration::from_millis(500),
         ))];
-        let (url, token) = start(router_reusing(
-            Registry::new(),
-            checks,
-            Duration::from_secs(600),
-        ))
-        .await;
+        let (url, token) = start_reusing(checks, Duration::from_secs(600)).await;
         let http = reqwest::Client::new();
         let gave_up = http
             .get(format!("{url}/readyz"))
@@ -417,6 +407,14 @@ mod tests {
         assert_eq!(r.status(), 200);
         assert_eq!(probes.load(Ordering::Relaxed), 1, "the first probe went on");
         token.cancel();
+    }
+
+    /// Serves `checks` alone, reusing a probe of the dependencies for `reuse`.
+    async fn start_reusing(
+        checks: Vec<Box<dyn ReadinessCheck>>,
+        reuse: Duration,
+    ) -> (String, CancellationToken) {
+        start(router_reusing(Registry::new(), checks, reuse)).await
     }
 
     async fn start(app: Router) -> (String, CancellationToken) {

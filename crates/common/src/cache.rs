@@ -198,15 +198,11 @@ pub const MAX_MODEL_FIELD_BYTES: usize = 256;
 /// Why the first of `fields` (name, value) longer than [`MAX_MODEL_FIELD_BYTES`] is
 /// refused, if one is: a model's spec and each prediction the cache-writer takes.
 pub fn overlong<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>) -> Option<String> {
-    fields
-        .into_iter()
-        .find(|(_, value)| value.len() > MAX_MODEL_FIELD_BYTES)
-        .map(|(field, value)| {
-            format!(
-                "{field} is {} bytes, over {MAX_MODEL_FIELD_BYTES}",
-                value.len()
-            )
-        })
+    crate::records::over_limit(
+        fields
+            .into_iter()
+            .map(|(field, value)| (field, value, MAX_MODEL_FIELD_BYTES)),
+    )
 }
 
 /// What to reserve for `rest` items sized like the first (`sizes`): nothing past

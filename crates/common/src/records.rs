@@ -444,24 +444,30 @@ pub const MAX_EVENT_ID_BYTES: usize = 1024;
 /// a prediction whose event id is `request-<request_id>`.
 pub const MAX_REQUEST_ID_BYTES: usize = 512;
 
+/// Why the first of `fields` (name, value, most bytes) longer than its limit is refused,
+/// if one is.
+pub fn over_limit<'a>(
+    fields: impl IntoIterator<Item = (&'a str, &'a str, usize)>,
+) -> Option<String> {
+    fields
+        .into_iter()
+        .find(|(_, value, max)| value.len() > *max)
+        .map(|(field, value, max)| format!("{field} is {} bytes, over {max}", value.len()))
+}
+
 /// Why an entity and event id cannot enter the cache, if they cannot: no entity, or an
 /// id over [`MAX_ENTITY_ID_BYTES`] or [`MAX_EVENT_ID_BYTES`] (`TOO_LARGE`).
 pub fn check_ids(entity_id: &str, event_id: &str) -> Result<(), (ErrorClass, String)> {
     if entity_id.is_empty() {
         return Err((ErrorClass::MissingField, "entity_id is empty".into()));
     }
-    for (field, id, max) in [
+    match over_limit([
         ("entity_id", entity_id, MAX_ENTITY_ID_BYTES),
         ("event_id", event_id, MAX_EVENT_ID_BYTES),
-    ] {
-        if id.len() > max {
-            return Err((
-                ErrorClass::TooLarge,
-                format!("{field} is {} bytes, over {max}", id.len()),
-            ));
-        }
+    ]) {
+        Some(reason) => Err((ErrorClass::TooLarge, reason)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Milliseconds since the Unix epoch, now.

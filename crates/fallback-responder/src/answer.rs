@@ -14,7 +14,7 @@ use lanes_common::error::Failure;
 use lanes_common::kafka::{delivered, enqueue};
 use lanes_common::records::{
     MAX_REQUEST_ID_BYTES, PredictionRequest, PredictionResponse, ResponseSource, ResponseStatus,
-    check_client_time, check_ids, now_millis,
+    check_client_time, check_ids, now_millis, over_limit,
 };
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureRecord, Producer as _};
@@ -120,14 +120,8 @@ fn refusal(core: &Core, req: &PredictionRequest, now: i64) -> Option<(&'static s
     if let Err((_, e)) = check_ids(&req.entity_id, "") {
         return Some(("entity_id", e));
     }
-    if req.request_id.len() > MAX_REQUEST_ID_BYTES {
-        return Some((
-            "request_id",
-            format!(
-                "request_id is {} bytes, over {MAX_REQUEST_ID_BYTES}",
-                req.request_id.len()
-            ),
-        ));
+    if let Some(e) = over_limit([("request_id", req.request_id.as_str(), MAX_REQUEST_ID_BYTES)]) {
+        return Some(("request_id", e));
     }
     if let Err(e) = check_client_time("requested_at", req.requested_at, now, cfg.max_clock_skew_ms)
     {
