@@ -6,6 +6,7 @@ pub mod fleet;
 pub mod ledger;
 pub mod prom;
 pub mod proxy;
+pub mod rights;
 
 use std::future::Future;
 use std::path::PathBuf;

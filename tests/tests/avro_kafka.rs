@@ -204,3 +204,62 @@ async fn schema_ids_are_cached_after_first_use() {
             .is_transient()
     );
 }
+
+/// A registry with rights per subject answers 403 to a schema id registered under a
+/// subject this service may not read. That is the record's, not the registry's: taken
+/// as passing, one such record would hold up its partition for good.
+#[tokio::test]
+async fn a_schema_id_the_registry_will_not_let_us_read_is_poison_after_a_recheck() {
+    let registry = lanes_tests::rights::RightsRegistry::start().await;
+    let cfg = RegistryConfig {
+        url: registry.url.clone(),
+        ..settings().registry
+    };
+    let writer = AvroCodec::new(&cfg).unwrap();
+    let refused = writer.encode(&unique("theirs"), &event(6)).await.unwrap();
+    let id = u32::from_be_bytes(refused[1..5].try_into().unwrap());
+    registry.forbid(id);
+
+    let reader = AvroCodec::new(&cfg).unwrap();
+    let first = reader.decode::<Event>(&refused).await.unwrap_err();
+    assert!(first.is_transient(), "{first:?}");
+    let started = std::time::Instant::now();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let decoded = tokio::time::timeout(
+        Duration::from_secs(20),
+        reader.decode_retrying::<Event>(&refused, &stop),
+    )
+    .await
+    .expect("refused within 20 s, not retried for good");
+    match decoded {
+        Err(DecodeError::Poison { class, message }) => {
+            assert_eq!(class, ErrorClass::UnknownSchemaId);
+            assert!(
+                message.contains(&format!("schema id {id}")) && message.contains("403"),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= lanes_common::avro::UNKNOWN_ID_RECHECK - Duration::from_millis(500)
+            && waited < Duration::from_secs(15),
+        "rechecked for {waited:?}"
+    );
+
+    // Other ids are read as before.
+    let prediction = writer
+        .encode(&unique("ours"), &prediction_now("e", 0.5))
+        .await
+        .unwrap();
+    assert_eq!(
+        reader
+            .decode::<lanes_common::records::Prediction>(&prediction)
+            .await
+            .unwrap()
+            .record
+            .entity_id,
+        "e"
+    );
+}

@@ -1,7 +1,7 @@
 //! What a hostile record or an unlucky operator could do to a service, each tried
 //! against the real stack: client clocks, oversized records, values past the model's
 //! float range, keys Redis refuses, scoring times far ahead, recursive writer schemas,
-//! schema ids registered a moment late, refreshes that must land twice, lag series of
+//! schema ids registered a moment late or under subjects we may not read, refreshes that must land twice, lag series of
 //! partitions that moved, and dependencies down for a minute while events flow.
 
 use std::collections::{BTreeMap, HashSet};
@@ -508,6 +508,79 @@ async fn a_record_of_a_recursive_schema_is_dead_lettered_and_the_writer_stays_up
         }
     })
     .await;
+    running.stop().await;
+}
+
+/// An event written with a schema registered under a subject the micro-batcher may not
+/// read (a registry with rights per subject answers 403): dead-lettered with the reason
+/// after a short recheck, and the events after it are scored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_of_a_schema_we_may_not_read_is_dead_lettered_and_the_rest_scored() {
+    use lanes_common::records::Record;
+    let registry = lanes_tests::rights::RightsRegistry::start().await;
+    let mut lane = Lane::new("forbidden");
+    lane.settings.registry.url = registry.url.clone();
+    lane.settings.micro_batcher.max_delay_ms = 50;
+    lane.create_topics().await;
+    let codec = AvroCodec::new(&lane.settings.registry).unwrap();
+    let topic = lane.settings.topics.events.clone();
+    let event = |id: &str| Event {
+        event_id: id.to_string(),
+        entity_id: format!("card-{id}"),
+        kind: "transaction".into(),
+        event_time: now_millis(),
+        ingested_at: now_millis(),
+        features: FEATURES.iter().map(|n| (n.to_string(), 1.0)).collect(),
+    };
+    // Their schema: ours and one more field, under a subject of their own.
+    let mut theirs: serde_json::Value = serde_json::from_str(Event::SCHEMA_JSON).unwrap();
+    theirs["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "note", "type": "string", "default": ""}));
+    let r = register_schema(
+        &lane.settings,
+        &format!("{}-value", unique("theirs")),
+        &theirs.to_string(),
+    )
+    .await;
+    let id = u32::try_from(r["id"].as_u64().unwrap()).unwrap();
+    registry.forbid(id);
+    let ours = codec.encode(&topic, &event("hidden")).await.unwrap();
+    let mut hidden = vec![0u8];
+    hidden.extend_from_slice(&id.to_be_bytes());
+    hidden.extend_from_slice(&ours[5..]);
+    hidden.push(0); // note: ""
+
+    let p = producer(&lane.settings);
+    for (key, value) in [
+        (
+            "before",
+            codec.encode(&topic, &event("before")).await.unwrap(),
+        ),
+        ("hidden", hidden),
+        (
+            "after",
+            codec.encode(&topic, &event("after")).await.unwrap(),
+        ),
+    ] {
+        produce(&p, &topic, key.as_bytes(), &value).await;
+    }
+    let running = lane.start(&[lanes_micro_batcher::def(), lanes_scorer::def()]);
+    running.ready().await;
+    let scored = lane
+        .predictions_until(
+            &lane.settings.topics.predictions,
+            &["before", "after"].map(String::from).into(),
+        )
+        .await;
+    assert!(scored.iter().all(|(_, _, p)| p.event_id != "hidden"));
+    let dlq = consumer(&lane.settings, &[&lane.settings.topics.dlq]);
+    let letters = consume_n(&dlq, 1, Duration::from_secs(30)).await;
+    assert_eq!(letters[0].key(), Some(&b"hidden"[..]));
+    assert_eq!(class(&letters[0]), ErrorClass::UnknownSchemaId);
+    let reason = dlq::header_str(letters[0].headers().unwrap(), dlq::HEADER_MESSAGE).unwrap();
+    assert!(reason.contains("403"), "{reason}");
     running.stop().await;
 }
 

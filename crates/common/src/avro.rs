@@ -167,6 +167,18 @@ pub const UNKNOWN_ID_FORGET: Duration = Duration::from_secs(60);
 /// a missing id is refused at once (dead-lettered, replayable).
 pub const UNKNOWN_IDS_RECHECKED: usize = 2;
 
+/// Why the registry gave no schema for an id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Absence {
+    /// 404: the id is not registered.
+    NotRegistered,
+    /// 403: the id is registered under a subject this service may not read (rights per
+    /// subject). A record of it would hold up its partition for good if taken as the
+    /// registry's passing state; rights granted later are found after
+    /// [`UNKNOWN_ID_FORGET`].
+    Forbidden,
+}
+
 /// What to do with a schema id the registry said it does not know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unknown {
@@ -186,7 +198,7 @@ pub enum Unknown {
 pub struct UnknownIds {
     /// Found missing since, and whether the id has had its recheck window: such an id,
     /// asked for again after [`UNKNOWN_ID_FORGET`], is refused without another wait.
-    since: HashMap<u32, (Instant, bool)>,
+    since: HashMap<u32, (Instant, bool, Absence)>,
     /// When each recheck window of the last [`UNKNOWN_ID_FORGET`] began.
     windows: std::collections::VecDeque<Instant>,
 }
@@ -195,27 +207,35 @@ impl UnknownIds {
     /// Before asking the registry about `id`.
     pub fn before(&mut self, id: u32, now: Instant) -> Unknown {
         match self.since.get(&id) {
-            Some(&(t, true)) if now.duration_since(t) < UNKNOWN_ID_FORGET => Unknown::Missing,
+            Some(&(t, true, _)) if now.duration_since(t) < UNKNOWN_ID_FORGET => Unknown::Missing,
             _ => Unknown::Ask,
         }
     }
 
-    /// The registry said `id` does not exist.
-    pub fn missing(&mut self, id: u32, now: Instant) -> Unknown {
+    /// Why `id` was last found missing.
+    pub fn absence(&self, id: u32) -> Absence {
+        self.since
+            .get(&id)
+            .map_or(Absence::NotRegistered, |&(_, _, why)| why)
+    }
+
+    /// The registry gave no schema for `id`, for `why`.
+    pub fn missing(&mut self, id: u32, why: Absence, now: Instant) -> Unknown {
         // Bounded: a flood of random ids cannot grow this without end. Emptied when
         // half or more is recent, so the scan comes once per 5,000 ids at least, not
         // per id; a forgotten id costs one more registry call (`windows` still bounds
         // rechecks).
         if self.since.len() >= 10_000 {
             self.since
-                .retain(|_, (t, _)| now.duration_since(*t) < UNKNOWN_ID_FORGET);
+                .retain(|_, (t, _, _)| now.duration_since(*t) < UNKNOWN_ID_FORGET);
             if self.since.len() >= 5_000 {
                 self.since.clear();
             }
         }
         match self.since.entry(id) {
             std::collections::hash_map::Entry::Occupied(mut e) => {
-                let (t, waited) = e.get_mut();
+                let (t, waited, absence) = e.get_mut();
+                *absence = why;
                 if *waited {
                     // Asked again a minute on: it had its wait, so it is refused at once.
                     *t = now;
@@ -236,11 +256,11 @@ impl UnknownIds {
                     self.windows.pop_front();
                 }
                 if self.windows.len() >= UNKNOWN_IDS_RECHECKED {
-                    e.insert((now, true));
+                    e.insert((now, true, why));
                     return Unknown::Missing;
                 }
                 self.windows.push_back(now);
-                e.insert((now, false));
+                e.insert((now, false, why));
                 Unknown::Recheck
             }
         }
@@ -439,22 +459,34 @@ impl AvroCodec {
                     )
                 });
         }
-        let unknown = |verdict: Unknown| match verdict {
-            Unknown::Recheck => DecodeError::Transient(format!(
+        let unknown = |verdict: Unknown, why: Absence| match (verdict, why) {
+            (Unknown::Recheck, Absence::NotRegistered) => DecodeError::Transient(format!(
                 "schema id {schema_id} is not registered (yet); asking again"
             )),
-            _ => DecodeError::poison(
+            (Unknown::Recheck, Absence::Forbidden) => DecodeError::Transient(format!(
+                "the registry refuses this service schema id {schema_id} (403); asking again"
+            )),
+            (_, Absence::NotRegistered) => DecodeError::poison(
                 ErrorClass::UnknownSchemaId,
                 format!("schema id {schema_id} is not registered"),
             ),
+            (_, Absence::Forbidden) => DecodeError::poison(
+                ErrorClass::UnknownSchemaId,
+                format!(
+                    "the registry refuses this service schema id {schema_id} (403 Forbidden): \
+                     its subject is not one this service may read"
+                ),
+            ),
         };
-        let verdict = self
-            .unknown
-            .lock()
-            .expect("unknown ids")
-            .before(schema_id, Instant::now());
+        let (verdict, why) = {
+            let mut ids = self.unknown.lock().expect("unknown ids");
+            (
+                ids.before(schema_id, Instant::now()),
+                ids.absence(schema_id),
+            )
+        };
         if verdict == Unknown::Missing {
-            return Err(unknown(verdict));
+            return Err(unknown(verdict, why));
         }
         self.refused_before(schema_id)?;
         let decoder = self.decoder();
@@ -469,14 +501,19 @@ impl AvroCodec {
                         ..
                     }
                 ) {
-                    // The decoder caches the 404; drop it so the id can be asked again.
+                    // The decoder caches the 404 or 403; drop it so the id can be asked
+                    // again.
                     decoder.remove_errors_from_cache();
-                    let verdict = self
-                        .unknown
-                        .lock()
-                        .expect("unknown ids")
-                        .missing(schema_id, Instant::now());
-                    return Err(unknown(verdict));
+                    let why = match http_status(&e.error) {
+                        Some(403) => Absence::Forbidden,
+                        _ => Absence::NotRegistered,
+                    };
+                    let verdict = self.unknown.lock().expect("unknown ids").missing(
+                        schema_id,
+                        why,
+                        Instant::now(),
+                    );
+                    return Err(unknown(verdict, why));
                 }
                 // The decoder caches non-retriable errors for good (their text can hold
                 // the whole schema), and an HTTP 500 must not stick. One that will not
@@ -963,9 +1000,12 @@ fn classify(e: &SRCError) -> DecodeError {
     }
     if let Some(status) = http_status(&e.error) {
         return match status {
-            // The registry answered: this id does not exist, and never will.
-            404 => DecodeError::poison(ErrorClass::UnknownSchemaId, message),
-            // Auth, rate limits and server errors are the registry's problem, not the record's.
+            // The registry answered: this id does not exist, or it exists under a subject
+            // this service may not read (rights per subject; a 401 would be our own
+            // credentials). Either is the record's, rechecked a while ([`UnknownIds`]).
+            404 | 403 => DecodeError::poison(ErrorClass::UnknownSchemaId, message),
+            // Credentials, rate limits and server errors are the registry's problem, not
+            // the record's.
             _ => DecodeError::Transient(message),
         };
     }
@@ -1226,13 +1266,13 @@ mod tests {
         let mut ids = UnknownIds::default();
         let t0 = Instant::now();
         for id in 0..25_000 {
-            ids.missing(id, t0);
+            ids.missing(id, Absence::NotRegistered, t0);
             assert!(ids.since.len() <= 10_000, "{} ids held", ids.since.len());
         }
         assert_eq!(ids.since.len(), 5_000, "emptied at 10,000 and 20,000");
         assert!(ids.windows.len() <= UNKNOWN_IDS_RECHECKED);
         assert_eq!(
-            ids.missing(0, t0),
+            ids.missing(0, Absence::NotRegistered, t0),
             Unknown::Missing,
             "a forgotten id gets no second recheck window"
         );
@@ -1243,17 +1283,23 @@ mod tests {
         let mut ids = UnknownIds::default();
         let t0 = Instant::now();
         assert_eq!(ids.before(7, t0), Unknown::Ask);
-        assert_eq!(ids.missing(7, t0), Unknown::Recheck);
+        assert_eq!(ids.missing(7, Absence::NotRegistered, t0), Unknown::Recheck);
         let soon = t0 + Duration::from_secs(1);
         assert_eq!(ids.before(7, soon), Unknown::Ask, "still rechecking");
-        assert_eq!(ids.missing(7, soon), Unknown::Recheck);
+        assert_eq!(
+            ids.missing(7, Absence::NotRegistered, soon),
+            Unknown::Recheck
+        );
         let later = t0 + UNKNOWN_ID_RECHECK;
         assert_eq!(
             ids.before(7, later),
             Unknown::Ask,
             "one last look past the window"
         );
-        assert_eq!(ids.missing(7, later), Unknown::Missing);
+        assert_eq!(
+            ids.missing(7, Absence::NotRegistered, later),
+            Unknown::Missing
+        );
         assert_eq!(
             ids.before(7, later),
             Unknown::Missing,
@@ -1266,7 +1312,7 @@ mod tests {
             "the negative entry expired"
         );
         assert_eq!(
-            ids.missing(7, much_later),
+            ids.missing(7, Absence::NotRegistered, much_later),
             Unknown::Missing,
             "it had its wait"
         );
@@ -1341,12 +1387,16 @@ mod tests {
         let mut ids = UnknownIds::default();
         let t0 = Instant::now();
         for id in 1..=UNKNOWN_IDS_RECHECKED as u32 {
-            assert_eq!(ids.missing(id, t0), Unknown::Recheck, "id {id}");
+            assert_eq!(
+                ids.missing(id, Absence::NotRegistered, t0),
+                Unknown::Recheck,
+                "id {id}"
+            );
         }
         let flood = UNKNOWN_IDS_RECHECKED as u32 + 1;
         let soon = t0 + Duration::from_secs(10);
         assert_eq!(
-            ids.missing(flood, soon),
+            ids.missing(flood, Absence::NotRegistered, soon),
             Unknown::Missing,
             "refused at once"
         );
@@ -1356,7 +1406,7 @@ mod tests {
             "and not asked for"
         );
         assert_eq!(
-            ids.missing(1, t0 + Duration::from_secs(1)),
+            ids.missing(1, Absence::NotRegistered, t0 + Duration::from_secs(1)),
             Unknown::Recheck,
             "an id in its window keeps it"
         );
@@ -1364,9 +1414,27 @@ mod tests {
         let later = soon + UNKNOWN_ID_FORGET;
         for id in 1..=flood {
             assert_eq!(ids.before(id, later), Unknown::Ask, "id {id} asked again");
-            assert_eq!(ids.missing(id, later), Unknown::Missing, "id {id}");
+            assert_eq!(
+                ids.missing(id, Absence::NotRegistered, later),
+                Unknown::Missing,
+                "id {id}"
+            );
         }
-        assert_eq!(ids.missing(flood + 1, later), Unknown::Recheck, "a new id");
+        assert_eq!(
+            ids.missing(flood + 1, Absence::NotRegistered, later),
+            Unknown::Recheck,
+            "a new id"
+        );
+        assert_eq!(ids.absence(flood + 1), Absence::NotRegistered);
+        assert_eq!(
+            ids.missing(flood + 1, Absence::Forbidden, later),
+            Unknown::Recheck
+        );
+        assert_eq!(
+            ids.absence(flood + 1),
+            Absence::Forbidden,
+            "the last answer"
+        );
     }
 
     #[test]
@@ -1389,6 +1457,26 @@ mod tests {
             false,
         );
         assert!(classify(&server).is_transient());
+        let forbidden = SRCError::new(
+            "HTTP request to schema registry failed with status 403 Forbidden",
+            None,
+            false,
+        );
+        assert!(matches!(
+            classify(&forbidden),
+            DecodeError::Poison {
+                class: ErrorClass::UnknownSchemaId,
+                ..
+            }
+        ));
+        for passing in ["401 Unauthorized", "429 Too Many Requests"] {
+            let e = SRCError::new(
+                &format!("HTTP request to schema registry failed with status {passing}"),
+                None,
+                false,
+            );
+            assert!(classify(&e).is_transient(), "{passing}");
+        }
         let unreachable = SRCError::new("http call to schema registry failed", None, true);
         assert!(classify(&unreachable).is_transient());
         let bad = SRCError::new("Could not transform bytes using schema", None, false);
