@@ -207,6 +207,86 @@ async fn dead_letters_are_listed_and_replayed_after_a_fix() {
     downstream.stop().await;
 }
 
+/// Anyone who may write to the dead-letter topic can name any source topic; a replay
+/// sends letters only to topics Lanes services read, and a chunk at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replay_writes_only_to_topics_lanes_reads() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let lane = Lane::new("replay-to");
+    lane.create_topics().await;
+    let victim = unique("victim");
+    create_topics(&lane.settings, &[&victim]).await;
+    let raw = lane.settings.topics.raw.clone();
+    let p = producer(&lane.settings);
+    let letter = |key: &'static str, source: Option<&str>| {
+        let mut h = OwnedHeaders::new().insert(Header {
+            key: lanes_common::dlq::HEADER_CLASS,
+            value: Some("TOO_LARGE"),
+        });
+        if let Some(source) = source {
+            h = h.insert(Header {
+                key: lanes_common::dlq::HEADER_SOURCE_TOPIC,
+                value: Some(source),
+            });
+        }
+        (key, h)
+    };
+    for (key, headers) in [
+        letter("a", Some(&raw)),
+        letter("theirs", Some(&victim)),
+        letter("b", Some(&raw)),
+        letter("nowhere", None),
+        letter("c", Some(&raw)),
+    ] {
+        produce_record(
+            &p,
+            rdkafka::producer::FutureRecord::to(&lane.settings.topics.dlq)
+                .key(key)
+                .payload("{}")
+                .headers(headers),
+        )
+        .await;
+    }
+    // One letter per chunk: each is committed before the next is read.
+    let out = ok(&run(&lane, &["dlq", "replay", "--chunk-bytes", "1"]).await);
+    assert!(out.contains(&format!("replayed 3 to {raw}\n")), "{out}");
+    assert!(out.contains("replayed 3 dead letters"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "left 1 dead letters: source topic \"{victim}\" is not read by a Lanes service"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("left 1 dead letters: without a source topic"),
+        "{out}"
+    );
+    let keys: HashSet<Vec<u8>> = consume_n(
+        &consumer(&lane.settings, &[&raw]),
+        3,
+        Duration::from_secs(30),
+    )
+    .await
+    .iter()
+    .map(|m| rdkafka::Message::key(m).unwrap().to_vec())
+    .collect();
+    assert_eq!(
+        keys,
+        HashSet::from([b"a".to_vec(), b"b".to_vec(), b"c".to_vec()])
+    );
+    let again = ok(&run(&lane, &["dlq", "replay"]).await);
+    assert!(again.contains("replayed 0 dead letters"), "{again}");
+    let dry = ok(&run(&lane, &["dlq", "replay", "--from-beginning", "--dry-run"]).await);
+    assert!(dry.contains("would replay 3 dead letters"), "{dry}");
+    let c = consumer(&lane.settings, &[&victim]);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), c.recv())
+            .await
+            .is_err(),
+        "nothing written to {victim}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn status_reports_health_and_lag() {
     let lane = Lane::new("status");

@@ -1,6 +1,6 @@
 //! Day-to-day operator commands: `tail`, `cache get`, `dlq list|replay`, `status`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,9 @@ pub enum DlqAction {
         /// Show what would be replayed without producing anything.
         #[arg(long)]
         dry_run: bool,
+        /// Key and value bytes read, replayed and committed at a time.
+        #[arg(long, default_value_t = REPLAY_CHUNK_BYTES, hide = true)]
+        chunk_bytes: usize,
     },
 }
 
@@ -248,6 +251,9 @@ async fn read_dead_letters(
     )?;
     let mut tpl = TopicPartitionList::new();
     let mut remaining = 0i64;
+    // The last offset read per partition; one before the start where nothing is read
+    // yet, so a partition with nothing left counts as caught up.
+    let mut positions: HashMap<i32, i64> = HashMap::new();
     for (p, end) in &ends {
         let start = match committed.find_partition(topic, *p).map(|e| e.offset()) {
             Some(Offset::Offset(o)) if !from_beginning => o,
@@ -255,9 +261,9 @@ async fn read_dead_letters(
         };
         tpl.add_partition_offset(topic, *p, Offset::Offset(start))?;
         remaining += (end - start).max(0);
+        positions.insert(*p, start - 1);
     }
     c.assign(&tpl)?;
-    let mut positions: HashMap<i32, i64> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     // Read to the end offsets taken at the start, then until the topic is quiet for a
     // moment: some brokers report an end offset that trails the last record.
@@ -335,59 +341,77 @@ pub async fn dlq_cmd(action: DlqAction, s: &Settings) -> anyhow::Result<()> {
             class,
             from_beginning,
             dry_run,
+            chunk_bytes,
         } => {
             let group = format!(
                 "lanes-dlq-replay-{}",
                 class.map_or("all".to_string(), |c| c.as_str().to_lowercase())
             );
-            let mut picked: Vec<OwnedMessage> = Vec::new();
-            let mut last: HashMap<i32, i64> = HashMap::new();
-            let consumer = read_dead_letters(s, &group, from_beginning, |m| {
-                last.insert(m.partition(), m.offset());
-                if class.is_none_or(|c| class_of(m) == Some(c)) {
-                    picked.push(m.clone());
-                }
-                true
-            })
-            .await?;
+            let inputs: BTreeSet<String> = inputs(s).into_iter().map(|i| i.3).collect();
             let producer = lanes_common::kafka::producer(&s.kafka, "lanes-dlq-replay")?;
             let mut per_topic: BTreeMap<String, usize> = BTreeMap::new();
-            let mut pending = Vec::new();
-            for m in &picked {
-                let source = m
-                    .headers()
-                    .and_then(|h| dlq::header_str(h, dlq::HEADER_SOURCE_TOPIC))
-                    .context("a dead letter without its source topic")?
-                    .to_string();
-                *per_topic.entry(source.clone()).or_default() += 1;
+            let mut left: BTreeMap<String, usize> = BTreeMap::new();
+            let mut first = true;
+            // A chunk at a time, each delivered and committed before the next is read:
+            // a backlog of large letters is not held in memory at once.
+            loop {
+                let mut picked: Vec<(String, OwnedMessage)> = Vec::new();
+                let mut bytes = 0;
+                let mut last: HashMap<i32, i64> = HashMap::new();
+                let consumer = read_dead_letters(s, &group, from_beginning && first, |m| {
+                    last.insert(m.partition(), m.offset());
+                    if class.is_some_and(|c| class_of(m) != Some(c)) {
+                        return true;
+                    }
+                    match destination(m, &inputs) {
+                        Ok(topic) => {
+                            *per_topic.entry(topic.clone()).or_default() += 1;
+                            if !dry_run {
+                                bytes += m.payload().map_or(0, <[u8]>::len)
+                                    + m.key().map_or(0, <[u8]>::len);
+                                picked.push((topic, m.clone()));
+                            }
+                        }
+                        Err(why) => *left.entry(why).or_default() += 1,
+                    }
+                    bytes < chunk_bytes
+                })
+                .await?;
+                first = false;
                 if dry_run {
-                    continue;
+                    break;
                 }
-                let from = format!("{}/{}/{}", s.topics.dlq, m.partition(), m.offset());
-                let headers = OwnedHeaders::new().insert(Header {
-                    key: "lanes.replayed_from",
-                    value: Some(from.as_bytes()),
-                });
-                let mut record = FutureRecord::<[u8], [u8]>::to(&source).headers(headers);
-                if let Some(k) = m.key() {
-                    record = record.key(k);
+                let mut pending = Vec::with_capacity(picked.len());
+                for (topic, m) in &picked {
+                    let from = format!("{}/{}/{}", s.topics.dlq, m.partition(), m.offset());
+                    let headers = OwnedHeaders::new().insert(Header {
+                        key: "lanes.replayed_from",
+                        value: Some(from.as_bytes()),
+                    });
+                    let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
+                    if let Some(k) = m.key() {
+                        record = record.key(k);
+                    }
+                    if let Some(v) = m.payload() {
+                        record = record.payload(v);
+                    }
+                    pending.push(enqueue(&producer, record).await?);
                 }
-                if let Some(v) = m.payload() {
-                    record = record.payload(v);
+                for d in pending {
+                    delivered(d)
+                        .await
+                        .context("a replayed record was not acknowledged")?;
                 }
-                pending.push(enqueue(&producer, record).await?);
-            }
-            for d in pending {
-                delivered(d)
-                    .await
-                    .context("a replayed record was not acknowledged")?;
-            }
-            if !dry_run && !last.is_empty() {
-                let mut tpl = TopicPartitionList::new();
-                for (p, o) in &last {
-                    tpl.add_partition_offset(&s.topics.dlq, *p, Offset::Offset(o + 1))?;
+                if !last.is_empty() {
+                    let mut tpl = TopicPartitionList::new();
+                    for (p, o) in &last {
+                        tpl.add_partition_offset(&s.topics.dlq, *p, Offset::Offset(o + 1))?;
+                    }
+                    consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync)?;
                 }
-                consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync)?;
+                if bytes < chunk_bytes {
+                    break;
+                }
             }
             let verb = if dry_run { "would replay" } else { "replayed" };
             for (topic, n) in &per_topic {
@@ -395,11 +419,42 @@ pub async fn dlq_cmd(action: DlqAction, s: &Settings) -> anyhow::Result<()> {
             }
             println!(
                 "{verb} {} dead letters{}",
-                picked.len(),
+                per_topic.values().sum::<usize>(),
                 class.map(|c| format!(" of class {c}")).unwrap_or_default()
             );
+            for (why, n) in &left {
+                println!("left {n} dead letters: {why}");
+            }
             Ok(())
         }
+    }
+}
+
+/// Kafka's longest topic name.
+const MAX_TOPIC_NAME_BYTES: usize = 249;
+
+/// Dead letters replayed per chunk, in key and value bytes, at most (past one letter).
+const REPLAY_CHUNK_BYTES: usize = 64 << 20;
+
+/// The topic a dead letter is replayed to: its source, when a Lanes service reads that
+/// topic. Anyone who may write to the dead-letter topic could otherwise name any topic
+/// (a registry's `_schemas`, another team's) and have an operator's replay write there.
+fn destination(m: &OwnedMessage, inputs: &BTreeSet<String>) -> Result<String, String> {
+    let source = m
+        .headers()
+        .and_then(|h| dlq::header_str(h, dlq::HEADER_SOURCE_TOPIC))
+        .ok_or_else(|| "without a source topic".to_string())?;
+    if inputs.contains(source) {
+        Ok(source.to_string())
+    } else if source.len() > MAX_TOPIC_NAME_BYTES {
+        Err(format!(
+            "a source topic name of {} bytes, longer than Kafka allows",
+            source.len()
+        ))
+    } else {
+        Err(format!(
+            "source topic {source:?} is not read by a Lanes service"
+        ))
     }
 }
 
