@@ -649,6 +649,70 @@ async fn staleness_is_sampled_and_old_entries_are_refreshed() {
     running.stop().await;
 }
 
+/// A score from a request's own (here made-up) features warms a stale entry, but does
+/// not outrank the entity's online features: once it is stale in turn, the re-score
+/// from them replaces it. Stamped with the responder's clock, it outranked every
+/// refresh until the entity's next event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_score_from_request_features_gives_way_to_the_online_features() {
+    let mut lane = responder_lane("gives-way");
+    lane.settings.fallback_responder.freshness_ms = 3_000;
+    lane.settings.fallback_responder.refresh_after_ms = 2_000;
+    lane.create_topics().await;
+    let running = lane.start(&[lanes_fallback_responder::def(), lanes_cache_writer::def()]);
+    running.ready().await;
+    let c = Client::new(&lane).await;
+    let (online, made_up) = (features(21), features(22));
+    let (online_score, made_up_score) = (expected_score(&online), expected_score(&made_up));
+    assert!((online_score - made_up_score).abs() > 1e-6);
+    c.seed("card", &prediction_fields(0.5, "1", 120_000)).await;
+    c.seed("card", &feature_fields(&online, now_millis() - 100_000))
+        .await;
+    let mut r = redis(&lane.settings)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("{}card", lane.settings.cache_writer.key_prefix);
+    let cached_score = |r: &redis::aio::MultiplexedConnection| {
+        let (mut r, key) = (r.clone(), key.clone());
+        async move {
+            let s: Option<String> = r.hget(&key, "score").await.unwrap();
+            s.and_then(|s| s.parse::<f64>().ok())
+        }
+    };
+
+    let answer = c
+        .one(Client::request("card", Some(made_up.clone()), None))
+        .await;
+    assert_eq!(answer.source, ResponseSource::Realtime);
+    wait_for("the warm written", Duration::from_secs(30), || async {
+        cached_score(&r)
+            .await
+            .filter(|s| (s - made_up_score).abs() < 1e-9)
+    })
+    .await;
+    // Fresh, it answers for the entity.
+    let answer = c.one(Client::request("card", None, None)).await;
+    assert_eq!(answer.source, ResponseSource::Cache);
+
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let answer = c.one(Client::request("card", None, None)).await;
+    assert_eq!(answer.source, ResponseSource::Realtime, "{answer:?}");
+    assert!((answer.score.unwrap() - online_score).abs() < 1e-9);
+    wait_for(
+        "the online features' score written over the warm",
+        Duration::from_secs(30),
+        || async {
+            cached_score(&r)
+                .await
+                .filter(|s| (s - online_score).abs() < 1e-9)
+        },
+    )
+    .await;
+    let _: () = r.del(&key).await.unwrap();
+    running.stop().await;
+}
+
 /// Predictions read until one for `entity` arrives; it comes first in the result.
 async fn next_prediction(c: &Client, predictions: &TestConsumer, entity: &str) -> Vec<Prediction> {
     let mut seen = Vec::new();

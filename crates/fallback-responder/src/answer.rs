@@ -231,8 +231,7 @@ pub async fn answer(
             stale,
         } => {
             let warm = warm.then(|| Warm {
-                // Request features are as of now by this clock, never the client's.
-                event_time: if from_request { now } else { event_time },
+                event_time,
                 event_id: if from_request {
                     format!("request-{}", req.request_id)
                 } else {

@@ -144,7 +144,7 @@ pub fn decide(
     if let Some(features) = &req.features {
         return Decision::Score {
             features: features.clone(),
-            event_time: now,
+            event_time: request_event_time(cached, now),
             from_request: true,
             warm: !fresh_for_service,
             stale,
@@ -165,6 +165,20 @@ pub fn decide(
         Some(s) => Decision::StaleOnly(s),
         None => Decision::NotFound,
     }
+}
+
+/// The event time a score from a request's own features is written with: the later of
+/// the entry's scored event and its online features, by the responder's clock at most,
+/// or that clock where the cache holds nothing; never the client's. A warm then replaces
+/// a stale entry on its newer scoring time, and a re-score from the online features
+/// later, or any newer event, replaces the warm in turn: stamped `now`, a client's
+/// made-up features would outrank every refresh until the entity's next event. Online
+/// features newer than `now` (the entity moved on) keep it `now`, so the write's guard
+/// refuses it.
+fn request_event_time(cached: Option<&Cached>, now: i64) -> i64 {
+    cached
+        .and_then(|c| c.event_time.max(c.features_event_time))
+        .map_or(now, |t| t.min(now))
 }
 
 #[cfg(test)]
@@ -445,7 +459,6 @@ mod tests {
                 Decision::Score {
                     warm: false,
                     from_request: true,
-                    event_time: NOW,
                     ..
                 }
             ),
@@ -462,6 +475,32 @@ mod tests {
                 "{c:?}: {d:?}"
             );
         }
+    }
+
+    #[test]
+    fn request_features_take_the_event_time_of_what_the_cache_holds() {
+        let f: &[(&str, f64)] = &[("a", 2.0)];
+        let time = |c: Option<&Cached>| match decide(&req(Some(f), None), c, &policy(), NOW) {
+            Decision::Score {
+                event_time,
+                from_request: true,
+                ..
+            } => event_time,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(time(None), NOW, "nothing cached: the responder's clock");
+        let stale = cached(120_000, "2", true);
+        assert_eq!(time(Some(&stale)), NOW - 120_005, "the scored event's");
+        let newer_features = Cached {
+            features_event_time: Some(NOW - 1_000),
+            ..stale.clone()
+        };
+        assert_eq!(time(Some(&newer_features)), NOW - 1_000, "the features'");
+        let moved_on = Cached {
+            features_event_time: Some(NOW + 60_000),
+            ..stale
+        };
+        assert_eq!(time(Some(&moved_on)), NOW, "never past the clock");
     }
 
     #[test]
