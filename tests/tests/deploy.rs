@@ -11,6 +11,7 @@ use std::time::Duration;
 use lanes_common::Settings;
 use lanes_common::generator::Generator;
 use lanes_tests::*;
+use serde::Deserialize;
 use serde_yaml::Value;
 
 fn tool(name: &str) -> Command {
@@ -126,6 +127,26 @@ fn strings(v: &Value) -> Vec<String> {
     }
 }
 
+/// A Compose service's environment, values as the container sees them.
+fn environment(svc: &Value) -> HashMap<String, String> {
+    svc["environment"]
+        .as_mapping()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| {
+                    let v = match v {
+                        Value::String(s) => s.clone(),
+                        Value::Number(n) => n.to_string(),
+                        Value::Bool(b) => b.to_string(),
+                        _ => String::new(),
+                    };
+                    Some((k.as_str()?.to_string(), v))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Everything wrong with a Compose file, as messages; empty when it is right.
 fn compose_problems(compose: &Path) -> Vec<String> {
     let doc = match resolved(compose) {
@@ -145,22 +166,7 @@ fn compose_problems(compose: &Path) -> Vec<String> {
             problems.push(format!("{name}: no binary {binary}"));
             continue;
         }
-        let env: HashMap<String, String> = svc["environment"]
-            .as_mapping()
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(k, v)| {
-                        let v = match v {
-                            Value::String(s) => s.clone(),
-                            Value::Number(n) => n.to_string(),
-                            Value::Bool(b) => b.to_string(),
-                            _ => String::new(),
-                        };
-                        Some((k.as_str()?.to_string(), v))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let env = environment(svc);
         let settings = match Settings::load_from(None, env.clone()) {
             Ok(s) => s,
             Err(e) => {
@@ -251,6 +257,56 @@ fn compose_problems(compose: &Path) -> Vec<String> {
 fn the_compose_file_matches_the_code() {
     let problems = compose_problems(&root().join("docker-compose.yml"));
     assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// The `LANES__` settings of the Kubernetes manifest's `lanes-env` ConfigMap.
+fn k8s_env() -> HashMap<String, String> {
+    let text = std::fs::read_to_string(root().join("deploy/k8s/lanes.yaml")).unwrap();
+    let config = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap())
+        .find(|doc| doc["kind"] == "ConfigMap" && doc["metadata"]["name"] == "lanes-env")
+        .expect("the lanes-env ConfigMap");
+    config["data"]
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().unwrap().to_string(),
+                v.as_str()
+                    .expect("ConfigMap values are strings")
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Both deployments run on Apache Kafka, which needs none of the embedded broker's
+/// workarounds: rewinding each assignment replays up to 10,000 records a partition,
+/// and waiting on gaps holds a partition up a second for every transaction a
+/// publisher commits (its marker takes an offset).
+#[test]
+fn deployments_on_apache_kafka_turn_off_the_embedded_brokers_workarounds() {
+    let doc = resolved(&root().join("docker-compose.yml")).unwrap();
+    let mut checked = 0;
+    for (name, svc) in doc["services"].as_mapping().unwrap() {
+        if !strings(&svc["command"])
+            .first()
+            .is_some_and(|c| c.starts_with("lanes"))
+        {
+            continue;
+        }
+        let s = Settings::load_from(None, environment(svc)).unwrap();
+        assert_eq!(
+            (s.runner.rewind_records, s.runner.gap_wait_ms),
+            (0, 0),
+            "{name:?}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 5, "{checked} Lanes services in the Compose file");
+    let s = Settings::load_from(None, k8s_env()).expect("lanes-env is accepted");
+    assert_eq!((s.runner.rewind_records, s.runner.gap_wait_ms), (0, 0));
 }
 
 /// The check fails when the file is wrong: a mutation of the real file.
