@@ -574,15 +574,33 @@ async fn significant_events_reach_the_cache_without_waiting_for_their_window() {
     running.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn staleness_is_sampled_and_old_entries_are_refreshed() {
-    let mut lane = responder_lane("refresh");
+/// A responder lane whose sampler and sweep run several times a second.
+fn sweeping_lane(what: &str) -> Lane {
+    let mut lane = responder_lane(what);
     let cfg = &mut lane.settings.fallback_responder;
     cfg.freshness_ms = 60_000;
     cfg.refresh_after_ms = 30_000;
     cfg.sample_interval_ms = 200;
     cfg.sweep_interval_ms = 300;
     cfg.sweep_max_per_second = 50;
+    lane
+}
+
+/// Waits for the sweep's first refresh.
+async fn sweep_refreshed(running: &Running, what: &str) {
+    wait_for(what, Duration::from_secs(20), || async {
+        (running.metric(
+            "lanes_fallback_responder_refreshes_total",
+            &[("trigger", "sweep")],
+        ) >= 1.0)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn staleness_is_sampled_and_old_entries_are_refreshed() {
+    let lane = sweeping_lane("refresh");
     lane.create_topics().await;
     let c = Client::new(&lane).await;
     let f = features(9);
@@ -613,14 +631,7 @@ async fn staleness_is_sampled_and_old_entries_are_refreshed() {
     );
 
     // The sweep re-scores "aging" from its online features (the only one it can).
-    wait_for("a sweep refresh", Duration::from_secs(20), || async {
-        (running.metric(
-            "lanes_fallback_responder_refreshes_total",
-            &[("trigger", "sweep")],
-        ) >= 1.0)
-            .then_some(())
-    })
-    .await;
+    sweep_refreshed(&running, "a sweep refresh").await;
     let m = consume_n(&predictions, 1, Duration::from_secs(30))
         .await
         .remove(0);
@@ -710,6 +721,61 @@ async fn a_score_from_request_features_gives_way_to_the_online_features() {
     )
     .await;
     let _: () = r.del(&key).await.unwrap();
+    running.stop().await;
+}
+
+/// Keys under the cache's prefix that another Redis client wrote, not hashes or not
+/// UTF-8: requests for one of them do not open the breaker for every other entity, and
+/// the sweep and the sampler read past them. A per-key error counted as the cache
+/// failing, and one such key failed its whole SCAN page for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn odd_keys_under_the_prefix_neither_open_the_breaker_nor_stop_the_sweep() {
+    let mut lane = sweeping_lane("odd-keys");
+    lane.settings.fallback_responder.breaker_failures = 3;
+    lane.create_topics().await;
+    let c = Client::new(&lane).await;
+    let prefix = lane.settings.cache_writer.key_prefix.clone();
+    let mut r = redis(&lane.settings)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = r.set(format!("{prefix}a-string"), "x").await.unwrap();
+    let mut binary_name = prefix.clone().into_bytes();
+    binary_name.extend_from_slice(&[0xff, 0xfe]);
+    let _: () = r.hset(&binary_name, "score", "0.5").await.unwrap();
+    let _: () = r
+        .hset(
+            format!("{prefix}binary-value"),
+            "score",
+            &[0xffu8, 0xfe][..],
+        )
+        .await
+        .unwrap();
+    c.seed("fresh", &prediction_fields(0.125, "1", 1_000)).await;
+    let f = features(5);
+    c.seed("aging", &prediction_fields(0.1, "1", 45_000)).await;
+    c.seed("aging", &feature_fields(&f, 1234)).await;
+    let running = lane.start(&[lanes_fallback_responder::def()]);
+    running.ready().await;
+
+    sweep_refreshed(&running, "a sweep refresh past the odd keys").await;
+    // Sampled: "fresh" and "aging"; the odd keys read as no entry.
+    wait_for("a staleness sample", Duration::from_secs(20), || async {
+        (running.metric("lanes_fallback_responder_stale_sampled_entries", &[]) >= 2.0).then_some(())
+    })
+    .await;
+    let odd: Vec<PredictionRequest> = (0..6)
+        .map(|_| Client::request("a-string", None, None))
+        .collect();
+    for r in c.ask(&odd).await.into_values() {
+        assert_eq!(r.status, ResponseStatus::Error, "{r:?}");
+    }
+    let r = c.one(Client::request("fresh", None, None)).await;
+    assert_eq!(
+        (r.status, r.source, r.score),
+        (ResponseStatus::Ok, ResponseSource::Cache, Some(0.125)),
+        "{r:?}"
+    );
     running.stop().await;
 }
 

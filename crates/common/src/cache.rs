@@ -456,21 +456,29 @@ impl Staleness {
 }
 
 /// One SCAN step over the entries under `prefix`: the keys it listed (a key may come
-/// twice across steps) and the next cursor, 0 when the walk is done.
+/// twice across steps) and the next cursor, 0 when the walk is done. A key name that is
+/// not UTF-8 (another client's; Lanes writes none) is left out: read as a string it
+/// failed the whole step, and a walk retrying that step never got past it.
 pub async fn scan<C: redis::aio::ConnectionLike>(
     conn: &mut C,
     prefix: &str,
     cursor: u64,
     count: usize,
 ) -> redis::RedisResult<(u64, Vec<String>)> {
-    redis::cmd("SCAN")
+    let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
         .arg(cursor)
         .arg("MATCH")
         .arg(format!("{prefix}*"))
         .arg("COUNT")
         .arg(count)
         .query_async(conn)
-        .await
+        .await?;
+    Ok((
+        next,
+        keys.into_iter()
+            .filter_map(|k| String::from_utf8(k).ok())
+            .collect(),
+    ))
 }
 
 /// The fields of an entry that [`Cached`] reads. Readers ask for these by `HMGET`, not
@@ -493,12 +501,13 @@ fn read_cmd(key: &str) -> redis::Cmd {
 }
 
 /// An entry from the values of [`READ_FIELDS`], in order; `None` when it has none of
-/// them (the key is gone).
-fn from_fields(values: Vec<Option<String>>) -> Option<Cached> {
+/// them (the key is gone). A value that is not UTF-8 (another client's; Lanes writes
+/// none) reads as absent.
+fn from_fields(values: Vec<Option<Vec<u8>>>) -> Option<Cached> {
     let h: HashMap<String, String> = READ_FIELDS
         .iter()
         .zip(values)
-        .filter_map(|(k, v)| Some((k.to_string(), v?)))
+        .filter_map(|(k, v)| Some((k.to_string(), String::from_utf8(v?).ok()?)))
         .collect();
     Cached::from_hash(&h)
 }
@@ -508,12 +517,14 @@ pub async fn read<C: redis::aio::ConnectionLike>(
     conn: &mut C,
     key: &str,
 ) -> redis::RedisResult<Option<Cached>> {
-    let values: Vec<Option<String>> = read_cmd(key).query_async(conn).await?;
+    let values: Vec<Option<Vec<u8>>> = read_cmd(key).query_async(conn).await?;
     Ok(from_fields(values))
 }
 
 /// Each key's entry in one pipeline, in the keys' order: `None` where the key is gone
-/// (expired or deleted since a SCAN listed it), so no key is paired with another's hash.
+/// (expired or deleted since a SCAN listed it), so no key is paired with another's hash,
+/// and where the server refuses the read of that key alone (WRONGTYPE: another client's
+/// key under the prefix), so one such key does not fail its page.
 pub async fn entries<C: redis::aio::ConnectionLike>(
     conn: &mut C,
     keys: &[String],
@@ -522,11 +533,19 @@ pub async fn entries<C: redis::aio::ConnectionLike>(
         return Ok(Vec::new());
     }
     let mut pipe = redis::pipe();
+    pipe.ignore_errors();
     for k in keys {
         pipe.add_command(read_cmd(k));
     }
-    let values: Vec<Vec<Option<String>>> = pipe.query_async(conn).await?;
-    Ok(values.into_iter().map(from_fields).collect())
+    let values: Vec<redis::RedisResult<Vec<Option<Vec<u8>>>>> = pipe.query_async(conn).await?;
+    values
+        .into_iter()
+        .map(|v| match v {
+            Ok(values) => Ok(from_fields(values)),
+            Err(e) if classify(&e).is_transient() => Err(e),
+            Err(_) => Ok(None),
+        })
+        .collect()
 }
 
 /// A Redis failure: the connection or the server's state (transient, retried), or this

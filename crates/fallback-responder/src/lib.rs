@@ -232,11 +232,16 @@ impl Core {
         let mut breaker = self.breaker.lock().expect("breaker");
         match result {
             Ok(Ok(v)) => {
-                breaker.success();
-                self.metrics
-                    .breaker_state
-                    .set(breaker.state(tokio::time::Instant::now()).gauge());
+                self.cache_answered(&mut breaker);
                 Ok(v)
+            }
+            // The server answered, refusing this key or call alone (WRONGTYPE: another
+            // client's key): the cache is up, so the breaker does not count it, and
+            // requests for one odd key cannot open it for every other entity.
+            Ok(Err(e)) if !cache::classify(&e).is_transient() => {
+                self.metrics.redis_errors.inc();
+                self.cache_answered(&mut breaker);
+                Err(e.to_string())
             }
             Ok(Err(e)) => Err(self.cache_failed(&mut breaker, e.to_string())),
             Err(_) => {
@@ -264,6 +269,13 @@ impl Core {
                 self.redis_url
             )),
         }
+    }
+
+    fn cache_answered(&self, breaker: &mut Breaker) {
+        breaker.success();
+        self.metrics
+            .breaker_state
+            .set(breaker.state(tokio::time::Instant::now()).gauge());
     }
 
     fn cache_failed(&self, breaker: &mut Breaker, reason: String) -> String {
