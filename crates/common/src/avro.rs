@@ -478,15 +478,13 @@ impl AvroCodec {
                 ),
             ),
         };
-        let (verdict, why) = {
+        let missing = {
             let mut ids = self.unknown.lock().expect("unknown ids");
-            (
-                ids.before(schema_id, Instant::now()),
-                ids.absence(schema_id),
-            )
+            (ids.before(schema_id, Instant::now()) == Unknown::Missing)
+                .then(|| ids.absence(schema_id))
         };
-        if verdict == Unknown::Missing {
-            return Err(unknown(verdict, why));
+        if let Some(why) = missing {
+            return Err(unknown(Unknown::Missing, why));
         }
         self.refused_before(schema_id)?;
         let decoder = self.decoder();
