@@ -236,6 +236,7 @@ async fn a_replay_writes_only_to_topics_lanes_reads() {
         letter("theirs", Some(&victim)),
         letter("b", Some(&raw)),
         letter("nowhere", None),
+        letter("escape", Some("x\u{1b}[2J")),
         letter("c", Some(&raw)),
     ] {
         produce_record(
@@ -259,6 +260,11 @@ async fn a_replay_writes_only_to_topics_lanes_reads() {
     );
     assert!(
         out.contains("left 1 dead letters: without a source topic"),
+        "{out}"
+    );
+    assert!(
+        out.contains("left 1 dead letters: a source topic that is no topic name")
+            && !out.contains('\u{1b}'),
         "{out}"
     );
     let keys: HashSet<Vec<u8>> = consume_n(

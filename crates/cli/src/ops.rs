@@ -430,9 +430,6 @@ pub async fn dlq_cmd(action: DlqAction, s: &Settings) -> anyhow::Result<()> {
     }
 }
 
-/// Kafka's longest topic name.
-const MAX_TOPIC_NAME_BYTES: usize = 249;
-
 /// Dead letters replayed per chunk, in key and value bytes, at most (past one letter).
 const REPLAY_CHUNK_BYTES: usize = 64 << 20;
 
@@ -446,11 +443,9 @@ fn destination(m: &OwnedMessage, inputs: &BTreeSet<String>) -> Result<String, St
         .ok_or_else(|| "without a source topic".to_string())?;
     if inputs.contains(source) {
         Ok(source.to_string())
-    } else if source.len() > MAX_TOPIC_NAME_BYTES {
-        Err(format!(
-            "a source topic name of {} bytes, longer than Kafka allows",
-            source.len()
-        ))
+    } else if let Err(why) = lanes_common::kafka::check_topic_name(source) {
+        // Not echoed: it could be a megabyte, or hold terminal escapes.
+        Err(format!("a source topic that is no topic name: {why}"))
     } else {
         Err(format!(
             "source topic {source:?} is not read by a Lanes service"
